@@ -1,0 +1,351 @@
+"""Read and write HF-format model directories: config.json + safetensors (single file or shards + index).
+
+Loading builds the model on the meta device, checks every tensor's name and shape against it from the file
+headers alone, then copies tensors one by one from memory-mapped files into the materialised parameters — so
+a bad checkpoint fails before any weight is read, and the weights never exist twice in memory. DeepSeek's FP8
+block-quantised weights are dequantised tensor by tensor on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from openseek.config import ConfigError, ModelConfig
+from openseek.model import Model
+from openseek.model.moe import Router
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes; the message names the tensor and file."""
+
+
+# ---- names: HF checkpoint <-> openseek parameters ------------------------------------------------------------
+
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)$")
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # stored copies of the shared embedding/head
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: a parameter, or one expert's slice of a stacked expert parameter."""
+
+    param: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None  # row range inside expert's [2I, H] gate_up block
+
+
+def hf_to_local(name: str, cfg: ModelConfig) -> Target | None:
+    """Map one checkpoint tensor name to its place in `Model`; None for names that are known redundant copies."""
+    layer = _LAYER.match(name)
+    if layer:
+        i, rest = int(layer.group(1)), layer.group(2)
+        if i >= cfg.num_hidden_layers:
+            if rest in _MTP_COPIES:
+                return None
+            local = f"mtp.{i - cfg.num_hidden_layers}.{rest}"
+        else:
+            local = f"layers.{i}.{rest}"
+    elif name.startswith("model."):
+        local = name[len("model."):]
+    else:
+        local = name
+    expert = _EXPERT.match(local)
+    if not expert:
+        return Target(local)
+    base, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
+    inter = cfg.moe_intermediate_size
+    if proj == "down_proj":
+        return Target(f"{base}.down_proj", e)
+    return Target(f"{base}.gate_up_proj", e, (0, inter) if proj == "gate_proj" else (inter, 2 * inter))
+
+
+def local_to_hf(model: Model) -> dict[str, torch.Tensor]:
+    """The model's tensors under their transformers checkpoint names (experts split out per expert)."""
+    cfg, out = model.cfg, {}
+    inter = cfg.moe_intermediate_size
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.startswith("mtp."):
+            _, k, rest = name.split(".", 2)
+            hf = f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
+        elif name == "lm_head.weight":
+            hf = name
+        else:
+            hf = f"model.{name}"
+        if hf.endswith("experts.gate_up_proj"):
+            base = hf[: -len(".gate_up_proj")]
+            for e in range(tensor.shape[0]):
+                out[f"{base}.{e}.gate_proj.weight"] = tensor[e, :inter]
+                out[f"{base}.{e}.up_proj.weight"] = tensor[e, inter:]
+        elif hf.endswith("experts.down_proj"):
+            base = hf[: -len(".down_proj")]
+            for e in range(tensor.shape[0]):
+                out[f"{base}.{e}.down_proj.weight"] = tensor[e]
+        else:
+            out[hf] = tensor
+    for k in range(cfg.num_nextn_predict_layers):  # released MTP layers carry their own copies
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        out[prefix + "embed_tokens.weight"] = model.embed_tokens.weight.detach().clone()
+        out[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return out
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+
+
+def resolve(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local model directory, or a hub repo id downloaded (or found in the cache) with huggingface_hub."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{text}: no such model directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{text}: not a local directory, and no such repository on the Hugging Face hub")
+    except Exception as e:  # offline, no cache, network down: say so plainly
+        raise FileNotFoundError(
+            f"{text}: not a local directory, and downloading it from the Hugging Face hub failed "
+            f"(offline, or HF_HUB_OFFLINE set, and not in the local cache?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, dict]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every model directory needs a config.json)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    return ModelConfig.from_hf(hf, source=str(path)), hf
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: missing (listed in {index})")
+        return files
+    single = directory / WEIGHTS
+    if single.is_file():
+        with safe_open(single, "pt") as f:
+            return {name: single for name in f.keys()}
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = f" (found {', '.join(pickled)}: pickle files are never read; convert them to safetensors)" if pickled else ""
+    raise FileNotFoundError(f"{directory}: missing {WEIGHTS} or {INDEX}{hint}")
+
+
+def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu") -> Model:
+    """Load an HF-format checkpoint (directory or hub id) into a `Model`, in `dtype` (default: the config's)."""
+    directory = resolve(path_or_repo_id)
+    cfg, hf = read_config(directory)
+    files = weight_files(directory)
+    mtp_layers = sum(
+        any(n.startswith(f"model.layers.{cfg.num_hidden_layers + k}.") for n in files)
+        for k in range(cfg.num_nextn_predict_layers)
+    )
+    cfg = cfg.replace(num_nextn_predict_layers=mtp_layers)  # MTP weights are optional
+    if dtype is None:
+        dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+    with torch.device("meta"):
+        model = Model(cfg)
+    model.to(dtype)
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        router.float()  # routing decisions stay float32, as in DeepSeek's and transformers' code
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    expected.pop("rotary.inv_freq")
+
+    block = _fp8_block(hf)
+    plan = _plan(files, cfg, expected, block)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.rotary.reset_parameters()
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())  # to_empty made new tensors
+    with torch.no_grad():
+        for path, entries in _by_file(plan).items():
+            with safe_open(path, "pt", device="cpu") as f:
+                for name, target in entries:
+                    tensor = f.get_tensor(name)
+                    if tensor.dtype == torch.float8_e4m3fn:
+                        tensor = dequantize_fp8(tensor, read_tensor(files, name + "_scale_inv"), block)
+                    dest = expected[target.param]
+                    if target.expert is not None:
+                        dest = dest[target.expert]
+                        if target.rows is not None:
+                            dest = dest[target.rows[0] : target.rows[1]]
+                    dest.copy_(tensor)
+    model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    model.eval()
+    return model
+
+
+def _fp8_block(hf: dict) -> tuple[int, int] | None:
+    quant = hf.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        return None
+    return tuple(quant.get("weight_block_size") or (128, 128))
+
+
+def _plan(files, cfg, expected, block) -> list[tuple[str, Target, Path]]:
+    """Validate names and shapes from the headers alone; return (checkpoint name, target, file) to copy."""
+    headers = {}  # name -> (shape, dtype string), read from the safetensors headers only
+    for path in set(files.values()):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                headers[name] = (tuple(view.get_shape()), view.get_dtype())
+    plan, filled = [], {}
+    for name, path in files.items():
+        if name.endswith("_scale_inv") and block is not None:
+            continue
+        if name not in headers:
+            raise CheckpointError(f"{name}: listed in the index but not present in {path.name}")
+        target = hf_to_local(name, cfg)
+        if target is None or (cfg.tie_word_embeddings and target.param == "lm_head.weight"):
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if target.param not in expected:
+            raise CheckpointError(f"{name} (in {path.name}): unexpected tensor, no such weight in a {cfg.model_type} model")
+        param = expected[target.param]
+        want = tuple(param.shape)
+        if target.expert is not None:
+            want = want[1:]
+            if target.rows is not None:
+                want = (target.rows[1] - target.rows[0],) + want[1:]
+            if target.expert >= param.shape[0]:
+                raise CheckpointError(f"{name} (in {path.name}): expert {target.expert} but n_routed_experts={param.shape[0]}")
+        found = headers[name][0]
+        if found != want:
+            raise CheckpointError(f"{name} (in {path.name}): shape {list(found)}, expected {list(want)}")
+        if headers[name][1] == "F8_E4M3" and name + "_scale_inv" not in files:
+            raise CheckpointError(f"{name} (in {path.name}): float8 weight without {name}_scale_inv")
+        plan.append((name, target, path))
+        filled.setdefault(target.param, []).append(target)
+    for param, tensor in expected.items():
+        targets = filled.get(param, [])
+        if param.endswith("e_score_correction_bias") and not targets:
+            continue  # absent = zero bias, as in checkpoints trained without aux-free balancing
+        if param == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        need = 1
+        if param.endswith("experts.gate_up_proj"):
+            need = 2 * tensor.shape[0]
+        elif param.endswith("experts.down_proj"):
+            need = tensor.shape[0]
+        if len(targets) == 0:
+            raise CheckpointError(f"{_hf_name(param, cfg)}: missing from the checkpoint (expected shape {list(tensor.shape)})")
+        if len(targets) != need and not (len(targets) == 1 and targets[0].expert is None):
+            raise CheckpointError(f"{_hf_name(param, cfg)}: {len(targets)} of {need} expert tensors present")
+    return plan
+
+
+def _hf_name(param: str, cfg: ModelConfig) -> str:
+    if param.startswith("mtp."):
+        _, k, rest = param.split(".", 2)
+        return f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest}"
+    return param if param == "lm_head.weight" else f"model.{param}"
+
+
+def _by_file(plan):
+    grouped: dict[Path, list] = {}
+    for name, target, path in plan:
+        grouped.setdefault(path, []).append((name, target))
+    return grouped
+
+
+def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
+    """Read one tensor from whichever file holds it (FP8 scales may sit in another shard)."""
+    with safe_open(files[name], "pt") as f:
+        return f.get_tensor(name)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W = W_fp8 · scale_inv, one scale per block of `block` = (rows, cols); edge blocks may be partial."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+# ---- saving ---------------------------------------------------------------------------------------------------
+
+
+def save(model: Model, directory: str | os.PathLike, max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write config.json, generation_config.json and safetensors shards (+ index when more than one).
+
+    Files are written in a temporary directory and then moved in place, so an interrupted save never leaves a
+    half-written checkpoint; weight files left over from an earlier save are removed.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in local_to_hf(model).items()}
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+
+    hf = model.cfg.to_hf()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    generation = {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": hf["eos_token_id"]}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if not directory.exists():
+            tmp.rename(directory)
+            return directory
+        for stale in [*directory.glob("model*.safetensors"), directory / INDEX]:
+            if stale.exists() and not (tmp / stale.name).exists():
+                stale.unlink()
+        for file in tmp.iterdir():
+            os.replace(file, directory / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

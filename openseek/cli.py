@@ -1,0 +1,49 @@
+"""`openseek <command>`: a thin dispatcher. Each command lives in the module that does the work and provides
+`add_arguments(parser)` and `main(args)`; modules are imported only when their command runs, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import openseek
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("openseek.demo", "the main job: R1-Zero in miniature on a CPU (pretrain, GRPO, measured gain)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return (
+        "usage: openseek <command> [options]\n\n"
+        "The open, efficient reasoning-model stack.\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+        "options:\n  -h, --help     show this message\n  --version      show the version\n\n"
+        "`openseek <command> --help` describes a command's options.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    if argv[0] == "--version":
+        print(f"openseek {openseek.__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"openseek: unknown command {command!r}\n\n{_usage()}", end="", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"openseek {command}", description=COMMANDS[command][1])
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(rest)) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Attention: grouped-query attention (Llama, Qwen2) and multi-head latent attention (DeepSeek-V3).
+
+Both take the rotary cos/sin and an optional boolean mask [B, 1, T, S] (True = may attend); with no mask the
+attention is plainly causal. MLA here is the naive form used for training and prefill: the compressed latent is
+expanded to full keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openseek.config import ModelConfig
+from openseek.model.rope import apply_rope, softmax_scale_multiplier
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back, then scale: the order transformers uses, so bf16 results agree."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def attend(q, k, v, mask, scale, enable_gqa=False):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False)
+        out = attend(q, k, v, mask, self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """DeepSeek MLA: low-rank q (optional), a shared kv latent, and a decoupled rotary key shared by all heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank, self.interleaved = cfg.kv_lora_rank, cfg.rope_interleave
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = cfg.qk_head_dim**-0.5 * softmax_scale_multiplier(cfg)
+
+    def project_q(self, x):
+        """Queries [B, H, T, nope + rope], before RoPE."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(B, T, self.n_heads, -1).transpose(1, 2)
+
+    def project_latent(self, x, cos, sin):
+        """The per-token cache content: normalised latent [B, T, r] and rotated shared key [B, 1, T, rope]."""
+        B, T, _ = x.shape
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.view(B, 1, T, self.rope_dim), cos, sin, self.interleaved)
+        return self.kv_a_layernorm(latent), k_pe
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q_nope, q_pe = self.project_q(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+        latent, k_pe = self.project_latent(x, cos, sin)
+        k_nope, v = self.kv_b_proj(latent).view(B, T, self.n_heads, -1).transpose(1, 2).split(
+            [self.nope_dim, self.v_dim], dim=-1
+        )
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)
+        out = attend(q, k, v, mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,108 @@
+"""DeepSeekMoE: sigmoid router with a selection-only bias, group-limited top-k, grouped expert dispatch.
+
+Tokens are sorted by expert and each projection is one grouped matmul over all experts' token segments, so the
+cost follows the tokens actually routed, never experts × tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openseek.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores every expert with a sigmoid; the correction bias only decides *which* experts, never their weight."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scaling, self.normalise = cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Moved by the trainer's auxiliary-loss-free balancing, never by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (scores [N, E], expert ids [N, k], weights [N, k]); routing math in float32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.normalise:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return scores, ids, weights * self.scaling
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by group, w [G, in, out], ends [G] cumulative row counts -> [N, out].
+
+    One grouped GEMM when the layout allows it (16-byte aligned rows); otherwise a loop over the segments.
+    """
+    aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[1], w.shape[2]))
+    if aligned and x.dtype == w.dtype:
+        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
+    starts = torch.cat((ends.new_zeros(1), ends[:-1])).tolist()
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
+class Experts(nn.Module):
+    """All routed experts' weights as stacked tensors: gate and up fused, [E, 2I, H]; down [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        ends = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0)
+        gate, up = grouped_matmul(x[token], self.gate_up_proj.transpose(1, 2), ends).chunk(2, dim=-1)
+        out = grouped_matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        # Router scores and chosen experts of the last forward, read by the trainer for load balancing.
+        self.last_scores: torch.Tensor | None = None
+        self.last_ids: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores, ids, weights = self.gate(flat)
+        self.last_scores, self.last_ids = scores, ids
+        y = self.experts(flat, ids, weights).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

@@ -1,0 +1,152 @@
+"""The one model: embedding, decoder blocks (GQA or MLA attention; dense or MoE feed-forward), norm, head, MTP.
+
+Families differ only by `ModelConfig` fields. The model knows nothing of caches' owners, parallelism or serving:
+the engine and trainer wrap it from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from openseek.config import ModelConfig
+from openseek.model.attention import GQAttention, MLAttention, RMSNorm
+from openseek.model.moe import Experts, MoE, Router, SwiGLU
+from openseek.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg) if cfg.uses_mla else GQAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """Only the norm: the head itself is the main model's lm_head (checkpoints store a copy)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3 multi-token prediction depth k: predicts token i+k+1 from h_i and the embedding of t_{i+k}."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__(cfg, index)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.mtp = nn.ModuleList(
+            MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
+        )
+        self.rotary = RotaryEmbedding(cfg)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the head with the embedding when configured (again after `to_empty`, which unties them)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch: N(0, initializer_range), norms 1, biases 0."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, std=std)
+                nn.init.normal_(module.down_proj, std=std)
+        self.rotary.reset_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
+        """Logits [B, T, V] for input_ids [B, T].
+
+        padding_mask [B, T] (True = real token) lets a batch hold left- or right-padded rows; positions then
+        default to counting real tokens only. With `return_hidden`, also the final normed hidden states (MTP input).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if padding_mask is None:
+                positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:
+                positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = None if padding_mask is None else causal_padding_mask(padding_mask)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each MTP depth k (1-based): position i predicts token i+k+1; length T-k.
+
+        Each depth takes the previous depth's hidden state and the embedding of the token k ahead, concatenated
+        embedding first (as every released implementation does).
+        """
+        out = []
+        B, T = input_ids.shape
+        for k, layer in enumerate(self.mtp, start=1):
+            n = T - k
+            positions = torch.arange(n, device=input_ids.device).expand(B, n)
+            cos, sin = self.rotary(positions, hidden.dtype)
+            e = layer.enorm(self.embed_tokens(input_ids[:, k:]))
+            h = layer.eh_proj(torch.cat((e, layer.hnorm(hidden[:, :n])), dim=-1))
+            hidden = layer(h, cos, sin, None)
+            out.append(self.lm_head(layer.shared_head.norm(hidden)))
+        return out
+
+
+def causal_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] real-token mask -> [B, 1, T, T] boolean attention mask (causal, pads hidden as keys).
+
+    Each query also sees itself, so a padded query row is never fully masked (which would give NaN).
+    """
+    T = padding_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=padding_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=padding_mask.device)
+    return ((causal & padding_mask[:, None, :].bool()) | eye)[:, None]

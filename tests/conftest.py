@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models built and saved with transformers (the peer), in temporary directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+
+
+def hf_config(kind: str, **overrides):
+    """A tiny transformers config of the given family; every DeepSeek variant the parity tests need."""
+    import transformers
+
+    if kind == "qwen2":
+        cfg = dict(TINY, intermediate_size=128, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
+        return transformers.Qwen2Config(**(cfg | overrides))
+    if kind == "llama":
+        cfg = dict(
+            TINY, intermediate_size=128, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=32),
+        )
+        return transformers.LlamaConfig(**(cfg | overrides))
+    if kind.startswith("deepseek_v3"):
+        cfg = dict(
+            TINY, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=4,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        )
+        if kind == "deepseek_v3_yarn":
+            cfg["rope_parameters"] = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, beta_fast=32,
+                                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
+                                          original_max_position_embeddings=64)
+        if kind == "deepseek_v3_lite":
+            cfg.update(q_lora_rank=None)
+        return transformers.DeepseekV3Config(**(cfg | overrides))
+    raise ValueError(kind)
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """A random transformers model in float32; DeepSeek routers get a non-zero correction bias."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.5)
+        for name, p in model.named_parameters():  # bigger than the init so the logits are not all ~0
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_model_dir(tmp_path):
+    """Factory: save a random transformers model of a family and return (directory, model)."""
+
+    def make(kind: str, **overrides):
+        model = build_hf_model(kind, **overrides)
+        directory = tmp_path / kind
+        model.save_pretrained(directory)
+        return directory, model
+
+    return make
