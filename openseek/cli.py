@@ -13,6 +13,14 @@ import openseek
 # command -> (module, one-line help)
 COMMANDS = {
     "demo": ("openseek.demo", "the main job: R1-Zero in miniature on a CPU (pretrain, GRPO, measured gain)"),
+    "tokenizer": ("openseek.tokenizer", "train a byte-level BPE tokenizer on local files"),
+    "pretrain": ("openseek.train.pretrain", "pretrain a model on local text (packed sequences)"),
+    "sft": ("openseek.train.sft", "supervised fine-tuning on chat `messages` JSONL (loss on assistant tokens)"),
+    "grpo": ("openseek.train.grpo", "reinforce reasoning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
+    "sample": ("openseek.train.sample", "rejection sampling: keep completions a reward accepts, write SFT JSONL"),
+    "eval": ("openseek.evaluate", "evaluate with R1's protocol: pass@1 over n samples, pass@k, maj@k"),
+    "serve": ("openseek.serve.app", "serve a model privately with an OpenAI-compatible API and a chat page"),
+    "chat": ("openseek.chat", "chat with a model in the terminal"),
 }
 
 
