@@ -1,0 +1,95 @@
+"""Logits parity with transformers' own classes on tiny random checkpoints saved and loaded from disk."""
+
+import pytest
+import torch
+
+import openseek
+from openseek.model import Model
+
+KINDS = ["qwen2", "llama", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v3_lite"]
+
+
+def logits_of(model, ids):
+    out = model(ids)
+    return getattr(out, "logits", out).float()  # transformers returns an output object, openseek the tensor
+
+
+def logits_gap(a, b, batch=2, length=20, seed=1):
+    """Max |Δlogits| of two models (either kind) on the same random batch."""
+    vocab = a.config.vocab_size if hasattr(a, "config") else a.cfg.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (logits_of(a, ids) - logits_of(b, ids)).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_float32(hf_model_dir, kind):
+    directory, hf_model = hf_model_dir(kind)
+    ours = openseek.load(directory)
+    assert ours.dtype == torch.float32
+    assert logits_gap(hf_model, ours) <= 1e-4
+
+
+def test_deepseek_fixture_exercises_the_parity_traps(hf_model_dir):
+    """The DeepSeek case really has grouped routing, a biased router, dense-first layers and YaRN."""
+    directory, hf_model = hf_model_dir("deepseek_v3_yarn")
+    ours = openseek.load(directory)
+    cfg = ours.cfg
+    assert cfg.n_group > 1 and cfg.first_k_dense_replace >= 1 and cfg.rope_scaling["rope_type"] == "yarn"
+    assert ours.layers[1].mlp.gate.e_score_correction_bias.abs().min() > 0
+    assert ours.layers[0].mlp.__class__.__name__ == "SwiGLU"
+    # YaRN's mscale² enters the softmax scale: 192^-0.5-style base times (0.1·ln 40 + 1)².
+    base = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    assert ours.layers[0].self_attn.scale == pytest.approx(base * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+    assert openseek.load(hf_model_dir("deepseek_v3_lite")[0]).cfg.q_lora_rank is None
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_bfloat16_logits_close_to_transformers(hf_model_dir, kind):
+    directory, hf_model = hf_model_dir(kind)
+    ours = openseek.load(directory, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    if kind == "deepseek_v3":  # routing stays float32, as in transformers
+        assert ours.layers[-1].mlp.gate.weight.dtype == torch.float32
+    hf_model = hf_model.to(torch.bfloat16)
+    assert logits_gap(hf_model, ours) <= 0.05
+
+
+def test_padding_mask_gives_each_row_what_it_gives_alone():
+    torch.manual_seed(0)
+    cfg = openseek.ModelConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+        n_group=2, topk_group=1, first_k_dense_replace=1,
+    )
+    model = Model(cfg).eval()
+    short, long = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 9))
+    batch = torch.cat((torch.cat((torch.zeros(1, 4, dtype=torch.long), short), 1), long))  # left-padded
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :4] = False
+    with torch.no_grad():
+        both = model(batch, padding_mask=mask)
+        assert (both[0, 4:] - model(short)[0]).abs().max() <= 1e-5
+        assert (both[1] - model(long)[0]).abs().max() <= 1e-5
+
+
+def test_mtp_logits_shape_and_dependence_on_next_token():
+    torch.manual_seed(0)
+    cfg = openseek.ModelConfig(
+        model_type="deepseek_v3", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, num_nextn_predict_layers=1,
+    )
+    model = Model(cfg).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    logits, hidden = model(ids, return_hidden=True)
+    (mtp,) = model.mtp_logits(hidden, ids)
+    assert mtp.shape == (2, 6, 40)
+    changed = ids.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 40
+    logits2, hidden2 = model(changed, return_hidden=True)
+    (mtp2,) = model.mtp_logits(hidden2, changed)
+    # Position 2 of the MTP depth sees h_2 and the embedding of token 3: it must change; position 0 must not.
+    assert (mtp2[:, 2] - mtp[:, 2]).abs().max() > 1e-4
+    assert (mtp2[:, 0] - mtp[:, 0]).abs().max() < 1e-6
