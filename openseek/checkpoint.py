@@ -1,9 +1,10 @@
 """Read and write HF-format model directories: config.json + safetensors (single file or shards + index).
 
 Loading builds the model on the meta device, checks every tensor's name and shape against it from the file
-headers alone, then copies tensors one by one from memory-mapped files into the materialised parameters — so
-a bad checkpoint fails before any weight is read, and the weights never exist twice in memory. DeepSeek's FP8
-block-quantised weights are dequantised tensor by tensor on the way in.
+headers alone, then reads each tensor's bytes straight into its materialised parameter — so a bad checkpoint
+fails before any weight is read, and the weights never exist twice in memory (not even as mapped file pages).
+Only a tensor that needs converting (another dtype, FP8 block dequantisation, a GPU target) goes through a
+temporary buffer of its own size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from openseek.config import ConfigError, ModelConfig
@@ -157,8 +157,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return files
     single = directory / WEIGHTS
     if single.is_file():
-        with safe_open(single, "pt") as f:
-            return {name: single for name in f.keys()}
+        return dict.fromkeys(read_header(single)[0], single)
     pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
     hint = f" (found {', '.join(pickled)}: pickle files are never read; convert them to safetensors)" if pickled else ""
     raise FileNotFoundError(f"{directory}: missing {WEIGHTS} or {INDEX}{hint}")
@@ -194,17 +193,22 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     expected = dict(model.named_parameters()) | dict(model.named_buffers())  # to_empty made new tensors
     with torch.no_grad():
         for path, entries in _by_file(plan).items():
-            with safe_open(path, "pt", device="cpu") as f:
+            header, data_start = read_header(path)
+            with open(path, "rb", buffering=0) as handle:
                 for name, target in entries:
-                    tensor = f.get_tensor(name)
-                    if tensor.dtype == torch.float8_e4m3fn:
-                        tensor = dequantize_fp8(tensor, read_tensor(files, name + "_scale_inv"), block)
-                    dest = expected[target.param]
+                    dest = expected[target.param].detach()
                     if target.expert is not None:
                         dest = dest[target.expert]
                         if target.rows is not None:
                             dest = dest[target.rows[0] : target.rows[1]]
-                    dest.copy_(tensor)
+                    entry = header[name]
+                    if entry.dtype == torch.float8_e4m3fn:
+                        scale = read_tensor(files, name + "_scale_inv")
+                        dest.copy_(dequantize_fp8(_read(handle, data_start, entry), scale, block))
+                    elif entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
+                        _read(handle, data_start, entry, into=dest)
+                    else:
+                        dest.copy_(_read(handle, data_start, entry))
     model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
     model.eval()
     return model
@@ -219,12 +223,10 @@ def _fp8_block(hf: dict) -> tuple[int, int] | None:
 
 def _plan(files, cfg, expected, block) -> list[tuple[str, Target, Path]]:
     """Validate names and shapes from the headers alone; return (checkpoint name, target, file) to copy."""
-    headers = {}  # name -> (shape, dtype string), read from the safetensors headers only
+    headers = {}  # name -> (shape, dtype), read from the safetensors headers only
     for path in set(files.values()):
-        with safe_open(path, "pt") as f:
-            for name in f.keys():
-                view = f.get_slice(name)
-                headers[name] = (tuple(view.get_shape()), view.get_dtype())
+        for name, entry in read_header(path)[0].items():
+            headers[name] = (entry.shape, entry.dtype)
     plan, filled = [], {}
     for name, path in files.items():
         if name.endswith("_scale_inv") and block is not None:
@@ -249,7 +251,7 @@ def _plan(files, cfg, expected, block) -> list[tuple[str, Target, Path]]:
         found = headers[name][0]
         if found != want:
             raise CheckpointError(f"{name} (in {path.name}): shape {list(found)}, expected {list(want)}")
-        if headers[name][1] == "F8_E4M3" and name + "_scale_inv" not in files:
+        if headers[name][1] == torch.float8_e4m3fn and name + "_scale_inv" not in files:
             raise CheckpointError(f"{name} (in {path.name}): float8 weight without {name}_scale_inv")
         plan.append((name, target, path))
         filled.setdefault(target.param, []).append(target)
@@ -285,10 +287,70 @@ def _by_file(plan):
     return grouped
 
 
+# ---- safetensors reading, straight into destination memory -------------------------------------------------------
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, Entry], int]:
+    """The tensor table of a safetensors file and the offset where its data begins; checks it fits the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        entry = Entry(SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start, end)
+        numel = 1
+        for dim in entry.shape:
+            numel *= dim
+        if end - start != numel * entry.dtype.itemsize or 8 + length + end > size:
+            raise CheckpointError(f"{path}: tensor {name} has inconsistent offsets (truncated file?)")
+        entries[name] = entry
+    return entries, 8 + length
+
+
+def _read(handle, data_start: int, entry: Entry, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes into `into` (same dtype, contiguous, CPU) or a fresh buffer."""
+    out = torch.empty(entry.shape, dtype=entry.dtype) if into is None else into
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+    handle.seek(data_start + entry.start)
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"{handle.name}: ended early while reading a tensor (truncated file?)")
+        done += got
+    return out
+
+
 def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
     """Read one tensor from whichever file holds it (FP8 scales may sit in another shard)."""
-    with safe_open(files[name], "pt") as f:
-        return f.get_tensor(name)
+    header, data_start = read_header(files[name])
+    with open(files[name], "rb", buffering=0) as handle:
+        return _read(handle, data_start, header[name])
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -253,3 +253,31 @@ def test_hub_download_offline_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="offline"):
         openseek.load("openseek-test/definitely-not-cached")
+
+
+def test_loading_never_holds_two_copies_of_the_weights(tmp_path):
+    """Peak resident memory while loading stays well under twice the checkpoint size (tensors are mmapped and
+    copied one at a time into the materialised model)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    make = textwrap.dedent(f"""
+        import torch, openseek
+        cfg = openseek.ModelConfig(model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2048,
+                                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
+        openseek.save(openseek.Model(cfg), {str(tmp_path / "big")!r})
+    """)
+    subprocess.run([sys.executable, "-c", make], check=True)
+    size = (tmp_path / "big" / "model.safetensors").stat().st_size
+    measure = textwrap.dedent(f"""
+        import resource, torch, openseek
+        torch.ones(1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = openseek.load({str(tmp_path / "big")!r})
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", measure], check=True, capture_output=True, text=True).stdout
+    peak = int(out.split()[-1])
+    assert size > 200e6
+    assert peak < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak RSS by {peak / 1e6:.0f} MB"
