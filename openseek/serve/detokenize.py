@@ -1,0 +1,58 @@
+"""Turn a stream of token ids into a stream of text, honouring stop strings.
+
+Decoding one token at a time is wrong for byte-level and SentencePiece vocabularies (a character can span
+tokens; spaces depend on neighbours), so each new piece is the difference between decoding a short window with
+and without the newest tokens, and nothing is emitted while the text ends inside a multi-byte character.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: tokens before it are already text and give no context we need
+        self._read = 0  # tokens up to here have been emitted
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return ""  # mid-character: wait for the next token
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back an end that could still become one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + text
+        hits = [at for at in (text.find(s) for s in self.stops) if at >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[: min(hits)]
+        keep = max((_overlap(text, s) for s in self.stops), default=0)
+        self._held = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0

@@ -1,0 +1,142 @@
+"""A tiny real model whose greedy (and, practically, sampled) output is known in advance, and a live server on it.
+
+The model is an ordinary openseek Model (one llama-style layer) whose weights make it a lookup table: the
+embedding is the identity, attention and MLP write nothing back (o_proj = down_proj = 0), so the final hidden
+state is the current token's one-hot vector and `lm_head[:, t]` picks the next token. Logit margins are ~40, so
+even temperature 2 follows the table. Served through the real tokenizer and Engine, it answers every chat with
+a known reasoning block and a known answer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REASONING = "Summing both numbers gives four"
+ANSWER = "The answer is 4."
+LOOP_PROMPT = "Say forever"  # /v1/completions: " forever" follows itself until max_tokens
+COIN_PROMPT = "Toss a coin"  # /v1/completions: " coin" is followed by " heads" or " tails", 50/50, then EOS
+HIDDEN = 384  # = vocab size of the model, so the embedding can be the identity
+CONTEXT = 256
+MARGIN = 2.0  # lm_head entry; the logit is MARGIN * sqrt(HIDDEN) ≈ 39 for the scripted successor, 0 for others
+
+
+def build_tokenizer():
+    from openseek.tokenizer import train_bpe
+
+    corpus = [f"{REASONING}</think>{ANSWER} {LOOP_PROMPT} {COIN_PROMPT} heads tails Hello hi"] * 50
+    return train_bpe(corpus, vocab_size=360)
+
+
+def _script(tokenizer) -> dict[int, list[int]]:
+    """token id -> the ids that may follow it."""
+    newline = tokenizer.encode("\n")
+    assert len(newline) == 1
+    reply = tokenizer.encode(f"{REASONING}</think>{ANSWER}") + [tokenizer.eos_token_id]
+    chain = newline + reply  # the R1 template ends the prompt with "<think>\n"
+    assert len(set(chain)) == len(chain), f"the scripted reply repeats a token: {chain}"
+    follows = {a: [b] for a, b in zip(chain, chain[1:])}
+    forever = tokenizer.encode(LOOP_PROMPT)[-1]
+    coin = tokenizer.encode(COIN_PROMPT)[-1]
+    heads, tails = tokenizer.encode(" heads"), tokenizer.encode(" tails")
+    assert len(heads) == len(tails) == 1 and not {forever, coin} & set(follows)
+    follows[forever] = [forever]
+    follows[coin] = heads + tails
+    for side in heads + tails:
+        follows[side] = [tokenizer.eos_token_id]
+    return follows
+
+
+def build_model(tokenizer):
+    from openseek import Model, ModelConfig
+
+    assert tokenizer.vocab_size <= HIDDEN
+    cfg = ModelConfig(model_type="llama", vocab_size=HIDDEN, hidden_size=HIDDEN, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=CONTEXT, eos_token_id=[tokenizer.eos_token_id],
+                      bos_token_id=tokenizer.bos_token_id)
+    model = Model(cfg).eval()
+    head = torch.zeros(HIDDEN, HIDDEN)
+    for token, successors in _script(tokenizer).items():
+        head[successors, token] = MARGIN
+    unscripted = head.sum(0) == 0
+    head[tokenizer.eos_token_id, unscripted] = MARGIN  # anything else ends the reply
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(torch.eye(HIDDEN))
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(head)
+    return model
+
+
+def save_model_dir(directory: Path) -> Path:
+    import openseek
+
+    tokenizer = build_tokenizer()
+    openseek.save(build_model(tokenizer), directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`openseek serve` in a subprocess on a free loopback port (the same command a user runs)."""
+
+    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "openseek.cli", "serve", "--model", str(model_dir),
+                   "--port", str(self.port), "--served-model-name", "tiny", *flags]
+        self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90.0):
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
