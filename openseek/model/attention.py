@@ -1,8 +1,12 @@
 """Attention: grouped-query attention (Llama, Qwen2) and multi-head latent attention (DeepSeek-V3).
 
 Both take the rotary cos/sin and an optional boolean mask [B, 1, T, S] (True = may attend); with no mask the
-attention is plainly causal. MLA here is the naive form used for training and prefill: the compressed latent is
-expanded to full keys and values.
+attention is plainly causal. MLA's naive form (training, prefill) expands the compressed latent to full keys and
+values; its absorbed form (decode) folds the up-projections into the query and output and attends over the latent.
+
+`cache` (optional, owned and driven by the engine, see openseek/engine/cache.py) stores this step's keys and values —
+for MLA the normalised latent and the rotated rope key — and, while decoding one token per row, hands back
+everything stored so far with the mask to attend with. Without a cache nothing changes.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False)
+        if cache is not None:
+            cache.store(k, v)
+            if cache.decoding:
+                k, v, mask = cache.read()
         out = attend(q, k, v, mask, self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -89,11 +97,15 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe.view(B, 1, T, self.rope_dim), cos, sin, self.interleaved)
         return self.kv_a_layernorm(latent), k_pe
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q_nope, q_pe = self.project_q(x).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
         latent, k_pe = self.project_latent(x, cos, sin)
+        if cache is not None:
+            cache.store(latent, k_pe)
+            if cache.decoding:
+                return self.o_proj(self.attend_absorbed(q_nope, q_pe, *cache.read()))
         k_nope, v = self.kv_b_proj(latent).view(B, T, self.n_heads, -1).transpose(1, 2).split(
             [self.nope_dim, self.v_dim], dim=-1
         )
@@ -101,3 +113,16 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)
         out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_absorbed(self, q_nope, q_pe, kv, mask):
+        """Attention over the cached [latent | rope key] [B, 1, S, r + rope] without expanding it to heads.
+
+        With kv_b_proj viewed per head as [W_UK | W_UV], q_nope·k_nope = (q_nope W_UK)·latent and P·v = (P·latent) W_UVᵀ,
+        so every head attends to one shared [latent | k_pe] key (MQA), at the same softmax scale as the naive path.
+        """
+        B, H, T, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        q = torch.cat((q_nope @ w[:, : self.nope_dim], q_pe), dim=-1)  # [B, H, T, r + rope]
+        out = attend(q, kv, kv[..., : self.kv_lora_rank], mask, self.scale, enable_gqa=True)  # [B, H, T, r]
+        out = out @ w[:, self.nope_dim :].transpose(1, 2)  # [B, H, T, v]
+        return out.transpose(1, 2).reshape(B, T, -1)

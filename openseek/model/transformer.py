@@ -23,8 +23,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+    def forward(self, h, cos, sin, mask, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -101,11 +101,14 @@ class Model(nn.Module):
         positions: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cache=None,
     ):
         """Logits [B, T, V] for input_ids [B, T].
 
         padding_mask [B, T] (True = real token) lets a batch hold left- or right-padded rows; positions then
         default to counting real tokens only. With `return_hidden`, also the final normed hidden states (MTP input).
+        `cache` is the engine's (openseek/engine/cache.py): its per-layer parts store keys/values as they pass, and
+        only the last position's logits [B, 1, V] are computed, the only ones generation reads.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -116,9 +119,9 @@ class Model(nn.Module):
         mask = None if padding_mask is None else causal_padding_mask(padding_mask)
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
-        h = self.norm(h)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i])
+        h = self.norm(h if cache is None else h[:, -1:])
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
 

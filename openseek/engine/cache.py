@@ -1,0 +1,132 @@
+"""Preallocated caches, owned by the engine and lent to the model for one forward at a time.
+
+Every cache row is one sequence; row b holds its tokens at slots [0, length_b) in order (no padding holes), so a
+token's slot is its position. The engine tells the cache what the next forward does:
+
+- `prefill(src, dest)`: the forward runs a right-padded batch of prompts from slot 0; input row `src[i]` is stored
+  into cache row `dest[i]` (one prompt can fill several rows: n samples share one prefill). Attention inside the
+  forward is the ordinary causal one over the prompt itself.
+- `decode(slots, length)`: one token per row for rows [0, B); row b's token goes to slot `slots[b]` and attends to
+  slots [0, slots[b]] among the first `length`.
+
+Layers see only `store(...)` and, while decoding, `read()`. Two layouts:
+- `KVCache` (GQA): keys and values [rows, kv_heads, max_len, head_dim] per layer.
+- `LatentCache` (MLA): [rows, max_len, kv_lora_rank + qk_rope_head_dim] per layer holding the normalised latent and
+  the rotated rope key side by side — all that absorbed decoding needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from openseek.config import ModelConfig
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token costs across all layers (MTP layers are not run while generating)."""
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.uses_mla else 2 * cfg.num_key_value_heads * cfg.head_dim
+    return per_layer * cfg.num_hidden_layers * dtype.itemsize
+
+
+class Cache:
+    """Step state shared by all layers; subclasses own the tensors."""
+
+    def __init__(self, rows: int, max_len: int, device: torch.device):
+        self.rows, self.max_len, self.device = rows, max_len, device
+        self.decoding = False
+        self.src = self.dest = self.slots = self.mask = self.batch_rows = None
+        self.length = 0
+        self.layers: list = []
+
+    def prefill(self, src: torch.Tensor, dest: torch.Tensor) -> None:
+        self.decoding, self.src, self.dest = False, src, dest
+
+    def decode(self, slots: torch.Tensor, length: int) -> None:
+        """slots [B] (device, long): where each row's token goes; length: slots to attend over (max(slots) + 1)."""
+        if length > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens per row; step needs {length}")
+        self.decoding, self.slots, self.length = True, slots, length
+        self.batch_rows = torch.arange(slots.shape[0], device=self.device)
+        keys = torch.arange(length, device=self.device)
+        self.mask = (keys <= slots[:, None])[:, None, None, :]  # [B, 1, 1, length]; shared by every layer
+
+    def _write(self, buffer: torch.Tensor, x: torch.Tensor, slot_dim: int) -> None:
+        """Store x (the step's values, slot dimension `slot_dim`) into buffer rows per the current step."""
+        if self.decoding:
+            index = [self.batch_rows] + [slice(None)] * (slot_dim - 1) + [self.slots]
+            buffer[tuple(index)] = x.squeeze(slot_dim)
+        else:
+            T = x.shape[slot_dim]
+            buffer.narrow(slot_dim, 0, T).index_copy_(0, self.dest, x.index_select(0, self.src))
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Move rows `keep` to the front (in that order), dropping the others from the running batch."""
+        for layer in self.layers:
+            for buffer in layer.buffers():
+                buffer[: len(keep)] = buffer.index_select(0, keep)
+
+
+class _KVLayer:
+    def __init__(self, cache: KVCache, shape, dtype):
+        self.cache = cache
+        self.k = torch.zeros(shape, dtype=dtype, device=cache.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=cache.device)
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache.decoding
+
+    def buffers(self):
+        return self.k, self.v
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, kv_heads, T, head_dim] after RoPE."""
+        self.cache._write(self.k, k, slot_dim=2)
+        self.cache._write(self.v, v, slot_dim=2)
+
+    def read(self):
+        """Keys, values [B, kv_heads, length, head_dim] and the boolean mask [B, 1, 1, length]."""
+        c = self.cache
+        B = c.slots.shape[0]
+        return self.k[:B, :, : c.length], self.v[:B, :, : c.length], c.mask
+
+
+class KVCache(Cache):
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(rows, max_len, device)
+        shape = (rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.layers = [_KVLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers)]
+
+
+class _LatentLayer:
+    def __init__(self, cache: LatentCache, shape, dtype, rank: int):
+        self.cache, self.rank = cache, rank
+        self.kv = torch.zeros(shape, dtype=dtype, device=cache.device)
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache.decoding
+
+    def buffers(self):
+        return (self.kv,)
+
+    def store(self, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """latent [B, T, kv_lora_rank] (normalised), k_pe [B, 1, T, rope] (rotated)."""
+        self.cache._write(self.kv, torch.cat((latent, k_pe.squeeze(1)), dim=-1), slot_dim=1)
+
+    def read(self):
+        """[latent | k_pe] as one shared key [B, 1, length, r + rope] and the mask [B, 1, 1, length]."""
+        c = self.cache
+        B = c.slots.shape[0]
+        return self.kv[:B, None, : c.length], c.mask
+
+
+class LatentCache(Cache):
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(rows, max_len, device)
+        shape = (rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.layers = [_LatentLayer(self, shape, dtype, cfg.kv_lora_rank) for _ in range(cfg.num_hidden_layers)]
+
+
+def make_cache(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> Cache:
+    return (LatentCache if cfg.uses_mla else KVCache)(cfg, rows, max_len, dtype, device)

@@ -1,0 +1,92 @@
+"""Batched choice of the next token: greedy at temperature 0, else temperature, top-k and top-p sampling.
+
+Each row of a batch may have its own parameters (the server mixes requests). Randomness comes only from the
+torch.Generator passed in, so a seed reproduces the same samples.
+
+The log-prob returned for a chosen token is under the model's temperature-scaled distribution over the whole
+vocabulary — log_softmax(logits / temperature), plain log_softmax at temperature 0 — taken *before* top-k/top-p
+filtering. That is the quantity RL compares with the trainer's recomputed log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token outside its row's top-k, then outside the smallest head whose probability mass
+    (renormalised over the top-k) reaches top_p. top_k [B] (0 = off), top_p [B] (1 = off). The best token stays."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    """The per-row parameters of one batch as tensors, built once and reused every step."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device):
+        self.params = params
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        self.greedy = temperature == 0
+        self.divisor = torch.where(self.greedy, 1.0, temperature)[:, None]
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.all_greedy = all(p.temperature == 0 for p in params)
+        self.any_greedy = any(p.temperature == 0 for p in params)
+        self.filtering = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+
+    def select(self, keep: torch.Tensor) -> Sampler:
+        """The sampler of the rows `keep` (when finished rows leave the batch)."""
+        return Sampler([self.params[i] for i in keep.tolist()], self.divisor.device)
+
+    def __call__(self, logits: torch.Tensor, generator=None, want_logprobs: bool = False):
+        """logits [B, V] -> tokens [B] (long), log-probs [B] (float32) or None.
+
+        generator: one torch.Generator for the batch, or a list with one per row (None = the global RNG).
+        """
+        logits = logits.float()
+        if self.all_greedy:
+            tokens = logits.argmax(dim=-1)
+            scaled = logits
+        else:
+            scaled = logits / self.divisor
+            kept = filter_top_k_top_p(scaled, self.top_k, self.top_p) if self.filtering else scaled
+            tokens = draw(kept.softmax(dim=-1), generator)
+            if self.any_greedy:
+                tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
+        if not want_logprobs:
+            return tokens, None
+        return tokens, scaled.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row from probs [B, V]; tokens of probability 0 are never drawn."""
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.multinomial(probs, 1)[:, 0]
+    for row, g in enumerate(generator):
+        if g is not None:
+            tokens[row] = torch.multinomial(probs[row], 1, generator=g)[0]
+    return tokens
