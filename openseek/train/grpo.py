@@ -15,22 +15,46 @@ Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import copy
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
+
+import openseek
+from openseek import report as reporting
+from openseek.rewards import (
+    REWARDS,
+    RewardError,
+    accuracy_reward,
+    countdown_reward,
+    format_reward,
+    load_reward,
+    reward_name,
+    score,
+)
+from openseek.tasks import TEMPLATES, format_prompt, get_task
+from openseek.tasks.math_file import DatasetError, parse_row
+from openseek.train.pretrain import load_tokenizer
+from openseek.train.trainer import (
+    Trainer,
+    TrainConfig,
+    add_train_arguments,
+    apply_recipe,
+    init_distributed,
+    train_config_from_args,
+)
+
+PROMPT_FIELDS = ("prompt", "question", "problem")
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 ADVANTAGES = ("std", "mean")
 STD_EPS = 1e-4
-
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
-    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
-    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
-    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
-    "User: {prompt}. Assistant:"
-)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The objective, as pure functions of tensors (each pinned by a hand-computed test)
@@ -165,7 +189,7 @@ class GRPOConfig:
     max_refill_rounds: int = 4  # extra generation rounds dynamic sampling may spend per step
     overlong_buffer: int = 0  # DAPO soft overlong punishment: ramp length in tokens (0 = off)
     overlong_penalty: float = 1.0
-    template: str = "r1_zero"  # r1_zero | chat | none
+    template: str = "r1-zero"  # r1-zero | chat | plain
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -193,7 +217,7 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
     advantages: torch.Tensor  # [N]
     ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
-    metrics: dict[str, float] = field(default_factory=dict)  # rollout-time: rewards, lengths, timings
+    metrics: dict[str, float] = field(default_factory=dict)  # rewards, lengths, timings (Rollouts.pop_metrics)
 
 
 class GRPOObjective:
@@ -216,9 +240,414 @@ class GRPOObjective:
             logprobs, rollout, batch.advantages.to(logprobs), cfg.epsilon_low, cfg.epsilon_high, cfg.beta, ref
         )
         loss = aggregate_loss(loss_tok, mask, cfg.loss_type, cfg.max_new_tokens)
-        metrics = dict(batch.metrics)
+        metrics = {"tokens": float(batch.padding_mask.sum())}  # rollout statistics travel via pop_metrics
         metrics["clip_fraction"] = masked_mean(clipped.float(), mask)
         metrics["entropy"] = masked_mean(entropy, mask)
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
         return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: prompts, rewards, and the rollout batch source
+
+
+def load_prompt_file(path) -> list[dict]:
+    """Rows of a JSONL prompt file: the prompt from `prompt`, `question` or `problem`; every other column is kept
+    and passed to the reward functions. Rows with a gold `answer` (or a MATH `solution`) get it normalised the way
+    `openseek eval` reads benchmark files (GSM8K's `#### 42`, a solution's last \\boxed{})."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
+            if field_name is None:
+                raise DatasetError(
+                    f"{where}: no usable prompt column: expected a non-empty string in one of "
+                    f"{', '.join(PROMPT_FIELDS)}; the row has columns: {', '.join(row) or 'none'}"
+                )
+            if "answer" in row or "solution" in row:
+                row = parse_row({**row, "prompt": row[field_name]}, where, line_no)
+            rows.append({**row, "prompt": row[field_name]})
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    return rows
+
+
+def encode_prompt(tokenizer, question: str, template: str) -> tuple[str, list[int]]:
+    """The text the model continues and its ids. The chat template writes its own BOS; the others get the
+    tokenizer's usual special tokens."""
+    text = format_prompt(question, template, tokenizer)
+    return text, tokenizer.encode(text, add_special_tokens=template != "chat")
+
+
+def score_completions(reward_fns, weights, completions, prompts, columns) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-function rewards [K, N], weighted total [N]). Each function is called through `rewards.score`:
+    a wrong length, None or a non-number raises `RewardError` naming the function."""
+    per_fn = torch.tensor([score(fn, completions, prompts, columns) for fn in reward_fns], dtype=torch.float32)
+    total = (torch.tensor(weights, dtype=torch.float32)[:, None] * per_fn).sum(0)
+    return per_fn, total
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    ids = set(model.cfg.eos_token_id or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+class Rollouts:
+    """GRPO's batch source for the Trainer. Each rollout: P prompts, G completions each from the Engine running
+    the policy module itself (no weight copy), rewards, group advantages, reference log-probs when β > 0. The
+    same rollout batch is handed out μ times (μ updates per rollout, ratios against the rollout log-probs).
+
+    Under torchrun each rank takes its own slice of the P prompts of a step. The position (prompt order, rollout
+    count) is saved in checkpoints; a run resumed in the middle of a rollout's μ updates starts the next rollout.
+    """
+
+    def __init__(self, model, tokenizer, rows: list[dict], reward_fns: list, cfg: GRPOConfig,
+                 weights: list[float] | None = None, ref_model=None, accuracy_fn=None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        from openseek.engine import Engine
+
+        if not rows:
+            raise ValueError("GRPO needs at least one prompt row")
+        if not reward_fns:
+            raise ValueError("GRPO needs at least one reward function")
+        weights = [1.0] * len(reward_fns) if weights is None else list(weights)
+        if len(weights) != len(reward_fns):
+            raise ValueError(f"--reward-weights has {len(weights)} values for {len(reward_fns)} reward functions")
+        if cfg.beta != 0 and ref_model is None:
+            raise ValueError("beta != 0 needs a frozen reference model")
+        if cfg.prompts_per_step % world_size:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world_size} "
+                             "processes (each generates its own share)")
+        self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
+        self.reward_fns, self.weights, self.ref_model, self.accuracy_fn = reward_fns, weights, ref_model, accuracy_fn
+        self.names = unique_names(reward_fns)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.engine = Engine(model, max_batch_size=max(64, cfg.prompts_per_step * cfg.group_size))
+        self.stop_token_ids = stop_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.position = {"epoch": 0, "index": 0, "rollouts": 0}
+        self.current: RolloutBatch | None = None
+        self.uses_left = 0
+        self.pending: dict[str, float] = {}  # rollout metrics for the next pop_metrics
+        self.step_start: float | None = None
+        self.data_time = 0.0
+
+    # ---- the Trainer's batch-source protocol ----
+
+    def state_dict(self) -> dict:
+        return {"position": dict(self.position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = dict(state["position"])
+        self.current, self.uses_left = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> RolloutBatch:
+        t0 = time.perf_counter()
+        if self.step_start is None:
+            self.step_start = t0
+        if self.uses_left == 0:
+            self.current = self.rollout()
+            self.uses_left = self.cfg.updates_per_rollout
+            self.pending = dict(self.current.metrics)
+        self.uses_left -= 1
+        self.data_time += time.perf_counter() - t0
+        return self.current
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Rollout statistics and the step's time split; called by the Trainer right after the optimizer step."""
+        out = {"time/generation": 0.0, "time/scoring": 0.0, **self.pending}
+        if self.step_start is not None:
+            step = time.perf_counter() - self.step_start
+            out["time/step"] = step
+            out["time/update"] = step - self.data_time
+        self.pending, self.step_start, self.data_time = {"time/generation": 0.0, "time/scoring": 0.0}, None, 0.0
+        return out
+
+    # ---- prompts ----
+
+    def next_rows(self, n: int) -> list[dict]:
+        """This rank's share of the next n * world_size prompt rows of a seeded shuffle, epoch after epoch."""
+        out = []
+        while len(out) < n * self.world_size:
+            order = list(range(len(self.rows)))
+            random.Random(f"{self.seed}:{self.position['epoch']}").shuffle(order)
+            take = order[self.position["index"] : self.position["index"] + n * self.world_size - len(out)]
+            out += [self.rows[i] for i in take]
+            self.position["index"] += len(take)
+            if self.position["index"] >= len(self.rows):
+                self.position["epoch"] += 1
+                self.position["index"] = 0
+        return out[self.rank * n : (self.rank + 1) * n]
+
+    # ---- one rollout ----
+
+    def generate_groups(self, rows: list[dict], seed: int):
+        """G completions for each row from the Engine, scored. Returns (groups, generation s, scoring s)."""
+        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
+        texts, ids = zip(*(encode_prompt(tok, row["prompt"], cfg.template) for row in rows))
+        t0 = time.perf_counter()
+        outputs = self.engine.generate(
+            list(ids), cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
+            stop_token_ids=self.stop_token_ids, seed=seed, logprobs=True,
+        )
+        t1 = time.perf_counter()
+        completions = [c for group in outputs for c in group]
+        answers = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        prompts = [t for t in texts for _ in range(G)]
+        columns = {k: [row.get(k) for row in rows for _ in range(G)]
+                   for k in dict.fromkeys(k for row in rows for k in row) if k != "prompt"}
+        per_fn, total = score_completions(self.reward_fns, self.weights, answers, prompts, columns)
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        groups = [
+            dict(prompt_ids=ids[p], completions=completions[p * G : (p + 1) * G], rewards=total[p * G : (p + 1) * G],
+                 per_fn=per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
+            for p in range(len(rows))
+        ]
+        return groups, t1 - t0, time.perf_counter() - t1
+
+    def rollout(self) -> RolloutBatch:
+        cfg = self.cfg
+        P = cfg.prompts_per_step // self.world_size
+        kept, spare, gen_time, score_time, rounds = [], [], 0.0, 0.0, 0
+        while len(kept) < P:
+            seed = hash_seed(self.seed, self.rank, self.position["rollouts"], rounds)
+            groups, tg, ts = self.generate_groups(self.next_rows(P - len(kept) if rounds else P), seed)
+            gen_time, score_time, rounds = gen_time + tg, score_time + ts, rounds + 1
+            for g in groups:
+                useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
+                (kept if useful else spare).append(g)
+            if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
+                break
+        dropped = len(spare)
+        kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
+        self.position["rollouts"] += 1
+
+        t0 = time.perf_counter()
+        batch = self.collate(kept)
+        if self.ref_model is not None:
+            self.ref_model.to(self.model.device)
+            with torch.no_grad():
+                batch.ref_logprobs, _ = completion_logprobs(
+                    self.ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature
+                )
+        score_time += time.perf_counter() - t0
+
+        rewards = torch.stack([g["rewards"] for g in kept])
+        per_fn = torch.cat([g["per_fn"] for g in kept], dim=1)
+        lengths = torch.cat([g["lengths"] for g in kept]).float()
+        m = {"reward": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item()}
+        for name, fn, values in zip(self.names, self.reward_fns, per_fn):
+            m[f"rewards/{name}/mean"] = values.mean().item()
+            m[f"rewards/{name}/std"] = values.std().item()
+            if fn is self.accuracy_fn:
+                m["accuracy"] = values.mean().item()
+        m["completion_length/mean"] = lengths.mean().item()
+        m["completion_length/max"] = lengths.max().item()
+        truncated = sum(c.finish_reason == "length" for g in kept for c in g["completions"])
+        m["completion_length/truncated"] = truncated / len(lengths)
+        m["groups_without_signal"] = float((~informative_groups(rewards)).sum())
+        if cfg.dynamic_sampling:
+            m["dynamic_sampling/dropped_groups"] = float(dropped)
+            m["dynamic_sampling/rounds"] = float(rounds)
+        m["time/generation"], m["time/scoring"] = gen_time, score_time
+        batch.metrics = m
+        return batch
+
+    def collate(self, groups: list[dict]) -> RolloutBatch:
+        """[left-padded prompt | right-padded completion] rows, advantages per group."""
+        rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
+        prompt_len = max(len(p) for p, _ in rows)
+        L = max(1, max(len(c.token_ids) for _, c in rows))
+        N = len(rows)
+        input_ids = torch.full((N, prompt_len + L), self.pad_id, dtype=torch.long)
+        padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
+        logprobs = torch.zeros(N, L)
+        for i, (prompt, c) in enumerate(rows):
+            n = len(c.token_ids)
+            input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
+            input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
+            padding[i, prompt_len - len(prompt) : prompt_len + n] = True
+            logprobs[i, :n] = torch.tensor(c.logprobs)
+        advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), self.cfg.advantage).flatten()
+        device = self.model.device
+        return RolloutBatch(
+            input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
+            logprobs.to(device), advantages.to(device),
+        )
+
+
+def hash_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def unique_names(fns) -> list[str]:
+    """Metric names of the reward functions, numbered when two share a name."""
+    names = [reward_name(fn) for fn in fns]
+    return [f"{n}_{names[:i].count(n)}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Python API and `openseek grpo`
+
+
+def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list, object]:
+    """(reward functions, the one whose mean is `accuracy`). Defaults: the task's checker (or math-verify on an
+    `answer` column) plus R1's format reward. `accuracy` names the task's own checker when training on a task."""
+    checker = task.reward if task is not None else (
+        accuracy_reward if rows and all("answer" in r for r in rows) else None)
+    if not specs:
+        if checker is None:
+            raise RewardError("no --reward given and the dataset has no `answer` column to check: pass --reward "
+                              f"NAME (one of {', '.join(sorted(REWARDS))}) or --reward file.py:function")
+        return [checker, format_reward], checker
+    fns = [checker if spec == "accuracy" and checker is not None else load_reward(spec) for spec in specs]
+    return fns, next((f for f in fns if f is checker or f in (accuracy_reward, countdown_reward)), None)
+
+
+def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig, train_cfg: TrainConfig,
+          weights: list[float] | None = None, accuracy_fn=None) -> dict:
+    """Run GRPO with the shared Trainer: this module's objective, rollouts from the Engine on `model` itself.
+    Returns the trainer's report; `run_dir` gets metrics.jsonl, checkpoints, report.md and the reward plots."""
+    ref_model = None
+    if grpo.beta != 0:  # the frozen reference: the starting weights (a resumed run keeps the original reference)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    rank, world_size = init_distributed()
+    rollouts = Rollouts(model, tokenizer, rows, reward_fns, grpo, weights, ref_model, accuracy_fn,
+                        seed=train_cfg.seed, rank=rank, world_size=world_size)
+    trainer = Trainer(model, train_cfg, GRPOObjective(grpo), rollouts, tokenizer,
+                      flops_per_token=reporting.flops_per_token(model.cfg, grpo.max_new_tokens))
+    report = trainer.train()
+    if report is not None:
+        plot_rollouts(train_cfg.run_dir)
+    return report
+
+
+PLOTS = (("reward", "reward"), ("accuracy", "accuracy"), ("completion_length/mean", "completion length"))
+
+
+def plot_rollouts(run_dir) -> Path | None:
+    """rollouts.png: reward, accuracy and completion length over steps; linked from report.md."""
+    run_dir = Path(run_dir)
+    metrics = reporting.read_metrics(run_dir / "metrics.jsonl")
+    panels = [(key, label) for key, label in PLOTS if any(key in m for m in metrics)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        rows = [m for m in metrics if key in m]
+        ax.plot([m["step"] for m in rows], [m[key] for m in rows], linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "rollouts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    report = run_dir / "report.md"
+    if report.exists() and path.name not in report.read_text():
+        with report.open("a") as f:
+            f.write(f"\n![reward, accuracy and completion length]({path.name})\n")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="JSON file of defaults for these flags (see recipes/)")
+    parser.add_argument("--model", help="model directory (HF format, with its tokenizer) to reinforce")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--dataset", help="JSONL prompts: `prompt`, `question` or `problem`, maybe `answer`; other "
+                                          "columns are passed to the reward functions")
+    parser.add_argument("--task", help="built-in task instead of a dataset: arithmetic, countdown "
+                                       "(options after a colon: arithmetic:digits=4,ops=+-)")
+    parser.add_argument("--task-size", type=int, default=5000, help="prompts generated from --task")
+    parser.add_argument("--reward", action="append", help="reward: format, accuracy, countdown or file.py:function "
+                                                          "(repeatable; default: the task's checker + format)")
+    parser.add_argument("--reward-weights", type=float, nargs="+", help="one weight per --reward (default 1 each)")
+    parser.add_argument("--template", default="r1-zero", choices=TEMPLATES,
+                        help="prompt template: R1-Zero's, the model's chat template, or the bare prompt")
+    g = parser.add_argument_group("GRPO")
+    g.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+    g.add_argument("--prompts-per-step", type=int, default=4, help="P: prompts per rollout batch")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="L: completion length limit")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference)")
+    g.add_argument("--loss-type", default="grpo", choices=LOSS_TYPES,
+                   help="grpo: sequence mean then mean; dapo: token mean; dr_grpo: token sum / (N·L)")
+    g.add_argument("--advantage", choices=ADVANTAGES,
+                   help="std: (r-mean)/std (GRPO, DAPO); mean: r-mean (Dr. GRPO). Default: mean for dr_grpo, else std")
+    g.add_argument("--epsilon", "--epsilon-low", dest="epsilon_low", type=float, default=0.2, help="ε_low")
+    g.add_argument("--epsilon-high", type=float, help="ε_high (DAPO clip-higher: 0.28; default: ε_low)")
+    g.add_argument("--updates-per-rollout", "--mu", dest="updates_per_rollout", type=int, default=1,
+                   help="μ: policy updates per rollout batch")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO: drop groups whose rewards are all equal and refill with new prompts")
+    g.add_argument("--max-refill-rounds", type=int, default=4)
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO soft overlong punishment over the last N tokens before --max-new-tokens (0: off)")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="the punishment at --max-new-tokens")
+    add_train_arguments(parser)
+    parser.add_argument("--output-dir", dest="run_dir", default=argparse.SUPPRESS, help="same as --run-dir")
+    parser.set_defaults(run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0,
+                        min_lr_ratio=1.0)
+
+
+def grpo_config_from_args(args) -> GRPOConfig:
+    advantage = args.advantage or ("mean" if args.loss_type == "dr_grpo" else "std")
+    return GRPOConfig(
+        group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, beta=args.beta, epsilon_low=args.epsilon_low,
+        epsilon_high=args.epsilon_low if args.epsilon_high is None else args.epsilon_high,
+        loss_type=args.loss_type, advantage=advantage, updates_per_rollout=args.updates_per_rollout,
+        dynamic_sampling=args.dynamic_sampling, max_refill_rounds=args.max_refill_rounds,
+        overlong_buffer=args.overlong_buffer, overlong_penalty=args.overlong_penalty, template=args.template,
+    )
+
+
+def load_rows(args) -> tuple[list[dict], object]:
+    """(prompt rows, task or None) from --dataset or --task."""
+    if bool(args.dataset) == bool(args.task):
+        raise ValueError("pass exactly one of --dataset FILE.jsonl or --task NAME")
+    if args.task:
+        task = get_task(args.task)
+        return task.generate(args.task_size, seed=args.seed), task
+    return load_prompt_file(args.dataset), None
+
+
+def main(args: argparse.Namespace) -> int:
+    apply_recipe(args, add_arguments)
+    grpo = grpo_config_from_args(args)  # refuses bad settings (e.g. --group-size 1) before loading anything
+    if not args.model:
+        raise ValueError("no model: pass --model DIR (an HF-format model directory)")
+    rows, task = load_rows(args)
+    reward_fns, accuracy_fn = resolve_rewards(args.reward, task, rows)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = openseek.load(args.model, dtype=torch.float32)
+    report = train(model, tokenizer, rows, reward_fns, grpo, train_config_from_args(args), args.reward_weights,
+                   accuracy_fn)
+    if report:
+        print(f"done: {report['steps']} steps; report: {Path(args.run_dir) / 'report.md'}")
+    return 0

@@ -1,0 +1,38 @@
+"""A tiny model directory (random qwen2-shaped model + a small BPE trained on arithmetic text) for GRPO tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import openseek
+from openseek.config import ModelConfig
+from openseek.model import Model
+from openseek.tasks import get_task
+from openseek.tokenizer import train_bpe
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    rows = get_task("arithmetic").generate(300, seed=123)
+    texts = [f"{r['prompt']} <think> </think> <answer> {r['answer']} </answer>" for r in rows]
+    return train_bpe(texts, vocab_size)
+
+
+def tiny_model_dir(directory, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Save a random tiny model with its tokenizer; returns the directory."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, qkv_bias=True,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
+    )
+    directory = openseek.save(Model(cfg), directory)
+    tokenizer.save(directory)
+    return Path(directory)
+
+
+def digit_share(completions, prompts, **columns):
+    """A reward a random model can move quickly: the share of a completion's characters that are digits."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
