@@ -1,0 +1,52 @@
+"""`openseek sft`: supervised fine-tuning on chat conversations, loss on the assistant's tokens only.
+
+    openseek sft --model runs/pt/checkpoints/step_00002000 --data chats.jsonl --run-dir runs/sft
+
+Data: JSONL (or Parquet) rows with OpenAI-style `messages` ([{"role": "user", "content": ...}, {"role":
+"assistant", "content": "<think>\\n…\\n</think>\\n\\nanswer"}]). Each conversation is rendered with the model's
+chat template (R1's when it has none) and only assistant turns are trained; see `openseek.data.encode_conversation`.
+The objective is pretraining's `NextTokenLoss` on those masked labels: one loop, one loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+from openseek import data
+from openseek.report import flops_per_token
+from openseek.train.pretrain import NextTokenLoss, build_model, load_tokenizer
+from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="JSON file of defaults for these flags (see recipes/)")
+    parser.add_argument("--model", help="model directory to fine-tune")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--data", nargs="+", help="JSONL/Parquet files (or directories) of `messages`")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    parser.add_argument("--max-len", type=int, default=1024, help="tokens per conversation (longer ones are cut)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per process per micro-step")
+    parser.add_argument("--mtp-weight", type=float, default=0.0, help="λ: weight of the MTP loss")
+    add_train_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    model_spec = apply_recipe(args, add_arguments)
+    if not args.data:
+        raise ValueError("no data: pass --data FILE_OR_DIR ...")
+    rank, world_size = init_distributed()
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = build_model(args.model or model_spec, tokenizer, args.seed)
+    records = data.Records(args.data, field="messages", skip_bad_lines=args.skip_bad_lines)
+    rows = data.ConversationRows(records, tokenizer, args.max_len)
+    collate = partial(data.collate_conversations, pad_id=tokenizer.pad_token_id)
+    batches = data.Batches(rows, args.batch_size, collate, rank, world_size)
+    trainer = Trainer(model, train_config_from_args(args), NextTokenLoss(args.mtp_weight), batches, tokenizer,
+                      flops_per_token=flops_per_token(model.cfg, args.max_len // 2))
+    report = trainer.train()
+    if report:
+        print(f"done: {report['steps']} steps, final loss {report.get('final_loss')}; "
+              f"report: {Path(args.run_dir) / 'report.md'}")
+    return 0
