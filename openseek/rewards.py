@@ -235,6 +235,10 @@ def _serve_checks() -> None:
         sys.stdout.flush()
 
 
+class CheckerUnavailable(RuntimeError):
+    """The math-verify worker could not start: every answer would silently score 0, so this is never swallowed."""
+
+
 class _Worker:
     """One checking process, run as a plain script (`-P`: its folder is not put on sys.path)."""
 
@@ -252,7 +256,7 @@ class _Worker:
             ready, _, _ = select.select([self.proc.stdout], [], [], self.START_TIMEOUT_S)
             if not ready or self.proc.stdout.readline().strip() != "ready":
                 self.close()
-                raise RuntimeError("the math-verify worker process did not start (is math-verify installed?)")
+                raise CheckerUnavailable("the math-verify worker process did not start (is math-verify installed?)")
             self.ready = True
         self.proc.stdin.write(json.dumps([pred, gold]) + "\n")
         self.proc.stdin.flush()
@@ -323,17 +327,19 @@ class AnswerChecker:
 
 
 _checker: AnswerChecker | None = None
-_cache: dict[tuple[str, str], bool] = {}
+_checker_lock = threading.Lock()
+_cache: dict[tuple[str, str], bool] = {}  # verdicts (a timeout included: a check that hung once is not retried)
 
 
 def _default_checker() -> AnswerChecker:
     global _checker
-    if _checker is None:
-        import atexit
+    with _checker_lock:
+        if _checker is None:
+            import atexit
 
-        _checker = AnswerChecker()
-        atexit.register(_checker.close)
-    return _checker
+            _checker = AnswerChecker()
+            atexit.register(_checker.close)
+        return _checker
 
 
 def check_answers(pairs: list[tuple[str | None, str]], timeout: float = CHECK_TIMEOUT_S) -> list[bool]:
@@ -341,6 +347,7 @@ def check_answers(pairs: list[tuple[str | None, str]], timeout: float = CHECK_TI
     verdicts: list[bool | None] = [None] * len(pairs)
     pending = {}
     for i, (pred, gold) in enumerate(pairs):
+        gold = str(gold)
         if refusal(pred, gold) is not None:
             verdicts[i] = False
             continue
@@ -534,7 +541,7 @@ def score(fn: RewardFn, completions: list[str], prompts: list[str], columns: dic
     if fn in _TRUSTED:
         try:
             values = fn(completions, prompts, **columns)
-        except RewardError:
+        except (RewardError, CheckerUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001
             log.warning("reward %s raised %r; reward 0 for this batch", name, exc)
