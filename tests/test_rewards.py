@@ -212,3 +212,15 @@ def test_custom_reward_may_use_answer_checking(tmp_path):
                             "def acc(completions, prompts, **columns):\n    return accuracy_reward(completions, prompts, **columns)\n")
     assert score(load_reward(f"{path}:acc"), ["\\boxed{\\frac{1}{2}}", "\\boxed{2}"], ["p", "p"], {"answer": ["0.5", "3"]}) == [1.0, 0.0]
     assert answers_match("\\frac{3}{6}", "0.5")  # the parent's workers are untouched by the child
+
+
+def test_a_checker_that_cannot_start_is_an_error_not_a_silent_zero(monkeypatch):
+    from openseek import rewards
+
+    monkeypatch.setattr(rewards.sys, "executable", "/bin/false")
+    broken = rewards.AnswerChecker(workers=1)
+    monkeypatch.setattr(rewards, "_checker", broken)
+    monkeypatch.setattr(rewards, "_cache", {})
+    with pytest.raises(rewards.CheckerUnavailable, match="did not start"):
+        score(accuracy_reward, ["\\boxed{\\frac{1}{2}}"], ["q"], {"answer": ["0.5"]})
+    broken.close()
