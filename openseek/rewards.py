@@ -45,24 +45,39 @@ RewardFn = Callable[..., list]
 
 # ---- extraction --------------------------------------------------------------------------------------------
 
-_THINK_BLOCK = re.compile(r"<think>(?:(?!<think>).)*?</think>", re.DOTALL)  # innermost first
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_TAG = re.compile(r"</?think>")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def visible_text(text: str) -> str:
-    """The completion without its thinking. A `</think>` with no `<think>` before it closes a block the prompt
-    template opened, so everything before it was thinking; an unclosed `<think>` thinks to the end."""
-    while True:
-        stripped = _THINK_BLOCK.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
-    if "</think>" in text:  # closers left over: the opening tag was in the prompt (or nesting was broken)
-        text = text[text.rindex("</think>") + len("</think>"):]
-    if "<think>" in text:
-        text = text[: text.index("<think>")]
-    return text
+    """The completion without its thinking. A `</think>` with no open block closes one the prompt template
+    opened, so everything before it was thinking; an unclosed `<think>` thinks to the end. One linear pass."""
+    visible, depth, pos = [], 0, 0
+    for tag in _THINK_TAG.finditer(text):
+        if depth == 0:
+            visible.append(text[pos : tag.start()])
+        pos = tag.end()
+        if tag.group() == "<think>":
+            depth += 1
+        elif depth:
+            depth -= 1
+        else:
+            visible = []
+    if depth == 0:
+        visible.append(text[pos:])
+    return " ".join(visible)
+
+
+def _answer_blocks(text: str) -> list[str] | None:
+    """Contents of the `<answer>…</answer>` blocks; None when a block opens and never closes. One linear pass."""
+    blocks, pos = [], 0
+    while (start := text.find("<answer>", pos)) >= 0:
+        end = text.find("</answer>", start)
+        if end < 0:
+            return None
+        blocks.append(text[start + len("<answer>") : end])
+        pos = end + len("</answer>")
+    return blocks
 
 
 def _boxed_contents(text: str) -> list[str] | None:
@@ -96,7 +111,9 @@ def extract_answer(text: str | None) -> str | None:
     if not text:
         return None
     text = visible_text(text)
-    blocks = _ANSWER_BLOCK.findall(text)
+    blocks = _answer_blocks(text)
+    if blocks is None:  # opened but never closed: the model did not finish committing
+        return None
     if blocks:
         values = []
         for block in blocks:
@@ -105,8 +122,6 @@ def extract_answer(text: str | None) -> str | None:
                 return None
             values.extend(boxes or [block])
         return _same(values)
-    if "<answer>" in text:  # opened but never closed: the model did not finish committing
-        return None
     boxes = _boxed_contents(text)
     if boxes is None:
         return None
@@ -129,7 +144,8 @@ _ALLOWED_COMMANDS = set(
     upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega
     in notin cup cap setminus emptyset varnothing subset subseteq supset supseteq mid nmid angle triangle
     overline bar hat vec widehat tilde binom dbinom tbinom begin end prime cong sim equiv perp parallel
-    to rightarrow Rightarrow lceil rceil lfloor rfloor langle rangle vert lvert rvert not""".split()
+    to rightarrow Rightarrow implies iff lceil rceil lfloor rfloor langle rangle vert lvert rvert not leqslant geqslant
+    ell sum prod int lim partial underline emph textsf""".split()
 )
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
 _HEDGE_WORDS = re.compile(r"\\text\{\s*(?:or|and)\s*\}|\\lor\b|\\vee\b|\bor\b|\band\b|\beither\b|;")
@@ -392,12 +408,9 @@ def format_reward(completions: list[str], prompts: list[str] | None = None, **_)
     for i, completion in enumerate(completions):
         if prompts is not None and prefilled_think(prompts[i]):
             completion = "<think>" + completion
-        match = _R1_FORMAT.fullmatch(completion)
-        ok = (
-            match is not None
-            and all(completion.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
-            and match.group(2).strip() != ""
-        )
+        once = all(completion.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+        match = _R1_FORMAT.fullmatch(completion) if once else None  # counts first: the regex then runs in linear time
+        ok = match is not None and match.group(2).strip() != ""
         rewards.append(float(ok))
     return rewards
 
