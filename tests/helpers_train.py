@@ -8,7 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-WORDS = [f"w{i}" for i in range(40)]
+WORDS = [c + v + e for c in "bdkmt" for v in "aeiou" for e in "nrs"][::2][:30]  # 30 letter-only words
 
 TINY_DEEPSEEK = dict(
     model_type="deepseek_v3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +24,7 @@ TINY_QWEN = dict(
 
 
 def successor_documents(n_docs: int, seed: int = 0, length: tuple[int, int] = (8, 24)) -> list[str]:
-    """Documents walking a fixed random cycle of 40 words: after the first word each next word is determined,
+    """Documents walking a fixed random cycle of 30 words: after the first word each next word is determined,
     so a model that learns the cycle predicts far better than the word frequencies (unigram entropy) allow."""
     rng = random.Random(seed)
     cycle = WORDS[:]
@@ -59,4 +59,22 @@ def unigram_entropy(token_rows) -> float:
 def tiny_tokenizer(docs: list[str]):
     from openseek.tokenizer import train_bpe
 
-    return train_bpe(docs, vocab_size=320)
+    return train_bpe(docs, vocab_size=400)
+
+
+def pretrain_setup(tmp: Path, model_cfg: dict | None = None, seq_len: int = 32, batch_size: int = 4,
+                   n_docs: int = 300, seed: int = 0):
+    """(model, batches, tokenizer, corpus path) for a tiny pretraining run on the successor corpus."""
+    from openseek import data
+    from openseek.train.pretrain import build_model
+
+    docs = successor_documents(n_docs, seed=seed)
+    corpus = write_corpus(tmp / "corpus.jsonl", docs)
+    tokenizer = tiny_tokenizer(docs)
+    model = build_model(dict(model_cfg or TINY_DEEPSEEK), tokenizer, seed)
+    rows = data.PackedRows(data.Records([corpus]), tokenizer, seq_len)
+    return model, data.Batches(rows, batch_size, data.collate_packed), tokenizer, corpus
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -344,6 +344,8 @@ class Trainer:
             return None
         ratios = []
         for layer, load in zip(self.moe, loads):
+            if load.sum() == 0:  # not run this step (an MTP layer without MTP loss)
+                continue
             mean = load.mean()
             ratios.append((load.max() / mean).item())
             if self.cfg.balance_gamma:
