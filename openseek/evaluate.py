@@ -176,7 +176,8 @@ class Sampling:
     template: str = "r1-zero"
 
 
-def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress: bool = True) -> list[list[dict]]:
+def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress: bool = True,
+             desc: str = "eval") -> list[list[dict]]:
     """n completions per prompt text: [{"text", "tokens", "finish_reason"}, ...], in chunks that fill the
     engine's batch, with a progress bar over problems."""
     from tqdm import tqdm
@@ -184,7 +185,7 @@ def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress
     encoded = [tokenizer.encode(p, add_special_tokens=sampling.template != "chat") for p in prompts]
     per_call = max(1, engine.max_batch_size // sampling.n)
     outputs = []
-    with tqdm(total=len(prompts), desc="eval", unit="problem", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="problem", disable=not progress) as bar:
         for start in range(0, len(encoded), per_call):
             batch = engine.generate(
                 encoded[start : start + per_call], max_new_tokens=sampling.max_new_tokens,
@@ -242,7 +243,7 @@ def evaluate(model_or_engine, tokenizer, rows: list[dict], *, task: Task | None 
                              "correct": row["correct"][0]}
     elif greedy:
         greedy_outputs = generate(engine, tokenizer, prompts, Sampling(1, 0.0, 1.0, max_new_tokens, seed, template),
-                                  progress)
+                                  progress, desc="eval (greedy)")
         greedy_texts = [out[0]["text"] for out in greedy_outputs]
         answers = [extract_answer(t) for t in greedy_texts]
         for row, text, answer, ok in zip(results, greedy_texts, answers, checker.is_correct(list(zip(answers, results)))):
