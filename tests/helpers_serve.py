@@ -53,13 +53,13 @@ def _script(tokenizer) -> dict[int, list[int]]:
     return follows
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, context: int = CONTEXT):
     from openseek import Model, ModelConfig
 
     assert tokenizer.vocab_size <= HIDDEN
     cfg = ModelConfig(model_type="llama", vocab_size=HIDDEN, hidden_size=HIDDEN, intermediate_size=32,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=CONTEXT, eos_token_id=[tokenizer.eos_token_id],
+                      max_position_embeddings=context, eos_token_id=[tokenizer.eos_token_id],
                       bos_token_id=tokenizer.bos_token_id)
     model = Model(cfg).eval()
     head = torch.zeros(HIDDEN, HIDDEN)
@@ -76,11 +76,11 @@ def build_model(tokenizer):
     return model
 
 
-def save_model_dir(directory: Path) -> Path:
+def save_model_dir(directory: Path, context: int = CONTEXT) -> Path:
     import openseek
 
     tokenizer = build_tokenizer()
-    openseek.save(build_model(tokenizer), directory)
+    openseek.save(build_model(tokenizer, context), directory)
     tokenizer.save(directory)
     return directory
 
@@ -100,8 +100,10 @@ class LiveServer:
         command = [sys.executable, "-m", "openseek.cli", "serve", "--model", str(model_dir),
                    "--port", str(self.port), "--served-model-name", "tiny", *flags]
         self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")
+        # One intra-op thread: on a busy 2-core machine, torch's spinning worker threads fight the engine and
+        # event-loop threads and a 1 ms decode step can take 50 ms.
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+                                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0):
@@ -140,3 +142,28 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+class InProcessServer:
+    """uvicorn in a thread of this process, for tests that need the app object at hand."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -287,6 +288,12 @@ class Server:
         self.stop_token_ids = sorted(set(_eos_ids(engine, tokenizer)))
         self.metrics = Metrics()
         self.in_flight = 0
+        self.accepting = True
+
+    def close(self) -> None:
+        """Stop taking requests (503 from now on) and stop the engine; running streams end with an error."""
+        self.accepting = False
+        self.engine.close()
 
     # -- building a job --
 
@@ -347,6 +354,8 @@ class Server:
     # -- running a job --
 
     def admit(self, job: Job) -> None:
+        if not self.accepting:
+            raise APIError(503, "the server is shutting down", code="unavailable")
         wanted = len(job.choices)
         if self.in_flight + wanted > self.config.max_sequences:
             raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight, limit "
@@ -371,7 +380,7 @@ class Server:
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopMatcher(job.stops)
         splitter = choice.splitter
-        finish = "length"
+        finish = None
         handle = self.engine.submit(job.prompt_ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
                                     top_p=job.top_p, seed=choice.seed, stop_token_ids=self.stop_token_ids)
         try:
@@ -392,8 +401,9 @@ class Server:
                     finish = "stop"
                     break
             else:
-                if choice.completion_tokens < job.max_tokens:
-                    finish = "stop"  # the engine stopped at an end-of-sequence token it did not pass on
+                if handle.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"generation ended early ({handle.finish_reason}): the server is stopping")
+                finish = handle.finish_reason
             tail = self._piece(choice, stops.flush() if not stops.stopped else "", flush=True)
             if tail is not None:
                 yield tail
@@ -495,7 +505,14 @@ def _page() -> tuple[str, str]:
 
 def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     server = Server(engine, tokenizer, config)
-    app = FastAPI(title="openseek", version="1", docs_url=None, redoc_url=None)  # /docs would pull a CDN script
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(server.close)
+
+    # no /docs or /redoc: those pages load their scripts from a CDN
+    app = FastAPI(title="openseek", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
     page, csp = _page()
     error_responses = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
@@ -536,6 +553,8 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not server.accepting:
+            raise APIError(503, "the server is shutting down", code="unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -660,7 +679,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--served-model-name", help="the name clients pass as `model` (default: directory name)")
     parser.add_argument("--allowed-origins", nargs="*", default=[],
                         help="origins allowed by CORS (default: none, CORS off)")
-    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="longest prompt + answer (default: the model's context, at most 4096)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--max-sequences", type=int, default=64,
                         help="sequences in flight (generating or waiting) before requests get 429")
@@ -686,14 +706,15 @@ def check_bind(host: str, api_key: str | None) -> str | None:
             f"or keep the default --host 127.0.0.1.")
 
 
-def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32):
+def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None):
     """The model, its tokenizer and an Engine on it: what both `serve` and `chat` run on."""
     import openseek
+    from openseek.checkpoint import resolve
     from openseek.tokenizer import Tokenizer
 
     model = openseek.load(model_dir, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_dir(openseek.checkpoint.resolve(model_dir))
-    return openseek.Engine(model, max_batch_size=max_batch_size), tokenizer
+    tokenizer = Tokenizer.from_dir(resolve(model_dir))
+    return openseek.Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len), tokenizer
 
 
 def main(args) -> int:
@@ -703,11 +724,9 @@ def main(args) -> int:
         return 2
     import uvicorn
 
-    engine, tokenizer = load_engine(args.model, args.dtype, args.device, args.max_batch_size)
-    context = engine.model.cfg.max_position_embeddings
+    engine, tokenizer = load_engine(args.model, args.dtype, args.device, args.max_batch_size, args.max_model_len)
     config = ServeConfig(
-        model_name=args.served_model_name or Path(args.model).name,
-        max_model_len=min(args.max_model_len or context, context),
+        model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_n=args.max_n, max_sequences=args.max_sequences,
     )

@@ -1,0 +1,402 @@
+"""`openseek serve` end to end: the official `openai` client, bad inputs, limits, auth, fuzzing and load, all
+against a live server on loopback running a tiny real model whose replies are known in advance (see
+helpers_serve.py): every chat is answered with reasoning REASONING and answer ANSWER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from helpers_serve import ANSWER, CONTEXT, COIN_PROMPT, LOOP_PROMPT, REASONING, LiveServer, save_model_dir
+
+KEY = "test-key-5f1c"
+AUTH = {"authorization": f"Bearer {KEY}"}
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from openseek.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    live = LiveServer(model_dir, "--api-key", KEY, "--max-sequences", "48", "--max-body-bytes", "65536")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metrics(url: str, headers=None) -> dict[str, float]:
+    """/metrics (Prometheus text) as {series: value}."""
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def prompt_tokens(tokenizer, messages) -> int:
+    return len(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+
+
+def reply_tokens(tokenizer) -> tuple[int, int]:
+    """(completion tokens, reasoning tokens) of the scripted reply: reasoning + </think>, answer, EOS."""
+    reasoning = len(tokenizer.encode(REASONING)) + 1
+    return reasoning + len(tokenizer.encode(ANSWER)) + 1, reasoning
+
+
+# ---- the official client ------------------------------------------------------------------------------------
+
+
+def test_chat_splits_reasoning_and_counts_usage(client, tokenizer):
+    response = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0.7)
+    choice = response.choices[0]
+    assert choice.message.content == ANSWER
+    assert choice.message.reasoning_content == REASONING
+    assert choice.finish_reason == "stop"
+    completion, reasoning = reply_tokens(tokenizer)
+    usage = response.usage
+    assert usage.prompt_tokens == prompt_tokens(tokenizer, HELLO)
+    assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) == (completion, reasoning)
+    assert usage.total_tokens == usage.prompt_tokens + completion
+
+
+def test_chat_streams_reasoning_then_answer_with_usage(client, tokenizer):
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)]
+    content = [d.content for d in deltas if d.content]
+    assert "".join(reasoning) == REASONING and "".join(content) == ANSWER
+    assert len(reasoning) > 1 and len(content) > 1  # streamed piece by piece, not in one block
+    kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas if d.content or
+             getattr(d, "reasoning_content", None)]
+    assert kinds == sorted(kinds, reverse=True)  # all reasoning first, then all answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == []  # include_usage: a last chunk with usage and no choices
+    completion, reasoning_tokens = reply_tokens(tokenizer)
+    assert chunks[-1].usage.completion_tokens == completion
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens(tokenizer, HELLO)
+    assert all(c.usage is None for c in chunks[:-1])
+
+    plain = list(client.chat.completions.create(model="tiny", messages=HELLO, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)  # no usage chunk unless asked
+
+
+def test_reasoning_sent_back_is_dropped_from_the_prompt(client, tokenizer):
+    bare = HELLO + [{"role": "assistant", "content": ANSWER}, {"role": "user", "content": "Hi"}]
+    with_reasoning = HELLO + [
+        {"role": "assistant", "content": f"<think>\nsecret musings\n</think>\n\n{ANSWER}",
+         "reasoning_content": "more secret musings"},
+        {"role": "user", "content": "Hi"},
+    ]
+    a = client.chat.completions.create(model="tiny", messages=bare)
+    b = client.chat.completions.create(model="tiny", messages=with_reasoning)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens == prompt_tokens(tokenizer, bare)
+    assert b.choices[0].message.content == ANSWER
+
+
+def test_n_choices_each_complete(client, tokenizer):
+    response = client.chat.completions.create(model="tiny", messages=HELLO, n=3)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.message.content == ANSWER and c.message.reasoning_content == REASONING for c in response.choices)
+    completion, reasoning = reply_tokens(tokenizer)
+    assert response.usage.completion_tokens == 3 * completion
+    assert response.usage.completion_tokens_details.reasoning_tokens == 3 * reasoning
+
+    answers = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(model="tiny", messages=HELLO, n=2, stream=True):
+        for choice in chunk.choices:
+            answers[choice.index] += choice.delta.content or ""
+    assert answers == {0: ANSWER, 1: ANSWER}
+
+
+def test_n_samples_differ_and_a_seed_repeats_them(client):
+    def toss(seed):
+        response = client.completions.create(model="tiny", prompt=COIN_PROMPT, n=8, seed=seed, max_tokens=4)
+        return [c.text for c in response.choices]
+
+    first = toss(seed=1234)
+    assert set(first) == {" heads", " tails"}  # a fair coin, 8 tosses, this seed: both sides come up
+    assert toss(seed=1234) == first
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequences(client, stream):
+    def ask(stop):
+        response = client.chat.completions.create(model="tiny", messages=HELLO, stop=stop, stream=stream)
+        if not stream:
+            message = response.choices[0].message
+            return message.reasoning_content, message.content, response.choices[0].finish_reason
+        reasoning, content, finish = "", "", None
+        for chunk in response:
+            for choice in chunk.choices:
+                reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+                content += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        return reasoning or None, content, finish
+
+    assert ask(" is") == (REASONING, "The answer", "stop")
+    assert ask(["nothing", "swer i"]) == (REASONING, "The an", "stop")  # spans two tokens
+    assert ask("numbers") == ("Summing both ", "", "stop")  # stop strings apply to the reasoning too
+
+
+def test_text_completion_stops_at_max_tokens(client):
+    response = client.completions.create(model="tiny", prompt=LOOP_PROMPT, max_tokens=5)
+    assert response.choices[0].text == " forever" * 5
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 5
+    streamed = "".join(c.choices[0].text for c in
+                       client.completions.create(model="tiny", prompt=LOOP_PROMPT, max_tokens=3, stream=True))
+    assert streamed == " forever" * 3
+
+
+def test_models_and_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    values = metrics(server.url, AUTH)
+    assert values["openseek_generation_tokens_total"] > 0
+    assert values["openseek_reasoning_tokens_total"] > 0
+    assert values['openseek_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
+    assert values["openseek_sequences_in_flight"] == 0
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+
+GOOD = {"model": "tiny", "messages": HELLO, "max_tokens": 32}
+BAD_INPUTS = [
+    # name, path, body (dict = JSON, bytes = raw), extra headers, expected status
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny", "messages": [', {}, 400),
+    ("body is not an object", "/v1/chat/completions", b"[1, 2, 3]", {}, 400),
+    ("not JSON content type", "/v1/chat/completions", json.dumps(GOOD).encode(),
+     {"content-type": "text/plain"}, 400),
+    ("messages wrong type", "/v1/chat/completions", {**GOOD, "messages": "hello"}, {}, 422),
+    ("temperature wrong type", "/v1/chat/completions", {**GOOD, "temperature": "hot"}, {}, 422),
+    ("content wrong type", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": 5}]}, {}, 422),
+    ("unknown role", "/v1/chat/completions", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, {}, 422),
+    ("image content", "/v1/chat/completions", {**GOOD, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, {}, 422),
+    ("empty messages", "/v1/chat/completions", {**GOOD, "messages": []}, {}, 422),
+    ("missing model", "/v1/chat/completions", {"messages": HELLO}, {}, 422),
+    ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, {}, 404),
+    ("max_tokens beyond context", "/v1/chat/completions", {**GOOD, "max_tokens": CONTEXT}, {}, 400),
+    ("prompt beyond context", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "Hello " * CONTEXT}]}, {}, 400),
+    ("negative max_tokens", "/v1/chat/completions", {**GOOD, "max_tokens": -1}, {}, 422),
+    ("zero max_completion_tokens", "/v1/chat/completions", {**GOOD, "max_completion_tokens": 0}, {}, 422),
+    ("negative n", "/v1/chat/completions", {**GOOD, "n": -2}, {}, 422),
+    ("negative temperature", "/v1/chat/completions", {**GOOD, "temperature": -0.5}, {}, 422),
+    ("negative top_p", "/v1/chat/completions", {**GOOD, "top_p": -1}, {}, 422),
+    ("negative seed", "/v1/chat/completions", {**GOOD, "seed": -7}, {}, 422),
+    ("n above the cap", "/v1/chat/completions", {**GOOD, "n": 1000}, {}, 400),
+    ("too many stop strings", "/v1/chat/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, {}, 422),
+    ("empty stop string", "/v1/chat/completions", {**GOOD, "stop": ""}, {}, 422),
+    ("oversized body", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "x" * 100_000}]}, {}, 413),
+    ("empty prompt", "/v1/completions", {"model": "tiny", "prompt": ""}, {}, 422),
+    ("completion max_tokens beyond context", "/v1/completions",
+     {"model": "tiny", "prompt": "Hi", "max_tokens": 10**9}, {}, 400),
+    ("missing API key", "/v1/chat/completions", GOOD, {"authorization": ""}, 401),
+    ("wrong API key", "/v1/chat/completions", GOOD, {"authorization": "Bearer wrong-key"}, 401),
+    ("key of the wrong length", "/v1/models", None, {"authorization": f"Bearer {KEY}x"}, 401),
+    ("unknown route", "/v1/embeddings", GOOD, {}, 404),
+]
+
+
+@pytest.mark.parametrize("name, path, body, headers, status", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_an_error_envelope_and_the_server_stays_healthy(server, name, path, body, headers, status):
+    request_headers = {**AUTH, "content-type": "application/json", **headers}
+    if body is None:
+        response = httpx.get(server.url + path, headers=request_headers)
+    else:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = httpx.post(server.url + path, content=raw, headers=request_headers, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    assert httpx.get(server.url + "/health").status_code == 200
+    good = httpx.post(server.url + "/v1/chat/completions", json=GOOD, headers=AUTH, timeout=30)
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_error_messages_name_the_problem(server):
+    def error(body):
+        return httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30).json()["error"]
+
+    too_long = error({**GOOD, "max_tokens": 5000})
+    assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
+    assert "5000" in too_long["message"] and str(CONTEXT) in too_long["message"]
+    unknown = error({**GOOD, "model": "gpt-4"})
+    assert unknown["code"] == "model_not_found" and "gpt-4" in unknown["message"]
+    assert error({**GOOD, "temperature": 9})["param"] == "temperature"
+
+
+def test_a_body_without_content_length_is_still_capped(server):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1000
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=AUTH)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_the_key_guards_every_route_but_health(server):
+    for path in ("/", "/v1/models", "/metrics", "/openapi.json", "/v1/models/tiny", "/nowhere", "//v1/models"):
+        response = httpx.get(server.url + path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/", auth=("anyone", KEY)).status_code == 200  # a browser's Basic login
+    assert httpx.get(server.url + "/", auth=("anyone", "nope")).headers["www-authenticate"].startswith("Basic")
+
+
+def test_no_cors_unless_allowed(server):
+    response = httpx.options(server.url + "/v1/chat/completions", headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in response.headers
+    response = httpx.get(server.url + "/v1/models", headers={**AUTH, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+# ---- fuzzing and load ---------------------------------------------------------------------------------------
+
+
+def test_schemathesis_finds_no_server_error(server):
+    import hypothesis
+    import hypothesis.errors
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    spec = httpx.get(server.url + "/openapi.json", headers=AUTH).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    settings = hypothesis.settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                                   suppress_health_check=list(hypothesis.HealthCheck),
+                                   phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+    statuses = []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions"}
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings
+            @hypothesis.given(case=operation.as_strategy(mode))
+            def no_server_error(case):
+                response = case.call(base_url=server.url, headers=AUTH, timeout=60)
+                statuses.append(response.status_code)
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+                if response.status_code >= 400:
+                    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+            try:
+                no_server_error()
+            except hypothesis.errors.Unsatisfiable:  # no parameters to get wrong (GET /health, ...)
+                assert mode == GenerationMode.NEGATIVE
+    assert any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_32_concurrent_streaming_clients(server):
+    rounds, clients = 3, 32
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    async def one_client():
+        answers = []
+        for _ in range(rounds):
+            stream = await aclient.chat.completions.create(model="tiny", messages=HELLO, stream=True)
+            text = ""
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+            answers.append(text)
+        return answers
+
+    async def everyone():
+        return await asyncio.gather(*(one_client() for _ in range(clients)))
+
+    async def measured():
+        await everyone()  # warm-up: allocator pools, caches and imports settle
+        before = server.rss_bytes()
+        results = await everyone()
+        return results, before, server.rss_bytes()
+
+    results, before, after = asyncio.run(measured())
+    assert results == [[ANSWER] * rounds] * clients
+    assert after - before < 64 * 2**20, f"server RSS grew {(after - before) / 2**20:.1f} MiB over {rounds * clients} streams"
+    assert metrics(server.url, AUTH)["openseek_sequences_in_flight"] == 0
+
+
+# ---- limits and binding ---------------------------------------------------------------------------------------
+
+
+def test_queue_full_gets_429_and_a_dropped_stream_frees_its_slot(tmp_path):
+    long_context = 4096  # a stream of ~4000 tokens holds the only slot for seconds, not milliseconds
+    live = LiveServer(save_model_dir(tmp_path / "tiny", context=long_context), "--max-sequences", "1",
+                      "--max-batch-size", "1")
+    try:
+        body = {"model": "tiny", "prompt": LOOP_PROMPT, "max_tokens": long_context - 8, "stream": True}
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as long_stream:
+                assert long_stream.status_code == 200
+                lines = long_stream.iter_lines()  # keep a reference: a dropped iterator closes the stream
+                assert next(lines).startswith("data: ")  # it is generating
+                busy = http.post("/v1/chat/completions", json=GOOD)
+                assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+                assert busy.headers["retry-after"] == "1"
+            # the client hung up mid-stream: the server cancels the sequence and frees its slot
+            for _ in range(100):
+                values = metrics(live.url)
+                if values["openseek_sequences_in_flight"] == 0:
+                    break
+                time.sleep(0.1)
+            assert values["openseek_sequences_in_flight"] == 0
+            assert values["openseek_generation_tokens_total"] < long_context // 2  # cancelled, not run to the end
+            ok = http.post("/v1/chat/completions", json=GOOD)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == ANSWER
+            # no key: loopback only, and a page on another name (DNS rebinding) is refused
+            assert http.get("/v1/models", headers={"host": "attacker.example:8000"}).status_code == 400
+    finally:
+        live.stop()
+
+
+def test_refuses_to_listen_beyond_loopback_without_a_key(model_dir):
+    result = subprocess.run([sys.executable, "-m", "openseek.cli", "serve", "--model", str(model_dir),
+                             "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, env=_no_key_env())
+    assert result.returncode != 0
+    assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
+
+
+def _no_key_env():
+    return {k: v for k, v in os.environ.items() if k != "OPENSEEK_API_KEY"}
+
+
+def test_terminal_chat(model_dir):
+    result = subprocess.run([sys.executable, "-m", "openseek.cli", "chat", "--model", str(model_dir)],
+                            input="Hello\n/reset\nHello again\n/exit\n", capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(REASONING) == 2 and result.stdout.count(ANSWER) == 2
+    assert result.stdout.index(REASONING) < result.stdout.index(ANSWER)
