@@ -91,19 +91,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
-    """`openseek serve` in a subprocess on a free loopback port (the same command a user runs)."""
+# Loaded into the server process: Python's audit hooks see every socket it opens towards anything.
+NETWORK_AUDIT = """
+import sys
+_log = open({path!r}, "a", buffering=1)
+_log.write("audit on\\n")
 
-    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None):
+def _audit(event, args):
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        _log.write(f"{{event}} {{args[1]!r}}\\n")
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname"):
+        _log.write(f"{{event}} {{args[0]!r}}\\n")
+
+sys.addaudithook(_audit)
+"""
+
+
+class LiveServer:
+    """`openseek serve` in a subprocess on a free loopback port (the same command a user runs).
+
+    With `audit_network`, the process logs every outbound socket operation to `self.network_log`.
+    """
+
+    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None, audit_network: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "openseek.cli", "serve", "--model", str(model_dir),
                    "--port", str(self.port), "--served-model-name", "tiny", *flags]
         self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")
+        env = dict(env or {})
+        self.network_log = None
+        if audit_network:
+            site = model_dir.parent / f"audit-{self.port}"
+            site.mkdir()
+            self.network_log = site / "network.log"
+            (site / "sitecustomize.py").write_text(NETWORK_AUDIT.format(path=str(self.network_log)))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
         # One intra-op thread: on a busy 2-core machine, torch's spinning worker threads fight the engine and
         # event-loop threads and a 1 ms decode step can take 50 ms.
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                                        env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0):

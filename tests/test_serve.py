@@ -37,7 +37,8 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    live = LiveServer(model_dir, "--api-key", KEY, "--max-sequences", "48", "--max-body-bytes", "65536")
+    live = LiveServer(model_dir, "--api-key", KEY, "--max-sequences", "48", "--max-body-bytes", "65536",
+                      audit_network=True)
     yield live
     live.stop()
 
@@ -400,3 +401,54 @@ def test_terminal_chat(model_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(REASONING) == 2 and result.stdout.count(ANSWER) == 2
     assert result.stdout.index(REASONING) < result.stdout.index(ANSWER)
+
+
+# ---- in-process: shutdown and CORS ----------------------------------------------------------------------------
+
+
+def in_process_app(model_dir, **config):
+    import openseek
+    from openseek.serve.app import ServeConfig, create_app, load_engine
+
+    engine, tokenizer = load_engine(str(model_dir), max_batch_size=2)
+    app = create_app(engine, tokenizer, ServeConfig(model_name="tiny", max_model_len=engine.max_seq_len, **config))
+    assert isinstance(engine, openseek.Engine)
+    return app
+
+
+def test_after_shutdown_requests_get_503(model_dir):
+    from starlette.testclient import TestClient
+
+    app = in_process_app(model_dir)
+    http = TestClient(app.state.asgi, base_url="http://127.0.0.1")
+    assert http.post("/v1/chat/completions", json=GOOD).json()["choices"][0]["message"]["content"] == ANSWER
+    app.state.server.close()  # what the server does when it is asked to stop
+    for response in (http.post("/v1/chat/completions", json=GOOD), http.get("/health")):
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_cors_only_for_the_allowed_origins(model_dir):
+    from starlette.testclient import TestClient
+
+    app = in_process_app(model_dir, allowed_origins=["http://localhost:3000"])
+    http = TestClient(app.state.asgi, base_url="http://127.0.0.1")
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "content-type"}
+    allowed = http.options("/v1/chat/completions", headers={"origin": "http://localhost:3000", **preflight})
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    other = http.options("/v1/chat/completions", headers={"origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    response = http.get("/v1/models", headers={"origin": "http://localhost:3000"})
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    app.state.server.close()
+
+
+def test_the_server_never_opened_a_connection_to_anywhere(server, client):
+    """Runs last in this file: the audit log covers start-up and every test above against this server."""
+    assert client.chat.completions.create(model="tiny", messages=HELLO).choices[0].message.content == ANSWER
+    assert server.network_log.read_text().splitlines() == ["audit on"]  # not one connect, send or DNS lookup
+    # control: the same audit in another process does see a connection
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {server.port})).close()"
+    subprocess.run([sys.executable, "-c", probe], check=True,
+                   env={**os.environ, "PYTHONPATH": str(server.network_log.parent)})
+    assert f"socket.connect ('127.0.0.1', {server.port})" in server.network_log.read_text()

@@ -1,7 +1,8 @@
 """`openseek serve`: a private, OpenAI-compatible server for reasoning models, with a chat page at `/`.
 
 Private by default: it listens on 127.0.0.1 and refuses any other address without an API key; the key is
-checked in constant time on every route but /health; it makes no outbound connection; CORS is off unless
+checked in constant time on every route but /health; it makes no outbound connection (a `--model` given as a
+hub id is downloaded at startup, before serving; a local directory needs no network at all); CORS is off unless
 --allowed-origins is given; body size, message count, `n`, `max_tokens` and the number of sequences in flight
 are capped. Every error is an OpenAI error envelope. All requests share the one Engine (continuous batching).
 """
@@ -712,8 +713,9 @@ def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 
     from openseek.checkpoint import resolve
     from openseek.tokenizer import Tokenizer
 
-    model = openseek.load(model_dir, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_dir(resolve(model_dir))
+    directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
+    model = openseek.load(directory, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(directory)
     return openseek.Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len), tokenizer
 
 
