@@ -183,8 +183,10 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
             mesh = init_device_mesh(self.device.type, (self.world_size,))
-            for block in [*model.layers, *model.mtp]:
+            for block in model.layers:
                 fully_shard(block, mesh=mesh)
+            # MTP layers use their norms and projection outside their own forward, so they stay in the root
+            # unit, which is gathered for forward and for mtp_logits alike.
             fully_shard(model, mesh=mesh)
             register_fsdp_forward_method(model, "mtp_logits")
             return model
@@ -222,6 +224,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
+            for partial in (self.run_dir / CHECKPOINTS).glob(".tmp-*"):  # saves cut short by a killed run
+                shutil.rmtree(partial)
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and cfg.progress))
