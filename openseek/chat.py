@@ -64,11 +64,11 @@ async def _session(server: Server, args) -> int:
                                         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
         try:
             job = server.chat_job(request)
-        except APIError as e:
+            server.start(job)
+        except APIError as e:  # e.g. the conversation outgrew the context: say so, forget the question
             print(f"error: {e.message}", file=sys.stderr, flush=True)
             history.pop()
             continue
-        server.admit(job)
         answer, thinking = [], False
         async for piece in server.run(job):
             if piece.reasoning:

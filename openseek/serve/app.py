@@ -255,6 +255,7 @@ class Choice:
     index: int
     seed: int | None
     splitter: ReasoningSplitter | None  # None: a text completion, no reasoning split
+    handle: object = None  # the engine's request, once started
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     reasoning: list[str] = field(default_factory=list)
@@ -274,6 +275,7 @@ class Job:
     choices: list[Choice]
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    released: bool = False
 
     def usage(self) -> Usage:
         completion = sum(c.completion_tokens for c in self.choices)
@@ -354,7 +356,8 @@ class Server:
 
     # -- running a job --
 
-    def admit(self, job: Job) -> None:
+    def start(self, job: Job) -> None:
+        """Admit a job and hand its sequences to the engine, or say why not (429 full, 503 stopping, 400)."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="unavailable")
         wanted = len(job.choices)
@@ -362,56 +365,72 @@ class Server:
             raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight, limit "
                                 f"{self.config.max_sequences}; retry shortly", code="queue_full")
         self.in_flight += wanted
+        try:
+            for choice in job.choices:
+                choice.handle = self.engine.submit(
+                    job.prompt_ids, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                    seed=choice.seed, stop_token_ids=self.stop_token_ids)
+        except ValueError as e:  # the engine names what it cannot take (e.g. a token outside the model's vocabulary)
+            self.release(job)
+            raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine is closed
+            self.release(job)
+            raise APIError(503, f"the engine is not running: {e}", code="unavailable") from None
+        self.metrics.prompt_tokens += len(job.prompt_ids)
+
+    def release(self, job: Job) -> None:
+        """Cancel what is left of a job and give back its slots; safe to call more than once."""
+        if job.released:
+            return
+        job.released = True
+        self.in_flight -= len(job.choices)
+        for choice in job.choices:
+            if choice.handle is not None:
+                choice.handle.cancel()
+        usage = job.usage()
+        self.metrics.completion_tokens += usage.completion_tokens
+        self.metrics.reasoning_tokens += usage.completion_tokens_details.reasoning_tokens
+        self.metrics.request_seconds[0] += time.perf_counter() - job.started
+        self.metrics.request_seconds[1] += 1
 
     async def run(self, job: Job) -> AsyncIterator[Piece]:
-        """All choices of an admitted job, interleaved as they are generated."""
+        """All choices of a started job, interleaved as they are generated."""
         try:
-            self.metrics.prompt_tokens += len(job.prompt_ids)
             async for piece in _merge([self._run_choice(job, choice) for choice in job.choices]):
                 yield piece
         finally:
-            self.in_flight -= len(job.choices)
-            usage = job.usage()
-            self.metrics.completion_tokens += usage.completion_tokens
-            self.metrics.reasoning_tokens += usage.completion_tokens_details.reasoning_tokens
-            self.metrics.request_seconds[0] += time.perf_counter() - job.started
-            self.metrics.request_seconds[1] += 1
+            self.release(job)
 
     async def _run_choice(self, job: Job, choice: Choice) -> AsyncIterator[Piece]:
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopMatcher(job.stops)
-        splitter = choice.splitter
         finish = None
-        handle = self.engine.submit(job.prompt_ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                                    top_p=job.top_p, seed=choice.seed, stop_token_ids=self.stop_token_ids)
-        try:
-            async for token in handle:
-                if job.first_token is None:
-                    job.first_token = time.perf_counter()
-                    self.metrics.first_token_seconds[0] += job.first_token - job.started
-                    self.metrics.first_token_seconds[1] += 1
-                choice.completion_tokens += 1
-                if token in self.stop_token_ids:
-                    finish = "stop"
-                    break
-                text = stops.feed(decoder.add(token))
-                piece = self._piece(choice, text)
-                if piece is not None:
-                    yield piece
-                if stops.stopped:
-                    finish = "stop"
-                    break
-            else:
-                if handle.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"generation ended early ({handle.finish_reason}): the server is stopping")
-                finish = handle.finish_reason
-            tail = self._piece(choice, stops.flush() if not stops.stopped else "", flush=True)
-            if tail is not None:
-                yield tail
-            choice.finish_reason = finish
-            yield Piece(choice.index, finish_reason=finish)
-        finally:
-            handle.cancel()
+        handle = choice.handle
+        async for token in handle:
+            if job.first_token is None:
+                job.first_token = time.perf_counter()
+                self.metrics.first_token_seconds[0] += job.first_token - job.started
+                self.metrics.first_token_seconds[1] += 1
+            choice.completion_tokens += 1
+            if token in self.stop_token_ids:
+                finish = "stop"
+                break
+            text = stops.feed(decoder.add(token))
+            piece = self._piece(choice, text)
+            if piece is not None:
+                yield piece
+            if stops.stopped:
+                finish = "stop"
+                break
+        else:
+            if handle.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"generation ended early ({handle.finish_reason}): the server is stopping")
+            finish = handle.finish_reason
+        tail = self._piece(choice, stops.flush() if not stops.stopped else "", flush=True)
+        if tail is not None:
+            yield tail
+        choice.finish_reason = finish
+        yield Piece(choice.index, finish_reason=finish)
 
     def _piece(self, choice: Choice, text: str, flush: bool = False) -> Piece | None:
         splitter = choice.splitter
@@ -579,19 +598,19 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=error_responses)
     async def chat_completions(request: ChatCompletionRequest):
         job = server.chat_job(request)
-        server.admit(job)
+        server.start(job)
         if request.stream:
             usage = request.stream_options is not None and request.stream_options.include_usage
-            return _stream(_chat_events(server, job, config.model_name, usage))
+            return JobStream(_chat_events(server, job, config.model_name, usage), lambda: server.release(job))
         return await _chat_response(server, job, config.model_name)
 
     @app.post("/v1/completions", response_model=TextCompletion, responses=error_responses)
     async def completions(request: CompletionRequest):
         job = server.completion_job(request)
-        server.admit(job)
+        server.start(job)
         if request.stream:
             usage = request.stream_options is not None and request.stream_options.include_usage
-            return _stream(_text_events(server, job, config.model_name, usage))
+            return JobStream(_text_events(server, job, config.model_name, usage), lambda: server.release(job))
         return await _text_response(server, job, config.model_name)
 
     wrapped = Gate(app, config, server.metrics)
@@ -629,9 +648,20 @@ async def _text_response(server: Server, job: Job, model: str) -> TextCompletion
     return TextCompletion(id=new_id("cmpl"), created=now(), model=model, choices=choices, usage=job.usage())
 
 
-def _stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+class JobStream(StreamingResponse):
+    """Server-sent events of one job. However the response ends (done, client gone before the first byte,
+    cancelled), `on_close` runs, so the engine stops its sequences and the job's slots come back."""
+
+    def __init__(self, events: AsyncIterator[str], on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def _chat_events(server: Server, job: Job, model: str, include_usage: bool) -> AsyncIterator[str]:
