@@ -214,6 +214,7 @@ BAD_INPUTS = [
     ("negative top_p", "/v1/chat/completions", {**GOOD, "top_p": -1}, {}, 422),
     ("negative seed", "/v1/chat/completions", {**GOOD, "seed": -7}, {}, 422),
     ("n above the cap", "/v1/chat/completions", {**GOOD, "n": 1000}, {}, 400),
+    ("too many messages", "/v1/chat/completions", {**GOOD, "messages": HELLO * 300}, {}, 400),
     ("too many stop strings", "/v1/chat/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, {}, 422),
     ("empty stop string", "/v1/chat/completions", {**GOOD, "stop": ""}, {}, 422),
     ("oversized body", "/v1/chat/completions",
@@ -225,6 +226,7 @@ BAD_INPUTS = [
     ("wrong API key", "/v1/chat/completions", GOOD, {"authorization": "Bearer wrong-key"}, 401),
     ("key of the wrong length", "/v1/models", None, {"authorization": f"Bearer {KEY}x"}, 401),
     ("unknown route", "/v1/embeddings", GOOD, {}, 404),
+    ("wrong method", "/v1/models", GOOD, {}, 405),
 ]
 
 

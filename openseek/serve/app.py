@@ -719,13 +719,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def check_bind(host: str, api_key: str | None) -> str | None:
@@ -754,9 +748,11 @@ def main(args) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    import torch
     import uvicorn
 
-    engine, tokenizer = load_engine(args.model, args.dtype, args.device, args.max_batch_size, args.max_model_len)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine, tokenizer = load_engine(args.model, args.dtype, device, args.max_batch_size, args.max_model_len)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,
