@@ -27,10 +27,12 @@ def chromium() -> Path:
             pytest.skip("needs Debian's chromium at /usr/bin/chromium: run `apt-get install -y chromium` as root")
         install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
-    assert CHROMIUM.exists()
+        result = subprocess.run(install, env=env, capture_output=True, text=True)
+        if result.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+            result = subprocess.run(install, env=env, capture_output=True, text=True)
+        if result.returncode != 0 or not CHROMIUM.exists():
+            pytest.fail(f"`{' '.join(install)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return CHROMIUM
 
 
