@@ -27,11 +27,12 @@ CONTEXT = 256
 MARGIN = 2.0  # lm_head entry; the logit is MARGIN * sqrt(HIDDEN) ≈ 39 for the scripted successor, 0 for others
 
 
-def build_tokenizer():
+def build_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE with R1's special tokens; the R1 chat template (which prefills `<think>`) by default."""
     from openseek.tokenizer import train_bpe
 
     corpus = [f"{REASONING}</think>{ANSWER} {LOOP_PROMPT} {COIN_PROMPT} heads tails Hello hi"] * 50
-    return train_bpe(corpus, vocab_size=360)
+    return train_bpe(corpus, vocab_size=360, chat_template=chat_template)
 
 
 def _script(tokenizer) -> dict[int, list[int]]:
@@ -39,7 +40,10 @@ def _script(tokenizer) -> dict[int, list[int]]:
     newline = tokenizer.encode("\n")
     assert len(newline) == 1
     reply = tokenizer.encode(f"{REASONING}</think>{ANSWER}") + [tokenizer.eos_token_id]
-    chain = newline + reply  # the R1 template ends the prompt with "<think>\n"
+    opening = [tokenizer.token_to_id(t) for t in ("<｜Assistant｜>", "<think>")]
+    # The R1 template ends the prompt with "<think>\n"; after a template that stops at <｜Assistant｜>, the
+    # model writes "<think>\n" itself. Either way the same reply follows.
+    chain = opening + newline + reply
     assert len(set(chain)) == len(chain), f"the scripted reply repeats a token: {chain}"
     follows = {a: [b] for a, b in zip(chain, chain[1:])}
     forever = tokenizer.encode(LOOP_PROMPT)[-1]
@@ -76,10 +80,10 @@ def build_model(tokenizer, context: int = CONTEXT):
     return model
 
 
-def save_model_dir(directory: Path, context: int = CONTEXT) -> Path:
+def save_model_dir(directory: Path, context: int = CONTEXT, chat_template: str | None = None) -> Path:
     import openseek
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(chat_template)
     openseek.save(build_model(tokenizer, context), directory)
     tokenizer.save(directory)
     return directory

@@ -430,6 +430,26 @@ def test_after_shutdown_requests_get_503(model_dir):
         assert response.json()["error"]["type"] == "service_unavailable_error"
 
 
+def test_reasoning_split_when_the_model_opens_think_itself(tmp_path, tokenizer):
+    """A template that does not prefill <think>: the model writes "<think>\n" and the split is the same."""
+    from starlette.testclient import TestClient
+
+    from openseek.tokenizer import R1_CHAT_TEMPLATE
+
+    plain = R1_CHAT_TEMPLATE.replace("'<｜Assistant｜><think>\\n'", "'<｜Assistant｜>'")
+    assert plain != R1_CHAT_TEMPLATE
+    app = in_process_app(save_model_dir(tmp_path / "tiny", chat_template=plain))
+    http = TestClient(app.state.asgi, base_url="http://127.0.0.1")
+    response = http.post("/v1/chat/completions", json=GOOD).json()
+    assert response["choices"][0]["message"] == {"role": "assistant", "content": ANSWER,
+                                                 "reasoning_content": REASONING}
+    completion, reasoning = reply_tokens(tokenizer)
+    usage = response["usage"]  # two more tokens than with the prefilled template: "<think>" and "\n"
+    assert (usage["completion_tokens"], usage["completion_tokens_details"]["reasoning_tokens"]) == \
+        (completion + 2, reasoning + 2)
+    app.state.server.close()
+
+
 def test_cors_only_for_the_allowed_origins(model_dir):
     from starlette.testclient import TestClient
 
