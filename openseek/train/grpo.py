@@ -527,6 +527,7 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
           weights: list[float] | None = None, accuracy_fn=None) -> dict:
     """Run GRPO with the shared Trainer: this module's objective, rollouts from the Engine on `model` itself.
     Returns the trainer's report; `run_dir` gets metrics.jsonl, checkpoints, report.md and the reward plots."""
+    model.mtp.requires_grad_(False)  # GRPO never trains the MTP module; frozen, it stays out of the optimizer
     ref_model = None
     if grpo.beta != 0:  # the frozen reference: the starting weights (a resumed run keeps the original reference)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
