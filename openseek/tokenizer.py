@@ -210,12 +210,13 @@ class Tokenizer:
 
 
 def train_bpe(texts_or_files: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              chat_template: str | None = None) -> Tokenizer:
+              chat_template: str | None = None, split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE (every byte is in the alphabet, so nothing is ever unknown).
 
     `texts_or_files` holds strings or paths of local text files. The special tokens default to R1's
     (BOS, EOS, User, Assistant); `<think>` and `</think>` are always added as ordinary added tokens so they are
-    single ids yet survive `decode(skip_special_tokens=True)`.
+    single ids yet survive `decode(skip_special_tokens=True)`. `split_digits` keeps every digit its own token
+    (no merges like "12"), which small models need to learn arithmetic column by column.
     """
     special_tokens = list(special_tokens or [BOS, EOS, USER, ASSISTANT])
     items = list(texts_or_files)
@@ -223,6 +224,10 @@ def train_bpe(texts_or_files: Iterable[str], vocab_size: int, special_tokens: li
     texts = [t for t in items if str(t) not in files]
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
