@@ -1,37 +1,321 @@
-"""`openseek demo`: until the R1-Zero pipeline lands, build a tiny DeepSeek-style model (MLA + MoE + MTP),
-save it in HF format, load it back and generate greedily — the package's end-to-end path today."""
+"""`openseek demo`: R1-Zero in miniature on a laptop CPU.
+
+1. data: worked solutions of 3-digit additions written as `<think> column steps </think><answer> x </answer>`,
+   and a digit-splitting BPE tokenizer trained on them. The corpus is deliberately of mixed quality, as web text
+   is: most solutions forget the carries (`7+9=16` where `7+9+1=17` was due) and only `--correct-fraction` are
+   right. Held-out problems come from the task's test split, never seen in pretraining or RL.
+2. pretrain a tiny DeepSeek-V3-style model (MLA, MoE with a shared expert and auxiliary-loss-free balancing, MTP).
+   It learns the method and both habits; greedy decoding follows the majority habit, so it is mostly wrong.
+3. measure it on the held-out problems: greedy accuracy, and pass@k of samples (the correct habit is in there).
+4. GRPO with R1's rule-based rewards (accuracy + format) reinforces whatever reaches the right answer.
+5. measure again, with held-out accuracy tracked between RL rounds.
+6. write report.md/report.json with plots, and the final model (HF format + tokenizer) in `<run>/model`.
+
+Every stage leaves its result in the run directory; run the demo again (after Ctrl-C, say) and finished stages
+are reused, an interrupted training stage resumes from its last checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import shutil
+import time
 from pathlib import Path
 
 import torch
 
 import openseek
+from openseek import report as reporting
+from openseek.evaluate import evaluate
+from openseek.rewards import format_reward
+from openseek.tasks import get_task
+from openseek.tokenizer import BOS, Tokenizer, train_bpe
+from openseek.train.trainer import TrainConfig, Trainer, list_checkpoints
+
+SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shared, first layer dense, one MTP depth
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, moe_intermediate_size=32),
+    "small": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, moe_intermediate_size=48),
+}
+
+
+def model_config(size: str, tokenizer: Tokenizer) -> dict:
+    return dict(
+        SIZES[size], model_type="deepseek_v3", vocab_size=tokenizer.vocab_size, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, rope_theta=10000.0,
+    )
+
+
+def careless_solution(row: dict) -> str:
+    """The same column method with every carry forgotten: 478 + 395 → `8+5=13 , 7+9=16 , 4+3=7` → 763."""
+    width = max(len(str(row["a"])), len(str(row["b"])))
+    columns = list(zip(str(row["a"]).zfill(width)[::-1], str(row["b"]).zfill(width)[::-1]))
+    sums = [int(x) + int(y) for x, y in columns]
+    steps = [f"{x}+{y}={s}" for (x, y), s in zip(columns, sums)]
+    answer = str(sums[-1]) + "".join(str(s % 10) for s in reversed(sums[:-1]))
+    return f"<think> {' , '.join(steps)} </think><answer> {int(answer)} </answer>"
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.run = Path(args.run_dir)
+        self.task = get_task("arithmetic:digits=3,ops=+")
+        self.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.timings_path = self.run / "stages.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
+
+    def stage(self, name: str, done: bool, work):
+        """Run a stage unless its result is already in the run directory; record its wall time."""
+        if done:
+            print(f"[{name}] already done in {self.run} — reused")
+            return
+        print(f"[{name}]")
+        started = time.perf_counter()
+        work()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+        self.timings_path.write_text(json.dumps(self.timings, indent=2) + "\n")
+
+    # ---- 1. data and tokenizer ----
+
+    def make_data(self) -> None:
+        a = self.args
+        rows = self.task.generate(a.corpus_size, seed=a.seed, split="train")
+        rng = random.Random(a.seed)
+        docs = [
+            {"text": BOS + row["prompt"] + (self.task.solution(row) if rng.random() < a.correct_fraction
+                                           else careless_solution(row))}
+            for row in rows
+        ]
+        data = self.run / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        with open(data / "corpus.jsonl.tmp", "w") as f:
+            f.writelines(json.dumps(d) + "\n" for d in docs)
+        tokenizer = train_bpe([d["text"] for d in docs[:5000]], vocab_size=320, split_digits=True)
+        tokenizer.save(self.run / "tokenizer")
+        (data / "corpus.jsonl.tmp").rename(data / "corpus.jsonl")
+
+    # ---- 2. pretraining ----
+
+    def pretrain(self) -> None:
+        from openseek import data
+        from openseek.train.pretrain import NextTokenLoss, build_model
+
+        a = self.args
+        tokenizer = Tokenizer.from_dir(self.run / "tokenizer")
+        model = build_model(model_config(a.size, tokenizer), tokenizer, seed=a.seed)
+        rows = data.PackedRows(data.Records([self.run / "data" / "corpus.jsonl"]), tokenizer, seq_len=128)
+        cfg = TrainConfig(
+            run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=3e-3, warmup_steps=30, weight_decay=0.0,
+            balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
+            device=self.device, log_every=5,
+        )
+        batches = data.Batches(rows, a.batch_size, data.collate_packed)
+        Trainer(model, cfg, NextTokenLoss(mtp_weight=0.3), batches, tokenizer).train()
+
+    # ---- 3 and 5. evaluation ----
+
+    def heldout(self) -> list[dict]:
+        return self.task.generate(self.args.heldout, seed=self.args.seed, split="test")
+
+    def evaluate(self, model_dir: Path, out: Path, n: int) -> dict:
+        model = openseek.load(model_dir, device=self.device)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        result = evaluate(model, tokenizer, self.heldout(), task=self.task, n=n, ks=[1, n] if n > 1 else [1],
+                          temperature=1.0 if n > 1 else 0.0, max_new_tokens=self.args.max_new_tokens,
+                          template="plain", seed=self.args.seed, greedy=n > 1)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+        with open(out / "results.jsonl", "w") as f:
+            f.writelines(json.dumps({k: r[k] for k in ("prompt", "answer", "completions", "correct")}) + "\n"
+                         for r in result.rows)
+        print(result.markdown())
+        return result.summary
+
+    # ---- 4. GRPO, in rounds with a held-out check between them ----
+
+    def grpo(self) -> None:
+        from openseek.train.grpo import GRPOConfig, train
+
+        a = self.args
+        grpo_dir = self.run / "grpo"
+        curve_path = self.run / "rl_curve.json"
+        curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+        rounds = max(1, a.grpo_rounds)
+        per_round = -(-a.grpo_steps // rounds)
+        rows = self.task.generate(a.grpo_prompts, seed=a.seed + 1, split="train")
+        for r in range(1, rounds + 1):
+            target = min(a.grpo_steps, r * per_round)
+            if any(point["step"] >= target for point in curve):
+                continue
+            done = list_checkpoints(grpo_dir)
+            start = done[-1] if done else list_checkpoints(self.run / "pretrain")[-1]
+            model = openseek.load(start, dtype=torch.float32)
+            tokenizer = Tokenizer.from_dir(start)
+            grpo_cfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step,
+                                  max_new_tokens=a.max_new_tokens, temperature=1.0, beta=0.0, loss_type="dr_grpo",
+                                  advantage="mean", template="plain")
+            train_cfg = TrainConfig(run_dir=str(grpo_dir), steps=target, lr=a.grpo_lr, schedule="constant",
+                                    weight_decay=0.0, checkpoint_every=per_round, keep_checkpoints=1, resume=True,
+                                    seed=a.seed, device=self.device)
+            train(model, tokenizer, rows, [self.task.reward, format_reward], grpo_cfg, train_cfg,
+                  weights=[1.0, 0.1], accuracy_fn=self.task.reward)
+            checkpoint = list_checkpoints(grpo_dir)[-1]
+            summary = self.evaluate(checkpoint, self.run / "eval_rl_rounds" / checkpoint.name, n=1)
+            curve.append({"step": target, "greedy_accuracy": summary["metrics"]["greedy_accuracy"]})
+            curve_path.write_text(json.dumps(curve, indent=2) + "\n")
+
+    def grpo_done(self) -> bool:
+        curve = self.run / "rl_curve.json"
+        return curve.is_file() and max(p["step"] for p in json.loads(curve.read_text())) >= self.args.grpo_steps
+
+    def final_model(self) -> None:
+        checkpoint = list_checkpoints(self.run / "grpo")[-1]
+        tmp = self.run / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "rng.pt", "trainer_state.json"))
+        tmp.rename(self.run / "model")
+
+    # ---- 6. report ----
+
+    def write_report(self) -> dict:
+        a = self.args
+        base = json.loads((self.run / "eval_base" / "summary.json").read_text())["metrics"]
+        final = json.loads((self.run / "eval_rl" / "summary.json").read_text())["metrics"]
+        pre = json.loads((self.run / "pretrain" / "report.json").read_text())
+        rl = json.loads((self.run / "grpo" / "report.json").read_text())
+        wall = sum(self.timings.values())
+        total_flops = pre["total_flops"] + rl["total_flops"]
+        device_hours = wall / 3600
+        k = a.samples
+        report = {
+            "task": self.task.name, "heldout_size": a.heldout, "size": a.size, "seed": a.seed,
+            "parameters": pre["parameters"], "active_parameters": pre["active_parameters"],
+            "base_accuracy": base["greedy_accuracy"], "rl_accuracy": final["greedy_accuracy"],
+            "gain_points": 100 * (final["greedy_accuracy"] - base["greedy_accuracy"]),
+            "base_pass@1_sampled": base["pass@1"], f"base_pass@{k}": base.get(f"pass@{k}"),
+            "rl_pass@1_sampled": final["pass@1"], f"rl_pass@{k}": final.get(f"pass@{k}"),
+            "pretrain_steps": pre["steps"], "grpo_steps": rl["steps"], "wall_seconds": wall,
+            "stage_seconds": self.timings, "total_flops": total_flops, "device": self.device,
+            "device_hours": device_hours, "price_per_device_hour": a.price_per_device_hour,
+            "estimated_cost": device_hours * a.price_per_device_hour,
+        }
+        report["plots"] = self.plot()
+        (self.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        lines = [
+            "# openseek demo: R1-Zero in miniature", "",
+            f"Task: 3-digit addition ({a.heldout} held-out problems, never seen in pretraining or RL). Model: a "
+            f"{report['parameters']:,}-parameter DeepSeek-V3-style model (MLA, MoE 8+1 experts, MTP), pretrained "
+            f"for {pre['steps']} steps on a corpus where {a.correct_fraction:.0%} of worked solutions carry "
+            f"correctly, then {rl['steps']} GRPO steps with R1's accuracy + format rewards.", "",
+            "| | base (pretrained) | after GRPO |", "|---|---|---|",
+            f"| greedy accuracy | {base['greedy_accuracy']:.1%} | {final['greedy_accuracy']:.1%} |",
+            f"| pass@1 (mean of {k} samples, T=1) | {base['pass@1']:.1%} | {final['pass@1']:.1%} |",
+            f"| pass@{k} | {base.get(f'pass@{k}', 0):.1%} | {final.get(f'pass@{k}', 0):.1%} |", "",
+            f"Gain: **{report['gain_points']:+.1f} points** of greedy held-out accuracy.", "",
+            "| cost | |", "|---|---|",
+            f"| wall time (whole pipeline) | {wall:.0f} s ({', '.join(f'{n} {s:.0f} s' for n, s in self.timings.items())}) |",
+            f"| total training FLOPs | {total_flops:.3g} |",
+            f"| device-hours ({self.device}) | {device_hours:.4f} |",
+            f"| estimated cost | {report['estimated_cost']:.4f} at {a.price_per_device_hour} per device-hour |", "",
+            "![demo](demo.png)", "",
+            f"The model: `{self.run / 'model'}` — try `openseek chat --model {self.run / 'model'}`, "
+            f"`openseek serve --model {self.run / 'model'}` or `openseek eval --model {self.run / 'model'} --task "
+            f"arithmetic`.", "",
+        ]
+        (self.run / "report.md").write_text("\n".join(lines))
+        return report
+
+    def plot(self) -> list[str]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pre = reporting.read_metrics(self.run / "pretrain" / "metrics.jsonl")
+        rl = reporting.read_metrics(self.run / "grpo" / "metrics.jsonl")
+        curve = json.loads((self.run / "rl_curve.json").read_text())
+        base = json.loads((self.run / "eval_base" / "summary.json").read_text())["metrics"]["greedy_accuracy"]
+        fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
+        ax[0].plot([m["step"] for m in pre], [m["loss"] for m in pre])
+        ax[0].set(title="pretraining loss", xlabel="step", yscale="log")
+        ax[1].plot([m["step"] for m in rl], [m.get("reward") for m in rl], label="reward")
+        ax[1].plot([m["step"] for m in rl], [m.get("accuracy") for m in rl], label="train accuracy (samples)")
+        ax[1].set(title="GRPO reward", xlabel="step")
+        ax[1].legend()
+        ax[2].plot([0] + [p["step"] for p in curve], [base] + [p["greedy_accuracy"] for p in curve], marker="o")
+        ax[2].set(title="held-out greedy accuracy", xlabel="GRPO step", ylim=(0, 1))
+        ax[3].plot([m["step"] for m in rl], [m.get("completion_length/mean") for m in rl])
+        ax[3].set(title="completion length (tokens)", xlabel="GRPO step")
+        fig.tight_layout()
+        fig.savefig(self.run / "demo.png", dpi=90)
+        plt.close(fig)
+        return ["demo.png"]
+
+    def run_all(self) -> dict:
+        run = self.run
+        run.mkdir(parents=True, exist_ok=True)
+        n = self.args.samples
+        self.stage("data", (run / "data" / "corpus.jsonl").is_file() and (run / "tokenizer").is_dir(), self.make_data)
+        self.stage("pretrain", _completed(run / "pretrain"), self.pretrain)
+        self.stage("eval base", (run / "eval_base" / "summary.json").is_file(),
+                   lambda: self.evaluate(list_checkpoints(run / "pretrain")[-1], run / "eval_base", n))
+        self.stage("grpo", self.grpo_done(), self.grpo)
+        self.stage("final model", (run / "model").is_dir(), self.final_model)
+        self.stage("eval rl", (run / "eval_rl" / "summary.json").is_file(),
+                   lambda: self.evaluate(run / "model", run / "eval_rl", n))
+        return self.write_report()
+
+
+def _completed(run_dir: Path) -> bool:
+    report = run_dir / "report.json"
+    return report.is_file() and json.loads(report.read_text()).get("status") == "completed"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="runs/demo", help="where the tiny model is written")
+    parser.add_argument("--run-dir", default="runs/demo", help="where everything is written (and reused)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size preset")
+    parser.add_argument("--task", choices=["arithmetic"], default="arithmetic",
+                        help="the verifiable task (3-digit addition with worked column steps)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")
+    parser.add_argument("--correct-fraction", type=float, default=0.3,
+                        help="share of corpus solutions that carry correctly (the rest forget carries)")
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=32, help="pretraining rows of 128 tokens per step")
+    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--grpo-rounds", type=int, default=3, help="held-out checks during GRPO")
+    parser.add_argument("--grpo-lr", type=float, default=5e-4)
+    parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--grpo-prompts", type=int, default=4000, help="training problems for GRPO")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--heldout", type=int, default=500, help="held-out problems for evaluation")
+    parser.add_argument("--samples", type=int, default=8, help="samples per problem for pass@k")
+    parser.add_argument("--price-per-device-hour", type=float, default=0.10,
+                        help="for the cost estimate (a laptop CPU by default)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    cfg = openseek.ModelConfig(
-        model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        moe_intermediate_size=32, n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
-        eos_token_id=[0],
+    started = time.perf_counter()
+    if args.fresh:
+        shutil.rmtree(args.run_dir, ignore_errors=True)
+    demo = Demo(args)
+    try:
+        report = demo.run_all()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted — finished stages are kept in {args.run_dir}; run the same command to continue")
+        return 130
+    print(
+        f"\nheld-out greedy accuracy: {report['base_accuracy']:.1%} after pretraining → {report['rl_accuracy']:.1%} "
+        f"after GRPO ({report['gain_points']:+.1f} points, {report['heldout_size']} problems); "
+        f"{time.perf_counter() - started:.0f} s this run.\n"
+        f"report: {demo.run / 'report.md'}\nchat:   openseek chat --model {demo.run / 'model'}"
     )
-    model = openseek.Model(cfg)
-    directory = openseek.save(model, Path(args.output_dir) / "tiny-deepseek")
-    model = openseek.load(directory)
-    ids = torch.tensor([list(b"Hello")])
-    with torch.no_grad():
-        for _ in range(8):
-            ids = torch.cat((ids, model(ids)[:, -1:].argmax(-1)), dim=1)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"saved and reloaded {directory} ({params:,} parameters); greedy tokens: {ids[0].tolist()}")
     return 0
