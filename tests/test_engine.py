@@ -1,0 +1,305 @@
+"""The Engine against transformers' generate and against repeated full forward passes; caches, sampling, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+import openseek
+from openseek.engine.cache import make_cache
+from openseek.engine.sampling import Sampler, SamplingParams
+
+from conftest import build_hf_model
+
+KINDS = ["qwen2", "llama", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v3_lite"]
+PROMPTS = [[5, 17, 33, 2, 60, 71, 8], [40, 3], [11], [90, 12, 45, 45, 7, 1, 2, 3, 4, 5, 6, 70]]  # ragged, one of 1
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """kind -> (openseek model loaded from the saved checkpoint, the transformers model), built once per module."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            hf = build_hf_model(kind)
+            directory = tmp_path_factory.mktemp(kind)
+            hf.save_pretrained(directory)
+            built[kind] = openseek.load(directory), hf
+        return built[kind]
+
+    return get
+
+
+def greedy_by_full_forward(model, prompt, steps):
+    """Reference decoding without any cache: re-run the whole sequence for every new token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_equals_transformers_generate(models, kind):
+    ours, hf = models(kind)
+    outs = openseek.Engine(ours).generate(PROMPTS, 10, temperature=0, stop_token_ids=[])
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == expected
+        assert out.finish_reason == "length" and out.logprobs is None
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_ragged_batch_equals_full_forward_and_each_prompt_alone(models, kind):
+    ours, _ = models(kind)
+    engine = openseek.Engine(ours)
+    batch = engine.generate(PROMPTS, 14, temperature=0, stop_token_ids=[])
+    for prompt, out in zip(PROMPTS, batch):
+        assert out.token_ids == greedy_by_full_forward(ours, prompt, 14)
+        assert engine.generate([prompt], 14, temperature=0, stop_token_ids=[])[0].token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "deepseek_v3_lite"])
+def test_n_samples_and_small_batches_give_the_same_greedy_rows(models, kind):
+    ours, _ = models(kind)
+    whole = openseek.Engine(ours).generate(PROMPTS, 6, temperature=0, n=3, stop_token_ids=[])
+    chunked = openseek.Engine(ours, max_batch_size=2).generate(PROMPTS, 6, temperature=0, n=3, stop_token_ids=[])
+    for prompt, samples, again in zip(PROMPTS, whole, chunked):
+        assert len(samples) == 3
+        expected = greedy_by_full_forward(ours, prompt, 6)
+        assert [s.token_ids for s in samples] == [expected] * 3 == [s.token_ids for s in again]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind):
+    """Rows stop at different steps (finished rows leave the batch); each equals its unstopped output cut at the
+    first stop token, stop token included."""
+    ours, _ = models(kind)
+    engine = openseek.Engine(ours)
+    prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
+    free = [o.token_ids for o in engine.generate(prompts, 40, temperature=0, stop_token_ids=[])]
+    counts = {}
+    for row in free:
+        for t in set(row[:20]):
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))  # in many rows but not all, if possible
+    explicit = engine.generate(prompts, 40, temperature=0, stop_token_ids=[stop])
+    original = ours.cfg
+    try:
+        ours.cfg = original.replace(eos_token_id=[stop])
+        by_default = openseek.Engine(ours).generate(prompts, 40, temperature=0)  # None = the model's EOS ids
+    finally:
+        ours.cfg = original
+    for outs in (explicit, by_default):
+        stopped = 0
+        for row, out in zip(free, outs):
+            if stop in row:
+                stopped += 1
+                assert out.token_ids == row[: row.index(stop) + 1] and out.finish_reason == "stop"
+            else:
+                assert out.token_ids == row and out.finish_reason == "length"
+        assert stopped >= 2
+
+
+def test_kv_bytes_per_token_is_the_latent_formula_for_mla_and_kv_for_gqa(models):
+    for kind in ("deepseek_v3", "deepseek_v3_lite", "qwen2"):
+        ours, _ = models(kind)
+        cfg = ours.cfg
+        for dtype in (torch.float32, torch.bfloat16):
+            engine = openseek.Engine(ours.to(dtype))
+            size = 4 if dtype == torch.float32 else 2
+            if cfg.uses_mla:
+                expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * size
+                assert expected == (16 + 8) * 3 * size
+            else:
+                expected = 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers * size
+            assert engine.kv_bytes_per_token == expected
+            cache = make_cache(cfg, rows=3, max_len=5, dtype=dtype, device=torch.device("cpu"))
+            held = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer.buffers())
+            assert held == expected * 3 * 5  # the preallocated tensors cost exactly that per token
+        ours.to(torch.float32)
+
+
+def test_sampled_logprobs_are_the_temperature_scaled_full_vocab_logprobs(models):
+    ours, _ = models("deepseek_v3")
+    outs = openseek.Engine(ours).generate(PROMPTS[:2], 8, temperature=0.7, top_k=5, n=2, seed=3, logprobs=True,
+                                          stop_token_ids=[])
+    for prompt, samples in zip(PROMPTS, outs):
+        for sample in samples:
+            seq = torch.tensor([prompt + sample.token_ids])
+            with torch.no_grad():
+                logits = ours(seq)[0, len(prompt) - 1 : -1]
+            expected = (logits / 0.7).log_softmax(-1).gather(1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
+    greedy = openseek.Engine(ours).generate([PROMPTS[0]], 4, temperature=0, logprobs=True, stop_token_ids=[])[0]
+    with torch.no_grad():
+        logits = ours(torch.tensor([PROMPTS[0] + greedy.token_ids]))[0, len(PROMPTS[0]) - 1 : -1]
+    assert greedy.logprobs == pytest.approx(logits.log_softmax(-1).max(-1).values.tolist(), abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(models):
+    ours, _ = models("qwen2")
+    engine = openseek.Engine(ours)
+    kwargs = dict(temperature=1.5, n=4, stop_token_ids=[], logprobs=True)
+    first = engine.generate(PROMPTS, 12, seed=7, **kwargs)
+    again = engine.generate(PROMPTS, 12, seed=7, **kwargs)
+    other = engine.generate(PROMPTS, 12, seed=8, **kwargs)
+    ids = lambda outs: [[s.token_ids for s in samples] for samples in outs]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert [[s.logprobs for s in samples] for samples in first] == [[s.logprobs for s in samples] for samples in again]
+    assert ids(first) != ids(other)
+    assert len({tuple(s.token_ids) for s in first[0]}) > 1  # the n samples of one prompt differ
+
+
+def crafted_logits(rows):
+    """Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 on tokens 3, 0, 7, 1, 5 of a 10-token vocabulary (others ~0)."""
+    probs = torch.full((10,), 1e-12)
+    probs[[3, 0, 7, 1, 5]] = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    return probs.log().expand(rows, 10).clone()
+
+
+@pytest.mark.parametrize(
+    "params, allowed, shares",
+    [
+        (SamplingParams(1.0, top_k=2), {3, 0}, {3: 4 / 7, 0: 3 / 7}),
+        (SamplingParams(1.0, top_p=0.8), {3, 0, 7}, {3: 0.4 / 0.85, 0: 0.3 / 0.85, 7: 0.15 / 0.85}),
+        (SamplingParams(1.0, top_p=0.5), {3, 0}, {3: 4 / 7, 0: 3 / 7}),
+        (SamplingParams(1.0, top_p=0.3), {3}, {3: 1.0}),
+        (SamplingParams(1.0, top_k=3, top_p=0.9), {3, 0, 7}, {3: 0.4 / 0.85, 0: 0.3 / 0.85, 7: 0.15 / 0.85}),
+        (SamplingParams(0.0, top_k=4), {3}, {3: 1.0}),
+    ],
+)
+def test_top_k_and_top_p_never_sample_outside_their_set(params, allowed, shares):
+    rows = 20000
+    tokens, logprobs = Sampler([params] * rows, torch.device("cpu"))(
+        crafted_logits(rows), torch.Generator().manual_seed(0), want_logprobs=True
+    )
+    counts = torch.bincount(tokens, minlength=10)
+    assert {i for i in range(10) if counts[i] > 0} == allowed
+    for token, share in shares.items():
+        assert counts[token].item() / rows == pytest.approx(share, abs=0.015)
+    # log-probs are of the unfiltered distribution: log 0.4 for token 3 whatever the filter
+    assert logprobs[tokens == 3][0].item() == pytest.approx(math.log(0.4), abs=1e-5)
+
+
+def test_per_row_sampling_parameters_in_one_batch():
+    params = [SamplingParams(0.0), SamplingParams(1.0, top_k=1), SamplingParams(1.0, top_p=0.5), SamplingParams(1.0)]
+    tokens, _ = Sampler(params * 500, torch.device("cpu"))(crafted_logits(2000), torch.Generator().manual_seed(1))
+    tokens = tokens.view(500, 4)
+    assert (tokens[:, 0] == 3).all() and (tokens[:, 1] == 3).all()
+    assert set(tokens[:, 2].tolist()) == {3, 0}
+    assert set(tokens[:, 3].tolist()) == {3, 0, 7, 1, 5}
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1, 96]]), r"prompt 0 has token id 96 at index 1, outside the vocabulary \[0, 96\)"),
+        (dict(prompts=[[-1]]), "token id -1"),
+        (dict(prompts=[[1] * 200], max_new_tokens=57), r"200 tokens; with max_new_tokens=57 that is 257 > 256"),
+        (dict(n=0), "n .* must be an integer >= 1"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), "top_k must be"),
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be"),
+        (dict(prompts=[]), "non-empty list"),
+        (dict(stop_token_ids=[500]), "stop token id 500"),
+    ],
+)
+def test_bad_input_raises_value_error_with_the_reason(models, call, message):
+    ours, _ = models("qwen2")
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | call
+    with pytest.raises(ValueError, match=message):
+        openseek.Engine(ours).generate(**args)
+
+
+def test_generation_leaves_weights_and_training_mode_alone(models):
+    ours, _ = models("deepseek_v3")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.train()
+    openseek.Engine(ours).generate(PROMPTS, 5, temperature=1.0, seed=0)
+    assert ours.training
+    ours.eval()
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+
+
+# ---- streaming / continuous batching ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_streaming_requests_join_and_leave_the_running_batch(models, kind):
+    ours, _ = models(kind)
+    engine = openseek.Engine(ours, max_batch_size=3)
+    expected = [o.token_ids for o in engine.generate(PROMPTS, 12, temperature=0, stop_token_ids=[])]
+    streamed = [[] for _ in PROMPTS]
+    try:
+        first = engine.submit(PROMPTS[0], 12, temperature=0, stop_token_ids=[], on_token=streamed[0].append)
+        while len(first.token_ids) < 3:  # the others arrive while the first is running
+            first._done.wait(0.01)
+        later = [engine.submit(p, 12 - i, temperature=0, stop_token_ids=[], on_token=streamed[i + 1].append)
+                 for i, p in enumerate(PROMPTS[1:])]  # 4 requests, 3 rows: the last waits for a free row
+        results = [r.result(timeout=60) for r in [first, *later]]
+    finally:
+        engine.close()
+    for i, (result, tokens) in enumerate(zip(results, expected)):
+        want = tokens if i == 0 else tokens[: 12 - (i - 1)]
+        assert result.token_ids == want == streamed[i]
+        assert result.finish_reason == "length"
+
+
+def test_async_iteration_await_cancellation_and_stop(models):
+    ours, _ = models("llama")
+    engine = openseek.Engine(ours)
+    expected = engine.generate([PROMPTS[0]], 20, temperature=0, stop_token_ids=[])[0].token_ids
+    stop = expected[4]
+
+    async def scenario():
+        streamed = [t async for t in engine.submit(PROMPTS[0], 20, temperature=0, stop_token_ids=[])]
+        stopped = await engine.submit(PROMPTS[0], 20, temperature=0, stop_token_ids=[stop], logprobs=True)
+        long = engine.submit(PROMPTS[1], 200, temperature=0, stop_token_ids=[])
+        got = []
+        async for token in long:
+            got.append(token)
+            if len(got) == 3:
+                long.cancel()
+        return streamed, stopped, long.result(), got
+
+    try:
+        streamed, stopped, cancelled, got = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert streamed == expected
+    assert stopped.token_ids == expected[: expected.index(stop) + 1] and stopped.finish_reason == "stop"
+    assert len(stopped.logprobs) == len(stopped.token_ids)
+    assert cancelled.finish_reason == "cancelled" and 3 <= len(cancelled.token_ids) < 200
+    assert got == cancelled.token_ids
+
+
+def test_streaming_seeded_sampling_matches_and_bad_requests_raise(models):
+    ours, _ = models("qwen2")
+    engine = openseek.Engine(ours, max_seq_len=64)
+    try:
+        a = engine.submit(PROMPTS[0], 10, temperature=1.0, seed=11, stop_token_ids=[])
+        b = engine.submit(PROMPTS[1], 10, temperature=1.0, stop_token_ids=[])
+        c = engine.submit(PROMPTS[0], 10, temperature=1.0, seed=11, stop_token_ids=[])
+        assert a.result(60).token_ids == c.result(60).token_ids and len(b.result(60).token_ids) == 10
+        with pytest.raises(ValueError, match="max_seq_len"):
+            engine.submit([1] * 60, 10)
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            engine.submit([1], 10, top_p=0)
+        failing = engine.submit([1, 2], 5, on_token=lambda token: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(60)
+        assert engine.submit([3], 4, stop_token_ids=[]).result(60).finish_reason == "length"  # still serving
+    finally:
+        engine.close()
+    assert not engine._thread.is_alive()
