@@ -53,13 +53,17 @@ def expand_paths(paths) -> list[Path]:
 class Records:
     """Streams the records (a text string or a messages list) of many files, with the location of each.
 
-    A malformed JSONL line raises `DataError` naming file and line, unless `skip_bad_lines`; skipped lines are
-    counted in `.skipped`.
+    A malformed JSONL line raises `DataError` naming file and line, unless `skip_bad_lines`; `.skipped` counts the
+    distinct lines skipped (a line skipped again in a later epoch counts once).
     """
 
     def __init__(self, paths, field: str = "text", skip_bad_lines: bool = False):
         self.files = expand_paths(paths)
-        self.field, self.skip_bad_lines, self.skipped = field, skip_bad_lines, 0
+        self.field, self.skip_bad_lines, self._skipped = field, skip_bad_lines, set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self._skipped)
 
     def read(self, file_index: int, start: int = 0) -> Iterator[tuple[int, str | list, str]]:
         """(record index, record, "file:line") of one file, from record `start` on."""
@@ -104,7 +108,7 @@ class Records:
                     if not self.skip_bad_lines:
                         reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e).removeprefix(where + ": ")
                         raise DataError(f"{where}: {reason} (pass --skip-bad-lines to skip such lines)") from None
-                    self.skipped += 1
+                    self._skipped.add(where)
                     continue
                 yield index, value, where
                 index += 1

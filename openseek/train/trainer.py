@@ -195,12 +195,12 @@ class Trainer:
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; matrices decay, vectors (norms, biases) do not."""
+        """AdamW (fused kernel, CPU and GPU); matrices decay, vectors (norms, biases) do not."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, foreach=True)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, fused=True)
 
     @property
     def is_main(self) -> bool:
