@@ -373,12 +373,13 @@ class Rollouts:
 
     def pop_metrics(self) -> dict[str, float]:
         """Rollout statistics and the step's time split; called by the Trainer right after the optimizer step."""
-        out = {"time/generation": 0.0, "time/scoring": 0.0, **self.pending}
-        if self.step_start is not None:
+        out = {"time/generation": 0.0, **self.pending}
+        if self.step_start is not None:  # the split adds up: scoring is the rest of the rollout (rewards, reference)
             step = time.perf_counter() - self.step_start
             out["time/step"] = step
+            out["time/scoring"] = self.data_time - out["time/generation"]
             out["time/update"] = step - self.data_time
-        self.pending, self.step_start, self.data_time = {"time/generation": 0.0, "time/scoring": 0.0}, None, 0.0
+        self.pending, self.step_start, self.data_time = {}, None, 0.0
         return out
 
     # ---- prompts ----
@@ -400,7 +401,7 @@ class Rollouts:
     # ---- one rollout ----
 
     def generate_groups(self, rows: list[dict], seed: int):
-        """G completions for each row from the Engine, scored. Returns (groups, generation s, scoring s)."""
+        """G completions for each row from the Engine, scored. Returns (groups, seconds spent generating)."""
         cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
         texts, ids = zip(*(encode_prompt(tok, row["prompt"], cfg.template) for row in rows))
         t0 = time.perf_counter()
@@ -422,16 +423,16 @@ class Rollouts:
                  per_fn=per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
             for p in range(len(rows))
         ]
-        return groups, t1 - t0, time.perf_counter() - t1
+        return groups, t1 - t0
 
     def rollout(self) -> RolloutBatch:
         cfg = self.cfg
         P = cfg.prompts_per_step // self.world_size
-        kept, spare, gen_time, score_time, rounds = [], [], 0.0, 0.0, 0
+        kept, spare, gen_time, rounds = [], [], 0.0, 0
         while len(kept) < P:
             seed = hash_seed(self.seed, self.rank, self.position["rollouts"], rounds)
-            groups, tg, ts = self.generate_groups(self.next_rows(P - len(kept) if rounds else P), seed)
-            gen_time, score_time, rounds = gen_time + tg, score_time + ts, rounds + 1
+            groups, seconds = self.generate_groups(self.next_rows(P - len(kept) if rounds else P), seed)
+            gen_time, rounds = gen_time + seconds, rounds + 1
             for g in groups:
                 useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
                 (kept if useful else spare).append(g)
@@ -441,7 +442,6 @@ class Rollouts:
         kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
         self.position["rollouts"] += 1
 
-        t0 = time.perf_counter()
         batch = self.collate(kept)
         if self.ref_model is not None:
             self.ref_model.to(self.model.device)
@@ -449,7 +449,6 @@ class Rollouts:
                 batch.ref_logprobs, _ = completion_logprobs(
                     self.ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature
                 )
-        score_time += time.perf_counter() - t0
 
         rewards = torch.stack([g["rewards"] for g in kept])
         per_fn = torch.cat([g["per_fn"] for g in kept], dim=1)
@@ -468,7 +467,7 @@ class Rollouts:
         if cfg.dynamic_sampling:
             m["dynamic_sampling/dropped_groups"] = float(dropped)
             m["dynamic_sampling/rounds"] = float(rounds)
-        m["time/generation"], m["time/scoring"] = gen_time, score_time
+        m["time/generation"] = gen_time
         batch.metrics = m
         return batch
 

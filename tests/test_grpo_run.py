@@ -1,0 +1,224 @@
+"""GRPO end to end on a tiny model: the reward rises, every metric is logged, the Engine's log-probs are the
+trainer's, μ updates reuse one rollout, β loads a reference only when non-zero, resume is exact, bad input is named."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import openseek
+from openseek.cli import main as cli
+from openseek.rewards import RewardError
+from openseek.tasks import get_task
+from openseek.tasks.math_file import DatasetError
+from openseek.tokenizer import Tokenizer
+from openseek.train.grpo import (
+    GRPOConfig,
+    GRPOObjective,
+    Rollouts,
+    completion_logprobs,
+    encode_prompt,
+    load_prompt_file,
+)
+from openseek.train.trainer import TrainConfig
+from helpers_grpo import digit_share, tiny_model_dir
+
+REWARD = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("grpo") / "model")
+
+
+def metrics_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def grpo_args(model_dir, run_dir, *extra):
+    return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
+            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress", *extra]
+
+
+def test_short_run_raises_the_mean_reward(model_dir, tmp_path):
+    """20 steps of P=4 × G=8 on arithmetic prompts with a reward a random model can move (the digit share)."""
+    run = tmp_path / "run"
+    assert cli(grpo_args(model_dir, run, "--group-size", "8", "--prompts-per-step", "4", "--steps", "20",
+                         "--lr", "3e-3")) == 0
+    metrics = metrics_of(run)
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    first = sum(m["reward"] for m in metrics[:5]) / 5
+    last = sum(m["reward"] for m in metrics[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    for key in ("reward", "reward_std", "rewards/digit_share/mean", "rewards/digit_share/std",
+                "completion_length/mean", "completion_length/max", "clip_fraction", "entropy", "loss",
+                "time/step", "time/generation", "time/scoring", "time/update"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    m = metrics[-1]
+    assert m["time/generation"] > 0 and m["time/update"] > 0
+    assert m["time/generation"] + m["time/scoring"] + m["time/update"] == pytest.approx(m["time/step"], rel=1e-6)
+    assert all(m["clip_fraction"] == 0.0 for m in metrics)  # μ = 1: the ratio to the rollout is 1
+    assert "kl" not in m  # β = 0
+    assert (run / "report.md").is_file() and (run / "rollouts.png").is_file()
+    assert "rollouts.png" in (run / "report.md").read_text()
+    checkpoint = run / "checkpoints" / "step_00000020"
+    assert openseek.load(checkpoint).cfg.vocab_size == openseek.load(model_dir).cfg.vocab_size
+
+
+def test_engine_logprobs_are_the_trainers(model_dir):
+    """The ratio's denominator comes from the Engine; on the first update it must be the policy's own log-prob."""
+    model = openseek.load(model_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    rows = get_task("arithmetic").generate(8, seed=0)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=12, temperature=0.7)
+    batch = next(Rollouts(model, tokenizer, rows, [digit_share], cfg))
+    with torch.no_grad():
+        logprobs, _ = completion_logprobs(model, batch.input_ids, batch.padding_mask, batch.prompt_len, 0.7)
+    mask = batch.completion_mask
+    assert mask.sum() > 8
+    torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=2e-5, rtol=0)
+
+
+def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_path):
+    from openseek.train import grpo as grpo_module
+
+    model = openseek.load(model_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    rows = get_task("arithmetic").generate(50, seed=0)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=12, updates_per_rollout=2, beta=0.1)
+    run = tmp_path / "run"
+    grpo_module.train(model, tokenizer, rows, [digit_share], cfg,
+                      TrainConfig(run_dir=str(run), steps=4, lr=1e-2, progress=False, schedule="constant"))
+    metrics = metrics_of(run)
+    generated = [m["time/generation"] > 0 for m in metrics]
+    assert generated == [True, False, True, False]  # one rollout per μ = 2 updates
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    assert metrics[1]["kl"] > 1e-5  # after an update the policy has moved away from it
+    assert metrics[1]["clip_fraction"] > 0  # second update on the same rollout: ratios leave [1-ε, 1+ε]
+
+    seen = {}
+    original = grpo_module.Rollouts.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen["ref"] = self.ref_model
+
+    grpo_module.Rollouts.__init__ = spy
+    try:
+        cfg0 = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=8, beta=0.0)
+        grpo_module.train(model, tokenizer, rows, [digit_share], cfg0,
+                          TrainConfig(run_dir=str(tmp_path / "b0"), steps=1, progress=False))
+    finally:
+        grpo_module.Rollouts.__init__ = original
+    assert seen["ref"] is None  # β = 0 loads no reference model
+    assert "kl" not in metrics_of(tmp_path / "b0")[0]
+
+
+def test_dynamic_sampling_drops_groups_without_signal(model_dir):
+    """Rows with an even `a` get the same reward for every completion: their groups are dropped and refilled."""
+    model = openseek.load(model_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    rows = get_task("arithmetic").generate(64, seed=0)
+
+    def half_flat(completions, prompts, a, **_):
+        return [0.5 if x % 2 == 0 else s for x, s in zip(a, digit_share(completions, prompts))]
+
+    cfg = GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=8, dynamic_sampling=True)
+    rollouts = Rollouts(model, tokenizer, rows, [half_flat], cfg)
+    batch = next(rollouts)
+    m = rollouts.pop_metrics()
+    assert m["dynamic_sampling/dropped_groups"] > 0 and m["dynamic_sampling/rounds"] >= 2
+    assert m["groups_without_signal"] == 0
+    assert batch.advantages.view(4, 4).abs().sum(1).gt(0).all()  # every kept group carries a gradient
+
+
+def test_overlong_shaping_enters_the_reward(model_dir):
+    model = openseek.load(model_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    rows = get_task("arithmetic").generate(8, seed=0)
+
+    def zero(completions, prompts, **_):
+        return [0.0] * len(completions)
+
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=10, overlong_buffer=4, overlong_penalty=2.0)
+    rollouts = Rollouts(model, tokenizer, rows, [zero], cfg)
+    next(rollouts)
+    m = rollouts.pop_metrics()
+    assert m["completion_length/truncated"] == 1.0  # a random model never stops in 10 tokens
+    assert m["reward"] == pytest.approx(-2.0)  # every completion reaches max_new_tokens: the full punishment
+
+
+def test_resume_is_exact(model_dir, tmp_path):
+    straight, halted = tmp_path / "straight", tmp_path / "halted"
+    common = ["--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8", "--lr", "1e-2",
+              "--beta", "0.05"]
+    assert cli(grpo_args(model_dir, straight, *common, "--steps", "4")) == 0
+    assert cli(grpo_args(model_dir, halted, *common, "--steps", "2")) == 0
+    assert cli(grpo_args(model_dir, halted, *common, "--steps", "4", "--resume")) == 0
+    a = openseek.load(straight / "checkpoints" / "step_00000004").state_dict()
+    b = openseek.load(halted / "checkpoints" / "step_00000004").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    rewards = lambda run: [m["reward"] for m in metrics_of(run)]  # noqa: E731
+    assert rewards(straight) == rewards(halted)
+
+
+def test_prompt_templates(model_dir):
+    tokenizer = Tokenizer.from_dir(model_dir)
+    text, ids = encode_prompt(tokenizer, "What is 2 + 2?", "r1-zero")
+    assert text.startswith("A conversation between User and Assistant.")
+    assert text.endswith("User: What is 2 + 2?. Assistant:")
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == text
+    text, ids = encode_prompt(tokenizer, "What is 2 + 2?", "chat")
+    assert text == tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+    assert text.endswith("<think>\n")  # R1's chat template opens the think block: the format reward knows it
+    assert ids.count(tokenizer.bos_token_id) == 1
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, why", [
+    (lambda c, p, **_: [1.0] * (len(c) - 1), "returned 31 rewards for 32 completions"),
+    (lambda c, p, **_: None, "returned NoneType"),
+    (lambda c, p, **_: ["good"] * len(c), "returned 'good' (str) at position 0"),
+])
+def test_bad_reward_output_names_the_function(model_dir, bad, why):
+    model = openseek.load(model_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    rows = get_task("arithmetic").generate(8, seed=0)
+    bad.__qualname__ = "my_reward"
+    rollouts = Rollouts(model, tokenizer, rows, [digit_share, bad], GRPOConfig(prompts_per_step=4, max_new_tokens=4))
+    with pytest.raises(RewardError, match=re.escape(f"reward function my_reward {why}")):
+        next(rollouts)
+
+
+def test_dataset_without_a_prompt_column_lists_its_columns(tmp_path, model_dir):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"text": "hello", "label": 3}) + "\n")
+    with pytest.raises(DatasetError, match=r"data.jsonl line 2: no usable prompt column.*has columns: text, label"):
+        load_prompt_file(path)
+    with pytest.raises(DatasetError, match="has columns: text, label"):
+        cli(["grpo", "--model", str(model_dir), "--dataset", str(path), "--reward", REWARD])
+
+
+def test_dataset_rows_keep_their_columns_and_gold_answers(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(json.dumps({"question": "Two apples and one more?", "answer": "2 + 1 = 3\n#### 3",
+                                "level": 1}) + "\n" + json.dumps({"problem": "Say hi", "style": "short"}) + "\n")
+    rows = load_prompt_file(path)
+    assert rows[0]["prompt"] == "Two apples and one more?" and rows[0]["answer"] == "3" and rows[0]["level"] == 1
+    assert rows[1] == {"problem": "Say hi", "style": "short", "prompt": "Say hi"}
+
+
+def test_group_size_one_is_refused_on_the_command_line(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="--group-size 1 cannot be used with std-normalised advantages: the "
+                                         "standard deviation of a group of one completion is undefined"):
+        cli(grpo_args(model_dir, tmp_path / "r", "--group-size", "1"))
+    assert not (tmp_path / "r").exists()
