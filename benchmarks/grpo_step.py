@@ -4,17 +4,17 @@ Same HF checkpoint (the ~27M qwen2 of benchmarks/generate.py: hidden 512, 8 laye
 intermediate 1408, vocab 8192, random weights saved by transformers), a small byte-level BPE trained here, the same
 prompts, the same custom reward, G = 8 completions for each of 2 prompts per step, 128 new tokens, β = 0.04 (both
 load a frozen reference), one update per rollout, GRPO loss (per-sequence mean), lr 1e-6, float32, CPU, 2 threads.
-The two run in one process, alternating round by round; each round is a fresh trainer for `--steps` steps and the
-first step of every round is a warm-up that is not counted. A step is everything: generation, rewards, reference
-log-probs, forward, backward and the optimizer. Prints every step, the medians and their ratio.
+Both run in one process and alternate step by step: after each TRL step, one openseek step (its trainer runs in a
+thread that waits for its turn, so only one side computes at a time). A step is everything: generation, rewards,
+reference log-probs, forward, backward and the optimizer. The first step of each is a warm-up, not counted.
+Prints every step, the medians and their ratio.
 
-    .venv/bin/python benchmarks/grpo_step.py [--rounds 3] [--steps 3]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 10]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,7 +26,8 @@ import torch
 import openseek
 from openseek.tasks import get_task
 from openseek.tokenizer import train_bpe
-from openseek.train.grpo import GRPOConfig
+from openseek.train import grpo as grpo_module
+from openseek.train.grpo import GRPOConfig, Rollouts
 from openseek.train.grpo import train as grpo_train
 from openseek.train.trainer import TrainConfig
 
@@ -62,74 +63,112 @@ def make_checkpoint(directory: Path) -> list[str]:
     return [r["prompt"] for r in rows[:64]]
 
 
-def run_trl(directory: Path, prompts: list[str], steps: int, out: Path) -> list[float]:
+class Alternator:
+    """Runs the openseek trainer in a thread, one step at a time, between TRL's steps (TRL's trainer owns the
+    main thread). `step()` lets one openseek step run and waits for it; only one side computes at any time."""
+
+    def __init__(self, directory: Path, prompts: list[str], steps: int, out: Path):
+        import threading
+
+        from openseek.tokenizer import Tokenizer
+
+        model = openseek.load(directory, dtype=torch.float32)
+        tokenizer = Tokenizer.from_dir(directory)
+        grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=NEW_TOKENS, beta=BETA,
+                          loss_type="grpo", template="plain")
+        train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
+                                progress=False, device="cpu")
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.step_times: list[float] = []
+        gate = self
+
+        class Gated(Rollouts):  # waits for its turn before each step; reports the step's time when it ends
+            def __next__(self):
+                gate.go.acquire()
+                return super().__next__()
+
+            def pop_metrics(self):
+                metrics = super().pop_metrics()
+                gate.step_times.append(metrics["time/step"])
+                gate.done.release()
+                return metrics
+
+        def run():
+            with patch_rollouts(Gated):
+                grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def step(self) -> float:
+        self.go.release()
+        self.done.acquire()
+        return self.step_times[-1]
+
+
+class patch_rollouts:
+    """Make `openseek.train.grpo.train` build the given Rollouts subclass."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __enter__(self):
+        self.saved, grpo_module.Rollouts = grpo_module.Rollouts, self.cls
+
+    def __exit__(self, *exc):
+        grpo_module.Rollouts = self.saved
+
+
+def run(directory: Path, prompts: list[str], steps: int, out: Path) -> dict[str, list[float]]:
+    """TRL's GRPOTrainer for `steps` steps; after each of its steps, one openseek step."""
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    times: list[float] = []
+    times = {"trl": [], "openseek": []}
+    ours = Alternator(directory, prompts, steps, out / "openseek")
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
+            times["trl"].append(time.perf_counter() - self.start)
+            times["openseek"].append(ours.step())
+            print(f"step {len(times['trl'])}: TRL {times['trl'][-1]:6.2f}s   openseek {times['openseek'][-1]:6.2f}s",
+                  flush=True)
 
     args = TRLConfig(
-        output_dir=str(out), per_device_train_batch_size=G * PROMPTS_PER_STEP, num_generations=G,
+        output_dir=str(out / "trl"), per_device_train_batch_size=G * PROMPTS_PER_STEP, num_generations=G,
         gradient_accumulation_steps=1, max_completion_length=NEW_TOKENS, beta=BETA, num_iterations=1,
         loss_type="grpo", learning_rate=LR, lr_scheduler_type="constant", temperature=1.0, use_cpu=True,
         bf16=False, report_to="none", max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
+        dataloader_num_workers=0, seed=0, log_level="error",
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     trainer = GRPOTrainer(model=str(directory), reward_funcs=reward_digits, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
                           callbacks=[StepTimer()])
     trainer.train()
+    ours.thread.join()
     return times
-
-
-def run_openseek(directory: Path, prompts: list[str], steps: int, out: Path, seed: int) -> list[float]:
-    from openseek.tokenizer import Tokenizer
-
-    model = openseek.load(directory, dtype=torch.float32)
-    tokenizer = Tokenizer.from_dir(directory)
-    grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=NEW_TOKENS, beta=BETA,
-                      loss_type="grpo", template="plain")
-    train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
-                            progress=False, seed=seed, device="cpu")
-    grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
-    return [json.loads(line)["time/step_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round (the first is not counted)")
+    parser.add_argument("--steps", type=int, default=10, help="steps of each (the first is a warm-up, not counted)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    times = {"trl": [], "openseek": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prompts = make_checkpoint(tmp / "model")
-        for r in range(args.rounds):
-            order = ("trl", "openseek") if r % 2 == 0 else ("openseek", "trl")
-            for name in order:
-                out = tmp / f"{name}-{r}"
-                if name == "trl":
-                    steps = run_trl(tmp / "model", prompts, args.steps, out)
-                else:
-                    steps = run_openseek(tmp / "model", prompts, args.steps, out, seed=r)
-                times[name] += steps[1:]
-                print(f"round {r} {name:9s} step times: " + " ".join(f"{s:.2f}s" for s in steps), flush=True)
-    trl_s, ours_s = statistics.median(times["trl"]), statistics.median(times["openseek"])
+        times = run(tmp / "model", prompts, args.steps, tmp)
+    trl_s, ours_s = statistics.median(times["trl"][1:]), statistics.median(times["openseek"][1:])
     ratio = trl_s / ours_s
     print(f"\nmedian step: TRL GRPOTrainer {trl_s:.2f}s, openseek grpo {ours_s:.2f}s -> {ratio:.2f}x faster "
           f"(floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")

@@ -151,19 +151,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0):
+def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
+                        entropy: bool = True):
     """Log-probs of the completion tokens (columns prompt_len:) under the model at the sampling temperature, and
-    the per-token entropy (detached). Rows are [left-padded prompt | right-padded completion]."""
+    the per-token entropy (detached; None without `entropy`). Rows are [left-padded prompt | right-padded
+    completion]; a batch without padding takes the plain causal path."""
+    if bool(padding_mask.all()):
+        padding_mask = None
     logits = model(input_ids, padding_mask=padding_mask)[:, prompt_len - 1 : -1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+    if not entropy:
+        return logprobs, None
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
-
+        return logprobs, -(logp_all.exp() * logp_all).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,7 +451,7 @@ class Rollouts:
             self.ref_model.to(self.model.device)
             with torch.no_grad():
                 batch.ref_logprobs, _ = completion_logprobs(
-                    self.ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature
+                    self.ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature, False
                 )
 
         rewards = torch.stack([g["rewards"] for g in kept])
