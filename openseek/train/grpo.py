@@ -320,6 +320,10 @@ class Rollouts:
     count) is saved in checkpoints; a run resumed in the middle of a rollout's μ updates starts the next rollout.
     """
 
+    # shown on the Trainer's progress bar next to the loss
+    progress_metrics = {"reward": "reward", "acc": "accuracy", "len": "completion_length/mean", "kl": "kl",
+                        "gen_s": "time/generation", "update_s": "time/update"}
+
     def __init__(self, model, tokenizer, rows: list[dict], reward_fns: list, cfg: GRPOConfig,
                  weights: list[float] | None = None, ref_model=None, accuracy_fn=None, seed: int = 0,
                  rank: int = 0, world_size: int = 1):

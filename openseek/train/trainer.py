@@ -16,7 +16,8 @@ Contract
     `state_dict()` / `load_state_dict(state)`: the exact data position, JSON-serialisable, saved in checkpoints
       (without them, resuming replays and discards the batches already consumed);
     `pop_metrics() -> dict[str, float]`: the batch source's own figures (timings, rollout stats), called once per
-      step on rank 0 and written as they are. The trainer itself records `time/data_s`: time spent in `next()`.
+      step on rank 0 and written as they are; `progress_metrics` ({short name: metric key}) adds some of them to
+      the progress bar. The trainer itself records `time/data_s`: time spent in `next()`.
 - Data parallelism is the batch source's job to split: `rank, world_size = init_distributed()` gives this
   process's place, and each rank yields its own slice of every global batch (see `openseek.data.Batches`).
 
@@ -239,7 +240,11 @@ class Trainer:
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self._log(metrics)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+                for name, key in getattr(self.batches, "progress_metrics", {}).items():  # the source's own figures
+                    if key in metrics:
+                        postfix[name] = f"{metrics[key]:.3g}"
+                bar.set_postfix(postfix)
                 if self.step == cfg.steps or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save_checkpoint()
             status = "completed"
