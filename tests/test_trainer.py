@@ -21,7 +21,14 @@ from helpers_train import (
 from openseek import data
 from openseek.tokenizer import Tokenizer
 from openseek.train.pretrain import NextTokenLoss, cross_entropy, sequence_balance_loss
-from openseek.train.trainer import Trainer, TrainConfig, TrainingError, learning_rate, list_checkpoints
+from openseek.train.trainer import (
+    Trainer,
+    TrainConfig,
+    TrainingError,
+    learning_rate,
+    list_checkpoints,
+    orthogonalise,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +101,20 @@ def test_resume_is_bitwise_exact(tmp_path):
     steps = [m["step"] for m in read_metrics(tmp_path / "resumed")]
     assert steps == list(range(1, 9))  # the lines of step 5 written before the crash were dropped on resume
     assert read_metrics(tmp_path / "resumed")[-1]["loss"] == read_metrics(tmp_path / "straight")[-1]["loss"]
+
+
+def test_muon_option_trains_and_resumes_exactly(tmp_path):
+    straight = _train(tmp_path, "straight", 6, optimizer="muon")
+    _train(tmp_path, "resumed", 6, stop_at=4, optimizer="muon")
+    resumed = _train(tmp_path, "resumed", 6, resume=True, optimizer="muon")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    losses = [m["loss"] for m in read_metrics(tmp_path / "straight")]
+    assert losses[-1] < losses[0]
+    g = torch.randn(3, 24, 40)  # batched, wide and tall alike: singular values pushed close to 1
+    for matrix in (g, g.transpose(1, 2)):
+        s = torch.linalg.svdvals(orthogonalise(matrix))
+        assert s.min() > 0.5 and s.max() < 1.3
 
 
 def test_checkpoints_are_self_contained_and_rotated(tmp_path):

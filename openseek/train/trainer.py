@@ -76,6 +76,8 @@ class TrainConfig:
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on embeddings, head and vectors)
+    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like lr
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
     balance_gamma: float = 0.0  # auxiliary-loss-free balancing: router bias update per step (0 = off)
     parallel: str = "ddp"  # ddp | fsdp, when launched with torchrun on more than one process
@@ -94,8 +96,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"schedule={self.schedule!r}: expected cosine, wsd or constant")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r}: expected adamw or muon")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel={self.parallel!r}: expected ddp or fsdp")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError(f"steps={self.steps} and grad_accum={self.grad_accum} must be at least 1")
 
@@ -166,7 +172,7 @@ class Trainer:
             random.seed(cfg.seed)
         model.to(self.device)
         self.model = self._parallelize(model)
-        self.optimizer = self._build_optimizer()
+        self.optimizers = self._build_optimizers()
         if resume_from is not None:
             self._load_trainer_state(resume_from)
 
@@ -195,13 +201,26 @@ class Trainer:
             dist.broadcast(tensor.data, src=0)
         return model
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW (fused kernel, CPU and GPU); matrices decay, vectors (norms, biases) do not."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, fused=True)
+    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW (fused kernel, CPU and GPU): matrices decay, vectors (norms, biases) do not. With Muon, the hidden
+        matrices (experts included, one matrix per expert) go to Muon and the rest stays with AdamW."""
+        cfg = self.cfg
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        muon = []
+        if cfg.optimizer == "muon":
+            if self.world_size > 1 and cfg.parallel == "fsdp":
+                raise ValueError("optimizer=muon orthogonalises whole matrices; use --parallel ddp, not fsdp")
+            muon = [p for n, p in named if p.dim() >= 2 and "embed_tokens" not in n and "lm_head" not in n]
+        rest = [p for _, p in named if not any(p is m for m in muon)]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)]
+        if muon:
+            optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["peak_lr"] = group["lr"]
+        return optimizers
 
     @property
     def is_main(self) -> bool:
@@ -260,8 +279,9 @@ class Trainer:
     def _train_step(self) -> dict:
         cfg, step = self.cfg, self.step
         lr = learning_rate(cfg, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:  # each group follows the schedule from its own peak
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["peak_lr"] / cfg.lr
         t0 = time.perf_counter()
         sums, data_s, tokens = defaultdict(float), 0.0, 0
         loads = [torch.zeros(m.gate.weight.shape[0], device=self.device) for m in self.moe]
@@ -294,8 +314,9 @@ class Trainer:
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(f"gradient norm is {grad_norm}"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         imbalance = self._balance_experts(loads)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -409,7 +430,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sharded = self.world_size > 1 and self.cfg.parallel == "fsdp"
         model_state = get_model_state_dict(self.model, options=options) if sharded else None
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizers, options=options)
         return model_state, optim_state
 
     def save_checkpoint(self) -> Path | None:
@@ -467,7 +488,7 @@ class Trainer:
         sharded = self.world_size > 1 and self.cfg.parallel == "fsdp"
         optim_state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False) if sharded else None
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
+        set_optimizer_state_dict(self.model, self.optimizers, optim_state, options=options)
         rngs = torch.load(directory / "rng.pt", weights_only=True)
         rng = rngs.get(f"rank{self.rank}", rngs["rank0"])
         torch.set_rng_state(rng["torch"])
@@ -483,6 +504,48 @@ class Trainer:
                 next(self.batches)
         if self.is_main:
             print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: Nesterov momentum whose update is orthogonalised (Newton–Schulz) before it is applied.
+
+    For weight matrices only; 3-D expert stacks [E, out, in] are handled one matrix per expert. The step is scaled by
+    sqrt(max(1, out/in)) so tall and wide matrices move alike; weight decay is decoupled, as in AdamW.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - group["momentum"])
+                update = orthogonalise(p.grad.lerp(buffer, group["momentum"]))
+                rows, cols = p.shape[-2:]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+
+def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U·Vᵀ of g = U·S·Vᵀ (batched over leading dims): a quintic Newton–Schulz iteration tuned to push
+    every singular value towards 1 quickly (it lands in about [0.7, 1.2], which is all Muon needs)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    wide = x.shape[-2] <= x.shape[-1]
+    if not wide:
+        x = x.transpose(-2, -1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.transpose(-2, -1)
 
 
 def _to_device(batch, device):
