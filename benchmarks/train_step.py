@@ -90,7 +90,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"training step, B={BATCH}, T={SEQ}, float32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    threads = torch.get_num_threads()
+    print(f"training step, B={BATCH}, T={SEQ}, float32, CPU, {threads} threads, torch {torch.__version__}")
     ratios = {kind: bench(kind, args.rounds) for kind in args.models}
     return 0 if all(r >= FLOORS[k] for k, r in ratios.items()) else 1
 

@@ -97,7 +97,8 @@ def test_r1_template_format(tokenizer):
 def test_chat_template_equals_transformers(tokenizer, tmp_path, template):
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(tokenizer.tokenizer, tokenizer.config, R1_CHAT_TEMPLATE if template == "r1" else QWEN_STYLE_TEMPLATE)
+    chat_template = R1_CHAT_TEMPLATE if template == "r1" else QWEN_STYLE_TEMPLATE
+    tok = Tokenizer(tokenizer.tokenizer, tokenizer.config, chat_template)
     tok.save(tmp_path)
     ours = Tokenizer.from_dir(tmp_path)
     theirs = PreTrainedTokenizerFast.from_pretrained(tmp_path)

@@ -46,7 +46,7 @@ def test_every_recipe_is_valid():
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         args = parser.parse_args(["--recipe", str(path)])
-        model = openseek.train.trainer.apply_recipe(args, module.add_arguments)
+        model = openseek.train.trainer.apply_recipe(args, module.add_arguments, module.DEFAULTS)
         openseek.train.trainer.train_config_from_args(args)
         if model is not None:
             ModelConfig.from_hf(dict(model, vocab_size=512), source=path.name)
@@ -111,3 +111,15 @@ def test_bad_input_is_named(corpus, tmp_path):
     recipe.write_text(json.dumps({"learning_rate": 1.0}))
     with pytest.raises(ValueError, match=rf"{recipe}: unknown setting 'learning_rate'"):
         main(["pretrain", "--recipe", str(recipe), "--data", str(bad)])
+
+
+def test_finite_data_stops_cleanly(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", str(RECIPES / "pretrain-tiny-moe.json"), "--tokenizer", str(corpus / "tok"),
+                 "--data", str(corpus / "docs.txt"), "--epochs", "1", "--steps", "1000", "--seq-len", "64",
+                 "--batch-size", "8", "--run-dir", str(run), "--no-progress"]) == 0
+    tokens = sum(len(Tokenizer.from_dir(corpus / "tok").encode(d)) + 1 for d in successor_documents(200))
+    steps = tokens // 65 // 8  # whole rows of 65 tokens, whole batches of 8 rows
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == f"data exhausted after step {steps}" and report["steps"] == steps
+    assert [p.name for p in list_checkpoints(run)][-1] == f"step_{steps:08d}"

@@ -115,28 +115,36 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None) -> Tokenizer:
     return Tokenizer.from_dir(tokenizer_dir)
 
 
+DEFAULTS = dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size=8, mtp_weight=0.0,
+                balance_alpha=0.0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="JSON file of defaults for these flags (see recipes/)")
+    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
     parser.add_argument("--model", help="model directory to continue from, or a config.json for a fresh model")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--data", nargs="+", help=".txt/.jsonl/.parquet files or directories")
-    parser.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
-    parser.add_argument("--mtp-weight", type=float, default=0.0, help="λ: weight of the MTP loss")
-    parser.add_argument("--balance-alpha", type=float, default=0.0, help="α: sequence-wise balance loss weight")
+    parser.add_argument("--text-field", help="JSONL/Parquet field holding the text (default: text)")
+    parser.add_argument("--skip-bad-lines", action="store_true", default=None,
+                        help="skip (and count) malformed JSONL lines")
+    parser.add_argument("--epochs", type=int,
+                        help="passes over the data before stopping (default: cycle until --steps)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 256)")
+    parser.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default: 8)")
+    parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
+    parser.add_argument("--balance-alpha", type=float, help="α: sequence-wise balance loss weight (default: 0)")
     add_train_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    model_spec = apply_recipe(args, add_arguments)
+    model_spec = apply_recipe(args, add_arguments, DEFAULTS)
     if not args.data:
         raise ValueError("no data: pass --data FILE_OR_DIR ...")
     rank, world_size = init_distributed()
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = build_model(args.model or model_spec, tokenizer, args.seed)
-    rows = data.PackedRows(data.Records(args.data, args.text_field, args.skip_bad_lines), tokenizer, args.seq_len)
+    records = data.Records(args.data, args.text_field, args.skip_bad_lines)
+    rows = data.PackedRows(records, tokenizer, args.seq_len, args.epochs)
     batches = data.Batches(rows, args.batch_size, data.collate_packed, rank, world_size)
     trainer = Trainer(model, train_config_from_args(args), NextTokenLoss(args.mtp_weight, args.balance_alpha),
                       batches, tokenizer, flops_per_token=flops_per_token(model.cfg, args.seq_len))

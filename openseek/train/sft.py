@@ -20,27 +20,33 @@ from openseek.train.pretrain import NextTokenLoss, build_model, load_tokenizer
 from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
 
 
+DEFAULTS = dict(skip_bad_lines=False, max_len=1024, batch_size=8, mtp_weight=0.0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="JSON file of defaults for these flags (see recipes/)")
+    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
     parser.add_argument("--model", help="model directory to fine-tune")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--data", nargs="+", help="JSONL/Parquet files (or directories) of `messages`")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
-    parser.add_argument("--max-len", type=int, default=1024, help="tokens per conversation (longer ones are cut)")
-    parser.add_argument("--batch-size", type=int, default=8, help="conversations per process per micro-step")
-    parser.add_argument("--mtp-weight", type=float, default=0.0, help="λ: weight of the MTP loss")
+    parser.add_argument("--skip-bad-lines", action="store_true", default=None,
+                        help="skip (and count) malformed JSONL lines")
+    parser.add_argument("--epochs", type=int,
+                        help="passes over the data before stopping (default: cycle until --steps)")
+    parser.add_argument("--max-len", type=int, help="tokens per conversation; longer ones are cut (default: 1024)")
+    parser.add_argument("--batch-size", type=int, help="conversations per process per micro-step (default: 8)")
+    parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
     add_train_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    model_spec = apply_recipe(args, add_arguments)
+    model_spec = apply_recipe(args, add_arguments, DEFAULTS)
     if not args.data:
         raise ValueError("no data: pass --data FILE_OR_DIR ...")
     rank, world_size = init_distributed()
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = build_model(args.model or model_spec, tokenizer, args.seed)
     records = data.Records(args.data, field="messages", skip_bad_lines=args.skip_bad_lines)
-    rows = data.ConversationRows(records, tokenizer, args.max_len)
+    rows = data.ConversationRows(records, tokenizer, args.max_len, args.epochs)
     collate = partial(data.collate_conversations, pad_id=tokenizer.pad_token_id)
     batches = data.Batches(rows, args.batch_size, collate, rank, world_size)
     trainer = Trainer(model, train_config_from_args(args), NextTokenLoss(args.mtp_weight), batches, tokenizer,

@@ -60,6 +60,10 @@ from openseek.model.moe import MoE
 CHECKPOINTS = "checkpoints"
 
 
+class _DataExhausted(Exception):
+    """The batch source raised StopIteration (StopIteration itself must not cross frames)."""
+
+
 class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite loss, bad resume state); the message names the step."""
 
@@ -159,6 +163,7 @@ class Trainer:
             self.device = torch.device(cfg.device)
         self.step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
         self.report = None  # written at the end of train() on rank 0
+        self._saved_step = None
         self.moe = moe_layers(model)
         self.flops_per_token = flops_per_token or reporting.flops_per_token(model.cfg, seq_len=0)
 
@@ -254,7 +259,15 @@ class Trainer:
         status = "interrupted"
         try:
             while self.step < cfg.steps:
-                metrics = self._train_step()
+                try:
+                    metrics = self._train_step()
+                except _DataExhausted:  # a finite source ran dry: keep what was learned, report, stop
+                    for optimizer in self.optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    if self._saved_step != self.step:
+                        self.save_checkpoint()
+                    status = f"data exhausted after step {self.step}"
+                    break
                 self.elapsed = time.perf_counter() - started
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self._log(metrics)
@@ -266,7 +279,8 @@ class Trainer:
                 bar.set_postfix(postfix)
                 if self.step == cfg.steps or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save_checkpoint()
-            status = "completed"
+            else:
+                status = "completed"
         except TrainingError as e:
             status = f"stopped: {e}"
             raise
@@ -287,7 +301,10 @@ class Trainer:
         loads = [torch.zeros(m.gate.weight.shape[0], device=self.device) for m in self.moe]
         for micro in range(cfg.grad_accum):
             t_data = time.perf_counter()
-            batch = next(self.batches)
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                raise _DataExhausted from None
             self.batches_consumed += 1
             data_s += time.perf_counter() - t_data
             self._gradient_sync(micro == cfg.grad_accum - 1)
@@ -445,6 +462,7 @@ class Trainer:
         else:
             rngs = [rng]
         final = self.run_dir / CHECKPOINTS / f"step_{self.step:08d}"
+        self._saved_step = self.step
         if self.is_main:
             tmp = final.with_name(f".tmp-{final.name}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -568,52 +586,62 @@ def _tuples(value):
 
 
 def add_train_arguments(parser) -> None:
-    """One flag per TrainConfig field (--run-dir, --steps, --lr, ...), defaults from the dataclass."""
+    """One flag per TrainConfig field (--run-dir, --steps, --lr, ...). Unset flags parse as None, so a recipe can
+    fill them; `apply_recipe` then puts the dataclass defaults in whatever is still unset."""
     import argparse
 
     group = parser.add_argument_group("training")
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), f.default
+        help_ = f"(default: {default})"
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=float, nargs=len(default), default=default)
+            group.add_argument(flag, type=float, nargs=len(default), default=None, help=help_)
         else:
             kind = {int: int, float: float, str: str}.get(type(default), float)
-            group.add_argument(flag, type=kind, default=default)
+            group.add_argument(flag, type=kind, default=None, help=help_)
 
 
 def train_config_from_args(args) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    values["betas"] = tuple(values["betas"])
+    values = {k: v for k, v in values.items() if v is not None}
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
     return TrainConfig(**values)
 
 
-def apply_recipe(args, add_arguments) -> dict | None:
-    """Fill flags left at their defaults from `--recipe file.json` (flags given on the command line win).
+def apply_recipe(args, add_arguments, defaults: dict | None = None) -> dict | None:
+    """Settle every flag: given on the command line > `--recipe file.json` > `defaults` and TrainConfig's.
 
     A recipe is a flat JSON object of flag names (underscores or dashes) plus an optional "model" object: the
-    transformers config of a model trained from scratch. Returns that model config (or None).
+    transformers config of a model trained from scratch, which is returned (or None). A flag counts as unset when
+    it parsed as None (or, for flags declared with a concrete default, when it still equals that default).
     """
     import argparse
 
-    if not getattr(args, "recipe", None):
-        return None
-    path = Path(args.recipe)
-    try:
-        recipe = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: recipe not found (see recipes/ for examples)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    reference = argparse.ArgumentParser()
-    add_arguments(reference)
-    model = recipe.pop("model", None)
-    recipe.pop("description", None)
-    for key, value in recipe.items():
-        name = key.replace("-", "_")
-        if not hasattr(args, name):
-            raise ValueError(f"{path}: unknown setting {key!r}")
-        if getattr(args, name) == reference.get_default(name):
+    model = None
+    if getattr(args, "recipe", None):
+        path = Path(args.recipe)
+        try:
+            recipe = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: recipe not found (see recipes/ for examples)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        reference = argparse.ArgumentParser()
+        add_arguments(reference)
+        model = recipe.pop("model", None)
+        recipe.pop("description", None)
+        for key, value in recipe.items():
+            name = key.replace("-", "_")
+            if not hasattr(args, name):
+                raise ValueError(f"{path}: unknown setting {key!r}")
+            current = getattr(args, name)
+            if current is None or current == reference.get_default(name):
+                setattr(args, name, value)
+    fallback = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (defaults or {})
+    for name, value in fallback.items():
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
     return model
