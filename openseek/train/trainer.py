@@ -12,7 +12,9 @@ Contract
   several processes, the same module sharded or replicated): call `model(...)` and `model.mtp_logits(...)` on it.
   Under bf16 autocast on GPU, compute the loss in float32.
 - `batches`: an iterator; the trainer calls `next(batches)` `grad_accum` times per optimizer step, one
-  micro-batch each. Optional methods it uses when present:
+  micro-batch each (batches that are tensors or dicts of tensors are moved to the device; anything else is passed
+  as it is). StopIteration ends the run cleanly: a checkpoint, the report, status "data exhausted". Optional
+  methods it uses when present:
     `state_dict()` / `load_state_dict(state)`: the exact data position, JSON-serialisable, saved in checkpoints
       (without them, resuming replays and discards the batches already consumed);
     `pop_metrics() -> dict[str, float]`: the batch source's own figures (timings, rollout stats), called once per
@@ -22,11 +24,11 @@ Contract
   process's place, and each rank yields its own slice of every global batch (see `openseek.data.Batches`).
 
 What the trainer owns: device placement, DDP (replicas; one gradient all-reduce per step) or FSDP2
-(`fully_shard` per block) under `torchrun` — one process takes the same path with nothing to reduce — AdamW,
-warmup + cosine or WSD learning rate, gradient accumulation and clipping, bf16 autocast and `torch.compile` on
-GPU, DeepSeek's auxiliary-loss-free balancing (after each step every router's correction bias moves by γ toward
-balanced load), metrics.jsonl, a progress bar, atomic checkpoints with exact resume, stopping on a non-finite loss,
-and the final report with cost.
+(`fully_shard` per block) under `torchrun` — one process takes the same path with nothing to reduce — fused
+AdamW (or Muon for hidden matrices), warmup + cosine or WSD learning rate, gradient accumulation and clipping,
+bf16 autocast and `torch.compile` on GPU, DeepSeek's auxiliary-loss-free balancing (after each step every router's
+correction bias moves by γ toward balanced load), metrics.jsonl, a progress bar, atomic checkpoints with exact
+resume, stopping on a non-finite loss, and the final report with cost.
 
 Checkpoints: `run_dir/checkpoints/step_XXXXXXXX/` is an HF model directory (config, safetensors, tokenizer) plus
 `trainer_state.json` (step, data position, Python RNG), `optimizer.pt` and `rng.pt` (torch RNG of every rank), both
