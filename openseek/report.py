@@ -98,7 +98,7 @@ def write_report(run_dir, summary: dict, price_per_device_hour: float) -> dict:
         ("steps", report.get("steps")),
         ("tokens", f"{report.get('tokens', 0):,}"),
         ("final loss", _fmt(report.get("final_loss"))),
-        ("parameters (total / active per token)",
+        ("parameters, total / active per token (input embedding excluded)",
          f"{report.get('parameters', 0):,} / {report.get('active_parameters', 0):,}"),
         ("FLOPs per token", f"{report.get('flops_per_token', 0):.4g}"),
         ("total FLOPs", f"{report['total_flops']:.4g}"),

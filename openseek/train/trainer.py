@@ -426,7 +426,7 @@ class Trainer:
         summary = {
             "status": status, "steps": self.step, "tokens": self.tokens, "parameters": total,
             "active_parameters": active, "flops_per_token": self.flops_per_token, "wall_time_s": self.elapsed,
-            "devices": self.world_size, "device": device, "command": " ".join(sys.argv),
+            "devices": self.world_size, "device": device, "command": _command_line(),
             "mfu": sum(self._mfu) / len(self._mfu) if self._mfu else None,
             "config": dataclasses.asdict(self.cfg),
         }
@@ -566,6 +566,14 @@ def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         gram = x @ x.transpose(-2, -1)
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x if wide else x.transpose(-2, -1)
+
+
+def _command_line() -> str:
+    """The command as the user typed it (`openseek pretrain ...`), for the report."""
+    program = Path(sys.argv[0]).name
+    if program in ("openseek", "cli.py", "__main__.py"):
+        return " ".join(["openseek", *sys.argv[1:]])
+    return " ".join(sys.argv)
 
 
 def _to_device(batch, device):
