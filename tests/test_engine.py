@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import openseek
-from openseek.engine.cache import make_cache
+from openseek.engine.cache import Cache, make_cache
 from openseek.engine.sampling import Sampler, SamplingParams
 
 from conftest import build_hf_model
@@ -78,10 +78,13 @@ def test_n_samples_and_small_batches_give_the_same_greedy_rows(models, kind):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
-def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind):
+def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind, monkeypatch):
     """Rows stop at different steps (finished rows leave the batch); each equals its unstopped output cut at the
     first stop token, stop token included."""
     ours, _ = models(kind)
+    compactions = []
+    select_rows = Cache.select_rows
+    monkeypatch.setattr(Cache, "select_rows", lambda self, keep: compactions.append(len(keep)) or select_rows(self, keep))
     engine = openseek.Engine(ours)
     prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
     free = [o.token_ids for o in engine.generate(prompts, 40, temperature=0, stop_token_ids=[])]
@@ -106,6 +109,7 @@ def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind):
             else:
                 assert out.token_ids == row and out.finish_reason == "length"
         assert stopped >= 2
+    assert compactions  # finished rows really left the running batch
 
 
 def test_kv_bytes_per_token_is_the_latent_formula_for_mla_and_kv_for_gqa(models):
