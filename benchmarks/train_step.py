@@ -8,6 +8,12 @@ should agree). Besides wall time it reports the process CPU time of each step, w
 shared with other work (wall time there depends on who else is running).
 
     .venv/bin/python benchmarks/train_step.py [--rounds 5] [--models qwen2 deepseek_v3]
+
+On a GPU, `--mfu` instead measures the Trainer itself (bf16 autocast, torch.compile, fused AdamW) on a ~0.5B dense
+model (Qwen2.5-0.5B's shape) and a DeepSeek-V3 MoE (recipes/pretrain-moe-gpu.json), and prints its MFU
+(target ≥ 45% dense):
+
+    .venv/bin/python benchmarks/train_step.py --mfu [--steps 30] [--batch-size 8] [--seq-len 2048]
 """
 
 from __future__ import annotations
@@ -83,12 +89,64 @@ def bench(kind: str, rounds: int) -> float:
     return ratio
 
 
+MFU_MODELS = {
+    "dense-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       max_position_embeddings=4096, tie_word_embeddings=True),
+    "moe": None,  # recipes/pretrain-moe-gpu.json with a 32K vocabulary
+}
+
+
+def mfu(steps: int, batch_size: int, seq_len: int) -> None:
+    """Train each model for `steps` steps with the Trainer on random tokens; report the median MFU of the second half."""
+    import json
+    import statistics
+
+    from openseek.config import ModelConfig
+    from openseek.model import Model
+    from openseek.report import flops_per_token
+    from openseek.train.pretrain import NextTokenLoss
+    from openseek.train.trainer import Trainer, TrainConfig
+
+    recipe = json.loads((Path(__file__).parent.parent / "recipes" / "pretrain-moe-gpu.json").read_text())
+    for name, hf in MFU_MODELS.items():
+        hf = hf or dict(recipe["model"], vocab_size=32768)
+        cfg = ModelConfig.from_hf(hf)
+        torch.manual_seed(0)
+        model = Model(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+        batches = iter(lambda: {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, None)
+        with tempfile.TemporaryDirectory() as run_dir:
+            config = TrainConfig(run_dir=run_dir, steps=steps, lr=1e-4, compile=True, progress=False,
+                                 checkpoint_every=10**9, keep_checkpoints=1)
+            trainer = Trainer(model, config, NextTokenLoss(mtp_weight=0.3 if cfg.num_nextn_predict_layers else 0),
+                              batches, flops_per_token=flops_per_token(cfg, seq_len))
+            trainer.save_checkpoint = lambda: None  # timing only: no multi-GB writes
+            trainer.train()
+            rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")][steps // 2:]
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in rows)
+        value = statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None
+        shown = f"MFU {value:.1%}" if value is not None else "MFU n/a (no GPU)"
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, B={batch_size} "
+              f"T={seq_len}: {tokens_per_s:,.0f} tokens/s, {shown}")
+        del model, trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["qwen2", "deepseek_v3"], choices=list(FLOORS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mfu", action="store_true", help="measure the Trainer's MFU on a GPU instead")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args()
+    if args.mfu:
+        mfu(args.steps, args.batch_size, args.seq_len)
+        return 0
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"training step, B={BATCH}, T={SEQ}, float32, CPU, {threads} threads, torch {torch.__version__}")
