@@ -99,8 +99,8 @@ class KVCache(Cache):
 
 
 class _LatentLayer:
-    def __init__(self, cache: LatentCache, shape, dtype, rank: int):
-        self.cache, self.rank = cache, rank
+    def __init__(self, cache: LatentCache, shape, dtype):
+        self.cache = cache
         self.kv = torch.zeros(shape, dtype=dtype, device=cache.device)
 
     @property
@@ -125,7 +125,7 @@ class LatentCache(Cache):
     def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__(rows, max_len, device)
         shape = (rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.layers = [_LatentLayer(self, shape, dtype, cfg.kv_lora_rank) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [_LatentLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers)]
 
 
 def make_cache(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> Cache:
