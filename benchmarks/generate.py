@@ -42,9 +42,8 @@ def matmul_floor(model) -> float:
     attention, norms, sampling or framework overhead. A decode step streams every weight once, so no exact float32
     implementation can beat this on the machine. Dense models only (all their weights are nn.Linear)."""
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not name.startswith("mtp")]
-    inputs = {
-        rows: {m.in_features: torch.randn(rows, m.in_features) for m in linears} for rows in (BATCH * (PROMPT - 1), BATCH)
-    }
+    sizes = {m.in_features for m in linears}
+    inputs = {rows: {n: torch.randn(rows, n) for n in sizes} for rows in (BATCH * (PROMPT - 1), BATCH)}
     start = time.perf_counter()
     with torch.no_grad():
         for m in linears:

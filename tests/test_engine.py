@@ -84,7 +84,12 @@ def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind, monkeypatch
     ours, _ = models(kind)
     compactions = []
     select_rows = Cache.select_rows
-    monkeypatch.setattr(Cache, "select_rows", lambda self, keep: compactions.append(len(keep)) or select_rows(self, keep))
+
+    def counting_select_rows(cache, keep):
+        compactions.append(len(keep))
+        select_rows(cache, keep)
+
+    monkeypatch.setattr(Cache, "select_rows", counting_select_rows)
     engine = openseek.Engine(ours)
     prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
     free = [o.token_ids for o in engine.generate(prompts, 40, temperature=0, stop_token_ids=[])]

@@ -120,9 +120,10 @@ class MLAttention(nn.Module):
     def attend_absorbed(self, q_nope, q_pe, kv, mask):
         """Attention over the cached [latent | rope key] kv [B, 1, S, r + rope] without expanding it to heads.
 
-        With kv_b_proj viewed per head as [W_UK | W_UV], q_nope·k_nope = (q_nope W_UK)·latent and P·v = (P·latent) W_UVᵀ,
-        so all heads share one key [latent | k_pe] and one value (the latent): multi-query attention in the latent
-        space, at the same softmax scale as the naive path. mask [B, 1, T or 1, S] (True = may attend).
+        With kv_b_proj viewed per head as [W_UK | W_UV], q_nope·k_nope = (q_nope W_UK)·latent and
+        P·v = (P·latent) W_UVᵀ, so all heads share one key [latent | k_pe] and one value (the latent):
+        multi-query attention in the latent space, at the same softmax scale as the naive path.
+        mask [B, 1, T or 1, S] (True = may attend).
         """
         B, H, T, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -133,5 +134,6 @@ class MLAttention(nn.Module):
         scores = torch.bmm(q, kv.transpose(1, 2)).view(B, H, T, -1) * self.scale
         probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.bmm(probs.view(B, H * T, -1), kv[..., : self.kv_lora_rank])  # [B, H*T, r]
-        out = torch.bmm(out.view(B, H, T, -1).transpose(0, 1).reshape(H, B * T, -1), w[:, self.nope_dim :].transpose(1, 2))
+        out = out.view(B, H, T, -1).transpose(0, 1).reshape(H, B * T, -1)
+        out = torch.bmm(out, w[:, self.nope_dim :].transpose(1, 2))  # [H, B*T, v]
         return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3).reshape(B, T, H * self.v_dim)
