@@ -57,6 +57,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
 
     One grouped GEMM when the layout allows it (16-byte aligned rows); otherwise a loop over the segments.
     """
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[1], w.shape[2]))
     if aligned and x.dtype == w.dtype:
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
@@ -82,7 +85,7 @@ class Experts(nn.Module):
         gate, up = grouped_matmul(x[token], self.gate_up_proj.transpose(1, 2), ends).chunk(2, dim=-1)
         out = grouped_matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)
         out = out * weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
 class MoE(nn.Module):
