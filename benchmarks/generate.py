@@ -83,12 +83,14 @@ def bench(kind: str, runs: int) -> float:
 
     run_hf(), run_ours()  # warm up both
     times = {"transformers": [], "openseek": [], "matmuls only": []}
+    cpu = {"transformers": [], "openseek": []}  # process CPU time: less swayed by other jobs on the machine
     for i in range(runs):
         for name, fn in (("transformers", run_hf), ("openseek", run_ours)) if i % 2 == 0 else (
             ("openseek", run_ours), ("transformers", run_hf)):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             tokens = fn()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
             if name == "transformers":
                 hf_tokens = tokens
             else:
@@ -107,6 +109,9 @@ def bench(kind: str, runs: int) -> float:
         f"{'OK' if ratio >= FLOORS[kind] else 'BELOW'}); {BATCH * NEW / ours_s:.0f} tok/s; "
         f"greedy tokens identical: {same}/{BATCH * NEW}"
     )
+    hf_cpu, ours_cpu = statistics.median(cpu["transformers"]), statistics.median(cpu["openseek"])
+    print(f"  process CPU time: transformers {hf_cpu:.3f}s, openseek {ours_cpu:.3f}s median "
+          f"-> {hf_cpu / ours_cpu:.2f}x")
     if times["matmuls only"]:
         floor = statistics.median(times["matmuls only"])
         print(f"  weight matmuls alone: {floor:.3f}s median -> at most {hf_s / floor:.2f}x for any exact float32 "

@@ -24,7 +24,8 @@ Streaming with continuous batching (serve, chat):
 A background thread (started on the first submit; `engine.close()` stops it) keeps one running batch of up to
 `max_batch_size` rows: each step it admits waiting requests into free rows (prefilling them), decodes one token
 for every row, streams the tokens and retires finished or cancelled requests. Rows hold up to `max_seq_len`
-tokens (prompt + new). A failing step fails its requests: awaiting them raises the error.
+tokens (prompt + new; default min(context, 4096), so a long-context model does not preallocate its whole context).
+A failing step (or a raising `on_token`) fails its requests: finish_reason "error", and awaiting them raises.
 
 Bad input (empty prompt, token id outside the vocabulary, prompt + max_new_tokens beyond the model's context,
 n < 1, top_p outside (0, 1], ...) raises ValueError naming the culprit; nothing is ever truncated silently.
@@ -32,7 +33,8 @@ n < 1, top_p outside (0, 1], ...) raises ValueError naming the culprit; nothing 
 How it decodes: caches are preallocated (cache.py), a prompt's tokens but the last are prefilled with the
 ordinary (naive MLA) forward, then every step feeds one token per row at its own position; MLA decodes with the
 absorbed weights over the latent cache. The engine works on the very module the trainer updates (no copy) and
-never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token.
+never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. On CUDA the same code
+runs with SDPA; CUDA graphs for decode are not implemented yet.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.cfg = model, model.cfg
         self.max_batch_size = max_batch_size
-        # Rows of the streaming batch: capped so a long-context model does not preallocate its whole context.
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
         self._model_lock = threading.Lock()  # one forward at a time (generate and the serving loop share the model)
         self._queue: deque[Request] = deque()
