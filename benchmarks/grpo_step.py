@@ -4,10 +4,11 @@ Same HF checkpoint (the ~27M qwen2 of benchmarks/generate.py: hidden 512, 8 laye
 intermediate 1408, vocab 8192, random weights saved by transformers), a small byte-level BPE trained here, the same
 prompts, the same custom reward, G = 8 completions for each of 2 prompts per step, 128 new tokens, β = 0.04 (both
 load a frozen reference), one update per rollout, GRPO loss (per-sequence mean), lr 1e-6, float32, CPU, 2 threads.
-Both run in one process and alternate step by step: after each TRL step, one openseek step (its trainer runs in a
-thread that waits for its turn, so only one side computes at a time). A step is everything: generation, rewards,
+Both run in one process and alternate step by step: each trainer runs in its own thread (2 intra-op threads each)
+and waits for its turn, so only one side computes at a time and both see the same conditions. A step is everything: generation, rewards,
 reference log-probs, forward, backward and the optimizer. The first step of each is a warm-up, not counted.
-Prints every step, the medians and their ratio.
+Prints every step's wall and process CPU time, the medians and their ratios (wall time is the claim; CPU time is the
+quieter measure on a shared machine).
 
     .venv/bin/python benchmarks/grpo_step.py [--steps 10]
 """
@@ -15,8 +16,10 @@ Prints every step, the medians and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -63,84 +66,85 @@ def make_checkpoint(directory: Path) -> list[str]:
     return [r["prompt"] for r in rows[:64]]
 
 
-class Alternator:
-    """Runs the openseek trainer in a thread, one step at a time, between TRL's steps (TRL's trainer owns the
-    main thread). `step()` lets one openseek step run and waits for it; only one side computes at any time."""
+class Turns:
+    """One trainer running in its own thread, one step per turn: `step()` lets it run exactly one step and waits
+    for it, returning (wall, process CPU) seconds of that step. The main thread hands out turns alternately, so
+    the two trainers run under the same conditions (same kind of thread, 2 intra-op threads) and never together."""
 
-    def __init__(self, directory: Path, prompts: list[str], steps: int, out: Path):
-        import threading
-
-        from openseek.tokenizer import Tokenizer
-
-        model = openseek.load(directory, dtype=torch.float32)
-        tokenizer = Tokenizer.from_dir(directory)
-        grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=NEW_TOKENS, beta=BETA,
-                          loss_type="grpo", template="plain")
-        train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
-                                progress=False, device="cpu")
+    def __init__(self, train_fn):
         self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
-        self.step_times: list[float] = []
-        gate = self
+        self.times: list[tuple[float, float]] = []
+        self.error: BaseException | None = None
 
-        class Gated(Rollouts):  # waits for its turn before each step; reports the step's time when it ends
-            def __next__(self):
-                gate.go.acquire()
-                return super().__next__()
+        def body():
+            torch.set_num_threads(2)
+            try:
+                train_fn(self)
+            except BaseException as exc:  # noqa: BLE001 — reported by step()
+                self.error = exc
+                self.done.release()
 
-            def pop_metrics(self):
-                metrics = super().pop_metrics()
-                gate.step_times.append(metrics["time/step"])
-                gate.done.release()
-                return metrics
-
-        def run():
-            with patch_rollouts(Gated):
-                grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
-
-        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread = threading.Thread(target=body, daemon=True)
         self.thread.start()
 
-    def step(self) -> float:
+    def begin(self) -> None:  # called by the trainer at the start of a step: wait for the turn
+        self.go.acquire()
+        self.start = (time.perf_counter(), time.process_time())
+
+    def end(self) -> None:  # called by the trainer when the step is over
+        self.times.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
+        self.done.release()
+
+    def step(self) -> tuple[float, float]:
         self.go.release()
         self.done.acquire()
-        return self.step_times[-1]
+        if self.error is not None:
+            raise self.error
+        return self.times[-1]
 
 
-class patch_rollouts:
-    """Make `openseek.train.grpo.train` build the given Rollouts subclass."""
+def train_openseek(turns: Turns, directory: Path, prompts: list[str], steps: int, out: Path) -> None:
+    from openseek.tokenizer import Tokenizer
 
-    def __init__(self, cls):
-        self.cls = cls
+    model = openseek.load(directory, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(directory)
+    grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=NEW_TOKENS, beta=BETA,
+                      loss_type="grpo", template="plain")
+    train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
+                            progress=False, device="cpu")
 
-    def __enter__(self):
-        self.saved, grpo_module.Rollouts = grpo_module.Rollouts, self.cls
+    class Gated(Rollouts):  # a step starts when the trainer asks for its batch and ends when it pops the metrics
+        def __next__(self):
+            turns.begin()
+            return super().__next__()
 
-    def __exit__(self, *exc):
-        grpo_module.Rollouts = self.saved
+        def pop_metrics(self):
+            metrics = super().pop_metrics()
+            turns.end()
+            return metrics
+
+    saved, grpo_module.Rollouts = grpo_module.Rollouts, Gated
+    try:
+        grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
+    finally:
+        grpo_module.Rollouts = saved
 
 
-def run(directory: Path, prompts: list[str], steps: int, out: Path) -> dict[str, list[float]]:
-    """TRL's GRPOTrainer for `steps` steps; after each of its steps, one openseek step."""
+def train_trl(turns: Turns, directory: Path, prompts: list[str], steps: int, out: Path) -> None:
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    times = {"trl": [], "openseek": []}
-    ours = Alternator(directory, prompts, steps, out / "openseek")
-
-    class StepTimer(transformers.TrainerCallback):
+    class Gate(transformers.TrainerCallback):  # a step: everything between on_step_begin and on_step_end
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            turns.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
-            times["trl"].append(time.perf_counter() - self.start)
-            times["openseek"].append(ours.step())
-            print(f"step {len(times['trl'])}: TRL {times['trl'][-1]:6.2f}s   openseek {times['openseek'][-1]:6.2f}s",
-                  flush=True)
+            turns.end()
 
     args = TRLConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=G * PROMPTS_PER_STEP, num_generations=G,
+        output_dir=str(out), per_device_train_batch_size=G * PROMPTS_PER_STEP, num_generations=G,
         gradient_accumulation_steps=1, max_completion_length=NEW_TOKENS, beta=BETA, num_iterations=1,
         loss_type="grpo", learning_rate=LR, lr_scheduler_type="constant", temperature=1.0, use_cpu=True,
         bf16=False, report_to="none", max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
@@ -149,10 +153,21 @@ def run(directory: Path, prompts: list[str], steps: int, out: Path) -> dict[str,
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     trainer = GRPOTrainer(model=str(directory), reward_funcs=reward_digits, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          callbacks=[StepTimer()])
+                          callbacks=[Gate()])
+    generate = trainer._generate_single_turn  # timed only to report where TRL's step goes
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            TRL_GENERATION.append(time.perf_counter() - start)
+
+    trainer._generate_single_turn = timed_generate
     trainer.train()
-    ours.thread.join()
-    return times
+
+
+TRL_GENERATION: list[float] = []
 
 
 def main() -> None:
@@ -167,11 +182,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prompts = make_checkpoint(tmp / "model")
-        times = run(tmp / "model", prompts, args.steps, tmp)
-    trl_s, ours_s = statistics.median(times["trl"][1:]), statistics.median(times["openseek"][1:])
-    ratio = trl_s / ours_s
-    print(f"\nmedian step: TRL GRPOTrainer {trl_s:.2f}s, openseek grpo {ours_s:.2f}s -> {ratio:.2f}x faster "
-          f"(floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")
+        model = tmp / "model"
+        trl = Turns(lambda turns: train_trl(turns, model, prompts, args.steps, tmp / "trl"))
+        ours = Turns(lambda turns: train_openseek(turns, model, prompts, args.steps, tmp / "openseek"))
+        times = {"trl": [], "openseek": []}
+        for i in range(args.steps):
+            order = (("trl", trl), ("openseek", ours)) if i % 2 == 0 else (("openseek", ours), ("trl", trl))
+            for name, turns in order:
+                times[name].append(turns.step())
+            (trl_wall, trl_cpu), (our_wall, our_cpu) = times["trl"][-1], times["openseek"][-1]
+            print(f"step {i + 1:2d}: TRL {trl_wall:6.2f}s (cpu {trl_cpu:6.2f}s)   "
+                  f"openseek {our_wall:6.2f}s (cpu {our_cpu:6.2f}s)", flush=True)
+        trl.thread.join()
+        ours.thread.join()
+        metrics = [json.loads(line) for line in (tmp / "openseek" / "metrics.jsonl").read_text().splitlines()][1:]
+    split = {k: statistics.median(m[f"time/{k}"] for m in metrics) for k in ("generation", "scoring", "update")}
+    print(f"TRL generation (median s): {statistics.median(TRL_GENERATION[1:]):.2f}")
+    print("openseek step split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+          + " (scoring = rewards + reference log-probs; update = forward + backward + optimizer)")
+    for i, what in enumerate(("wall", "process CPU")):
+        trl_s = statistics.median(t[i] for t in times["trl"][1:])
+        ours_s = statistics.median(t[i] for t in times["openseek"][1:])
+        ratio = trl_s / ours_s
+        print(f"median step ({what} time): TRL GRPOTrainer {trl_s:.2f}s, openseek grpo {ours_s:.2f}s -> "
+              f"{ratio:.2f}x faster (floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")
 
 
 if __name__ == "__main__":

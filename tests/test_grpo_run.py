@@ -222,3 +222,39 @@ def test_group_size_one_is_refused_on_the_command_line(model_dir, tmp_path):
                                          "standard deviation of a group of one completion is undefined"):
         cli(grpo_args(model_dir, tmp_path / "r", "--group-size", "1"))
     assert not (tmp_path / "r").exists()
+
+
+def test_math_dataset_defaults_to_accuracy_and_format(model_dir, tmp_path):
+    """A GSM8K-style file: the default rewards are math-verify accuracy on `answer` plus R1's format reward, and
+    `accuracy` is logged."""
+    from openseek.rewards import accuracy_reward, format_reward
+    from openseek.train.grpo import resolve_rewards
+
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i}\n#### {2 * i}"})
+                            + "\n" for i in range(4)))
+    rows = load_prompt_file(path)
+    fns, accuracy_fn = resolve_rewards(None, None, rows)
+    assert fns == [accuracy_reward, format_reward] and accuracy_fn is accuracy_reward
+    model = openseek.load(model_dir, dtype=torch.float32)
+    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, fns,
+                        GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4), accuracy_fn=accuracy_fn)
+    next(rollouts)
+    m = rollouts.pop_metrics()
+    assert m["accuracy"] == m["rewards/accuracy_reward/mean"] == 0.0  # a random model answers nothing
+    assert m["rewards/format_reward/mean"] == 0.0
+
+
+def test_a_raising_reward_scores_zero_and_training_goes_on(model_dir, caplog):
+    model = openseek.load(model_dir, dtype=torch.float32)
+    rows = get_task("arithmetic").generate(8, seed=0)
+
+    def broken(completions, prompts, **_):
+        raise RuntimeError("verifier crashed")
+
+    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, broken],
+                        GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4))
+    next(rollouts)
+    m = rollouts.pop_metrics()
+    assert m["rewards/broken/mean"] == 0.0 and m["rewards/digit_share/mean"] > 0
+    assert "verifier crashed" in caplog.text

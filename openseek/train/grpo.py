@@ -508,7 +508,7 @@ def hash_seed(*parts) -> int:
 
 def unique_names(fns) -> list[str]:
     """Metric names of the reward functions, numbered when two share a name."""
-    names = [reward_name(fn) for fn in fns]
+    names = [getattr(fn, "__name__", None) or reward_name(fn) for fn in fns]
     return [f"{n}_{names[:i].count(n)}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
