@@ -45,6 +45,15 @@ def grpo_args(model_dir, run_dir, *extra):
             "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress", *extra]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run their many small ops faster on one thread, and far more steadily on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_short_run_raises_the_mean_reward(model_dir, tmp_path):
     """20 steps of P=4 × G=8 on arithmetic prompts with a reward a random model can move (the digit share)."""
     run = tmp_path / "run"

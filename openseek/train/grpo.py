@@ -11,6 +11,15 @@ users know them:
                dr_grpo: token sum / (completions × max_new_tokens) (no length bias)
 
 Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollout, KL the k3 estimator to a frozen reference.
+Dynamic sampling drops groups whose rewards are all equal and refills; overlong shaping is DAPO's soft punishment.
+
+    openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
+        --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
+
+Rewards see the completion text and the prompt text the model continued (so a template that opened `<think>` is
+visible to the format reward); extra dataset columns arrive as keyword lists. metrics.jsonl gets, per step: reward
+mean/std (total and per function), accuracy, completion length mean/max, clip fraction, KL, entropy and
+time/step split into time/generation, time/scoring (rewards + reference log-probs) and time/update.
 """
 
 from __future__ import annotations
@@ -534,6 +543,9 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
           weights: list[float] | None = None, accuracy_fn=None) -> dict:
     """Run GRPO with the shared Trainer: this module's objective, rollouts from the Engine on `model` itself.
     Returns the trainer's report; `run_dir` gets metrics.jsonl, checkpoints, report.md and the reward plots."""
+    if train_cfg.grad_accum != 1:
+        raise ValueError(f"grad_accum={train_cfg.grad_accum}: GRPO takes one rollout batch per optimizer step; "
+                         "set the batch with --prompts-per-step and --group-size instead")
     model.mtp.requires_grad_(False)  # GRPO never trains the MTP module; frozen, it stays out of the optimizer
     ref_model = None
     if grpo.beta != 0:  # the frozen reference: the starting weights (a resumed run keeps the original reference)
