@@ -255,3 +255,12 @@ def test_objective_masks_padding_and_reports_metrics():
     assert 0 < metrics["entropy"] <= math.log(32)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="temperature must be > 0: GRPO needs sampled groups"):
+        GRPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="updates_per_rollout"):
+        GRPOConfig(updates_per_rollout=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GRPOConfig(max_new_tokens=0)

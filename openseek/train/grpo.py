@@ -210,6 +210,12 @@ class GRPOConfig:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         check_group_size(self.group_size, self.advantage)
+        if self.prompts_per_step < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) and max_new_tokens ({self.max_new_tokens}) "
+                             "must be at least 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0: GRPO needs sampled groups (greedy completions of one prompt "
+                             f"are all the same), got {self.temperature}")
         if self.updates_per_rollout < 1:
             raise ValueError(f"updates_per_rollout (μ) must be >= 1, got {self.updates_per_rollout}")
         if not 0 <= self.epsilon_low < 1 or self.epsilon_high < 0:
