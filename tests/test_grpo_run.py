@@ -267,3 +267,19 @@ def test_a_raising_reward_scores_zero_and_training_goes_on(model_dir, caplog):
     m = rollouts.pop_metrics()
     assert m["rewards/broken/mean"] == 0.0 and m["rewards/digit_share/mean"] > 0
     assert "verifier crashed" in caplog.text
+
+
+def test_reward_weights_combine_the_functions(model_dir):
+    model = openseek.load(model_dir, dtype=torch.float32)
+    rows = get_task("arithmetic").generate(8, seed=0)
+
+    def one(completions, prompts, **_):
+        return [1.0] * len(completions)
+
+    cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=6)
+    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[2.0, 0.5])
+    next(rollouts)
+    m = rollouts.pop_metrics()
+    assert m["reward"] == pytest.approx(2.0 * m["rewards/digit_share/mean"] + 0.5)
+    with pytest.raises(ValueError, match="--reward-weights has 1 values for 2 reward functions"):
+        Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[1.0])
