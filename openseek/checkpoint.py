@@ -173,6 +173,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
         for k in range(cfg.num_nextn_predict_layers)
     )
     cfg = cfg.replace(num_nextn_predict_layers=mtp_layers)  # MTP weights are optional
+    cfg.eos_token_id = _eos_ids(cfg, directory)
     if dtype is None:
         dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -212,6 +213,14 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
     model.eval()
     return model
+
+
+def _eos_ids(cfg: ModelConfig, directory: Path) -> list[int]:
+    """config.json's EOS ids plus generation_config.json's (instruct checkpoints often list extra ones there)."""
+    path = directory / "generation_config.json"
+    extra = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys([*cfg.eos_token_id, *extra]))
 
 
 def _fp8_block(hf: dict) -> tuple[int, int] | None:

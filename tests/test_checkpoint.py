@@ -281,3 +281,12 @@ def test_loading_never_holds_two_copies_of_the_weights(tmp_path):
     peak = int(out.split()[-1])
     assert size > 200e6
     assert peak < 1.5 * size, f"loading {size / 1e6:.0f} MB raised peak RSS by {peak / 1e6:.0f} MB"
+
+
+def test_generation_config_adds_its_eos_ids(hf_model_dir):
+    directory, _ = hf_model_dir("qwen2")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["eos_token_id"] = 5
+    (directory / "config.json").write_text(json.dumps(cfg))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 5]}))
+    assert openseek.load(directory).cfg.eos_token_id == [5, 7]
