@@ -31,7 +31,7 @@ from typing import Callable
 
 from openseek.rewards import check_answers, extract_answer
 from openseek.tasks import TEMPLATES, Task, format_prompt, get_task, load_math_file
-from openseek.tasks.math_file import DatasetError, _gold
+from openseek.tasks.math_file import DatasetError, _gold, jsonl_objects
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
@@ -262,28 +262,14 @@ def evaluate(model_or_engine, tokenizer, rows: list[dict], *, task: Task | None 
 
 def load_completions(path) -> list[dict]:
     """Rows {"id", "answer", "completions": [str, ...], ...} from JSONL; `id` defaults to the line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, line_no, row in jsonl_objects(path):
         completions = row.get("completions")
         if completions is None:
             raise DatasetError(f"{where}: field 'completions' is missing (the row has: {', '.join(row) or 'no fields'})")
         if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
             raise DatasetError(f"{where}: field 'completions' must be a non-empty list of strings")
         rows.append({**row, "id": str(row.get("id", line_no)), "answer": _gold(row, where)})
-    if not rows:
-        raise DatasetError(f"{path}: no rows")
     return rows
 
 

@@ -54,12 +54,13 @@ def parse_row(row, where: str, line: int) -> dict:
     return {**row, "id": str(row.get("id", row.get("unique_id", line))), "prompt": question, "answer": _gold(row, where)}
 
 
-def load_math_file(path: str | Path) -> list[dict]:
-    """Rows `{"id", "prompt", "answer", ...}` from a JSONL benchmark file; a bad row raises `DatasetError`."""
+def jsonl_objects(path: str | Path) -> list[tuple[str, int, dict]]:
+    """(where, line number, object) for each non-blank line of a JSONL file. A missing or empty file, bad JSON or a
+    line that is not an object raises `DatasetError` naming the file and line. Shared by eval, GRPO and sample."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    rows = []
+    out = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -69,7 +70,14 @@ def load_math_file(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            rows.append(parse_row(row, where, line_no))
-    if not rows:
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            out.append((where, line_no, row))
+    if not out:
         raise DatasetError(f"{path}: no rows")
-    return rows
+    return out
+
+
+def load_math_file(path: str | Path) -> list[dict]:
+    """Rows `{"id", "prompt", "answer", ...}` from a JSONL benchmark file; a bad row raises `DatasetError`."""
+    return [parse_row(row, where, line_no) for where, line_no, row in jsonl_objects(path)]

@@ -27,10 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from openseek.rewards import (
     score,
 )
 from openseek.tasks import TEMPLATES, format_prompt, get_task
-from openseek.tasks.math_file import DatasetError, parse_row
+from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
 from openseek.train.pretrain import load_tokenizer
 from openseek.train.trainer import (
     Trainer,
@@ -275,32 +274,17 @@ def load_prompt_file(path) -> list[dict]:
     """Rows of a JSONL prompt file: the prompt from `prompt`, `question` or `problem`; every other column is kept
     and passed to the reward functions. Rows with a gold `answer` (or a MATH `solution`) get it normalised the way
     `openseek eval` reads benchmark files (GSM8K's `#### 42`, a solution's last \\boxed{})."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
-            if field_name is None:
-                raise DatasetError(
-                    f"{where}: no usable prompt column: expected a non-empty string in one of "
-                    f"{', '.join(PROMPT_FIELDS)}; the row has columns: {', '.join(row) or 'none'}"
-                )
-            if "answer" in row or "solution" in row:
-                row = parse_row({**row, "prompt": row[field_name]}, where, line_no)
-            rows.append({**row, "prompt": row[field_name]})
-    if not rows:
-        raise DatasetError(f"{path}: no rows")
+    for where, line_no, row in jsonl_objects(path):
+        field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
+        if field_name is None:
+            raise DatasetError(
+                f"{where}: no usable prompt column: expected a non-empty string in one of "
+                f"{', '.join(PROMPT_FIELDS)}; the row has columns: {', '.join(row) or 'none'}"
+            )
+        if "answer" in row or "solution" in row:
+            row = parse_row({**row, "prompt": row[field_name]}, where, line_no)
+        rows.append({**row, "prompt": row[field_name]})
     return rows
 
 
