@@ -50,6 +50,10 @@ def model_config(size: str, tokenizer: Tokenizer) -> dict:
     )
 
 
+# The demo model is asked exactly as it was trained: BOS + the question, no role markers (chat and serve use this).
+PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | list | last }}"
+
+
 def careless_solution(row: dict) -> str:
     """The same column method with every carry forgotten: 478 + 395 → `8+5=13 , 7+9=16 , 4+3=7` → 763."""
     width = max(len(str(row["a"])), len(str(row["b"])))
@@ -136,7 +140,8 @@ class Demo:
         data.mkdir(parents=True, exist_ok=True)
         with open(data / "corpus.jsonl.tmp", "w") as f:
             f.writelines(json.dumps(d) + "\n" for d in docs)
-        tokenizer = train_bpe([d["text"] for d in docs[:5000]], vocab_size=320, split_digits=True)
+        tokenizer = train_bpe([d["text"] for d in docs[:5000]], vocab_size=320, split_digits=True,
+                              chat_template=PLAIN_CHAT_TEMPLATE)
         tokenizer.save(self.run / "tokenizer")
         (data / "corpus.jsonl.tmp").rename(data / "corpus.jsonl")
 

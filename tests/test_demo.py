@@ -5,6 +5,7 @@ import json
 from openseek.cli import main
 from openseek.demo import careless_solution
 from openseek.tasks import get_task
+from openseek.tokenizer import BOS, Tokenizer
 
 TINY = ["--size", "tiny", "--corpus-size", "4000", "--pretrain-steps", "400", "--batch-size", "48",
         "--grpo-steps", "12", "--grpo-rounds", "2", "--prompts-per-step", "8", "--group-size", "8",
@@ -29,6 +30,9 @@ def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
     for name in ("report.md", "demo.png", "pretrain/loss.png", "model/config.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/tokenizer_config.json", "eval_base/summary.json"):
         assert (run / name).is_file(), name
+    # chat and serve ask the final model exactly as it was trained: BOS + the question
+    tokenizer = Tokenizer.from_dir(run / "model")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}]) == BOS + "What is 1 + 2?"
     rl = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rl] == list(range(1, 13))
     first, last = rl[:4], rl[-4:]
