@@ -182,6 +182,8 @@ def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress
     engine's batch, with a progress bar over problems."""
     from tqdm import tqdm
 
+    from openseek.engine import stop_token_ids
+
     encoded = [tokenizer.encode(p, add_special_tokens=sampling.template != "chat") for p in prompts]
     per_call = max(1, engine.max_batch_size // sampling.n)
     outputs = []
@@ -190,6 +192,7 @@ def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress
             batch = engine.generate(
                 encoded[start : start + per_call], max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, n=sampling.n, seed=sampling.seed + start,
+                stop_token_ids=stop_token_ids(engine.cfg, tokenizer),
             )
             for samples in batch:
                 samples = samples if isinstance(samples, list) else [samples]

@@ -28,6 +28,12 @@ BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 
+
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """True when the prompt leaves the model inside an open `<think>` block (R1's chat template prefills it, so the
+    completion carries only the closing tag). The one check used by GRPO rewards, sampling, eval and serve."""
+    return prompt.rfind(THINK) > prompt.rfind(END_THINK)
+
 # DeepSeek-R1's conversation format: system text first, then <｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜>.
 # An assistant turn that is not the last message keeps only its answer (the text after </think>), the way R1
 # sees its own earlier turns; the last one keeps its reasoning, which SFT trains on. The generation prompt

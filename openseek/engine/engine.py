@@ -52,6 +52,17 @@ from openseek.engine.sampling import Sampler, SamplingParams
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
 
 
+def stop_token_ids(model_cfg, tokenizer=None) -> list[int]:
+    """The tokens every caller stops on by default: config.json's EOS ∪ generation_config.json's EOS (the loader
+    merges both into `model_cfg.eos_token_id`) ∪ the tokenizer's EOS. Eval, GRPO, sample, chat and serve all use
+    this, so one model stops on the same tokens everywhere."""
+    ids = list(model_cfg.eos_token_id or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.append(eos)
+    return sorted(set(ids))
+
+
 @dataclass
 class Completion:
     token_ids: list[int]

@@ -8,13 +8,11 @@ until it is complete, so a delta never shows half a tag.
 
 from __future__ import annotations
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from openseek.tokenizer import END_THINK as THINK_CLOSE
+from openseek.tokenizer import THINK as THINK_OPEN
+from openseek.tokenizer import prompt_opens_reasoning
 
-
-def prompt_opens_reasoning(prompt: str) -> bool:
-    """True when the prompt leaves the model inside an open `<think>` block (the template prefilled it)."""
-    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "ReasoningSplitter", "prompt_opens_reasoning", "strip_reasoning"]
 
 
 def strip_reasoning(text: str) -> str:

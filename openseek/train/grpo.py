@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import openseek
+from openseek.engine import stop_token_ids
 from openseek import report as reporting
 from openseek.rewards import (
     REWARDS,
@@ -303,13 +304,6 @@ def score_completions(reward_fns, weights, completions, prompts, columns) -> tup
     return per_fn, total
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    ids = set(model.cfg.eos_token_id or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 class Rollouts:
     """GRPO's batch source for the Trainer. Each rollout: P prompts, G completions each from the Engine running
     the policy module itself (no weight copy), rewards, group advantages, reference log-probs when β > 0. The
@@ -345,7 +339,7 @@ class Rollouts:
         self.names = unique_names(reward_fns)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.engine = Engine(model, max_batch_size=max(64, cfg.prompts_per_step * cfg.group_size))
-        self.stop_token_ids = stop_ids(model, tokenizer)
+        self.stop_token_ids = stop_token_ids(model.cfg, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.position = {"epoch": 0, "index": 0, "rollouts": 0}
         self.current: RolloutBatch | None = None

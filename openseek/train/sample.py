@@ -27,7 +27,9 @@ import torch
 import openseek
 from openseek.rewards import score
 from openseek.tasks import TEMPLATES
-from openseek.train.grpo import encode_prompt, load_rows, resolve_rewards, stop_ids, unique_names
+from openseek.tokenizer import THINK, prompt_opens_reasoning
+from openseek.engine import stop_token_ids
+from openseek.train.grpo import encode_prompt, load_rows, resolve_rewards, unique_names
 from openseek.train.pretrain import load_tokenizer
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
@@ -36,8 +38,8 @@ _THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
 def to_messages(question: str, prompt_text: str, completion: str) -> list[dict]:
     """The user question and the assistant turn with its reasoning inside <think>. A template that opened the
     think block itself (R1's chat template) gave a completion that starts inside it."""
-    if prompt_text.rstrip().endswith("<think>"):
-        completion = "<think>" + completion
+    if prompt_opens_reasoning(prompt_text):
+        completion = THINK + completion
     match = _THINK.match(completion)
     reasoning, answer = (match.group(1), match.group(2)) if match else ("", completion)
     content = f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.strip()}"
@@ -59,7 +61,7 @@ def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     engine = Engine(model, max_batch_size=max(64, min(batch_prompts * k, 256)))
-    stops, names = stop_ids(model, tokenizer), unique_names(reward_fns)
+    stops, names = stop_token_ids(model.cfg, tokenizer), unique_names(reward_fns)
     counts = {"prompts": 0, "completions": 0, "accepted": 0, "prompts_with_accepted": 0}
     bar = tqdm(total=len(rows), desc="sample", unit="prompt", disable=not progress)
     with partial.open("w", encoding="utf-8") as out:
