@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from openseek.serve.app import APIError, Server, ServeConfig, load_engine
+from openseek.device import resolve_device
+from openseek.serve.gate import APIError
 from openseek.serve.protocol import ChatCompletionRequest
+from openseek.serve.server import Server, ServeConfig, load_engine
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -23,14 +25,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, help="per answer (default: whatever fits the context)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
 
 def main(args) -> int:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine, tokenizer = load_engine(args.model, args.dtype, device, max_batch_size=1)
+    engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1)
     config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len)
     try:
         return asyncio.run(_session(Server(engine, tokenizer, config), args))

@@ -410,7 +410,8 @@ def test_terminal_chat(model_dir):
 
 def in_process_app(model_dir, **config):
     import openseek
-    from openseek.serve.app import ServeConfig, create_app, load_engine
+    from openseek.serve.app import create_app
+    from openseek.serve.server import ServeConfig, load_engine
 
     engine, tokenizer = load_engine(str(model_dir), max_batch_size=2)
     app = create_app(engine, tokenizer, ServeConfig(model_name="tiny", max_model_len=engine.max_seq_len, **config))

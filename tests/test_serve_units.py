@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from openseek.serve.app import check_bind, is_loopback
 from openseek.serve.detokenize import IncrementalDecoder, StopMatcher
+from openseek.serve.gate import check_bind, is_loopback
 from openseek.serve.reasoning import ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
 
 
@@ -91,3 +94,11 @@ def test_incremental_decoding_equals_decoding_everything_at_once():
 def test_only_loopback_is_served_without_a_key(host, key, refused):
     assert (check_bind(host, key) is not None) == refused
     assert is_loopback(host) == (host in ("127.0.0.1", "localhost", "::1"))
+
+
+def test_the_terminal_chat_loads_no_web_framework():
+    """`openseek chat` shares the server's engine side (server.py), which must not pull in FastAPI or Starlette."""
+    probe = "import openseek.chat, sys; print('fastapi' in sys.modules, 'starlette' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]

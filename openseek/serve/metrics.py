@@ -1,0 +1,38 @@
+"""What `/metrics` shows: the server's Prometheus series, kept and rendered by `prometheus_client`.
+
+Each Server has its own registry (never the process-wide default), so several apps in one process, as in the
+tests, count separately and never clash over a metric name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Summary, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format generate_latest writes
+
+
+class Metrics:
+    def __init__(self, capacity: int, in_flight: Callable[[], int]):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("openseek_requests_total", "HTTP requests by route and status code.",
+                                ["route", "status"], registry=registry)
+        self.prompt_tokens = Counter("openseek_prompt_tokens_total", "Prompt tokens processed.", registry=registry)
+        self.generation_tokens = Counter("openseek_generation_tokens_total", "Tokens generated.", registry=registry)
+        self.reasoning_tokens = Counter("openseek_reasoning_tokens_total",
+                                        "Generated tokens inside <think>...</think>.", registry=registry)
+        Gauge("openseek_sequences_in_flight", "Sequences generating or waiting for a batch slot.",
+              registry=registry).set_function(in_flight)
+        Gauge("openseek_sequences_capacity", "Sequences admitted at most before requests get 429.",
+              registry=registry).set(capacity)
+        self.time_to_first_token = Summary("openseek_time_to_first_token_seconds",
+                                           "Time from request to first generated token.", registry=registry)
+        self.request_seconds = Summary("openseek_request_seconds", "Time from request to last generated token.",
+                                       registry=registry)
+
+    def count_request(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
