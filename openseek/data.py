@@ -322,8 +322,8 @@ class Batches:
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Counts the trainer adds to the step's metrics: skipped bad lines, truncated conversations, epoch."""
+    def counts(self) -> dict[str, float]:
+        """What `Trainer.fit` adds to each step's metrics: the epoch, skipped bad lines, truncated conversations."""
         out = {"data/epoch": float(self.rows.position["epoch"])}
         out["data/skipped_lines"] = float(self.rows.records.skipped)
         if hasattr(self.rows, "truncated"):

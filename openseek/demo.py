@@ -30,6 +30,7 @@ import openseek
 from openseek import report as reporting
 from openseek.evaluate import evaluate
 from openseek.rewards import format_reward
+from openseek.device import resolve_device
 from openseek.tasks import get_task
 from openseek.tokenizer import BOS, Tokenizer, train_bpe
 from openseek.train.trainer import TrainConfig, Trainer, list_checkpoints
@@ -102,7 +103,7 @@ class Demo:
         self.args = args
         self.run = Path(args.run_dir)
         self.task = get_task("arithmetic:digits=3,ops=+")
-        self.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(resolve_device(args.device))
         self.timings_path = self.run / "stages.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
 
@@ -160,7 +161,8 @@ class Demo:
             device=self.device, log_every=5,
         )
         batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed)
-        Trainer(model, cfg, NextTokenLoss(mtp_weight=0.3), batches, tokenizer).train()
+        objective = NextTokenLoss(mtp_weight=0.3, mtp_depths=model.cfg.num_nextn_predict_layers)
+        Trainer(model, cfg, tokenizer).fit(batches, objective)
 
     # ---- 3 and 5. evaluation ----
 

@@ -36,3 +36,12 @@ def tiny_model_dir(directory, seed: int = 0, hidden: int = 64, layers: int = 2) 
 def digit_share(completions, prompts, **columns):
     """A reward a random model can move quickly: the share of a completion's characters that are digits."""
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def rollout_once(model, tokenizer, rows, reward_fns, cfg, weights=None, accuracy_fn=None, seed=0):
+    """One GRPO rollout on `model` as the training loop makes it: (RolloutBatch, rollout metrics)."""
+    from openseek.engine import Engine
+    from openseek.train.grpo import PromptStream, Rewards, roll_out
+
+    rewards = Rewards(reward_fns, weights, accuracy_fn)
+    return roll_out(Engine(model), tokenizer, PromptStream(rows), rewards, cfg, seed, tokenizer.pad_token_id or 0)

@@ -19,14 +19,12 @@ from openseek.tasks.math_file import DatasetError
 from openseek.tokenizer import Tokenizer
 from openseek.train.grpo import (
     GRPOConfig,
-    GRPOObjective,
-    Rollouts,
     completion_logprobs,
     encode_prompt,
     load_prompt_file,
 )
 from openseek.train.trainer import TrainConfig
-from helpers_grpo import digit_share, tiny_model_dir
+from helpers_grpo import digit_share, rollout_once, tiny_model_dir
 
 REWARD = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
 
@@ -85,7 +83,7 @@ def test_engine_logprobs_are_the_trainers(model_dir):
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = get_task("arithmetic").generate(8, seed=0)
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=12, temperature=0.7)
-    batch = next(Rollouts(model, tokenizer, rows, [digit_share], cfg))
+    batch, _ = rollout_once(model, tokenizer, rows, [digit_share], cfg)
     with torch.no_grad():
         logprobs, _ = completion_logprobs(model, batch.input_ids, batch.padding_mask, batch.prompt_len, 0.7)
     mask = batch.completion_mask
@@ -93,7 +91,7 @@ def test_engine_logprobs_are_the_trainers(model_dir):
     torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=2e-5, rtol=0)
 
 
-def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_path):
+def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_path, monkeypatch):
     from openseek.train import grpo as grpo_module
 
     model = openseek.load(model_dir, dtype=torch.float32)
@@ -110,21 +108,18 @@ def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_
     assert metrics[1]["kl"] > 1e-5  # after an update the policy has moved away from it
     assert metrics[1]["clip_fraction"] > 0  # second update on the same rollout: ratios leave [1-ε, 1+ε]
 
-    seen = {}
-    original = grpo_module.Rollouts.__init__
+    copied = []
+    original = grpo_module.copy.deepcopy
 
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen["ref"] = self.ref_model
+    def spy(obj, *args, **kwargs):
+        copied.append(type(obj).__name__)
+        return original(obj, *args, **kwargs)
 
-    grpo_module.Rollouts.__init__ = spy
-    try:
-        cfg0 = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=8, beta=0.0)
-        grpo_module.train(model, tokenizer, rows, [digit_share], cfg0,
-                          TrainConfig(run_dir=str(tmp_path / "b0"), steps=1, progress=False))
-    finally:
-        grpo_module.Rollouts.__init__ = original
-    assert seen["ref"] is None  # β = 0 loads no reference model
+    monkeypatch.setattr(grpo_module.copy, "deepcopy", spy)
+    cfg0 = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=8, beta=0.0)
+    grpo_module.train(model, tokenizer, rows, [digit_share], cfg0,
+                      TrainConfig(run_dir=str(tmp_path / "b0"), steps=1, progress=False))
+    assert "Model" not in copied  # β = 0 loads no reference model
     assert "kl" not in metrics_of(tmp_path / "b0")[0]
 
 
@@ -138,9 +133,7 @@ def test_dynamic_sampling_drops_groups_without_signal(model_dir):
         return [0.5 if x % 2 == 0 else s for x, s in zip(a, digit_share(completions, prompts))]
 
     cfg = GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=8, dynamic_sampling=True)
-    rollouts = Rollouts(model, tokenizer, rows, [half_flat], cfg)
-    batch = next(rollouts)
-    m = rollouts.pop_metrics()
+    batch, m = rollout_once(model, tokenizer, rows, [half_flat], cfg)
     assert m["dynamic_sampling/dropped_groups"] > 0 and m["dynamic_sampling/rounds"] >= 2
     assert m["groups_without_signal"] == 0
     assert batch.advantages.view(4, 4).abs().sum(1).gt(0).all()  # every kept group carries a gradient
@@ -155,9 +148,7 @@ def test_overlong_shaping_enters_the_reward(model_dir):
         return [0.0] * len(completions)
 
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=10, overlong_buffer=4, overlong_penalty=2.0)
-    rollouts = Rollouts(model, tokenizer, rows, [zero], cfg)
-    next(rollouts)
-    m = rollouts.pop_metrics()
+    _, m = rollout_once(model, tokenizer, rows, [zero], cfg)
     assert m["completion_length/truncated"] == 1.0  # a random model never stops in 10 tokens
     assert m["reward"] == pytest.approx(-2.0)  # every completion reaches max_new_tokens: the full punishment
 
@@ -202,9 +193,8 @@ def test_bad_reward_output_names_the_function(model_dir, bad, why):
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = get_task("arithmetic").generate(8, seed=0)
     bad.__qualname__ = "my_reward"
-    rollouts = Rollouts(model, tokenizer, rows, [digit_share, bad], GRPOConfig(prompts_per_step=4, max_new_tokens=4))
     with pytest.raises(RewardError, match=re.escape(f"reward function my_reward {why}")):
-        next(rollouts)
+        rollout_once(model, tokenizer, rows, [digit_share, bad], GRPOConfig(prompts_per_step=4, max_new_tokens=4))
 
 
 def test_dataset_without_a_prompt_column_lists_its_columns(tmp_path, model_dir):
@@ -246,10 +236,8 @@ def test_math_dataset_defaults_to_accuracy_and_format(model_dir, tmp_path):
     fns, accuracy_fn = resolve_rewards(None, None, rows)
     assert fns == [accuracy_reward, format_reward] and accuracy_fn is accuracy_reward
     model = openseek.load(model_dir, dtype=torch.float32)
-    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, fns,
+    _, m = rollout_once(model, Tokenizer.from_dir(model_dir), rows, fns,
                         GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4), accuracy_fn=accuracy_fn)
-    next(rollouts)
-    m = rollouts.pop_metrics()
     assert m["accuracy"] == m["rewards/accuracy_reward/mean"] == 0.0  # a random model answers nothing
     assert m["rewards/format_reward/mean"] == 0.0
 
@@ -261,10 +249,8 @@ def test_a_raising_reward_scores_zero_and_training_goes_on(model_dir, caplog):
     def broken(completions, prompts, **_):
         raise RuntimeError("verifier crashed")
 
-    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, broken],
+    _, m = rollout_once(model, Tokenizer.from_dir(model_dir), rows, [digit_share, broken],
                         GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4))
-    next(rollouts)
-    m = rollouts.pop_metrics()
     assert m["rewards/broken/mean"] == 0.0 and m["rewards/digit_share/mean"] > 0
     assert "verifier crashed" in caplog.text
 
@@ -277,9 +263,7 @@ def test_reward_weights_combine_the_functions(model_dir):
         return [1.0] * len(completions)
 
     cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=6)
-    rollouts = Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[2.0, 0.5])
-    next(rollouts)
-    m = rollouts.pop_metrics()
+    _, m = rollout_once(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[2.0, 0.5])
     assert m["reward"] == pytest.approx(2.0 * m["rewards/digit_share/mean"] + 0.5)
     with pytest.raises(ValueError, match="--reward-weights has 1 values for 2 reward functions"):
-        Rollouts(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[1.0])
+        rollout_once(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[1.0])

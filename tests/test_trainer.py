@@ -20,15 +20,16 @@ from helpers_train import (
 )
 from openseek import data
 from openseek.tokenizer import Tokenizer
-from openseek.train.pretrain import NextTokenLoss, cross_entropy, sequence_balance_loss
+from openseek.train.pretrain import NextTokenLoss, cross_entropy_sum
+from openseek.train.routing import Routing, sequence_balance_loss
 from openseek.train.trainer import (
     Trainer,
     TrainConfig,
     TrainingError,
     learning_rate,
     list_checkpoints,
-    orthogonalise,
 )
+from openseek.train.muon import orthogonalise
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +50,16 @@ def _config(tmp_path, name="run", **overrides):
 def _eval_loss(model, tokenizer, docs, seq_len=64):
     rows = data.PackedRows(data.Records([docs]), tokenizer, seq_len, epochs=1)
     batch = data.collate_packed([next(rows) for _ in range(8)])
-    return cross_entropy(model(batch["input_ids"]), batch["labels"]).item(), unigram_entropy(batch["labels"].tolist())
+    labelled = (batch["labels"] != data.IGNORE).sum().item()
+    loss = cross_entropy_sum(model(batch["input_ids"]), batch["labels"]).item() / labelled
+    return loss, unigram_entropy(batch["labels"].tolist())
 
 
 def test_pretraining_drives_loss_far_below_unigram_entropy(tmp_path):
     """A tiny DeepSeek-V3 (MLA, MoE, MTP) learns the successor corpus: held-out loss << unigram entropy."""
     model, batches, tokenizer, _ = pretrain_setup(tmp_path, seq_len=64, batch_size=4)
     cfg = _config(tmp_path, steps=40, lr=1e-2, warmup_steps=4, balance_gamma=1e-3)
-    report = Trainer(model, cfg, NextTokenLoss(mtp_weight=0.3), batches, tokenizer).train()
+    report = Trainer(model, cfg, tokenizer).fit(batches, NextTokenLoss(mtp_weight=0.3, mtp_depths=1))
     held_out = write_corpus(tmp_path / "held_out.jsonl", successor_documents(100, seed=99))
     loss, entropy = _eval_loss(model, tokenizer, held_out)
     assert entropy > 3.0
@@ -70,23 +73,24 @@ def test_pretraining_drives_loss_far_below_unigram_entropy(tmp_path):
 def _train(tmp_path, name, steps, stop_at=None, resume=False, **overrides):
     """Train a fresh tiny MoE model (same seed every time); `stop_at` simulates a crash before that step."""
     model, batches, tokenizer, _ = pretrain_setup(tmp_path / name, seq_len=16, batch_size=2)
-    objective = NextTokenLoss(mtp_weight=0.5, balance_alpha=1e-2)
     calls = {"n": 0}
 
-    def crashing(model, batch):
-        calls["n"] += 1
-        if stop_at is not None and calls["n"] > (stop_at - 1) * 2:
-            raise KeyboardInterrupt
-        return objective(model, batch)
+    class Crashing(NextTokenLoss):
+        def __call__(self, model, batch, counts=None):
+            calls["n"] += 1
+            if stop_at is not None and calls["n"] > (stop_at - 1) * 2:
+                raise KeyboardInterrupt
+            return super().__call__(model, batch, counts)
 
     cfg = _config(tmp_path, name, steps=steps, grad_accum=2, balance_gamma=1e-2, checkpoint_every=2,
                   resume=resume, **overrides)
-    trainer = Trainer(model, cfg, crashing, batches, tokenizer)
+    trainer = Trainer(model, cfg, tokenizer)
+    objective = Crashing(mtp_weight=0.5, balance_alpha=1e-2, mtp_depths=model.cfg.num_nextn_predict_layers)
     if stop_at is None:
-        trainer.train()
+        trainer.fit(batches, objective)
     else:
         with pytest.raises(KeyboardInterrupt):
-            trainer.train()
+            trainer.fit(batches, objective)
     return model
 
 
@@ -120,7 +124,7 @@ def test_muon_option_trains_and_resumes_exactly(tmp_path):
 def test_checkpoints_are_self_contained_and_rotated(tmp_path):
     model, batches, tokenizer, _ = pretrain_setup(tmp_path, seq_len=16, batch_size=2)
     cfg = _config(tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=2)
-    Trainer(model, cfg, NextTokenLoss(), batches, tokenizer).train()
+    Trainer(model, cfg, tokenizer).fit(batches, NextTokenLoss())
     kept = list_checkpoints(cfg.run_dir)
     assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
@@ -139,7 +143,7 @@ def test_checkpoints_are_self_contained_and_rotated(tmp_path):
 def test_report_cost_and_plot(tmp_path):
     model, batches, tokenizer, _ = pretrain_setup(tmp_path, model_cfg=TINY_QWEN, seq_len=16, batch_size=2)
     cfg = _config(tmp_path, steps=3, price_per_device_hour=3.5)
-    report = Trainer(model, cfg, NextTokenLoss(), batches, tokenizer, flops_per_token=1000.0).train()
+    report = Trainer(model, cfg, tokenizer, flops_per_token=1000.0).fit(batches, NextTokenLoss())
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["tokens"] == 3 * 2 * 16 and saved["total_flops"] == 1000.0 * 96
     assert saved["device_hours"] == pytest.approx(saved["wall_time_s"] / 3600)
@@ -148,14 +152,14 @@ def test_report_cost_and_plot(tmp_path):
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "![loss](loss.png)" in (tmp_path / "run" / "report.md").read_text()
     m = read_metrics(cfg.run_dir)[-1]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "time/data_s", "data/epoch"} <= set(m)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "time/data", "time/update", "time/step", "data/epoch"} <= set(m)
 
 
 def test_aux_loss_free_balancing_lowers_imbalance(tmp_path):
     def imbalance(gamma):
         model, batches, tokenizer, _ = pretrain_setup(tmp_path / str(gamma), seq_len=32, batch_size=4)
         cfg = _config(tmp_path, f"g{gamma}", steps=30, balance_gamma=gamma)
-        Trainer(model, cfg, NextTokenLoss(), batches, tokenizer).train()
+        Trainer(model, cfg, tokenizer).fit(batches, NextTokenLoss())
         last = [m["expert_load_max_mean"] for m in read_metrics(cfg.run_dir)[-10:]]
         return sum(last) / len(last)
 
@@ -166,17 +170,18 @@ def test_aux_loss_free_balancing_lowers_imbalance(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model, batches, tokenizer, _ = pretrain_setup(tmp_path, seq_len=16, batch_size=2)
-    objective, calls = NextTokenLoss(), {"n": 0}
+    calls = {"n": 0}
 
-    def exploding(model, batch):
-        calls["n"] += 1
-        loss, metrics = objective(model, batch)
-        return (loss * float("nan") if calls["n"] == 5 else loss), metrics
+    class Exploding(NextTokenLoss):
+        def __call__(self, model, batch, counts=None):
+            calls["n"] += 1
+            loss, metrics = super().__call__(model, batch, counts)
+            return (loss * float("nan") if calls["n"] == 5 else loss), metrics
 
     cfg = _config(tmp_path, steps=10, checkpoint_every=2)
-    trainer = Trainer(model, cfg, exploding, batches, tokenizer)
+    trainer = Trainer(model, cfg, tokenizer)
     with pytest.raises(TrainingError, match=r"at step 5 the loss is nan.*step_00000004"):
-        trainer.train()
+        trainer.fit(batches, Exploding())
     good = list_checkpoints(cfg.run_dir)[-1]
     assert good.name == "step_00000004"
     loaded = openseek.load(good)
@@ -203,7 +208,7 @@ def test_mtp_loss_targets_and_sequence_balance_loss():
     model = openseek.Model(cfg)
     tokens = torch.randint(0, 50, (2, 13))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    loss, metrics = NextTokenLoss(mtp_weight=0.5)(model, batch)
+    loss, metrics = NextTokenLoss(mtp_weight=0.5, mtp_depths=2)(model, batch)
     logits, hidden = model(batch["input_ids"], return_hidden=True)
     mtp = model.mtp_logits(hidden, batch["input_ids"])
     # depth k at position i predicts token i + k + 1
@@ -213,15 +218,11 @@ def test_mtp_loss_targets_and_sequence_balance_loss():
     assert loss.item() == pytest.approx(metrics["loss/lm"] + 0.5 * metrics["loss/mtp"], rel=1e-6)
 
     # Balanced routing scores 1 per layer; everything on the same experts scores E/K x their score share.
-    layers = [m for m in model.modules() if hasattr(m, "last_ids")]
-    E, K, T = 8, 2, 4
-    for layer in layers:
-        layer.last_scores = torch.full((T, E), 0.5)
-        layer.last_ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
-    assert sequence_balance_loss(model, 1).item() == pytest.approx(len(layers) * 1.0)
-    for layer in layers:
-        layer.last_ids = torch.tensor([[0, 1]] * T)
-    assert sequence_balance_loss(model, 1).item() == pytest.approx(len(layers) * (E / K) * (2 / E))
+    E, K, T, layers = 8, 2, 4, 3
+    balanced = [Routing(None, torch.full((T, E), 0.5), torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]))] * layers
+    assert sequence_balance_loss(balanced, 1).item() == pytest.approx(layers * 1.0)
+    collapsed = [Routing(None, torch.full((T, E), 0.5), torch.tensor([[0, 1]] * T))] * layers
+    assert sequence_balance_loss(collapsed, 1).item() == pytest.approx(layers * (E / K) * (2 / E))
 
 
 def test_bf16_autocast_path_runs_moe_in_bf16():
@@ -231,12 +232,12 @@ def test_bf16_autocast_path_runs_moe_in_bf16():
     model = openseek.Model(openseek.ModelConfig.from_hf(dict(TINY_DEEPSEEK, vocab_size=64)))
     tokens = torch.randint(0, 64, (2, 17))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    reference, _ = NextTokenLoss(mtp_weight=0.3)(model, batch)
+    reference, _ = NextTokenLoss(mtp_weight=0.3, mtp_depths=1)(model, batch)
     experts = model.layers[1].mlp.experts
     x, ids, weights = torch.randn(5, 64), torch.tensor([[0, 1]] * 5), torch.ones(5, 2)
     routed_fp32 = experts(x, ids, weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = NextTokenLoss(mtp_weight=0.3)(model, batch)
+        loss, _ = NextTokenLoss(mtp_weight=0.3, mtp_depths=1)(model, batch)
         routed = experts(x, ids, weights)
     loss.backward()
     assert routed.dtype == torch.float32  # combined back into the float32 residual stream

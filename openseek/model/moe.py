@@ -96,15 +96,11 @@ class MoE(nn.Module):
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
-        # Router scores and chosen experts of the last forward, read by the trainer for load balancing.
-        self.last_scores: torch.Tensor | None = None
-        self.last_ids: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        scores, ids, weights = self.gate(flat)
-        self.last_scores, self.last_ids = scores, ids
+        _, ids, weights = self.gate(flat)
         y = self.experts(flat, ids, weights).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

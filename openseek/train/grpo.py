@@ -1,41 +1,62 @@
-"""GRPO and its fixes (Dr. GRPO, DAPO): an objective plus its data, plugged into the one Trainer loop.
+"""GRPO and its fixes (Dr. GRPO, DAPO), with the RL loop written out in `train()`.
 
-Each step: P prompts, G completions each from the Engine (on the very module the trainer updates), rewards,
-group advantages, then μ clipped policy-gradient updates against the rollout log-probs. The loss modes, named as
-users know them:
+Each step: P prompts, G completions each from the Engine (on the very module the trainer updates, in the loss's
+precision context), rewards, group advantages, then μ clipped policy-gradient updates through `Trainer.step`
+against the rollout log-probs. To follow one step read `train()` top to bottom; it calls `roll_out` (which calls
+`generate_and_score` → `Engine.generate`), `Trainer.step` (which calls `GRPOObjective`) and `Trainer.log`.
+
+The loss modes, named as users know them:
 
     advantage  std : (r - mean) / (std + 1e-4)       GRPO, DAPO
                mean: r - mean                        Dr. GRPO (no difficulty bias)
     loss_type  grpo   : mean over each completion's tokens, then over completions
-               dapo   : mean over all tokens of the batch (token-level loss)
+               dapo   : mean over all tokens of the step (token-level loss)
                dr_grpo: token sum / (completions × max_new_tokens) (no length bias)
 
-Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollout, KL the k3 estimator to a frozen reference.
-Dynamic sampling drops groups whose rewards are all equal and refills; overlong shaping is DAPO's soft punishment.
+Each mode's denominator is counted over the whole step, so `--grad-accum k` splits a rollout into k micro-batches
+without changing the gradient. Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollout, KL the k3
+estimator to a frozen reference. Dynamic sampling drops groups whose rewards are all equal and refills; overlong
+shaping is DAPO's soft punishment.
 
     openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
         --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
 
 Rewards see the completion text and the prompt text the model continued (so a template that opened `<think>` is
-visible to the format reward); extra dataset columns arrive as keyword lists. metrics.jsonl gets, per step: reward
-mean/std (total and per function), accuracy, completion length mean/max, clip fraction, KL, entropy and
-time/step split into time/generation, time/scoring (rewards + reference log-probs) and time/update.
+visible to the format reward); extra dataset columns arrive as keyword lists.
+
+Metrics (metrics.jsonl, one row per optimizer step), besides the Trainer's (`loss`, `lr`, `grad_norm`, `tokens`,
+`tokens_per_s`, `expert_load_max_mean`, `mfu`):
+    reward, reward_std                     weighted total reward: mean, mean within-group std
+    rewards/<fn>/mean, rewards/<fn>/std    each reward function
+    accuracy                               the mean of the task's checker (when there is one)
+    completion_length/mean, /max           generated tokens per completion
+    completion_length/truncated            share of completions cut at max_new_tokens
+    groups_without_signal                  groups whose rewards are all equal (advantage 0)
+    dynamic_sampling/dropped_groups, /rounds   (with --dynamic-sampling)
+    clip_fraction                          completion tokens whose gradient the clip removed
+    entropy                                mean per-token entropy of the policy
+    kl                                     k3 KL to the reference (β > 0)
+    rollout/logprob_abs_diff_mean, _max    |rollout log-prob − trainer log-prob| per completion token, on the
+                                           first update of a rollout (0 when both see the same weights alike)
+    time/step = time/generation + time/scoring + time/update   seconds; a rollout's generation and scoring
+                                           (rewards, reference log-probs) count in its first update's row
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import openseek
-from openseek.engine import stop_token_ids
+from openseek.engine import Completion, Engine, stop_token_ids
 from openseek import report as reporting
 from openseek.rewards import (
     REWARDS,
@@ -143,16 +164,31 @@ def per_token_loss(
     return loss, clipped, kl
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    """Reduce per-token losses [N, L] over the completion mask [N, L] to a scalar, the way `loss_type` names."""
+def loss_units(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float:
+    """What `loss_type` divides by, counted in one batch: completions (grpo), completion tokens (dapo) or
+    completion slots, completions × max_new_tokens (dr_grpo). Over a whole step these add up across micro-batches."""
+    if loss_type == "grpo":
+        return float(mask.shape[0])
+    if loss_type == "dapo":
+        return float(mask.sum())
+    if loss_type == "dr_grpo":
+        return float(mask.shape[0] * max_new_tokens)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def loss_sum(loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The numerator of `loss_type` over per-token losses [N, L]: each completion's token mean, summed (grpo), or
+    the plain sum of completion tokens' losses (dapo, dr_grpo)."""
     mask = mask.to(loss.dtype)
     if loss_type == "grpo":
-        return ((loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    if loss_type == "dapo":
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
-        return (loss * mask).sum() / (loss.shape[0] * max_new_tokens)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        return ((loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    return (loss * mask).sum()
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """Reduce per-token losses [N, L] over the completion mask [N, L] to a scalar, the way `loss_type` names."""
+    units = loss_units(mask, loss_type, max_new_tokens)
+    return loss_sum(loss, mask, loss_type) / max(units, 1.0)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -180,7 +216,7 @@ def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, tempera
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The objective the Trainer calls: objective(model, batch) -> (loss, metrics)
+# The objective: what `Trainer.step` calls on each micro-batch of a rollout
 
 
 @dataclass
@@ -236,17 +272,33 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
     advantages: torch.Tensor  # [N]
     ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
-    metrics: dict[str, float] = field(default_factory=dict)  # rewards, lengths, timings (Rollouts.pop_metrics)
+
+    def split(self, parts: int) -> list[RolloutBatch]:
+        """`parts` micro-batches of consecutive rows (gradient accumulation); sizes differ by at most one row."""
+        rows = self.input_ids.shape[0]
+        if parts > rows:
+            raise ValueError(f"grad_accum={parts} is more micro-batches than the {rows} completions of a rollout")
+        pieces = [torch.tensor_split(t, parts) if t is not None else [None] * parts
+                  for t in (self.input_ids, self.padding_mask, self.completion_mask, self.rollout_logprobs,
+                            self.advantages, self.ref_logprobs)]
+        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref)
+                for ids, pad, mask, logp, adv, ref in zip(*pieces)]
 
 
 class GRPOObjective:
-    """The clipped, KL-regularised group policy-gradient loss over one rollout batch."""
+    """The clipped, KL-regularised group policy-gradient loss over one rollout (micro-)batch, in the Trainer's
+    objective contract: `counts(batch)` gives the units `loss_type` divides by, and the loss is the batch's
+    `loss_sum` over the step's count of them (the batch's own count when called alone)."""
 
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
 
-    def __call__(self, model, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def counts(self, batch: RolloutBatch) -> dict[str, float]:
+        return {self.cfg.loss_type: loss_units(batch.completion_mask, self.cfg.loss_type, self.cfg.max_new_tokens)}
+
+    def __call__(self, model, batch: RolloutBatch, counts: dict | None = None) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
+        units = max((counts or self.counts(batch))[cfg.loss_type], 1.0)
         mask = batch.completion_mask
         logprobs, entropy = completion_logprobs(
             model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature
@@ -258,17 +310,22 @@ class GRPOObjective:
         loss_tok, clipped, kl = per_token_loss(
             logprobs, rollout, batch.advantages.to(logprobs), cfg.epsilon_low, cfg.epsilon_high, cfg.beta, ref
         )
-        loss = aggregate_loss(loss_tok, mask, cfg.loss_type, cfg.max_new_tokens)
-        metrics = {"tokens": float(batch.padding_mask.sum())}  # rollout statistics travel via pop_metrics
-        metrics["clip_fraction"] = masked_mean(clipped.float(), mask)
-        metrics["entropy"] = masked_mean(entropy, mask)
+        loss = loss_sum(loss_tok, mask, cfg.loss_type) / units
+        mismatch = (logprobs.detach() - rollout).abs()  # 0 when rollout and loss see the same weights alike
+        metrics = {
+            "tokens": float(batch.padding_mask.sum()),
+            "clip_fraction": masked_mean(clipped.float(), mask),
+            "entropy": masked_mean(entropy, mask),
+            "rollout/logprob_abs_diff_mean": masked_mean(mismatch, mask),
+            "rollout/logprob_abs_diff_max": float(mismatch.masked_fill(~mask, 0).max()) if mask.any() else 0.0,
+        }
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
         return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: prompts, rewards, and the rollout batch source
+# Rollouts: prompts -> completions from the Engine -> rewards -> one batch
 
 
 def load_prompt_file(path) -> list[dict]:
@@ -296,97 +353,24 @@ def encode_prompt(tokenizer, question: str, template: str) -> tuple[str, list[in
     return text, tokenizer.encode(text, add_special_tokens=template != "chat")
 
 
-def score_completions(reward_fns, weights, completions, prompts, columns) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-function rewards [K, N], weighted total [N]). Each function is called through `rewards.score`:
-    a wrong length, None or a non-number raises `RewardError` naming the function."""
-    per_fn = torch.tensor([score(fn, completions, prompts, columns) for fn in reward_fns], dtype=torch.float32)
-    total = (torch.tensor(weights, dtype=torch.float32)[:, None] * per_fn).sum(0)
-    return per_fn, total
+class PromptStream:
+    """Prompt rows in a seeded shuffle, epoch after epoch; under torchrun each rank takes its own slice of every
+    draw. Its position is saved in checkpoints (`Trainer.track_data`), so a resumed run continues the order."""
 
-
-class Rollouts:
-    """GRPO's batch source for the Trainer. Each rollout: P prompts, G completions each from the Engine running
-    the policy module itself (no weight copy), rewards, group advantages, reference log-probs when β > 0. The
-    same rollout batch is handed out μ times (μ updates per rollout, ratios against the rollout log-probs).
-
-    Under torchrun each rank takes its own slice of the P prompts of a step. The position (prompt order, rollout
-    count) is saved in checkpoints; a run resumed in the middle of a rollout's μ updates starts the next rollout.
-    """
-
-    # shown on the Trainer's progress bar next to the loss
-    progress_metrics = {"reward": "reward", "acc": "accuracy", "len": "completion_length/mean", "kl": "kl",
-                        "gen_s": "time/generation", "update_s": "time/update"}
-
-    def __init__(self, model, tokenizer, rows: list[dict], reward_fns: list, cfg: GRPOConfig,
-                 weights: list[float] | None = None, ref_model=None, accuracy_fn=None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        from openseek.engine import Engine
-
+    def __init__(self, rows: list[dict], seed: int = 0, rank: int = 0, world_size: int = 1):
         if not rows:
             raise ValueError("GRPO needs at least one prompt row")
-        if not reward_fns:
-            raise ValueError("GRPO needs at least one reward function")
-        weights = [1.0] * len(reward_fns) if weights is None else list(weights)
-        if len(weights) != len(reward_fns):
-            raise ValueError(f"--reward-weights has {len(weights)} values for {len(reward_fns)} reward functions")
-        if cfg.beta != 0 and ref_model is None:
-            raise ValueError("beta != 0 needs a frozen reference model")
-        if cfg.prompts_per_step % world_size:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world_size} "
-                             "processes (each generates its own share)")
-        self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
-        self.reward_fns, self.weights, self.ref_model, self.accuracy_fn = reward_fns, weights, ref_model, accuracy_fn
-        self.names = unique_names(reward_fns)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.engine = Engine(model, max_batch_size=max(64, cfg.prompts_per_step * cfg.group_size))
-        self.stop_token_ids = stop_token_ids(model.cfg, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
         self.position = {"epoch": 0, "index": 0, "rollouts": 0}
-        self.current: RolloutBatch | None = None
-        self.uses_left = 0
-        self.pending: dict[str, float] = {}  # rollout metrics for the next pop_metrics
-        self.step_start: float | None = None
-        self.data_time = 0.0
-
-    # ---- the Trainer's batch-source protocol ----
 
     def state_dict(self) -> dict:
         return {"position": dict(self.position)}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = dict(state["position"])
-        self.current, self.uses_left = None, 0
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> RolloutBatch:
-        t0 = time.perf_counter()
-        if self.step_start is None:
-            self.step_start = t0
-        if self.uses_left == 0:
-            self.current = self.rollout()
-            self.uses_left = self.cfg.updates_per_rollout
-            self.pending = dict(self.current.metrics)
-        self.uses_left -= 1
-        self.data_time += time.perf_counter() - t0
-        return self.current
-
-    def pop_metrics(self) -> dict[str, float]:
-        """Rollout statistics and the step's time split; called by the Trainer right after the optimizer step."""
-        out = {"time/generation": 0.0, **self.pending}
-        if self.step_start is not None:  # the split adds up: scoring is the rest of the rollout (rewards, reference)
-            step = time.perf_counter() - self.step_start
-            out["time/step"] = step
-            out["time/scoring"] = self.data_time - out["time/generation"]
-            out["time/update"] = step - self.data_time
-        self.pending, self.step_start, self.data_time = {}, None, 0.0
-        return out
-
-    # ---- prompts ----
-
-    def next_rows(self, n: int) -> list[dict]:
-        """This rank's share of the next n * world_size prompt rows of a seeded shuffle, epoch after epoch."""
+    def take(self, n: int) -> list[dict]:
+        """This rank's share of the next n × world_size rows."""
         out = []
         while len(out) < n * self.world_size:
             order = list(range(len(self.rows)))
@@ -399,100 +383,127 @@ class Rollouts:
                 self.position["index"] = 0
         return out[self.rank * n : (self.rank + 1) * n]
 
-    # ---- one rollout ----
 
-    def generate_groups(self, rows: list[dict], seed: int):
-        """G completions for each row from the Engine, scored. Returns (groups, seconds spent generating)."""
-        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
-        texts, ids = zip(*(encode_prompt(tok, row["prompt"], cfg.template) for row in rows))
-        t0 = time.perf_counter()
-        outputs = self.engine.generate(
-            list(ids), cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
-            stop_token_ids=self.stop_token_ids, seed=seed, logprobs=True,
-        )
-        t1 = time.perf_counter()
-        completions = [c for group in outputs for c in group]
-        answers = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        prompts = [t for t in texts for _ in range(G)]
-        columns = {k: [row.get(k) for row in rows for _ in range(G)]
-                   for k in dict.fromkeys(k for row in rows for k in row) if k != "prompt"}
-        per_fn, total = score_completions(self.reward_fns, self.weights, answers, prompts, columns)
-        lengths = torch.tensor([len(c.token_ids) for c in completions])
-        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-        groups = [
-            dict(prompt_ids=ids[p], completions=completions[p * G : (p + 1) * G], rewards=total[p * G : (p + 1) * G],
-                 per_fn=per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
-            for p in range(len(rows))
-        ]
-        return groups, t1 - t0
+class Rewards:
+    """The reward functions with their weights and metric names; `accuracy_fn` is the one logged as `accuracy`."""
 
-    def rollout(self) -> RolloutBatch:
-        cfg = self.cfg
-        P = cfg.prompts_per_step // self.world_size
-        kept, spare, gen_time, rounds = [], [], 0.0, 0
-        while len(kept) < P:
-            seed = hash_seed(self.seed, self.rank, self.position["rollouts"], rounds)
-            groups, seconds = self.generate_groups(self.next_rows(P - len(kept) if rounds else P), seed)
-            gen_time, rounds = gen_time + seconds, rounds + 1
-            for g in groups:
-                useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
-                (kept if useful else spare).append(g)
-            if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
-                break
-        dropped = len(spare)
-        kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
-        self.position["rollouts"] += 1
+    def __init__(self, fns: list, weights: list[float] | None = None, accuracy_fn=None):
+        if not fns:
+            raise ValueError("GRPO needs at least one reward function")
+        weights = [1.0] * len(fns) if weights is None else list(weights)
+        if len(weights) != len(fns):
+            raise ValueError(f"--reward-weights has {len(weights)} values for {len(fns)} reward functions")
+        self.fns, self.weights, self.accuracy_fn = fns, weights, accuracy_fn
+        self.names = unique_names(fns)
 
-        batch = self.collate(kept)
-        if self.ref_model is not None:
-            self.ref_model.to(self.model.device)
-            with torch.no_grad():
-                batch.ref_logprobs, _ = completion_logprobs(
-                    self.ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature, False
-                )
+    def total(self, per_fn: torch.Tensor) -> torch.Tensor:
+        """[K, N] per-function rewards -> [N] weighted total."""
+        return (torch.tensor(self.weights, dtype=torch.float32)[:, None] * per_fn).sum(0)
 
-        rewards = torch.stack([g["rewards"] for g in kept])
-        per_fn = torch.cat([g["per_fn"] for g in kept], dim=1)
-        lengths = torch.cat([g["lengths"] for g in kept]).float()
-        m = {"reward": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item()}
-        for name, fn, values in zip(self.names, self.reward_fns, per_fn):
-            m[f"rewards/{name}/mean"] = values.mean().item()
-            m[f"rewards/{name}/std"] = values.std().item()
+    def metrics(self, per_fn: torch.Tensor) -> dict[str, float]:
+        out = {}
+        for name, fn, values in zip(self.names, self.fns, per_fn):
+            out[f"rewards/{name}/mean"] = values.mean().item()
+            out[f"rewards/{name}/std"] = values.std().item()
             if fn is self.accuracy_fn:
-                m["accuracy"] = values.mean().item()
-        m["completion_length/mean"] = lengths.mean().item()
-        m["completion_length/max"] = lengths.max().item()
-        truncated = sum(c.finish_reason == "length" for g in kept for c in g["completions"])
-        m["completion_length/truncated"] = truncated / len(lengths)
-        m["groups_without_signal"] = float((~informative_groups(rewards)).sum())
-        if cfg.dynamic_sampling:
-            m["dynamic_sampling/dropped_groups"] = float(dropped)
-            m["dynamic_sampling/rounds"] = float(rounds)
-        m["time/generation"] = gen_time
-        batch.metrics = m
-        return batch
+                out["accuracy"] = values.mean().item()
+        return out
 
-    def collate(self, groups: list[dict]) -> RolloutBatch:
-        """[left-padded prompt | right-padded completion] rows, advantages per group."""
-        rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
-        prompt_len = max(len(p) for p, _ in rows)
-        L = max(1, max(len(c.token_ids) for _, c in rows))
-        N = len(rows)
-        input_ids = torch.full((N, prompt_len + L), self.pad_id, dtype=torch.long)
-        padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
-        logprobs = torch.zeros(N, L)
-        for i, (prompt, c) in enumerate(rows):
-            n = len(c.token_ids)
-            input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
-            input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
-            padding[i, prompt_len - len(prompt) : prompt_len + n] = True
-            logprobs[i, :n] = torch.tensor(c.logprobs)
-        advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), self.cfg.advantage).flatten()
-        device = self.model.device
-        return RolloutBatch(
-            input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
-            logprobs.to(device), advantages.to(device),
-        )
+
+@dataclass
+class Scored:
+    """n completions of each prompt row, decoded and scored by every reward function."""
+
+    prompt_texts: list[str]  # [P] the text each prompt's completions continue
+    prompt_ids: list[list[int]]  # [P]
+    completions: list[list[Completion]]  # [P][n] token ids, log-probs, finish reasons
+    texts: list[str]  # [P * n] decoded completions, prompt-major
+    per_fn: torch.Tensor  # [K, P * n] rewards of each function
+    generation_s: float  # time spent in the Engine
+
+
+def generate_and_score(engine, tokenizer, rows: list[dict], reward_fns: list, *, n: int, template: str,
+                       max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                       logprobs: bool = False) -> Scored:
+    """Generate → decode → score, shared by GRPO and rejection sampling. Rewards see each completion's text and the
+    prompt text it continued (so a template that opened `<think>` is visible to the format reward); extra row
+    columns arrive as keyword lists. Each function is called through `rewards.score`, which names a function that
+    returns the wrong length, None or a non-number."""
+    texts, ids = zip(*(encode_prompt(tokenizer, row["prompt"], template) for row in rows))
+    started = time.perf_counter()
+    completions = engine.generate(
+        list(ids), max_new_tokens, temperature=temperature, top_p=top_p, n=n,
+        stop_token_ids=stop_token_ids(engine.cfg, tokenizer), seed=seed, logprobs=logprobs,
+    )
+    generation_s = time.perf_counter() - started
+    decoded = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for group in completions for c in group]
+    prompts = [t for t in texts for _ in range(n)]
+    columns = {k: [row.get(k) for row in rows for _ in range(n)]
+               for k in dict.fromkeys(k for row in rows for k in row) if k != "prompt"}
+    per_fn = torch.tensor([score(fn, decoded, prompts, columns) for fn in reward_fns], dtype=torch.float32)
+    return Scored(list(texts), list(ids), completions, decoded, per_fn, generation_s)
+
+
+def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg: GRPOConfig, seed: int,
+             pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
+    """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
+    overlong shaping, dynamic sampling's refills, group advantages. Returns the batch on the model's device and the
+    rollout's metrics (rewards, lengths, `time/generation`)."""
+    P, G = cfg.prompts_per_step // prompts.world_size, cfg.group_size
+    kept, spare, generation_s, rounds = [], [], 0.0, 0
+    while len(kept) < P:
+        rows = prompts.take(P - len(kept) if rounds else P)
+        scored = generate_and_score(
+            engine, tokenizer, rows, rewards.fns, n=G, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=hash_seed(seed, rounds), logprobs=True)
+        generation_s, rounds = generation_s + scored.generation_s, rounds + 1
+        lengths = torch.tensor([len(c.token_ids) for group in scored.completions for c in group])
+        total = rewards.total(scored.per_fn)
+        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        for p, group in enumerate(scored.completions):
+            g = dict(prompt_ids=scored.prompt_ids[p], completions=group, rewards=total[p * G : (p + 1) * G],
+                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
+            useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
+            (kept if useful else spare).append(g)
+        if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
+            break
+    dropped = len(spare)
+    kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
+    prompts.position["rollouts"] += 1
+
+    rewards_pg = torch.stack([g["rewards"] for g in kept])
+    lengths = torch.cat([g["lengths"] for g in kept]).float()
+    m = {"reward": rewards_pg.mean().item(), "reward_std": rewards_pg.std(dim=1).mean().item(),
+         **rewards.metrics(torch.cat([g["per_fn"] for g in kept], dim=1)),
+         "completion_length/mean": lengths.mean().item(), "completion_length/max": lengths.max().item(),
+         "completion_length/truncated": sum(c.finish_reason == "length" for g in kept for c in g["completions"])
+         / len(lengths),
+         "groups_without_signal": float((~informative_groups(rewards_pg)).sum())}
+    if cfg.dynamic_sampling:
+        m["dynamic_sampling/dropped_groups"] = float(dropped)
+        m["dynamic_sampling/rounds"] = float(rounds)
+    m["time/generation"] = generation_s
+    return collate(kept, cfg.advantage, pad_id, engine.model.device), m
+
+
+def collate(groups: list[dict], advantage: str, pad_id: int, device) -> RolloutBatch:
+    """[left-padded prompt | right-padded completion] rows, advantages per group."""
+    rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
+    prompt_len = max(len(p) for p, _ in rows)
+    L = max(1, max(len(c.token_ids) for _, c in rows))
+    N = len(rows)
+    input_ids = torch.full((N, prompt_len + L), pad_id, dtype=torch.long)
+    padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
+    logprobs = torch.zeros(N, L)
+    for i, (prompt, c) in enumerate(rows):
+        n = len(c.token_ids)
+        input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
+        input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
+        padding[i, prompt_len - len(prompt) : prompt_len + n] = True
+        logprobs[i, :n] = torch.tensor(c.logprobs)
+    advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), advantage).flatten()
+    return RolloutBatch(input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
+                        logprobs.to(device), advantages.to(device))
 
 
 def hash_seed(*parts) -> int:
@@ -523,26 +534,63 @@ def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list
     return fns, next((f for f in fns if f is checker or f in (accuracy_reward, countdown_reward)), None)
 
 
+# Shown on the progress bar next to the loss: {short name: metric key}.
+PROGRESS = {"reward": "reward", "acc": "accuracy", "len": "completion_length/mean", "kl": "kl",
+            "gen_s": "time/generation", "update_s": "time/update"}
+
+
 def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig, train_cfg: TrainConfig,
           weights: list[float] | None = None, accuracy_fn=None) -> dict:
-    """Run GRPO with the shared Trainer: this module's objective, rollouts from the Engine on `model` itself.
-    Returns the trainer's report; `run_dir` gets metrics.jsonl, checkpoints, report.md and the reward plots."""
-    if train_cfg.grad_accum != 1:
-        raise ValueError(f"grad_accum={train_cfg.grad_accum}: GRPO takes one rollout batch per optimizer step; "
-                         "set the batch with --prompts-per-step and --group-size instead")
-    model.mtp.requires_grad_(False)  # GRPO never trains the MTP module; frozen, it stays out of the optimizer
-    ref_model = None
-    if grpo.beta != 0:  # the frozen reference: the starting weights (a resumed run keeps the original reference)
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    """GRPO, written out: each step rolls out with the Engine on the very module being trained, scores, takes
+    group advantages and makes μ updates through `Trainer.step` against the rollout's log-probs. Returns the
+    report; `run_dir` gets metrics.jsonl, checkpoints, report.md and the reward plots."""
+    rewards = Rewards(reward_fns, weights, accuracy_fn)
     rank, world_size = init_distributed()
-    rollouts = Rollouts(model, tokenizer, rows, reward_fns, grpo, weights, ref_model, accuracy_fn,
-                        seed=train_cfg.seed, rank=rank, world_size=world_size)
-    trainer = Trainer(model, train_cfg, GRPOObjective(grpo), rollouts, tokenizer,
+    if grpo.prompts_per_step % world_size:
+        raise ValueError(f"prompts_per_step={grpo.prompts_per_step} must be a multiple of the {world_size} "
+                         "processes (each generates its own share)")
+    prompts = PromptStream(rows, train_cfg.seed, rank, world_size)
+    model.mtp.requires_grad_(False)  # GRPO never trains the MTP module; frozen, it stays out of the optimizer
+    # The frozen reference is the starting weights, taken before a resumed run loads its checkpoint.
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 else None
+    trainer = Trainer(model, train_cfg, tokenizer,
                       flops_per_token=reporting.flops_per_token(model.cfg, grpo.max_new_tokens))
-    report = trainer.train()
-    if report is not None:
+    trainer.track_data(prompts)
+    if ref_model is not None:
+        ref_model.to(trainer.device)
+    engine = Engine(trainer.model, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    objective = GRPOObjective(grpo)
+
+    with trainer.session():
+        while not trainer.done:
+            started = time.perf_counter()
+            seed = hash_seed(train_cfg.seed, rank, prompts.position["rollouts"])
+            with trainer.autocast():  # rollouts see the weights in the loss's precision
+                batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
+                if ref_model is not None:
+                    with torch.no_grad():
+                        batch.ref_logprobs, _ = completion_logprobs(
+                            ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, grpo.temperature,
+                            entropy=False)
+            rollout_s = time.perf_counter() - started
+            micro_batches = batch.split(train_cfg.grad_accum)
+            for update in range(grpo.updates_per_rollout):
+                metrics = trainer.step(micro_batches, objective)
+                if update == 0:  # the rollout's figures and its share of the time go with its first update
+                    metrics.update(rollout_metrics)
+                    metrics["time/scoring"] = rollout_s - metrics["time/generation"]
+                else:  # later updates: nothing generated, and the log-prob gap is now the policy's own move
+                    metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
+                    for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
+                        metrics.pop(key)
+                metrics["time/step"] = metrics["time/generation"] + metrics["time/scoring"] + metrics["time/update"]
+                trainer.log(metrics, progress=PROGRESS)
+                if trainer.done:
+                    break
+    if trainer.report is not None:
         plot_rollouts(train_cfg.run_dir)
-    return report
+    return trainer.report
 
 
 PLOTS = (("reward", "reward"), ("accuracy", "accuracy"), ("completion_length/mean", "completion length"))

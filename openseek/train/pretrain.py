@@ -23,65 +23,65 @@ from openseek.config import ModelConfig
 from openseek.model import Model
 from openseek.report import flops_per_token
 from openseek.tokenizer import Tokenizer, TokenizerError
-from openseek.train.trainer import (
-    Trainer,
-    add_train_arguments,
-    apply_recipe,
-    init_distributed,
-    moe_layers,
-    train_config_from_args,
-)
+from openseek.train.routing import RoutingLog, sequence_balance_loss
+from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
 
 
 @dataclass
 class NextTokenLoss:
-    """Cross-entropy on `labels` (IGNORE = no loss), plus λ × the mean MTP loss over depths and α × DeepSeek-V3's
-    sequence-wise balance loss. Used by pretraining and SFT alike."""
+    """Cross-entropy on `labels` (IGNORE = no loss), plus λ × the mean over MTP depths of each depth's loss and α ×
+    DeepSeek-V3's sequence-wise balance loss. Used by pretraining and SFT alike.
+
+    Each part is a term of the Trainer's objective contract: a sum divided by the step's count of its units —
+    labelled tokens for the main loss and for each MTP depth (depth k has fewer: its targets start k tokens later),
+    sequences for the balance loss. `mtp_depths` is how many MTP modules the loss trains (the model's
+    `num_nextn_predict_layers`); it must be known before the forward, since the counts come first.
+    """
 
     mtp_weight: float = 0.0
     balance_alpha: float = 0.0
+    mtp_depths: int = 0
 
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        use_mtp = self.mtp_weight > 0 and model.cfg.num_nextn_predict_layers > 0
-        logits, hidden = model(input_ids, return_hidden=True)
-        loss = cross_entropy(logits, labels)
-        metrics = {"loss/lm": loss.item(), "tokens": input_ids.numel()}
-        if use_mtp:
-            # Depth k at position i predicts token i + k + 1, which is labels[:, i + k].
-            mtp = [cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(model.mtp_logits(hidden, input_ids), 1)]
-            mtp_loss = torch.stack(mtp).mean()
-            loss = loss + self.mtp_weight * mtp_loss
-            metrics["loss/mtp"] = mtp_loss.item()
+    def counts(self, batch: dict) -> dict[str, float]:
+        labels = batch["labels"]
+        out = {"lm": float((labels != data.IGNORE).sum())}
+        if self.mtp_weight > 0:
+            for k in range(1, self.mtp_depths + 1):
+                out[f"mtp{k}"] = float((labels[:, k:] != data.IGNORE).sum())
         if self.balance_alpha > 0:
-            balance = sequence_balance_loss(model, input_ids.shape[0])
-            loss = loss + self.balance_alpha * balance
+            out["sequences"] = float(labels.shape[0])
+        return out
+
+    def __call__(self, model, batch: dict, counts: dict | None = None) -> tuple[torch.Tensor, dict]:
+        own = {t: max(n, 1.0) for t, n in self.counts(batch).items()}
+        counts = counts or own
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if self.mtp_weight > 0 and self.mtp_depths != model.cfg.num_nextn_predict_layers:
+            raise ValueError(f"NextTokenLoss(mtp_depths={self.mtp_depths}) but the model has "
+                             f"{model.cfg.num_nextn_predict_layers} MTP layers (num_nextn_predict_layers)")
+        with RoutingLog(model) as routing:
+            logits, hidden = model(input_ids, return_hidden=True)
+        lm = cross_entropy_sum(logits, labels)
+        loss = lm / counts["lm"]
+        metrics = {"loss/lm": lm.item() / own["lm"], "tokens": input_ids.numel()}
+        if self.mtp_weight > 0 and self.mtp_depths:
+            # Depth k at position i predicts token i + k + 1, which is labels[:, i + k].
+            depth_losses = []
+            for k, depth_logits in enumerate(model.mtp_logits(hidden, input_ids), 1):
+                total = cross_entropy_sum(depth_logits, labels[:, k:])
+                loss = loss + self.mtp_weight / self.mtp_depths * total / counts[f"mtp{k}"]
+                depth_losses.append(total.item() / own[f"mtp{k}"])
+            metrics["loss/mtp"] = sum(depth_losses) / len(depth_losses)
+        if self.balance_alpha > 0:
+            balance = sequence_balance_loss(routing.records, input_ids.shape[0])
+            loss = loss + self.balance_alpha * balance * input_ids.shape[0] / counts["sequences"]
             metrics["loss/balance"] = balance.item()
         return loss, metrics
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in float32 over labelled tokens ([B, T, V] logits, [B, T] labels)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE)
-
-
-def sequence_balance_loss(model, batch_size: int) -> torch.Tensor:
-    """DeepSeek-V3's complementary sequence-wise balance loss, summed over MoE layers.
-
-    Per sequence: f_i = E / (K·T) × tokens routed to expert i, P_i = mean over the sequence of expert i's share
-    of the token's scores; loss = Σ_i f_i·P_i (1 when perfectly balanced). Uses the routing of the last forward.
-    """
-    total = 0.0
-    for layer in moe_layers(model):
-        scores, ids = layer.last_scores, layer.last_ids
-        experts, k = scores.shape[-1], ids.shape[-1]
-        shares = (scores / scores.sum(-1, keepdim=True)).view(batch_size, -1, experts)
-        counts = torch.zeros_like(shares[:, 0]).scatter_add_(
-            1, ids.view(batch_size, -1), torch.ones_like(ids.view(batch_size, -1), dtype=shares.dtype)
-        )
-        f = counts * experts / (k * shares.shape[1])
-        total = total + (f * shares.mean(1)).sum(-1).mean()
-    return torch.as_tensor(total)
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss in float32 over labelled tokens ([B, T, V] logits, [B, T] labels)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
 
 
 def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int) -> Model:
@@ -146,9 +146,10 @@ def main(args: argparse.Namespace) -> int:
     records = data.Records(args.data, args.text_field, args.skip_bad_lines)
     rows = data.PackedRows(records, tokenizer, args.seq_len, args.epochs)
     batches = data.Batches(rows, args.batch_size, data.collate_packed, rank, world_size)
-    trainer = Trainer(model, train_config_from_args(args), NextTokenLoss(args.mtp_weight, args.balance_alpha),
-                      batches, tokenizer, flops_per_token=flops_per_token(model.cfg, args.seq_len))
-    report = trainer.train()
+    objective = NextTokenLoss(args.mtp_weight, args.balance_alpha, model.cfg.num_nextn_predict_layers)
+    trainer = Trainer(model, train_config_from_args(args), tokenizer,
+                      flops_per_token=flops_per_token(model.cfg, args.seq_len))
+    report = trainer.fit(batches, objective)
     if report:
         print(f"done: {report['steps']} steps, final loss {report.get('final_loss')}, "
               f"{report['device_hours']:.4f} device-hours; report: {Path(args.run_dir) / 'report.md'}")

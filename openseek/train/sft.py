@@ -49,9 +49,9 @@ def main(args: argparse.Namespace) -> int:
     rows = data.ConversationRows(records, tokenizer, args.max_len, args.epochs)
     collate = partial(data.collate_conversations, pad_id=tokenizer.pad_token_id)
     batches = data.Batches(rows, args.batch_size, collate, rank, world_size)
-    trainer = Trainer(model, train_config_from_args(args), NextTokenLoss(args.mtp_weight), batches, tokenizer,
+    trainer = Trainer(model, train_config_from_args(args), tokenizer,
                       flops_per_token=flops_per_token(model.cfg, args.max_len // 2))
-    report = trainer.train()
+    report = trainer.fit(batches, NextTokenLoss(args.mtp_weight, mtp_depths=model.cfg.num_nextn_predict_layers))
     if report:
         print(f"done: {report['steps']} steps, final loss {report.get('final_loss')}; "
               f"report: {Path(args.run_dir) / 'report.md'}")

@@ -1,39 +1,46 @@
-"""The one training loop. Pretraining, SFT and GRPO differ only by the objective and the batches they pass in.
+"""The Trainer toolkit: what every training stage shares. Pretraining and SFT call `fit`; GRPO writes its own loop
+(`grpo.py`) out of the same pieces.
 
-Contract
---------
-    trainer = Trainer(model, TrainConfig(...), objective, batches, tokenizer=tok, flops_per_token=None)
-    report = trainer.train()
+    trainer = Trainer(model, TrainConfig(...), tokenizer=tok, flops_per_token=None)
+    report = trainer.fit(batches, objective)                     # pretrain, SFT
 
-- `objective(model, batch) -> (loss, metrics)`: `loss` is a scalar tensor to minimise (the mean over the
-  micro-batch); `metrics` is a dict of floats for this micro-batch. The trainer averages each metric over the
-  micro-batches of a step and over the ranks, and writes it to `metrics.jsonl` under its own name; the key
-  `tokens` is summed instead (it feeds tokens/s and the report's FLOPs). `model` is the model being trained (on
-  several processes, the same module sharded or replicated): call `model(...)` and `model.mtp_logits(...)` on it.
-  Under bf16 autocast on GPU, compute the loss in float32.
-- `batches`: an iterator; the trainer calls `next(batches)` `grad_accum` times per optimizer step, one
-  micro-batch each (batches that are tensors or dicts of tensors are moved to the device; anything else is passed
-  as it is). StopIteration ends the run cleanly: a checkpoint, the report, status "data exhausted". Optional
-  methods it uses when present:
-    `state_dict()` / `load_state_dict(state)`: the exact data position, JSON-serialisable, saved in checkpoints
-      (without them, resuming replays and discards the batches already consumed);
-    `pop_metrics() -> dict[str, float]`: the batch source's own figures (timings, rollout stats), called once per
-      step on rank 0 and written as they are; `progress_metrics` ({short name: metric key}) adds some of them to
-      the progress bar. The trainer itself records `time/data_s`: time spent in `next()`.
-- Data parallelism is the batch source's job to split: `rank, world_size = init_distributed()` gives this
-  process's place, and each rank yields its own slice of every global batch (see `openseek.data.Batches`).
+    with trainer.session():                                      # GRPO (and any loop of your own)
+        while not trainer.done:
+            metrics = trainer.step([micro_batch, ...], objective)  # one optimizer step
+            trainer.log(metrics)                                  # metrics.jsonl, progress bar, checkpoint when due
 
-What the trainer owns: device placement, DDP (replicas; one gradient all-reduce per step) or FSDP2
-(`fully_shard` per block) under `torchrun` — one process takes the same path with nothing to reduce — fused
-AdamW (or Muon for hidden matrices), warmup + cosine or WSD learning rate, gradient accumulation and clipping,
-bf16 autocast and `torch.compile` on GPU, DeepSeek's auxiliary-loss-free balancing (after each step every router's
-correction bias moves by γ toward balanced load), metrics.jsonl, a progress bar, atomic checkpoints with exact
-resume, stopping on a non-finite loss, and the final report with cost.
+Objectives
+----------
+An objective is a loss written as a sum of *terms*, each a sum over some units (labelled tokens, sequences, ...)
+divided by how many of those units the whole optimizer step holds:
+
+- `objective.counts(batch) -> {term: units}` — the units of each term in one micro-batch (from its masks only).
+- `objective(model, batch, counts=None) -> (loss, metrics)` — the loss of this micro-batch with each term divided
+  by `counts[term]`; without `counts`, by this batch's own counts (the plain mean, for use on its own).
+
+`step` first adds up the counts of all its micro-batches (and of all processes), then runs each micro-batch with
+those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
+(`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
+the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
+keys ending in `_max`. Under bf16 autocast on GPU, compute the loss in float32.
+
+What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 on GPU, which rollouts must
+share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
+learning-rate schedule, accumulation with global normalisation, clipping, DeepSeek's auxiliary-loss-free balancing
+(expert loads seen through router hooks, `routing.py`), metrics.jsonl, a progress bar, atomic checkpoints with
+exact resume, stopping on a non-finite loss, and the final report with cost. Data parallelism is the data's job to
+split: `rank, world_size = init_distributed()` gives this process's place, and each rank yields its own slice.
 
 Checkpoints: `run_dir/checkpoints/step_XXXXXXXX/` is an HF model directory (config, safetensors, tokenizer) plus
 `trainer_state.json` (step, data position, Python RNG), `optimizer.pt` and `rng.pt` (torch RNG of every rank), both
 read back with `torch.load(weights_only=True)`. Each is written in a temporary directory and renamed into place,
-so a killed run always leaves complete checkpoints; the last `keep_checkpoints` are kept.
+so a killed run always leaves complete checkpoints; the last `keep_checkpoints` are kept. The data position is that
+of the source given to `track_data` (anything with `state_dict()` / `load_state_dict(state)`).
+
+Metrics written by the toolkit for every step: `step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`,
+`time/update` (forward, backward and optimizer update), `expert_load_max_mean` (MoE models) and `mfu` (GPU);
+`fit` adds `time/data` (reading the batches) and `time/step` (the two together; GRPO's loop splits its own
+`time/step` into generation, scoring and update). The objective's own metrics join them.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +62,14 @@ import torch
 import torch.distributed as dist
 
 import openseek
+from openseek import data
 from openseek import report as reporting
+from openseek.device import resolve_device
 from openseek.model import Model
-from openseek.model.moe import MoE
+from openseek.train.parallelize import build_optimizers, compile_blocks, parallelize
+from openseek.train.routing import RoutingLog
 
 CHECKPOINTS = "checkpoints"
-
-
-class _DataExhausted(Exception):
-    """The batch source raised StopIteration (StopIteration itself must not cross frames)."""
 
 
 class TrainingError(RuntimeError):
@@ -140,10 +146,6 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def moe_layers(model: torch.nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
 def list_checkpoints(run_dir) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary directories of interrupted saves are ignored)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -153,20 +155,20 @@ def list_checkpoints(run_dir) -> list[Path]:
 
 
 class Trainer:
-    def __init__(self, model: Model, cfg: TrainConfig, objective, batches, tokenizer=None,
-                 flops_per_token: float | None = None):
-        self.cfg, self.objective, self.batches, self.tokenizer = cfg, objective, batches, tokenizer
+    def __init__(self, model: Model, cfg: TrainConfig, tokenizer=None, flops_per_token: float | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.rank, self.world_size = init_distributed()
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = model.cfg
-        if cfg.device == "auto":
-            self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
-        self.step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
-        self.report = None  # written at the end of train() on rank 0
+        self.device = resolve_device(cfg.device)
+        self.global_step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
+        self.report = None  # written when a session ends, on rank 0
+        self.status = None  # set by a loop that stops early for a reason of its own (e.g. data exhausted)
         self._saved_step = None
-        self.moe = moe_layers(model)
+        self._data = None  # the tracked data source, whose position checkpoints save
+        self._resumed_data_state = None
+        self._mfu: list[float] = []
+        self._bar = None
         self.flops_per_token = flops_per_token or reporting.flops_per_token(model.cfg, seq_len=0)
 
         resume_from = self._latest_checkpoint() if cfg.resume else None
@@ -178,158 +180,90 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
         model.to(self.device)
-        self.model = self._parallelize(model)
-        self.optimizers = self._build_optimizers()
+        if cfg.compile:
+            compile_blocks(model, self.device)
+        self.model = parallelize(model, cfg.parallel, self.device, self.world_size)
+        self.optimizers = build_optimizers(self.model, cfg, self.world_size)
         if resume_from is not None:
             self._load_trainer_state(resume_from)
-
-    # ---- setup ---------------------------------------------------------------------------------------------
-
-    def _parallelize(self, model: Model) -> Model:
-        """Apply FSDP2 or replicate for DDP (from outside: the model knows nothing of it); compile blocks on GPU."""
-        if self.cfg.compile and self.device.type == "cuda":
-            for block in [*model.layers, *model.mtp]:
-                block.compile()
-        if self.world_size == 1:
-            return model
-        if self.cfg.parallel == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-            mesh = init_device_mesh(self.device.type, (self.world_size,))
-            for block in model.layers:
-                fully_shard(block, mesh=mesh)
-            # MTP layers use their norms and projection outside their own forward, so they stay in the root
-            # unit, which is gathered for forward and for mtp_logits alike.
-            fully_shard(model, mesh=mesh)
-            register_fsdp_forward_method(model, "mtp_logits")
-            return model
-        for tensor in [*model.parameters(), *model.buffers()]:  # every replica starts from rank 0's weights
-            dist.broadcast(tensor.data, src=0)
-        return model
-
-    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
-        """AdamW (fused kernel, CPU and GPU): matrices decay, vectors (norms, biases) do not. With Muon, the hidden
-        matrices (experts included, one matrix per expert) go to Muon and the rest stays with AdamW."""
-        cfg = self.cfg
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        muon = []
-        if cfg.optimizer == "muon":
-            if self.world_size > 1 and cfg.parallel == "fsdp":
-                raise ValueError("optimizer=muon orthogonalises whole matrices; use --parallel ddp, not fsdp")
-            muon = [p for n, p in named if p.dim() >= 2 and "embed_tokens" not in n and "lm_head" not in n]
-        rest = [p for _, p in named if not any(p is m for m in muon)]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)]
-        if muon:
-            optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["peak_lr"] = group["lr"]
-        return optimizers
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _autocast(self):
+    @property
+    def done(self) -> bool:
+        return self.global_step >= self.cfg.steps
+
+    def autocast(self):
+        """The precision context of the loss: bf16 autocast on GPU (when `bf16`), nothing on CPU. Whatever must
+        see the model exactly as the loss does (GRPO's rollouts) runs inside it too."""
         if self.device.type == "cuda" and self.cfg.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _gradient_sync(self, last_micro_step: bool):
-        if self.world_size > 1 and self.cfg.parallel == "fsdp":
-            self.model.set_requires_gradient_sync(last_micro_step)
+    def track_data(self, source) -> None:
+        """Save `source.state_dict()` in every checkpoint; when resuming, restore its saved position now."""
+        self._data = source
+        if self._resumed_data_state is not None:
+            source.load_state_dict(self._resumed_data_state)
+            self._resumed_data_state = None
 
-    # ---- the loop ------------------------------------------------------------------------------------------
+    # ---- one optimizer step --------------------------------------------------------------------------------
 
-    def train(self) -> dict:
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._trim_metrics()
-            for partial in (self.run_dir / CHECKPOINTS).glob(".tmp-*"):  # saves cut short by a killed run
-                shutil.rmtree(partial)
-        self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.is_main and cfg.progress))
-        self._mfu = []
-        started = time.perf_counter() - self.elapsed
-        status = "interrupted"
-        try:
-            while self.step < cfg.steps:
-                try:
-                    metrics = self._train_step()
-                except _DataExhausted:  # a finite source ran dry: keep what was learned, report, stop
-                    for optimizer in self.optimizers:
-                        optimizer.zero_grad(set_to_none=True)
-                    if self._saved_step != self.step:
-                        self.save_checkpoint()
-                    status = f"data exhausted after step {self.step}"
-                    break
-                self.elapsed = time.perf_counter() - started
-                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    self._log(metrics)
-                bar.update(1)
-                postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
-                for name, key in getattr(self.batches, "progress_metrics", {}).items():  # the source's own figures
-                    if key in metrics:
-                        postfix[name] = f"{metrics[key]:.3g}"
-                bar.set_postfix(postfix)
-                if self.step == cfg.steps or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                    self.save_checkpoint()
-            else:
-                status = "completed"
-        except TrainingError as e:
-            status = f"stopped: {e}"
-            raise
-        finally:
-            bar.close()
-            if self.is_main:
-                self._write_report(status)
-        return self.report
-
-    def _train_step(self) -> dict:
-        cfg, step = self.cfg, self.step
-        lr = learning_rate(cfg, step)
-        for optimizer in self.optimizers:  # each group follows the schedule from its own peak
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["peak_lr"] / cfg.lr
-        t0 = time.perf_counter()
-        sums, data_s, tokens = defaultdict(float), 0.0, 0
-        loads = [torch.zeros(m.gate.weight.shape[0], device=self.device) for m in self.moe]
-        for micro in range(cfg.grad_accum):
-            t_data = time.perf_counter()
-            try:
-                batch = next(self.batches)
-            except StopIteration:
-                raise _DataExhausted from None
-            self.batches_consumed += 1
-            data_s += time.perf_counter() - t_data
-            self._gradient_sync(micro == cfg.grad_accum - 1)
-            with self._autocast():
-                loss, metrics = self.objective(self.model, _to_device(batch, self.device))
-            (loss / cfg.grad_accum).backward()
-            sums["loss"] += loss.detach().float().item()
+    def accumulate(self, micro_batches: list, objective) -> tuple[dict, dict, int]:
+        """Forward and backward over the micro-batches of one step, each term normalised by the step's global
+        count of its units. Leaves the gradients in `.grad`; returns this process's (metrics, expert loads per
+        router, tokens)."""
+        counts = defaultdict(float)
+        for batch in micro_batches:
+            for term, n in objective.counts(batch).items():
+                counts[term] += float(n)
+        if self.world_size > 1:
+            terms = sorted(counts)
+            packed = torch.tensor([counts[t] for t in terms], dtype=torch.float64, device=self.device)
+            dist.all_reduce(packed)
+            counts = dict(zip(terms, packed.tolist()))
+        # Gradients are averaged over processes afterwards; scaling by world_size makes that average a sum.
+        counts = {t: max(n, 1.0) / self.world_size for t, n in counts.items()}
+        sums, maxima, tokens, loss_total, loads = defaultdict(float), {}, 0, 0.0, {}
+        for micro, batch in enumerate(micro_batches):
+            self._gradient_sync(micro == len(micro_batches) - 1)
+            with self.autocast(), RoutingLog(self.model) as routing:
+                loss, metrics = objective(self.model, _to_device(batch, self.device), counts)
+            loss.backward()
+            loss_total += loss.detach().float().item()
+            for router, load in routing.expert_loads().items():
+                loads[router] = loads[router] + load if router in loads else load
             for k, v in metrics.items():
                 if k == "tokens":
                     tokens += int(v)
+                elif k.endswith("_max"):
+                    maxima[k] = max(maxima.get(k, -math.inf), float(v))
                 else:
                     sums[k] += float(v)
-            for load, layer in zip(loads, self.moe):
-                if layer.last_ids is not None:
-                    load += torch.bincount(layer.last_ids.flatten(), minlength=load.numel()).to(load.dtype)
-        means = {k: v / cfg.grad_accum for k, v in sums.items()}
+        means = {k: v / len(micro_batches) for k, v in sums.items()}
+        return {"loss": loss_total / self.world_size, **means, **maxima}, loads, tokens
+
+    def step(self, micro_batches: list, objective) -> dict:
+        """One optimizer step over `micro_batches` (a list; its length is the accumulation): accumulate, reduce
+        across processes, clip, update every optimizer, balance the experts. Returns the step's metrics."""
+        if not micro_batches:
+            raise ValueError("Trainer.step needs at least one micro-batch")
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.global_step)
+        for optimizer in self.optimizers:  # each group follows the schedule from its own peak
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["peak_lr"] / cfg.lr
+        started = time.perf_counter()
+        metrics, loads, tokens = self.accumulate(micro_batches, objective)
         if self.world_size > 1:
-            means, tokens = self._reduce_metrics(means, tokens)
+            metrics, tokens = self._reduce_metrics(metrics, tokens)
             self._average_gradients()
-            for load in loads:
+            for load in loads.values():
                 dist.all_reduce(load)
-        if not math.isfinite(means["loss"]):
-            raise TrainingError(self._stop_message(f"loss is {means['loss']}"))
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(self._stop_message(f"loss is {metrics['loss']}"))
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(f"gradient norm is {grad_norm}"))
@@ -339,32 +273,128 @@ class Trainer:
         imbalance = self._balance_experts(loads)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
-        self.step += 1
+        seconds = time.perf_counter() - started
+        self.global_step += 1
         self.tokens += tokens
-        out = {"step": self.step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "tokens_per_s": tokens / step_s, "time/step_s": step_s, "time/data_s": data_s}
+        out = {"step": self.global_step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+               "tokens_per_s": tokens / seconds, "time/update": seconds}
         if imbalance is not None:
             out["expert_load_max_mean"] = imbalance
         peak = self._peak_flops()
         if peak:
-            out["mfu"] = self.flops_per_token * tokens / step_s / (peak * self.world_size)
+            out["mfu"] = self.flops_per_token * tokens / seconds / (peak * self.world_size)
             self._mfu.append(out["mfu"])
-        if self.is_main and hasattr(self.batches, "pop_metrics"):
-            out.update(self.batches.pop_metrics())
         return out
+
+    # ---- a run: session, log, fit --------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self):
+        """A run: prepares the run directory (dropping log lines and partial saves a killed run left after its
+        last checkpoint), shows the progress bar, and always ends with the report (status: completed, stopped on
+        a non-finite loss, interrupted, or the loop's own `trainer.status`)."""
+        from tqdm import tqdm
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
+            for partial in (self.run_dir / CHECKPOINTS).glob(".tmp-*"):
+                shutil.rmtree(partial)
+        self.model.train()
+        self._bar = tqdm(total=self.cfg.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
+                         disable=not (self.is_main and self.cfg.progress))
+        started = time.perf_counter() - self.elapsed
+        self._session_started = started
+        status = "interrupted"
+        try:
+            yield self
+            status = self.status or ("completed" if self.done else f"stopped after step {self.global_step}")
+        except TrainingError as e:
+            status = f"stopped: {e}"
+            raise
+        finally:
+            self.elapsed = time.perf_counter() - started
+            self._bar.close()
+            if self.is_main:
+                self._write_report(status)
+
+    def log(self, metrics: dict, progress: dict[str, str] | None = None) -> None:
+        """Record a finished step: metrics.jsonl (rank 0, every `log_every` steps), the progress bar (loss, lr and
+        `progress` = {short name: metric key}), and a checkpoint when one is due."""
+        cfg = self.cfg
+        self.elapsed = time.perf_counter() - self._session_started
+        if self.is_main and (self.global_step % cfg.log_every == 0 or self.done):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+        for name, key in (progress or {}).items():
+            if key in metrics:
+                postfix[name] = f"{metrics[key]:.3g}"
+        self._bar.update(1)
+        self._bar.set_postfix(postfix)
+        if self.done or (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0):
+            self.save_checkpoint()
+
+    def fit(self, batches, objective) -> dict:
+        """Pretraining and SFT: `grad_accum` micro-batches from `batches` per step until `steps`. A finite source
+        that runs dry ends the run cleanly (a checkpoint, the report, status "data exhausted"). A source with
+        `state_dict`/`load_state_dict` resumes at its exact position; any other is replayed past the batches
+        already consumed. A `data.Batches` source adds its counts (`data/epoch`, ...) to the metrics."""
+        if hasattr(batches, "state_dict"):
+            self.track_data(batches)
+        elif self.batches_consumed:
+            for _ in range(self.batches_consumed):
+                next(batches)
+        with self.session():
+            while not self.done:
+                started = time.perf_counter()
+                micro_batches = []
+                for batch in batches:
+                    micro_batches.append(batch)
+                    if len(micro_batches) == self.cfg.grad_accum:
+                        break
+                if len(micro_batches) < self.cfg.grad_accum:  # ran dry: keep what was learned, stop
+                    if self._saved_step != self.global_step:
+                        self.save_checkpoint()
+                    self.status = f"data exhausted after step {self.global_step}"
+                    break
+                self.batches_consumed += len(micro_batches)
+                data_s = time.perf_counter() - started
+                metrics = self.step(micro_batches, objective)
+                metrics.update({"time/data": data_s, "time/step": data_s + metrics["time/update"]})
+                if isinstance(batches, data.Batches):
+                    metrics.update(batches.counts())
+                self.log(metrics)
+        return self.report
+
+    # ---- inside a step -------------------------------------------------------------------------------------
+
+    def _gradient_sync(self, last_micro_step: bool):
+        if self.world_size > 1 and self.cfg.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(last_micro_step)
 
     def _stop_message(self, what: str) -> str:
         kept = list_checkpoints(self.run_dir)
         last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
-        return f"non-finite training: at step {self.step + 1} the {what}; the run stopped before updating; {last}"
+        return f"non-finite training: at step {self.global_step + 1} the {what}; the run stopped before updating; {last}"
 
-    def _reduce_metrics(self, means: dict, tokens: int) -> tuple[dict, int]:
-        keys = sorted(means)
-        packed = torch.tensor([means[k] for k in keys] + [float(tokens)], dtype=torch.float64)
-        dist.all_reduce(packed)
-        values = packed.tolist()
-        return {k: v / self.world_size for k, v in zip(keys, values)}, int(values[-1])
+    def _reduce_metrics(self, metrics: dict, tokens: int) -> tuple[dict, int]:
+        """Across processes: the loss and tokens add up, `_max` keys take the largest, the rest are averaged."""
+        keys = sorted(metrics)
+        packed = torch.tensor([metrics[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+        summed = packed.clone()
+        dist.all_reduce(summed)
+        largest = packed.clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        out = {}
+        for i, k in enumerate(keys):
+            if k == "loss":
+                out[k] = summed[i].item()
+            elif k.endswith("_max"):
+                out[k] = largest[i].item()
+            else:
+                out[k] = summed[i].item() / self.world_size
+        return out, int(summed[-1].item())
 
     def _average_gradients(self) -> None:
         """DDP: every replica gets the mean gradient, with one flat all-reduce (FSDP2 reduces on its own)."""
@@ -387,18 +417,17 @@ class Trainer:
         return float(norm)
 
     @torch.no_grad()
-    def _balance_experts(self, loads: list[torch.Tensor]) -> float | None:
+    def _balance_experts(self, loads: dict) -> float | None:
         """Auxiliary-loss-free balancing: bias += γ·sign(mean load − load); returns the mean max/mean load."""
-        if not self.moe or not any(load.sum() > 0 for load in loads):
+        loads = {router: load for router, load in loads.items() if load.sum() > 0}
+        if not loads:
             return None
         ratios = []
-        for layer, load in zip(self.moe, loads):
-            if load.sum() == 0:  # not run this step (an MTP layer without MTP loss)
-                continue
+        for router, load in loads.items():
             mean = load.mean()
             ratios.append((load.max() / mean).item())
             if self.cfg.balance_gamma:
-                bias = layer.gate.e_score_correction_bias
+                bias = router.e_score_correction_bias
                 bias += self.cfg.balance_gamma * torch.sign(mean - load).to(bias.dtype)
         return sum(ratios) / len(ratios)
 
@@ -409,22 +438,18 @@ class Trainer:
 
     # ---- metrics and report --------------------------------------------------------------------------------
 
-    def _log(self, metrics: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-
     def _trim_metrics(self) -> None:
         """On resume, drop lines a killed run wrote after its last checkpoint, so the log matches the state."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.global_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def _write_report(self, status: str) -> None:
         total, active = reporting.parameter_counts(self.model_cfg)
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         summary = {
-            "status": status, "steps": self.step, "tokens": self.tokens, "parameters": total,
+            "status": status, "steps": self.global_step, "tokens": self.tokens, "parameters": total,
             "active_parameters": active, "flops_per_token": self.flops_per_token, "wall_time_s": self.elapsed,
             "devices": self.world_size, "device": device, "command": _command_line(),
             "mfu": sum(self._mfu) / len(self._mfu) if self._mfu else None,
@@ -463,8 +488,8 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        final = self.run_dir / CHECKPOINTS / f"step_{self.step:08d}"
-        self._saved_step = self.step
+        final = self.run_dir / CHECKPOINTS / f"step_{self.global_step:08d}"
+        self._saved_step = self.global_step
         if self.is_main:
             tmp = final.with_name(f".tmp-{final.name}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -483,9 +508,9 @@ class Trainer:
             torch.save(optim_state, tmp / "optimizer.pt")
             torch.save({f"rank{r}": state for r, state in enumerate(rngs)}, tmp / "rng.pt")
             state = {
-                "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed,
+                "step": self.global_step, "tokens": self.tokens, "elapsed_s": self.elapsed,
                 "batches_consumed": self.batches_consumed, "world_size": self.world_size,
-                "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+                "data": self._data.state_dict() if self._data is not None else None,
                 "python_rng": _jsonable(random.getstate()), "config": dataclasses.asdict(self.cfg),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -515,57 +540,12 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         random.setstate(_tuples(state["python_rng"]))
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        self.global_step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.batches_consumed = state["batches_consumed"]
-        if state.get("data") is not None and hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(state["data"])
-        else:  # no saved position: replay the batches already consumed
-            for _ in range(self.batches_consumed):
-                next(self.batches)
+        self._resumed_data_state = state.get("data")  # restored by track_data
         if self.is_main:
-            print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
+            print(f"resumed from {directory} at step {self.global_step}", file=sys.stderr)
 
-
-class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum whose update is orthogonalised (Newton–Schulz) before it is applied.
-
-    For weight matrices only; 3-D expert stacks [E, out, in] are handled one matrix per expert. The step is scaled by
-    sqrt(max(1, out/in)) so tall and wide matrices move alike; weight decay is decoupled, as in AdamW.
-    """
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - group["momentum"])
-                update = orthogonalise(p.grad.lerp(buffer, group["momentum"]))
-                rows, cols = p.shape[-2:]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
-
-
-def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U·Vᵀ of g = U·S·Vᵀ (batched over leading dims): a quintic Newton–Schulz iteration tuned to push
-    every singular value towards 1 quickly (it lands in about [0.7, 1.2], which is all Muon needs)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.float()
-    wide = x.shape[-2] <= x.shape[-1]
-    if not wide:
-        x = x.transpose(-2, -1)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.transpose(-2, -1)
 
 
 def _command_line() -> str:
