@@ -70,11 +70,26 @@ def test_short_run_raises_the_mean_reward(model_dir, tmp_path):
     assert m["time/generation"] > 0 and m["time/update"] > 0
     assert m["time/generation"] + m["time/scoring"] + m["time/update"] == pytest.approx(m["time/step"], rel=1e-6)
     assert all(m["clip_fraction"] == 0.0 for m in metrics)  # μ = 1: the ratio to the rollout is 1
+    # Rollouts and loss see the same weights in the same precision: their log-probs agree to float32 rounding.
+    assert all(0 <= m["rollout/logprob_abs_diff_mean"] <= m["rollout/logprob_abs_diff_max"] <= 1e-5 for m in metrics)
     assert "kl" not in m  # β = 0
     assert (run / "report.md").is_file() and (run / "rollouts.png").is_file()
     assert "rollouts.png" in (run / "report.md").read_text()
     checkpoint = run / "checkpoints" / "step_00000020"
     assert openseek.load(checkpoint).cfg.vocab_size == openseek.load(model_dir).cfg.vocab_size
+
+
+def test_grad_accum_splits_each_rollout_from_the_command_line(model_dir, tmp_path):
+    run = tmp_path / "run"
+    assert cli(grpo_args(model_dir, run, "--group-size", "4", "--prompts-per-step", "2", "--steps", "2",
+                         "--grad-accum", "2", "--beta", "0.04")) == 0
+    metrics = metrics_of(run)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["tokens"] > 0 and math.isfinite(m["loss"]) and m["kl"] >= 0 for m in metrics)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[0]["clip_fraction"] == 0.0
+    with pytest.raises(ValueError, match="grad_accum=16 is more micro-batches than the 8 completions"):
+        cli(grpo_args(model_dir, tmp_path / "too_many", "--group-size", "4", "--prompts-per-step", "2",
+                      "--steps", "1", "--grad-accum", "16"))
 
 
 def test_engine_logprobs_are_the_trainers(model_dir):

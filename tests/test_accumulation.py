@@ -1,0 +1,85 @@
+"""Gradient accumulation is exact: a step over k micro-batches gives the gradient of one big batch, because every
+loss term is divided by the step's global count of its units (labelled tokens, completions, ...), not by k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openseek import data
+from openseek.config import ModelConfig
+from openseek.model import Model
+from openseek.train.grpo import GRPOConfig, GRPOObjective, RolloutBatch, completion_logprobs
+from openseek.train.pretrain import NextTokenLoss
+from openseek.train.trainer import TrainConfig, Trainer
+
+
+def fp64_model(seed=0, **extra):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, eos_token_id=[1], **extra)
+    model = Model(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def gradient(trainer, micro_batches, objective) -> list[torch.Tensor]:
+    for p in trainer.model.parameters():
+        p.grad = None
+    trainer.accumulate(micro_batches, objective)
+    return [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+def assert_same(split, whole):
+    assert len(split) == len(whole) > 0
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert max(g.abs().max() for g in whole) > 1e-2  # far above the tolerance
+
+
+def test_sft_with_ragged_masks(tmp_path):
+    model = fp64_model()
+    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 32, (4, 12), generator=g)
+    labels = ids.roll(-1, dims=1)
+    for row, labelled in enumerate((11, 2, 7, 4)):  # very different token counts per micro-batch
+        labels[row, : 11 - labelled] = data.IGNORE
+    labels[:, -1] = data.IGNORE
+    whole = {"input_ids": ids, "labels": labels}
+    micro = [{"input_ids": ids[i : i + 1], "labels": labels[i : i + 1]} for i in range(4)]
+    objective = NextTokenLoss()
+    split_grads = gradient(trainer, micro, objective)
+    assert_same(split_grads, gradient(trainer, [whole], objective))
+    # what `loss / grad_accum` would have given differs: the short micro-batch's tokens weigh more
+    for p in trainer.model.parameters():
+        p.grad = None
+    for m in micro:
+        (objective(trainer.model, m)[0] / 4).backward()
+    naive = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert max((a - b).abs().max() for a, b in zip(naive, split_grads)) > 1e-3
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_every_grpo_loss_mode(tmp_path, loss_type):
+    model = fp64_model()
+    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
+    g = torch.Generator().manual_seed(1)
+    N, P, L = 8, 3, 5
+    ids = torch.randint(2, 32, (N, P + L), generator=g)
+    padding = torch.zeros(N, P + L, dtype=torch.bool)
+    mask = torch.zeros(N, L, dtype=torch.bool)
+    for i, (n, p) in enumerate(zip((5, 1, 3, 2, 4, 1, 5, 2), (3, 2, 3, 1, 2, 3, 1, 3))):
+        padding[i, P - p : P + n] = True
+        mask[i, :n] = True
+    ids[~padding] = 0
+    with torch.no_grad():
+        own, _ = completion_logprobs(model, ids, padding, P)
+    noise = 0.3 * torch.randn(own.shape, generator=g, dtype=own.dtype)
+    advantages = torch.randn(N, generator=g, dtype=torch.float64)
+    batch = RolloutBatch(ids, padding, P, mask, own + noise, advantages, ref_logprobs=own - noise)
+    objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, loss_type=loss_type, beta=0.04))
+    assert_same(gradient(trainer, batch.split(4), objective), gradient(trainer, [batch], objective))
