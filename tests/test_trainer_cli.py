@@ -53,6 +53,37 @@ def test_every_recipe_is_valid():
         assert recipe["description"]
 
 
+@pytest.mark.parametrize("command, typed, recipe_value, default", [
+    ("pretrain", ["--lr", "0.0003"], {"lr": 0.003}, ("lr", 3e-4)),
+    ("pretrain", ["--batch-size", "8"], {"batch_size": 16}, ("batch_size", 8)),
+    ("grpo", ["--group-size", "8"], {"group_size": 4}, ("group_size", 8)),
+    ("grpo", ["--mu", "1"], {"updates_per_rollout": 2}, ("updates_per_rollout", 1)),
+    ("grpo", ["--no-dynamic-sampling"], {"dynamic_sampling": True}, ("dynamic_sampling", False)),
+])
+def test_a_typed_flag_beats_the_recipe_even_at_its_default(tmp_path, command, typed, recipe_value, default):
+    """Command line > recipe > defaults: typing the default value is still typing it."""
+    import argparse
+
+    from openseek.train import grpo, pretrain
+
+    module = {"pretrain": pretrain, "grpo": grpo}[command]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(recipe_value))
+    name, value = default
+
+    def settle(argv):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        args = parser.parse_args(["--recipe", str(recipe), *argv])
+        openseek.train.trainer.apply_recipe(args, module.add_arguments, module.DEFAULTS)
+        return getattr(args, name)
+
+    assert settle(typed) == value  # typed, equal to the default: wins
+    assert settle([]) == recipe_value[name]  # not typed: the recipe's
+    recipe.write_text("{}")
+    assert settle([]) == value  # neither: the default
+
+
 def test_pretrain_from_a_recipe_then_sft(corpus, tmp_path):
     run = tmp_path / "pt"
     assert main(["pretrain", "--recipe", str(RECIPES / "pretrain-tiny-moe.json"), "--tokenizer",

@@ -74,8 +74,10 @@ from openseek.train.pretrain import load_tokenizer
 from openseek.train.trainer import (
     Trainer,
     TrainConfig,
+    add_config_arguments,
     add_train_arguments,
     apply_recipe,
+    config_from_args,
     init_distributed,
     train_config_from_args,
 )
@@ -259,6 +261,8 @@ class GRPOConfig:
                              f"{self.epsilon_low}, {self.epsilon_high}")
         if self.overlong_buffer > self.max_new_tokens:
             raise ValueError(f"overlong_buffer {self.overlong_buffer} exceeds max_new_tokens {self.max_new_tokens}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
 
 
 @dataclass
@@ -626,57 +630,55 @@ def plot_rollouts(run_dir) -> Path | None:
     return path
 
 
+GRPO_HELP = {
+    "group_size": "G: completions per prompt",
+    "prompts_per_step": "P: prompts per rollout batch",
+    "max_new_tokens": "L: completion length limit",
+    "beta": "k3 KL coefficient to the frozen start (0: no reference)",
+    "loss_type": "grpo: sequence mean then mean; dapo: token mean; dr_grpo: token sum / (N·L)",
+    "advantage": "std: (r-mean)/std (GRPO, DAPO); mean: r-mean (Dr. GRPO) (default: mean for dr_grpo, else std)",
+    "epsilon_low": "ε_low",
+    "epsilon_high": "ε_high (DAPO clip-higher: 0.28) (default: ε_low)",
+    "updates_per_rollout": "μ: policy updates per rollout batch",
+    "dynamic_sampling": "DAPO: drop groups whose rewards are all equal and refill with new prompts",
+    "overlong_buffer": "DAPO soft overlong punishment over the last N tokens before --max-new-tokens (0: off)",
+    "overlong_penalty": "the punishment at --max-new-tokens",
+    "template": f"prompt template, one of {', '.join(TEMPLATES)}: R1-Zero's, the model's chat template, or the bare "
+                "prompt",
+}
+
+# Defaults of `openseek grpo`: GRPOConfig's, then where they differ from the dataclasses': GRPO's learning rate and
+# schedule, and the two settings whose default follows another flag (resolved in grpo_config_from_args).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)} | dict(task_size=5000, run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0,
+                min_lr_ratio=1.0, epsilon_high=None, advantage=None)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="JSON file of defaults for these flags (see recipes/)")
+    parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
+    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win)")
     parser.add_argument("--model", help="model directory (HF format, with its tokenizer) to reinforce")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--dataset", help="JSONL prompts: `prompt`, `question` or `problem`, maybe `answer`; other "
                                           "columns are passed to the reward functions")
     parser.add_argument("--task", help="built-in task instead of a dataset: arithmetic, countdown "
                                        "(options after a colon: arithmetic:digits=4,ops=+-)")
-    parser.add_argument("--task-size", type=int, default=5000, help="prompts generated from --task")
+    parser.add_argument("--task-size", type=int, help="prompts generated from --task (default: 5000)")
     parser.add_argument("--reward", action="append", help="reward: format, accuracy, countdown or file.py:function "
                                                           "(repeatable; default: the task's checker + format)")
     parser.add_argument("--reward-weights", type=float, nargs="+", help="one weight per --reward (default 1 each)")
-    parser.add_argument("--template", default="r1-zero", choices=TEMPLATES,
-                        help="prompt template: R1-Zero's, the model's chat template, or the bare prompt")
-    g = parser.add_argument_group("GRPO")
-    g.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
-    g.add_argument("--prompts-per-step", type=int, default=4, help="P: prompts per rollout batch")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="L: completion length limit")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference)")
-    g.add_argument("--loss-type", default="grpo", choices=LOSS_TYPES,
-                   help="grpo: sequence mean then mean; dapo: token mean; dr_grpo: token sum / (N·L)")
-    g.add_argument("--advantage", choices=ADVANTAGES,
-                   help="std: (r-mean)/std (GRPO, DAPO); mean: r-mean (Dr. GRPO). Default: mean for dr_grpo, else std")
-    g.add_argument("--epsilon", "--epsilon-low", dest="epsilon_low", type=float, default=0.2, help="ε_low")
-    g.add_argument("--epsilon-high", type=float, help="ε_high (DAPO clip-higher: 0.28; default: ε_low)")
-    g.add_argument("--updates-per-rollout", "--mu", dest="updates_per_rollout", type=int, default=1,
-                   help="μ: policy updates per rollout batch")
-    g.add_argument("--dynamic-sampling", action="store_true",
-                   help="DAPO: drop groups whose rewards are all equal and refill with new prompts")
-    g.add_argument("--max-refill-rounds", type=int, default=4)
-    g.add_argument("--overlong-buffer", type=int, default=0,
-                   help="DAPO soft overlong punishment over the last N tokens before --max-new-tokens (0: off)")
-    g.add_argument("--overlong-penalty", type=float, default=1.0, help="the punishment at --max-new-tokens")
+    add_config_arguments(parser, GRPOConfig, "GRPO", GRPO_HELP,
+                         aliases={"epsilon_low": ["--epsilon"], "updates_per_rollout": ["--mu"]})
     add_train_arguments(parser)
-    parser.add_argument("--output-dir", dest="run_dir", default=argparse.SUPPRESS, help="same as --run-dir")
-    parser.set_defaults(run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0,
-                        min_lr_ratio=1.0)
+    parser.add_argument("--output-dir", dest="run_dir", help="same as --run-dir (default: runs/grpo)")
 
 
 def grpo_config_from_args(args) -> GRPOConfig:
-    advantage = args.advantage or ("mean" if args.loss_type == "dr_grpo" else "std")
-    return GRPOConfig(
-        group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, beta=args.beta, epsilon_low=args.epsilon_low,
-        epsilon_high=args.epsilon_low if args.epsilon_high is None else args.epsilon_high,
-        loss_type=args.loss_type, advantage=advantage, updates_per_rollout=args.updates_per_rollout,
-        dynamic_sampling=args.dynamic_sampling, max_refill_rounds=args.max_refill_rounds,
-        overlong_buffer=args.overlong_buffer, overlong_penalty=args.overlong_penalty, template=args.template,
-    )
+    """GRPOConfig from the settled flags; ε_high defaults to ε_low and the advantage to Dr. GRPO's for dr_grpo."""
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon_low
+    if args.advantage is None:
+        args.advantage = "mean" if args.loss_type == "dr_grpo" else "std"
+    return config_from_args(GRPOConfig, args)
 
 
 def load_rows(args) -> tuple[list[dict], object]:
@@ -690,7 +692,7 @@ def load_rows(args) -> tuple[list[dict], object]:
 
 
 def main(args: argparse.Namespace) -> int:
-    apply_recipe(args, add_arguments)
+    apply_recipe(args, add_arguments, DEFAULTS)
     grpo = grpo_config_from_args(args)  # refuses bad settings (e.g. --group-size 1) before loading anything
     if not args.model:
         raise ValueError("no model: pass --model DIR (an HF-format model directory)")

@@ -120,12 +120,13 @@ DEFAULTS = dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
     parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
     parser.add_argument("--model", help="model directory to continue from, or a config.json for a fresh model")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--data", nargs="+", help=".txt/.jsonl/.parquet files or directories")
     parser.add_argument("--text-field", help="JSONL/Parquet field holding the text (default: text)")
-    parser.add_argument("--skip-bad-lines", action="store_true", default=None,
+    parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip (and count) malformed JSONL lines")
     parser.add_argument("--epochs", type=int,
                         help="passes over the data before stopping (default: cycle until --steps)")

@@ -28,8 +28,7 @@ import openseek
 from openseek.rewards import score
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
-from openseek.engine import stop_token_ids
-from openseek.train.grpo import encode_prompt, load_rows, resolve_rewards, unique_names
+from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names
 from openseek.train.pretrain import load_tokenizer
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
@@ -61,21 +60,16 @@ def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     engine = Engine(model, max_batch_size=max(64, min(batch_prompts * k, 256)))
-    stops, names = stop_token_ids(model.cfg, tokenizer), unique_names(reward_fns)
+    names = unique_names(reward_fns)
     counts = {"prompts": 0, "completions": 0, "accepted": 0, "prompts_with_accepted": 0}
     bar = tqdm(total=len(rows), desc="sample", unit="prompt", disable=not progress)
     with partial.open("w", encoding="utf-8") as out:
         for start in range(0, len(rows), batch_prompts):
             chunk = rows[start : start + batch_prompts]
-            texts, ids = zip(*(encode_prompt(tokenizer, row["prompt"], template) for row in chunk))
-            outputs = engine.generate(list(ids), max_new_tokens, temperature=temperature, top_p=top_p, n=k,
-                                      stop_token_ids=stops, seed=seed + start, logprobs=False)
-            outputs = [group if k > 1 else [group] for group in outputs]
-            completions = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in outputs for c in g]
-            prompts = [t for t in texts for _ in range(k)]
-            columns = {key: [row.get(key) for row in chunk for _ in range(k)]
-                       for key in dict.fromkeys(key for row in chunk for key in row) if key != "prompt"}
-            rewards = [score(fn, completions, prompts, columns) for fn in reward_fns]
+            scored = generate_and_score(engine, tokenizer, chunk, reward_fns, n=k, template=template,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed + start)
+            completions, texts, rewards = scored.texts, scored.prompt_texts, scored.per_fn.tolist()
             for p, row in enumerate(chunk):
                 kept = {}
                 for i in range(p * k, (p + 1) * k):

@@ -24,11 +24,12 @@ DEFAULTS = dict(skip_bad_lines=False, max_len=1024, batch_size=8, mtp_weight=0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
     parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
     parser.add_argument("--model", help="model directory to fine-tune")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--data", nargs="+", help="JSONL/Parquet files (or directories) of `messages`")
-    parser.add_argument("--skip-bad-lines", action="store_true", default=None,
+    parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip (and count) malformed JSONL lines")
     parser.add_argument("--epochs", type=int,
                         help="passes over the data before stopping (default: cycle until --steps)")

@@ -575,41 +575,64 @@ def _tuples(value):
 # ---- command-line glue shared by `openseek pretrain` and `openseek sft` ------------------------------------------
 
 
-def add_train_arguments(parser) -> None:
-    """One flag per TrainConfig field (--run-dir, --steps, --lr, ...). Unset flags parse as None, so a recipe can
-    fill them; `apply_recipe` then puts the dataclass defaults in whatever is still unset."""
+def add_config_arguments(parser, config_class, title: str, help: dict[str, str] | None = None,
+                         aliases: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass (--run-dir, --steps, --lr, ...), typed from its default. Every flag
+    is declared without a default (argparse.SUPPRESS): only what the user typed appears in the parsed namespace,
+    and `apply_recipe` settles the rest."""
     import argparse
 
-    group = parser.add_argument_group("training")
-    for f in dataclasses.fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        help_ = f"(default: {default})"
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
+        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
+        default = f.default
+        help_ = (help or {}).get(f.name, "")
+        if "default:" not in help_:
+            help_ = f"{help_} (default: {default})".strip()
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_)
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=float, nargs=len(default), default=None, help=help_)
+            group.add_argument(*flags, dest=f.name, type=float, nargs=len(default), default=argparse.SUPPRESS,
+                               help=help_)
         else:
             kind = {int: int, float: float, str: str}.get(type(default), float)
-            group.add_argument(flag, type=kind, default=None, help=help_)
+            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+def add_train_arguments(parser) -> None:
+    """One flag per TrainConfig field."""
+    add_config_arguments(parser, TrainConfig, "training")
+
+
+def config_from_args(config_class, args):
+    """The dataclass from the settled flags (after `apply_recipe`); fields whose flag is None keep its default."""
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+    return config_class(**values)
 
 
 def train_config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in values.items() if v is not None}
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    return TrainConfig(**values)
+    return config_from_args(TrainConfig, args)
 
 
 def apply_recipe(args, add_arguments, defaults: dict | None = None) -> dict | None:
-    """Settle every flag: given on the command line > `--recipe file.json` > `defaults` and TrainConfig's.
+    """Settle every flag, explicitly: typed on the command line > `--recipe file.json` > `defaults` > the config
+    dataclasses' defaults (TrainConfig's here; a stage passes its own in `defaults`). A flag the user typed wins
+    even when it equals its default, because the parser declares no defaults (see `add_config_arguments`): what
+    was not typed is absent from `args`.
 
     A recipe is a flat JSON object of flag names (underscores or dashes) plus an optional "model" object: the
-    transformers config of a model trained from scratch, which is returned (or None). A flag counts as unset when
-    it parsed as None (or, for flags declared with a concrete default, when it still equals that default).
+    transformers config of a model trained from scratch, which is returned (or None). Every flag still unset at
+    the end is None.
     """
     import argparse
 
+    reference = argparse.ArgumentParser()
+    add_arguments(reference)
+    known = {a.dest for a in reference._actions if a.dest != "help"}
     model = None
     if getattr(args, "recipe", None):
         path = Path(args.recipe)
@@ -619,19 +642,16 @@ def apply_recipe(args, add_arguments, defaults: dict | None = None) -> dict | No
             raise FileNotFoundError(f"{path}: recipe not found (see recipes/ for examples)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        reference = argparse.ArgumentParser()
-        add_arguments(reference)
         model = recipe.pop("model", None)
         recipe.pop("description", None)
         for key, value in recipe.items():
             name = key.replace("-", "_")
-            if not hasattr(args, name):
+            if name not in known:
                 raise ValueError(f"{path}: unknown setting {key!r}")
-            current = getattr(args, name)
-            if current is None or current == reference.get_default(name):
+            if not hasattr(args, name):
                 setattr(args, name, value)
     fallback = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (defaults or {})
-    for name, value in fallback.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
+    for name in known | set(fallback):
+        if not hasattr(args, name):
+            setattr(args, name, fallback.get(name))
     return model
