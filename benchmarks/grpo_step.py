@@ -30,9 +30,9 @@ import openseek
 from openseek.tasks import get_task
 from openseek.tokenizer import train_bpe
 from openseek.train import grpo as grpo_module
-from openseek.train.grpo import GRPOConfig, Rollouts
+from openseek.train.grpo import GRPOConfig
 from openseek.train.grpo import train as grpo_train
-from openseek.train.trainer import TrainConfig
+from openseek.train.trainer import TrainConfig, Trainer
 
 G, PROMPTS_PER_STEP, NEW_TOKENS, BETA, LR, FLOOR = 8, 2, 128, 0.04, 1e-6, 3.0
 
@@ -113,21 +113,22 @@ def train_openseek(turns: Turns, directory: Path, prompts: list[str], steps: int
     train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
                             progress=False, device="cpu")
 
-    class Gated(Rollouts):  # a step starts when the trainer asks for its batch and ends when it pops the metrics
-        def __next__(self):
-            turns.begin()
-            return super().__next__()
+    # A step starts when the loop rolls out and ends when it logs the step.
+    roll_out, log = grpo_module.roll_out, Trainer.log
 
-        def pop_metrics(self):
-            metrics = super().pop_metrics()
-            turns.end()
-            return metrics
+    def gated_roll_out(*args, **kwargs):
+        turns.begin()
+        return roll_out(*args, **kwargs)
 
-    saved, grpo_module.Rollouts = grpo_module.Rollouts, Gated
+    def gated_log(self, *args, **kwargs):
+        log(self, *args, **kwargs)
+        turns.end()
+
+    grpo_module.roll_out, Trainer.log = gated_roll_out, gated_log
     try:
         grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
     finally:
-        grpo_module.Rollouts = saved
+        grpo_module.roll_out, Trainer.log = roll_out, log
 
 
 def train_trl(turns: Turns, directory: Path, prompts: list[str], steps: int, out: Path) -> None:
