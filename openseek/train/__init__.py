@@ -1,4 +1,5 @@
-"""Training: one loop (`Trainer`) shared by every stage; a stage is an objective plus its batches."""
+"""Training: the `Trainer` toolkit every stage shares (`step`, `fit`, checkpoints, metrics, report). Pretraining and
+SFT are an objective plus batches handed to `fit`; GRPO writes its loop out in `grpo.py` from the same pieces."""
 
 from openseek.train.trainer import Trainer, TrainConfig, TrainingError, init_distributed
 
