@@ -45,3 +45,16 @@ def rollout_once(model, tokenizer, rows, reward_fns, cfg, weights=None, accuracy
 
     rewards = Rewards(reward_fns, weights, accuracy_fn)
     return roll_out(Engine(model), tokenizer, PromptStream(rows), rewards, cfg, seed, tokenizer.pad_token_id or 0)
+
+
+def tiny_fp64_model(seed=0):
+    """A random float64 qwen2-shaped model with weights large enough that gradients are far above 1e-6."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, eos_token_id=[1])
+    model = Model(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model

@@ -6,24 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_grpo import tiny_fp64_model
 from openseek import data
-from openseek.config import ModelConfig
-from openseek.model import Model
 from openseek.train.grpo import GRPOConfig, GRPOObjective, RolloutBatch, completion_logprobs
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
-
-
-def fp64_model(seed=0, **extra):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, eos_token_id=[1], **extra)
-    model = Model(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 def gradient(trainer, micro_batches, objective) -> list[torch.Tensor]:
@@ -41,7 +28,7 @@ def assert_same(split, whole):
 
 
 def test_sft_with_ragged_masks(tmp_path):
-    model = fp64_model()
+    model = tiny_fp64_model()
     trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(2, 32, (4, 12), generator=g)
@@ -65,7 +52,7 @@ def test_sft_with_ragged_masks(tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_every_grpo_loss_mode(tmp_path, loss_type):
-    model = fp64_model()
+    model = tiny_fp64_model()
     trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
     g = torch.Generator().manual_seed(1)
     N, P, L = 8, 3, 5

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from openseek.config import ModelConfig
-from openseek.model import Model
+from helpers_grpo import tiny_fp64_model as tiny_model
 from openseek.train.grpo import (
     GRPOConfig,
     GRPOObjective,
@@ -173,18 +172,6 @@ def test_overlong_penalty_dapo_ramp():
 # ---------------------------------------------------------------------------------------------------------------
 # The gradient: for μ = 1 and β = 0 the ratio is exactly 1, and the objective's gradient must equal the
 # policy-gradient formula  -Σ_i A_i Σ_t w_{i,t} ∇ log π(o_{i,t})  with each mode's weights w.
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, eos_token_id=[1])
-    model = Model(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 def tiny_batch(model, lengths=(4, 2, 3, 1), prompt_lens=(3, 3, 2, 2), L=4, P=3, seed=1):

@@ -649,8 +649,9 @@ GRPO_HELP = {
 
 # Defaults of `openseek grpo`: GRPOConfig's, then where they differ from the dataclasses': GRPO's learning rate and
 # schedule, and the two settings whose default follows another flag (resolved in grpo_config_from_args).
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)} | dict(task_size=5000, run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0,
-                min_lr_ratio=1.0, epsilon_high=None, advantage=None)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)} | dict(
+    task_size=5000, run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0, min_lr_ratio=1.0,
+    epsilon_high=None, advantage=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

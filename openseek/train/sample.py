@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 import openseek
-from openseek.rewards import score
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
 from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names

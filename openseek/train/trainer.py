@@ -301,8 +301,8 @@ class Trainer:
             for partial in (self.run_dir / CHECKPOINTS).glob(".tmp-*"):
                 shutil.rmtree(partial)
         self.model.train()
-        self._bar = tqdm(total=self.cfg.steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
-                         disable=not (self.is_main and self.cfg.progress))
+        self._bar = tqdm(total=self.cfg.steps, initial=self.global_step, desc="train", unit="step",
+                         dynamic_ncols=True, disable=not (self.is_main and self.cfg.progress))
         started = time.perf_counter() - self.elapsed
         self._session_started = started
         status = "interrupted"
@@ -376,7 +376,8 @@ class Trainer:
     def _stop_message(self, what: str) -> str:
         kept = list_checkpoints(self.run_dir)
         last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
-        return f"non-finite training: at step {self.global_step + 1} the {what}; the run stopped before updating; {last}"
+        return (f"non-finite training: at step {self.global_step + 1} the {what}; the run stopped before updating; "
+                f"{last}")
 
     def _reduce_metrics(self, metrics: dict, tokens: int) -> tuple[dict, int]:
         """Across processes: the loss and tokens add up, `_max` keys take the largest, the rest are averaged."""
@@ -442,7 +443,8 @@ class Trainer:
         """On resume, drop lines a killed run wrote after its last checkpoint, so the log matches the state."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.global_step]
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.global_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def _write_report(self, status: str) -> None:
