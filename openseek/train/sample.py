@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import openseek
+from openseek.device import resolve_device
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
 from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names
@@ -118,9 +119,7 @@ def main(args: argparse.Namespace) -> int:
     rows, task = load_rows(args)
     reward_fns, _ = resolve_rewards(args.reward, task, rows)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = openseek.load(args.model, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = openseek.load(args.model, dtype=torch.float32).to(resolve_device("auto"))
     counts = sample(model, tokenizer, rows, reward_fns, args.output, k=args.k, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, template=args.template,
                     min_reward=args.min_reward, keep_per_prompt=args.keep_per_prompt,
