@@ -79,7 +79,7 @@ def bench(kind: str, runs: int) -> float:
 
     def run_ours():
         outs = engine.generate(prompts.tolist(), NEW, temperature=0, stop_token_ids=[])
-        return [o.token_ids for o in outs]
+        return [sample.token_ids for (sample,) in outs]
 
     run_hf(), run_ours()  # warm up both
     times = {"transformers": [], "openseek": [], "matmuls only": []}

@@ -47,7 +47,7 @@ def greedy_by_full_forward(model, prompt, steps):
 def test_greedy_equals_transformers_generate(models, kind):
     ours, hf = models(kind)
     outs = openseek.Engine(ours).generate(PROMPTS, 10, temperature=0, stop_token_ids=[])
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, (out,) in zip(PROMPTS, outs):  # n = 1: a list of one Completion per prompt
         ids = torch.tensor([prompt])
         with torch.no_grad():
             expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
@@ -61,9 +61,9 @@ def test_ragged_batch_equals_full_forward_and_each_prompt_alone(models, kind):
     ours, _ = models(kind)
     engine = openseek.Engine(ours)
     batch = engine.generate(PROMPTS, 10, temperature=0, stop_token_ids=[])
-    for prompt, out in zip(PROMPTS, batch):
+    for prompt, (out,) in zip(PROMPTS, batch):
         assert out.token_ids == greedy_by_full_forward(ours, prompt, 10)
-        assert engine.generate([prompt], 10, temperature=0, stop_token_ids=[])[0].token_ids == out.token_ids
+        assert engine.generate([prompt], 10, temperature=0, stop_token_ids=[])[0][0].token_ids == out.token_ids
 
 
 @pytest.mark.parametrize("kind", ["llama", "deepseek_v3_lite"])
@@ -92,7 +92,7 @@ def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind, monkeypatch
     monkeypatch.setattr(Cache, "select_rows", counting_select_rows)
     engine = openseek.Engine(ours)
     prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
-    free = [o.token_ids for o in engine.generate(prompts, 40, temperature=0, stop_token_ids=[])]
+    free = [o.token_ids for (o,) in engine.generate(prompts, 40, temperature=0, stop_token_ids=[])]
     counts = {}
     for row in free:
         for t in set(row[:20]):
@@ -107,7 +107,7 @@ def test_stop_tokens_end_rows_early_and_default_to_eos(models, kind, monkeypatch
         ours.cfg = original
     for outs in (explicit, by_default):
         stopped = 0
-        for row, out in zip(free, outs):
+        for row, (out,) in zip(free, outs):
             if stop in row:
                 stopped += 1
                 assert out.token_ids == row[: row.index(stop) + 1] and out.finish_reason == "stop"
@@ -147,7 +147,7 @@ def test_sampled_logprobs_are_the_temperature_scaled_full_vocab_logprobs(models)
                 logits = ours(seq)[0, len(prompt) - 1 : -1]
             expected = (logits / 0.7).log_softmax(-1).gather(1, torch.tensor(sample.token_ids)[:, None])[:, 0]
             assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
-    greedy = openseek.Engine(ours).generate([PROMPTS[0]], 4, temperature=0, logprobs=True, stop_token_ids=[])[0]
+    greedy = openseek.Engine(ours).generate([PROMPTS[0]], 4, temperature=0, logprobs=True, stop_token_ids=[])[0][0]
     with torch.no_grad():
         logits = ours(torch.tensor([PROMPTS[0] + greedy.token_ids]))[0, len(PROMPTS[0]) - 1 : -1]
     assert greedy.logprobs == pytest.approx(logits.log_softmax(-1).max(-1).values.tolist(), abs=1e-4)
@@ -248,7 +248,7 @@ def test_generation_leaves_weights_and_training_mode_alone(models):
 def test_streaming_requests_join_and_leave_the_running_batch(models, kind):
     ours, _ = models(kind)
     engine = openseek.Engine(ours, max_batch_size=3)
-    expected = [o.token_ids for o in engine.generate(PROMPTS, 12, temperature=0, stop_token_ids=[])]
+    expected = [o.token_ids for (o,) in engine.generate(PROMPTS, 12, temperature=0, stop_token_ids=[])]
     streamed = [[] for _ in PROMPTS]
     try:
         first = engine.submit(PROMPTS[0], 12, temperature=0, stop_token_ids=[], on_token=streamed[0].append)
@@ -268,7 +268,7 @@ def test_streaming_requests_join_and_leave_the_running_batch(models, kind):
 def test_async_iteration_await_cancellation_and_stop(models):
     ours, _ = models("llama")
     engine = openseek.Engine(ours)
-    expected = engine.generate([PROMPTS[0]], 20, temperature=0, stop_token_ids=[])[0].token_ids
+    expected = engine.generate([PROMPTS[0]], 20, temperature=0, stop_token_ids=[])[0][0].token_ids
     stop = expected[4]
 
     async def scenario():
@@ -291,6 +291,31 @@ def test_async_iteration_await_cancellation_and_stop(models):
     assert len(stopped.logprobs) == len(stopped.token_ids)
     assert cancelled.finish_reason == "cancelled" and 3 <= len(cancelled.token_ids) < 200
     assert got == cancelled.token_ids
+
+
+def test_a_row_freed_between_running_ones_stays_parked_and_is_reused(models):
+    """A request that ends while the rows around it run on leaves a hole: the hole must neither move along the cache
+    (here it would run past max_seq_len) nor disturb its neighbours, and a later request takes it."""
+    ours, _ = models("qwen2")
+    engine = openseek.Engine(ours, max_batch_size=3, max_seq_len=48)
+    jobs = [(PROMPTS[0], 40), ([7] * 40, 3), (PROMPTS[1], 40), (PROMPTS[3], 20)]  # the 40-token prompt ends first
+    expected = [engine.generate([p], n, temperature=0, stop_token_ids=[])[0][0].token_ids for p, n in jobs]
+    handles = []
+
+    def submit_late(token):  # on the engine thread, long after the short request has left its row
+        if len(handles[0].token_ids) == 20:
+            handles.append(engine.submit(*jobs[3], temperature=0, stop_token_ids=[]))
+
+    try:
+        with engine._model_lock:  # nothing decodes before all three are queued: they take rows 0, 1, 2
+            handles.append(engine.submit(*jobs[0], temperature=0, stop_token_ids=[], on_token=submit_late))
+            handles += [engine.submit(*job, temperature=0, stop_token_ids=[]) for job in jobs[1:3]]
+        results = [h.result(timeout=60) for h in handles[:3]]
+        results.append(handles[3].result(timeout=60))
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == expected
+    assert [r.finish_reason for r in results] == ["length"] * 4
 
 
 def test_streaming_seeded_sampling_matches_and_bad_requests_raise(models):

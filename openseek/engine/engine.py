@@ -6,8 +6,8 @@ Batch generation (RL, eval):
     outs = engine.generate(prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, n=1,
                            stop_token_ids=None, seed=None, logprobs=False)
 
-`prompts` is a list of token-id lists of any lengths. The result has one item per prompt: a `Completion` when
-n == 1, else a list of n `Completion`s, which share one prefill of their prompt. `Completion.token_ids` are the new
+`prompts` is a list of token-id lists of any lengths. The result has one item per prompt: a list of n
+`Completion`s (also when n == 1), which share one prefill of their prompt. `Completion.token_ids` are the new
 tokens only, ending with the stop token when `finish_reason == "stop"`; `.logprobs` (when asked) are
 log_softmax(logits / temperature) of each chosen token over the full vocabulary, before top-k/top-p (plain
 log_softmax at temperature 0); see sampling.py. `stop_token_ids=None` means the model's EOS ids
@@ -32,9 +32,13 @@ n < 1, top_p outside (0, 1], ...) raises ValueError naming the culprit; nothing 
 
 How it decodes: caches are preallocated (cache.py), a prompt's tokens but the last are prefilled with the
 ordinary (naive MLA) forward, then every step feeds one token per row at its own position; MLA decodes with the
-absorbed weights over the latent cache. The engine works on the very module the trainer updates (no copy) and
-never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. On CUDA the same code
-runs with SDPA; CUDA graphs for decode are not implemented yet.
+absorbed weights over the latent cache. `generate` and the serving thread run the same batch of rows (`_Batch`:
+admit = prefill, step = the one decode step, row compaction): `generate` admits its rows (up to `max_batch_size`
+at a time) and steps until every row stops, its tokens staying on the device except every FINISH_CHECK_EVERY
+steps, when it looks for finished rows and drops them; the serving thread admits requests into free rows as they
+come and reads every step's tokens to stream them. The engine works on the very module the trainer updates (no
+copy) and never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. On CUDA the same
+code runs with SDPA; CUDA graphs for decode are not implemented yet.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from openseek.engine.cache import Cache, kv_bytes_per_token, make_cache
+from openseek.engine.cache import kv_bytes_per_token, make_cache
 from openseek.engine.sampling import Sampler, SamplingParams
 
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
@@ -131,7 +135,9 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
         logprobs: bool = False,
-    ) -> list:
+    ) -> list[list[Completion]]:
+        """Per prompt, a list of `n` Completions (also when n == 1) sharing one prefill; see the module docstring.
+        Blocks until every row (prompt × sample) has finished; rows are decoded up to `max_batch_size` at a time."""
         self._check_max_new(max_new_tokens)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
@@ -152,50 +158,40 @@ class Engine:
                 chunk = rows[start : start + self.max_batch_size]
                 unique = sorted({p for p, _ in chunk})
                 src = [unique.index(p) for p, _ in chunk]
-                completions = self._generate_batch(
+                completions = self._run_to_end(
                     [prompts[p] for p in unique], src, max_new_tokens, params, stop, generator, logprobs
                 )
                 for (p, s), completion in zip(chunk, completions):
                     results[p][s] = completion
-        return [r[0] if n == 1 else r for r in results]
+        return results
 
-    def _generate_batch(self, prompts, src, max_new_tokens, params, stop, generator, want_logprobs):
-        """Rows src[i] -> prompts[src[i]]; one prefill per prompt, then decode until every row stops."""
+    def _run_to_end(self, prompts, src, max_new_tokens, params, stop, generator, want_logprobs) -> list[Completion]:
+        """Admit rows src[i] -> prompts[src[i]] into one batch (one prefill per prompt) and step until every row
+        stops. Tokens stay on the device; the host looks for finished rows every FINISH_CHECK_EVERY steps."""
         device = self.model.device
         R = len(src)
-        prompt_len = [len(prompts[i]) for i in src]
-        cache = make_cache(self.cfg, R, max(prompt_len) + max_new_tokens, self.model.dtype, device)
-        self._prefill(cache, prompts, torch.tensor(src, device=device), torch.arange(R, device=device))
-
-        sampler = Sampler([params] * R, device)
+        batch = _Batch(self, R, max(len(prompts[i]) for i in src) + max_new_tokens)
+        batch.admit(prompts, src, list(range(R)), [params] * R, list(range(R)))
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
-        tokens = torch.tensor([prompts[i][-1] for i in src], device=device)
-        slots = torch.tensor(prompt_len, device=device) - 1  # a token's slot is its position
-        row_of = torch.arange(R, device=device)  # output row of each running row (rows leave once finished)
+        row_of = torch.arange(R, device=device)  # output row of each batch row (rows leave once finished)
         out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(R, max_new_tokens, device=device) if want_logprobs else None
         finished = torch.zeros(R, dtype=torch.bool, device=device)
-        longest = max(prompt_len)  # host copy of max(slots) + 1 at step 0
         for step in range(max_new_tokens):
-            cache.decode(slots, length=longest + step)
-            logits = self.model(tokens[:, None], positions=slots[:, None], cache=cache)[:, -1]
-            tokens, logprobs = sampler(logits, generator, want_logprobs)
+            tokens, logprobs = batch.step(generator, want_logprobs)
             out_tokens[row_of, step] = tokens
             if want_logprobs:
                 out_logprobs[row_of, step] = logprobs
             if stop:
                 finished |= torch.isin(tokens, stop_ids)
-            slots = slots + 1
             if stop and (step + 1) % FINISH_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
                 done = int(finished.sum())
                 if done == len(finished):
                     break
                 if done * 4 >= len(finished):  # drop finished rows from the batch: later steps get cheaper
                     keep = (~finished).nonzero()[:, 0]
-                    cache.select_rows(keep)
-                    tokens, slots, row_of, finished = tokens[keep], slots[keep], row_of[keep], finished[keep]
-                    sampler = sampler.select(keep)
-                    longest = int(slots.max()) - step
+                    batch.keep(keep)
+                    row_of, finished = row_of[keep], finished[keep]
         return [
             self._completion(t, None if out_logprobs is None else lp, stop, max_new_tokens)
             for t, lp in zip(out_tokens.tolist(), [None] * R if out_logprobs is None else out_logprobs.tolist())
@@ -209,24 +205,6 @@ class Engine:
                 end = i + 1
                 return Completion(token_ids[:end], None if logprobs is None else logprobs[:end], "stop")
         return Completion(token_ids, logprobs, "length")
-
-    def _prefill(self, cache: Cache, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor) -> None:
-        """Store each prompt but its last token into its cache rows (the first decode step feeds the last one).
-
-        prompts[src[i]] goes to cache row dest[i]. Prompts are right-padded, so each starts at slot/position 0.
-        """
-        heads = [p[:-1] for p in prompts]
-        T = max(len(h) for h in heads)
-        if T == 0:
-            return
-        device = self.model.device
-        ids = torch.zeros(len(heads), T, dtype=torch.long)
-        real = torch.zeros(len(heads), T, dtype=torch.bool)
-        for i, h in enumerate(heads):
-            ids[i, : len(h)] = torch.tensor(h, dtype=torch.long)
-            real[i, : len(h)] = True
-        cache.prefill(src, dest)
-        self.model(ids.to(device), padding_mask=None if bool(real.all()) else real.to(device), cache=cache)
 
     # ---- streaming with continuous batching ---------------------------------------------------------------------
 
@@ -267,20 +245,20 @@ class Engine:
             self._thread.join()
 
     def _serve(self) -> None:
-        device = self.model.device
-        rows: list[Request | None] = [None] * self.max_batch_size
-        cache = sampler = None
-        members = None  # the batch the sampler was built for
+        """The serving thread: one running batch whose rows are requests (`_Batch.owner`); each step admits waiting
+        requests into free rows, decodes, streams every row's token and frees the rows of finished requests."""
+        batch: _Batch | None = None  # made on first use; dropped when a step fails
         while True:
+            running = [r for r in batch.owner if r is not None] if batch else []
             with self._wake:
-                while not self._closed and not self._queue and not any(rows):
+                while not self._closed and not self._queue and not running:
                     self._wake.wait()
                 if self._closed:
-                    for r in [*self._queue, *filter(None, rows)]:
+                    for r in [*self._queue, *running]:
                         r._finish("cancelled")
                     return
                 new = []
-                while self._queue and len(new) < rows.count(None):
+                while self._queue and len(new) < self.max_batch_size - len(running):
                     request = self._queue.popleft()
                     if request.cancelled:
                         request._finish("cancelled")
@@ -288,67 +266,167 @@ class Engine:
                         new.append(request)
             try:
                 with self._model_lock, torch.inference_mode():
-                    if cache is None:
-                        cache = make_cache(self.cfg, self.max_batch_size, self.max_seq_len, self.model.dtype, device)
+                    if batch is None:
+                        batch = _Batch(self, self.max_batch_size, self.max_seq_len)
                     if new:
-                        free = [i for i, r in enumerate(rows) if r is None][: len(new)]
-                        for i, request in zip(free, new):
-                            rows[i] = request
-                            request._row_token, request._position = request.prompt[-1], len(request.prompt) - 1
-                        self._prefill(
-                            cache,
-                            [r.prompt for r in new],
-                            torch.arange(len(new), device=device),
-                            torch.tensor(free, device=device),
-                        )
-                    for i, request in enumerate(rows):
-                        if request is not None and request.cancelled:
-                            request._finish("cancelled")
-                            rows[i] = None
-                    active = [i for i, r in enumerate(rows) if r is not None]
-                    if not active:
+                        rows = batch.free_rows(len(new))
+                        batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new)
+                    cancelled = [i for i, r in enumerate(batch.owner) if r is not None and r.cancelled]
+                    for i in cancelled:
+                        batch.owner[i]._finish("cancelled")
+                    batch.vacate(cancelled)
+                    if not batch.size:
                         continue
-                    B = active[-1] + 1
-                    batch = rows[:B]
-                    if members is None or len(members) != B or any(a is not b for a, b in zip(members, batch)):
-                        sampler = Sampler([r.params if r else SamplingParams(0.0) for r in batch], device)
-                        members = batch
-                    tokens = torch.tensor([r._row_token if r else 0 for r in batch], device=device)
-                    positions = [r._position if r else 0 for r in batch]
-                    slots = torch.tensor(positions, device=device)
-                    cache.decode(slots, length=max(positions) + 1)
-                    logits = self.model(tokens[:, None], positions=slots[:, None], cache=cache)[:, -1]
-                    generators = [r.generator if r else None for r in batch]
-                    want_logprobs = any(r.want_logprobs for r in batch if r)
-                    chosen, logprobs = sampler(logits, generators, want_logprobs)
+                    want_logprobs = any(r.want_logprobs for r in batch.owner if r is not None)
+                    generators = [None if r is None else r.generator for r in batch.owner]
+                    chosen, logprobs = batch.step(generators, want_logprobs)
                     chosen = chosen.tolist()
-                    logprobs = logprobs.tolist() if want_logprobs else [None] * B
+                    logprobs = logprobs.tolist() if want_logprobs else [None] * len(chosen)
             except Exception as error:  # fail the running requests, keep serving the others
-                for i, r in enumerate(rows):
-                    if r is not None:
+                for r in [*(batch.owner if batch else []), *new]:
+                    if r is not None and not r.done:
                         r._finish("error", error)
-                        rows[i] = None
-                for r in new:
-                    if not r.done:
-                        r._finish("error", error)
-                cache = None
+                batch = None
                 continue
-            for i in active:
-                request = rows[i]
-                try:
-                    request._emit(chosen[i], logprobs[i])
-                except Exception as error:  # the request's own on_token callback failed
-                    request._finish("error", error)
-                    rows[i] = None
-                    continue
-                request._row_token, request._position = chosen[i], request._position + 1
-                if chosen[i] in request.stop:
-                    request._finish("stop")
-                elif len(request.token_ids) == request.max_new_tokens:
-                    request._finish("length")
-                else:
-                    continue
-                rows[i] = None
+            finished = [i for i, r in enumerate(batch.owner) if r is not None and self._emit(r, chosen[i], logprobs[i])]
+            batch.vacate(finished)
+
+    @staticmethod
+    def _emit(request: Request, token: int, logprob: float | None) -> bool:
+        """Stream one decoded token to its request; True when that finishes the request."""
+        try:
+            request._emit(token, logprob)
+        except Exception as error:  # the request's own on_token callback failed
+            request._finish("error", error)
+            return True
+        if token in request.stop:
+            request._finish("stop")
+        elif len(request.token_ids) == request.max_new_tokens:
+            request._finish("length")
+        else:
+            return False
+        return True
+
+
+_FREE = SamplingParams(0.0)  # the parameters of a free row (its tokens are never used)
+
+
+class _Batch:
+    """Rows [0, size) of one preallocated cache, decoded together: batch `generate` and the serving thread both
+    run on it. `admit` prefills prompts into rows, `step` is the decode step (one new token for every row),
+    `keep` compacts the rows (finished ones leave; `generate`), `vacate` frees rows for later admissions (serve).
+
+    Per row: its owner (None = a free row), its sampling parameters, the token it feeds next and that token's
+    position (device tensors `tokens`, `slots`: a step needs no host sync; `positions` is the host copy). A
+    token's slot is its position (cache.py). Free rows decode a dummy token at slot 0 and do not advance; free
+    rows at the end are dropped, so `size` is 0 when no row is owned.
+    """
+
+    def __init__(self, engine: Engine, capacity: int, max_len: int):
+        self.model, self.device = engine.model, engine.model.device
+        self.cache = make_cache(engine.cfg, capacity, max_len, self.model.dtype, self.device)
+        self.owner: list = []
+        self.params: list[SamplingParams] = []
+        self.positions: list[int] = []
+        self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._sampler: Sampler | None = None  # built from `params` when the rows change
+        self._advance = 1  # how far each row's slot moves per step: 1, or 0 for free rows ([size] tensor)
+        self._vacated = False  # rows were freed since the device tensors were last brought up to date
+
+    @property
+    def size(self) -> int:
+        return len(self.owner)
+
+    def free_rows(self, count: int) -> list[int]:
+        """The first `count` rows free for admission (holes first, then rows past the end)."""
+        free = [i for i, o in enumerate(self.owner) if o is None]
+        return (free + list(range(self.size, self.cache.rows)))[:count]
+
+    def admit(self, prompts: list[list[int]], src: list[int], rows: list[int], params, owners) -> None:
+        """Row rows[i] starts prompts[src[i]] for owners[i] with params[i]. One prefill per prompt (n samples of a
+        prompt are n rows with the same src) stores each prompt but its last token; the first step feeds that."""
+        self._update()
+        grow = max(rows) + 1 - self.size
+        if grow > 0:
+            self.owner += [None] * grow
+            self.params += [_FREE] * grow
+            self.positions += [0] * grow
+            zeros = torch.zeros(grow, dtype=torch.long, device=self.device)
+            self.tokens, self.slots = torch.cat((self.tokens, zeros)), torch.cat((self.slots, zeros))
+        index = torch.tensor(rows, device=self.device)
+        self._prefill(prompts, torch.tensor(src, device=self.device), index)
+        last = torch.tensor([prompts[s][-1] for s in src], device=self.device)
+        position = [len(prompts[s]) - 1 for s in src]
+        self.tokens = self.tokens.index_copy(0, index, last)
+        self.slots = self.slots.index_copy(0, index, torch.tensor(position, device=self.device))
+        for row, owner, p, pos in zip(rows, owners, params, position):
+            self.owner[row], self.params[row], self.positions[row] = owner, p, pos
+        self._sampler = None
+
+    def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor) -> None:
+        """Store each prompt but its last token into its cache rows: prompts[src[i]] goes to cache row dest[i].
+        Prompts are right-padded, so each starts at slot/position 0."""
+        heads = [p[:-1] for p in prompts]
+        T = max(len(h) for h in heads)
+        if T == 0:
+            return
+        ids = torch.zeros(len(heads), T, dtype=torch.long)
+        real = torch.zeros(len(heads), T, dtype=torch.bool)
+        for i, h in enumerate(heads):
+            ids[i, : len(h)] = torch.tensor(h, dtype=torch.long)
+            real[i, : len(h)] = True
+        self.cache.prefill(src, dest)
+        self.model(ids.to(self.device), padding_mask=None if bool(real.all()) else real.to(self.device),
+                   cache=self.cache)
+
+    def step(self, generator=None, want_logprobs: bool = False):
+        """The decode step: every row feeds its token at its position and samples the next one with its own
+        parameters. Returns the next token per row [size] (long) and its log-prob [size] (float32, when asked,
+        else None), both on the device; no host sync. generator: one torch.Generator for the whole batch, or a
+        list with one per row (None = the global RNG)."""
+        self._update()
+        if self._sampler is None:
+            self._sampler = Sampler(self.params, self.device)
+            live = [o is not None for o in self.owner]
+            self._advance = 1 if all(live) else torch.tensor(live, dtype=torch.long, device=self.device)
+        self.cache.decode(self.slots, length=max(self.positions) + 1)
+        logits = self.model(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
+        tokens, logprobs = self._sampler(logits, generator, want_logprobs)
+        self.tokens, self.slots = tokens, self.slots + self._advance
+        self.positions = [p + (o is not None) for p, o in zip(self.positions, self.owner)]
+        return tokens, logprobs
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only rows `rows` (device, long), moved to the front in that order: the others leave the batch."""
+        self._update()
+        self.cache.select_rows(rows)
+        self.tokens, self.slots = self.tokens[rows], self.slots[rows]
+        order = rows.tolist()
+        self.owner = [self.owner[i] for i in order]
+        self.params = [self.params[i] for i in order]
+        self.positions = [self.positions[i] for i in order]
+        self._sampler = None
+
+    def vacate(self, rows: list[int]) -> None:
+        """Free `rows` for later admissions. Host bookkeeping only (no device work, so no model lock needed): the
+        device tensors follow at the next admit or step."""
+        for i in rows:
+            self.owner[i], self.params[i], self.positions[i] = None, _FREE, 0
+        while self.owner and self.owner[-1] is None:
+            self.owner.pop(), self.params.pop(), self.positions.pop()
+        self._vacated = self._vacated or bool(rows)
+
+    def _update(self) -> None:
+        """Bring the device tensors in line with `vacate`: drop the free rows at the end, park the others at 0."""
+        if not self._vacated:
+            return
+        self._vacated, self._sampler = False, None
+        self.tokens, self.slots = self.tokens[: self.size], self.slots[: self.size]
+        free = [i for i, o in enumerate(self.owner) if o is None]
+        if free:
+            index = torch.tensor(free, device=self.device)
+            self.tokens, self.slots = self.tokens.index_fill(0, index, 0), self.slots.index_fill(0, index, 0)
 
 
 class Request:
