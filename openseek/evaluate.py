@@ -195,7 +195,6 @@ def generate(engine, tokenizer, prompts: list[str], sampling: Sampling, progress
                 stop_token_ids=stop_token_ids(engine.cfg, tokenizer),
             )
             for samples in batch:
-                samples = samples if isinstance(samples, list) else [samples]
                 outputs.append([
                     {"text": tokenizer.decode(s.token_ids, skip_special_tokens=True), "tokens": len(s.token_ids),
                      "finish_reason": s.finish_reason}
@@ -264,7 +263,8 @@ def evaluate(model_or_engine, tokenizer, rows: list[dict], *, task: Task | None 
 # ---- completions made elsewhere -----------------------------------------------------------------------------
 
 def load_completions(path) -> list[dict]:
-    """Rows {"id", "answer", "completions": [str, ...], ...} from JSONL; `id` defaults to the line number."""
+    """Rows {"id", "answer", "completions": [str, ...], ...} from JSONL. `id` keeps its JSON type (7 stays 7,
+    "7" stays "7") into results.jsonl; a row without one is named by its line number, as a string."""
     rows = []
     for where, line_no, row in jsonl_objects(path):
         completions = row.get("completions")
@@ -272,7 +272,7 @@ def load_completions(path) -> list[dict]:
             raise DatasetError(f"{where}: field 'completions' is missing (the row has: {', '.join(row) or 'no fields'})")
         if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
             raise DatasetError(f"{where}: field 'completions' must be a non-empty list of strings")
-        rows.append({**row, "id": str(row.get("id", line_no)), "answer": _gold(row, where)})
+        rows.append({**row, "id": row.get("id", str(line_no)), "answer": _gold(row, where)})
     return rows
 
 

@@ -1,14 +1,17 @@
 """`openseek eval`: metrics against closed forms and hand-made votes, scoring of outside completions through the
 CLI, generation through the Engine on a model whose answers are known, and bad input refused with the reason."""
 
+import inspect
 import itertools
 import json
 import math
 
 import pytest
 
-from helpers_eval import QUESTIONS, build_model, build_tokenizer, save_model_dir
+import openseek
+from helpers_eval import QUESTIONS, REPLY, build_model, build_tokenizer, save_model_dir
 from openseek.cli import main as cli
+from openseek.engine import Engine, stop_token_ids
 from openseek.evaluate import (
     CORRECT, answer_classes, check_ks, evaluate, maj_at_k, majority_vote, pass_at_k, score_completions, summarize,
 )
@@ -118,7 +121,7 @@ def test_completions_mode_through_the_cli(tmp_path, capsys):
     assert cli(["eval", "--completions", str(source), "--k", "1,2,4", "--output-dir", str(out)]) == 0
 
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in results] == ["gsm-1", "2", "7"]  # the row's id, else its line number
+    assert [r["id"] for r in results] == ["gsm-1", "2", 7]  # the row's id as it was, else its line number
     assert [r["answer"] for r in results] == ["1,200", "\\frac{1}{2}", "3"]
     assert [r["correct"] for r in results] == EXPECTED_CORRECT
     assert [r["extracted"] for r in results] == EXPECTED_EXTRACTED
@@ -141,6 +144,17 @@ def test_completions_mode_through_the_cli(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| pass@1 | 33.33% |" in table and "| maj@4 | 66.67% |" in table
     assert table in capsys.readouterr().out
+
+
+def test_completion_ids_keep_their_json_type(tmp_path):
+    rows = [{"id": 7, "answer": "3", "completions": ["<answer>3</answer>"]},
+            {"id": "7", "answer": "3", "completions": ["<answer>4</answer>"]},
+            {"id": "0042", "answer": "3", "completions": ["<answer>3</answer>"]}]
+    out = tmp_path / "eval"
+    assert cli(["eval", "--completions", str(_write_jsonl(tmp_path / "ids.jsonl", rows)), "--k", "1",
+                "--output-dir", str(out)]) == 0
+    ids = [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert ids == [7, "7", "0042"] and isinstance(ids[0], int) and isinstance(ids[1], str)
 
 
 def test_completions_scored_by_a_task(tmp_path):
@@ -251,3 +265,55 @@ def test_cli_generates_and_scores_a_dataset(tmp_path, capsys):
     assert [r["id"] for r in results] == ["1", "2", "3"] and [r["answer"] for r in results] == ["8", "9", "7"]
     assert all(len(r["completions"]) == len(r["correct"]) == 8 for r in results)
     assert "| pass@8 |" in capsys.readouterr().out
+
+
+class _Stopped(Exception):
+    """Raised by a patched Engine.generate once it has seen its arguments."""
+
+
+def test_eval_and_grpo_stop_on_the_same_ids_for_one_model_dir(tmp_path, monkeypatch, capsys):
+    """config.json, generation_config.json and the tokenizer each name a different EOS: eval and GRPO both stop on
+    all three, through the one rule `openseek.engine.stop_token_ids`."""
+    from openseek.tokenizer import Tokenizer
+
+    directory = save_model_dir(tmp_path / "model")
+    tokenizer = Tokenizer.from_dir(directory)
+    (eight,), (close,) = tokenizer.encode(" 8"), tokenizer.encode("</answer>")
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = close
+    (directory / "config.json").write_text(json.dumps(config))
+    generation = json.loads((directory / "generation_config.json").read_text())
+    generation["eos_token_id"] = [eight]
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    assert len({eight, close, tokenizer.eos_token_id}) == 3
+    expected = stop_token_ids(openseek.load(directory).cfg, tokenizer)
+    assert expected == sorted({eight, close, tokenizer.eos_token_id})
+
+    seen = []
+    generate = Engine.generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(inspect.signature(generate).bind(self, *args, **kwargs).arguments["stop_token_ids"])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    data = _write_jsonl(tmp_path / "bench.jsonl", [{"question": q, "answer": a} for q, a in QUESTIONS.items()])
+    out = tmp_path / "eval"
+    assert cli(["eval", "--model", str(directory), "--dataset", str(data), "--template", "plain",
+                "--temperature", "0", "--max-new-tokens", "16", "--output-dir", str(out)]) == 0
+    assert seen == [expected]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # the model says "<think> easy</think><answer> 8</answer>" + EOS; generation_config's EOS (" 8") ends it early
+    assert [r["completions"] for r in results] == [[REPLY + " 8"]] * 3
+    assert [r["finish_reasons"] for r in results] == [["stop"]] * 3
+    assert [r["tokens"] for r in results] == [[len(tokenizer.encode(REPLY)) + 1]] * 3
+
+    def recording_then_stop(self, *args, **kwargs):
+        seen.append(inspect.signature(generate).bind(self, *args, **kwargs).arguments["stop_token_ids"])
+        raise _Stopped  # the first rollout's generation is all this test needs
+
+    monkeypatch.setattr(Engine, "generate", recording_then_stop)
+    with pytest.raises(_Stopped):
+        cli(["grpo", "--model", str(directory), "--task", "arithmetic", "--task-size", "8", "--group-size", "2",
+             "--prompts-per-step", "2", "--max-new-tokens", "4", "--run-dir", str(tmp_path / "grpo")])
+    assert seen == [expected, expected]

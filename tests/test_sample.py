@@ -10,10 +10,10 @@ import torch
 
 import openseek
 from openseek.cli import main as cli
-from openseek.engine import Engine
+from openseek.engine import Engine, stop_token_ids
 from openseek.tasks import get_task
 from openseek.tokenizer import Tokenizer
-from openseek.train.grpo import encode_prompt, stop_ids
+from openseek.train.grpo import encode_prompt
 from openseek.train.sample import to_messages
 
 from helpers_grpo import tiny_model_dir
@@ -64,7 +64,7 @@ def test_sample_writes_exactly_the_accepted_completions(model_dir, tmp_path):
     rows = get_task("arithmetic").generate(n, seed=0)
     encoded = [encode_prompt(tokenizer, r["prompt"], "r1-zero") for r in rows]
     groups = Engine(model).generate([ids for _, ids in encoded], max_new, temperature=1.0, n=k,
-                                    stop_token_ids=stop_ids(model, tokenizer), seed=0)
+                                    stop_token_ids=stop_token_ids(model.cfg, tokenizer), seed=0)
     expected = []
     for row, (text, _), group in zip(rows, encoded, groups):
         seen = set()
