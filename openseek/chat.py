@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 from openseek.device import resolve_device
+from openseek.quantize import add_precision_arguments
 from openseek.serve.gate import APIError
 from openseek.serve.protocol import ChatCompletionRequest
 from openseek.serve.server import Server, ServeConfig, load_engine
@@ -24,12 +25,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, help="per answer (default: whatever fits the context)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
+    add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
 
 def main(args) -> int:
-    engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1)
+    engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1,
+                                    quantize=args.quantize, group_size=args.group_size)
     config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len)
     try:
         return asyncio.run(_session(Server(engine, tokenizer, config), args))

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from openseek.config import ConfigError, ModelConfig
 from openseek.model import Model
 from openseek.model.moe import Router
+from openseek.quantize import check_options, quantize_modules
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -163,8 +165,14 @@ def weight_files(directory: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{directory}: missing {WEIGHTS} or {INDEX}{hint}")
 
 
-def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu") -> Model:
-    """Load an HF-format checkpoint (directory or hub id) into a `Model`, in `dtype` (default: the config's)."""
+def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
+         quantize: str | None = None, group_size: int = 32) -> Model:
+    """Load an HF-format checkpoint (directory or hub id) into a `Model`, in `dtype` (default: the config's).
+
+    `quantize="int8"` or `"int4"` (with `group_size` 32, 64 or 128) makes the eligible linear layers weight-only
+    quantised as they load (see quantize.py, which says what stays in `dtype` and why; a line on stderr says it too).
+    """
+    quantize = check_options(quantize, group_size, device)
     directory = resolve(path_or_repo_id)
     cfg, hf = read_config(directory)
     files = weight_files(directory)
@@ -174,6 +182,11 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     )
     cfg = cfg.replace(num_nextn_predict_layers=mtp_layers)  # MTP weights are optional
     cfg.eos_token_id = _eos_ids(cfg, directory)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
+    if dtype in (torch.float16, "float16") and torch.device(device).type == "cpu":
+        raise ValueError("dtype=float16 on the CPU: its matmuls are not supported there at useful speed; use "
+                         "bfloat16 (or float32)")
     if dtype is None:
         dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -188,6 +201,9 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
 
     block = _fp8_block(hf)
     plan = _plan(files, cfg, expected, block)
+    quantized, kept = quantize_modules(model, quantize, group_size)  # after the plan: it checks HF shapes
+    for line in kept:
+        print(f"{quantize}: {line}", file=sys.stderr)
     model.to_empty(device=device)
     model.tie_weights()
     model.rotary.reset_parameters()
@@ -203,7 +219,12 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
                         if target.rows is not None:
                             dest = dest[target.rows[0] : target.rows[1]]
                     entry = header[name]
-                    if entry.dtype == torch.float8_e4m3fn:
+                    if target.param in quantized:
+                        tensor = _read(handle, data_start, entry)
+                        if entry.dtype == torch.float8_e4m3fn:
+                            tensor = dequantize_fp8(tensor, read_tensor(files, name + "_scale_inv"), block)
+                        quantized[target.param].load_weight(tensor.to(device))
+                    elif entry.dtype == torch.float8_e4m3fn:
                         scale = read_tensor(files, name + "_scale_inv")
                         dest.copy_(dequantize_fp8(_read(handle, data_start, entry), scale, block))
                     elif entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from openseek.quantize import add_precision_arguments
 from openseek.rewards import check_answers, extract_answer
 from openseek.tasks import TEMPLATES, Task, format_prompt, get_task, load_math_file
 from openseek.tasks.math_file import DatasetError, _gold, jsonl_objects
@@ -325,8 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on GPU, float32 on CPU")
+    add_precision_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="rows the engine decodes at once")
     parser.add_argument("--output-dir", required=True)
 
@@ -368,21 +368,22 @@ def _run(args: argparse.Namespace) -> int:
             rows = task.generate(args.num_problems or 200, seed=args.seed, split="test")
         else:
             rows = load_math_file(args.dataset)[: args.num_problems]
-        import torch
-
         import openseek
+        from openseek.device import resolve_device
         from openseek.tokenizer import Tokenizer
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(args.device))
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        model = openseek.load(args.model, dtype=dtype, device=device).eval()
+        model = openseek.load(args.model, dtype=dtype, device=device, quantize=args.quantize,
+                              group_size=args.group_size).eval()
         tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
         engine = openseek.Engine(model, max_batch_size=args.batch_size)
         result = evaluate(engine, tokenizer, rows, task=task, n=n, ks=ks, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
                           seed=args.seed, greedy=args.greedy)
         about = {"model": str(args.model), "task": task.name if task else None,
-                 "dataset": str(args.dataset) if args.dataset else None, "device": device, "dtype": dtype}
+                 "dataset": str(args.dataset) if args.dataset else None, "device": device, "dtype": dtype,
+                 "quantize": args.quantize}
     out = write_outputs(result, args.output_dir, **about)
     print(result.markdown(), end="")
     print(f"wrote {out / 'summary.json'}, {out / 'results.jsonl'} and {out / 'results.md'}")

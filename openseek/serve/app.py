@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openseek.device import resolve_device
+from openseek.quantize import add_precision_arguments
 from openseek.serve.gate import APIError, Gate, check_bind, error_envelope
 from openseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from openseek.serve.protocol import (
@@ -285,7 +286,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
-    parser.add_argument("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
+    add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
 
@@ -297,7 +298,7 @@ def main(args) -> int:
     import uvicorn
 
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
-                                    args.max_model_len)
+                                    args.max_model_len, args.quantize, args.group_size)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,

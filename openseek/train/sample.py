@@ -26,6 +26,7 @@ import torch
 
 import openseek
 from openseek.device import resolve_device
+from openseek.quantize import add_precision_arguments
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
 from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names
@@ -112,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-prompts", type=int, default=16, help="prompts generated together")
     parser.add_argument("--output", required=True, help="JSONL file of accepted `messages`")
     parser.add_argument("--seed", type=int, default=0)
+    add_precision_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -119,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
     rows, task = load_rows(args)
     reward_fns, _ = resolve_rewards(args.reward, task, rows)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = openseek.load(args.model, dtype=torch.float32).to(resolve_device("auto"))
+    model = openseek.load(args.model, dtype=args.dtype or torch.float32, device=resolve_device("auto"),
+                          quantize=args.quantize, group_size=args.group_size)
     counts = sample(model, tokenizer, rows, reward_fns, args.output, k=args.k, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, template=args.template,
                     min_reward=args.min_reward, keep_per_prompt=args.keep_per_prompt,

@@ -1,0 +1,176 @@
+"""Weight-only quantisation as a module swap, made before any weight is read (gpt-fast's pattern).
+
+`openseek.load(path, dtype=torch.bfloat16, quantize="int8" | "int4", group_size=32)` builds the model on the meta
+device, swaps the chosen `nn.Linear`s for `Int8Linear` / `Int4Linear`, then reads each checkpoint tensor and
+quantises it on the way in, one tensor at a time: a quantised model never holds a full-precision copy of itself.
+
+- int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); `aten._weight_int8pack_mm`.
+- int4: per group of `group_size` input columns, asymmetric (w ≈ (q − 8)·scale + zero, q in [0, 15]);
+  `aten._weight_int4pack_mm_for_cpu` (CPU only: the CUDA op wants another packing, not implemented here).
+
+Both kernels are fast only with bf16 activations (fp32 inputs take a path 10–100× slower, measured in
+`shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for the matmul and the result back
+to the model's dtype. What stays in `dtype`, and why:
+- embeddings and a tied lm_head: a lookup table (read one row per token, not streamed per step);
+- MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
+- the router gate: routing decisions stay float32, as in DeepSeek's code;
+- routed experts (3-D stacks): there is no grouped int8/int4 kernel; they stay in `dtype`;
+- a layer whose shape a kernel cannot take (int4: out_features % 16, in_features % group_size).
+`quantize_modules` returns one line per such tensor group, which `load` prints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZE = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+KEPT_IN_DTYPE = ("kv_b_proj",)  # read as a matrix by MLA's absorbed decode
+
+
+def check_options(quantize: str | None, group_size: int, device) -> str:
+    """The quantisation mode, or a ValueError naming the option and what is supported."""
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if quantize == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size}: int4 supports {', '.join(map(str, GROUP_SIZES))}")
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize='int4' has a kernel on the CPU only (aten._weight_int4pack_mm_for_cpu); on "
+                         f"{torch.device(device).type} use quantize='int8' or dtype=torch.bfloat16")
+    return quantize
+
+
+class Int8Linear(nn.Module):
+    """y = x·(q·scale)ᵀ + b with q int8 [out, in] and one bf16 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def load_weight(self, w: torch.Tensor) -> None:
+        w = w.float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.weight.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.scales.copy_(scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x·Wᵀ + b with W stored as 4-bit values in groups of `group_size` input columns, each group with a bf16
+    scale and zero point, packed in the layout of `aten._weight_int4pack_mm_for_cpu`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @staticmethod
+    def fits(in_features: int, out_features: int, group_size: int) -> bool:
+        return out_features % 16 == 0 and in_features % group_size == 0
+
+    @torch.no_grad()
+    def load_weight(self, w: torch.Tensor) -> None:
+        N, K, G = self.out_features, self.in_features, self.group_size
+        groups = w.float().view(N, K // G, G)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
+        self.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # (q - 8)·scale + zero = low + q·scale
+        self.scales_and_zeros.copy_(torch.stack((scales, low + 8 * scales), dim=-1).transpose(0, 1))
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the kernel multiplies by, (q − 8)·scale + zero (for tests). The packing is the
+        kernel's own, so q is read back through the kernel on the identity (bf16 output, exact enough to round)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
+        rounded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                             self.scales_and_zeros).float().T  # [N, K]
+        scales, zeros = (t.float().T.repeat_interleave(self.group_size, dim=1) for t in self.scales_and_zeros.unbind(-1))
+        q = torch.round((rounded - zeros) / scales + 8).clamp(0, 15)
+        return (q - 8) * scales + zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> tuple[dict[str, nn.Module], list[str]]:
+    """Swap the model's eligible `nn.Linear`s (on the meta device, before loading) for quantised ones.
+
+    Returns ({weight name: quantised module}, lines saying what stays in the model's dtype and why)."""
+    if quantize == "none":
+        return {}, []
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    swapped, kept = {}, []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in KEPT_IN_DTYPE or (name == "lm_head" and tied):
+            continue
+        K, N = module.in_features, module.out_features
+        if quantize == "int4" and not Int4Linear.fits(K, N, group_size):
+            kept.append(f"{name} [{N}, {K}] stays in {module.weight.dtype}: int4 needs out_features % 16 == 0 and "
+                        f"in_features % {group_size} == 0")
+            continue
+        dtype, bias = module.weight.dtype, module.bias is not None
+        with torch.device("meta"):
+            new = (Int8Linear(K, N, bias, dtype) if quantize == "int8"
+                   else Int4Linear(K, N, bias, dtype, group_size))
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, leaf, new)
+        swapped[f"{name}.weight"] = new
+    kept.append("embeddings" + (" and the tied lm_head" if tied else "") + " stay in the model's dtype: a lookup "
+                "table, read one row a token")
+    if any(leaf in n for n, _ in model.named_modules() for leaf in KEPT_IN_DTYPE):
+        kept.append("MLA kv_b_proj stays in the model's dtype: the absorbed decode folds its halves into the query "
+                    "and the output")
+    if any(n.endswith("experts") for n, _ in model.named_modules()):
+        kept.append("routed experts stay in the model's dtype (no grouped int8/int4 kernel); router gates in "
+                    "float32 (routing decisions)")
+    return swapped, kept
+
+
+def weight_bytes_per_step(model: nn.Module) -> int:
+    """Bytes of weights one decode step streams (a tied embedding counts once, as the lm_head; the embedding table
+    itself is read one row a token and not counted when untied)."""
+    seen, total = set(), 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen or "rotary" in name or (name == "embed_tokens.weight" and not _tied(model)):
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _tied(model) -> bool:
+    return model.lm_head.weight is model.embed_tokens.weight
+
+
+def add_precision_arguments(parser) -> None:
+    """`--dtype`, `--quantize` and `--group-size`: the same precision choice on serve, chat, eval and sample."""
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="weights and activations dtype (default: the checkpoint's; eval on GPU: bfloat16)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE,
+                        help="weight-only quantisation of the linear layers: int8 per channel, int4 per group "
+                             "(CPU kernels; best with --dtype bfloat16)")
+    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
