@@ -219,21 +219,23 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
                         if target.rows is not None:
                             dest = dest[target.rows[0] : target.rows[1]]
                     entry = header[name]
-                    if target.param in quantized:
-                        tensor = _read(handle, data_start, entry)
-                        if entry.dtype == torch.float8_e4m3fn:
-                            tensor = dequantize_fp8(tensor, read_tensor(files, name + "_scale_inv"), block)
-                        quantized[target.param].load_weight(tensor.to(device))
-                    elif entry.dtype == torch.float8_e4m3fn:
-                        scale = read_tensor(files, name + "_scale_inv")
-                        dest.copy_(dequantize_fp8(_read(handle, data_start, entry), scale, block))
+                    if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
+                        quantized[target.param].load_weight(_read_full(handle, data_start, name, entry, files, block))
                     elif entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
                         _read(handle, data_start, entry, into=dest)
                     else:
-                        dest.copy_(_read(handle, data_start, entry))
+                        dest.copy_(_read_full(handle, data_start, name, entry, files, block))
     model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
     model.eval()
     return model
+
+
+def _read_full(handle, data_start: int, name: str, entry, files, block) -> torch.Tensor:
+    """Tensor `name` as stored, FP8 blocks dequantised with their `_scale_inv`."""
+    tensor = _read(handle, data_start, entry)
+    if entry.dtype == torch.float8_e4m3fn:
+        tensor = dequantize_fp8(tensor, read_tensor(files, name + "_scale_inv"), block)
+    return tensor
 
 
 def _eos_ids(cfg: ModelConfig, directory: Path) -> list[int]:

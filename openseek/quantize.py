@@ -102,7 +102,8 @@ class Int4Linear(nn.Module):
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
         rounded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                              self.scales_and_zeros).float().T  # [N, K]
-        scales, zeros = (t.float().T.repeat_interleave(self.group_size, dim=1) for t in self.scales_and_zeros.unbind(-1))
+        scales, zeros = (t.float().T.repeat_interleave(self.group_size, dim=1)
+                         for t in self.scales_and_zeros.unbind(-1))
         q = torch.round((rounded - zeros) / scales + 8).clamp(0, 15)
         return (q - 8) * scales + zeros
 
