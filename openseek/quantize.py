@@ -4,13 +4,14 @@
 device, swaps the chosen `nn.Linear`s for `Int8Linear` / `Int4Linear`, then reads each checkpoint tensor and
 quantises it on the way in, one tensor at a time: a quantised model never holds a full-precision copy of itself.
 
-- int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); `aten._weight_int8pack_mm`.
+- int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); our AVX-512 VNNI kernel
+  (openseek/kernels: activations quantised per row inside it) where the CPU has one, else `aten._weight_int8pack_mm`.
 - int4: per group of `group_size` input columns, asymmetric (w ≈ (q − 8)·scale + zero, q in [0, 15]);
   `aten._weight_int4pack_mm_for_cpu` (CPU only: the CUDA op wants another packing, not implemented here).
 
-Both kernels are fast only with bf16 activations (fp32 inputs take a path 10–100× slower, measured in
-`shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for the matmul and the result back
-to the model's dtype. What stays in `dtype`, and why:
+PyTorch's kernels are fast only with bf16 activations (fp32 inputs take a path 10–100× slower, measured in
+`shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them, and every result back to
+the model's dtype. What stays in `dtype`, and why:
 - embeddings and a tied lm_head: a lookup table (read one row per token, not streamed per step);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
 - the router gate: routing decisions stay float32, as in DeepSeek's code;
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from openseek.kernels import int8_vnni
 
 QUANTIZE = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -43,28 +46,54 @@ def check_options(quantize: str | None, group_size: int, device) -> str:
 
 
 class Int8Linear(nn.Module):
-    """y = x·(q·scale)ᵀ + b with q int8 [out, in] and one bf16 scale per output channel."""
+    """y = x·(q·scale)ᵀ + b with q int8 [out, in] and one scale per output channel.
+
+    With the VNNI kernel (openseek/kernels) the weight is stored packed for it, [out/16, in/4, 16, 4], with float32
+    scales and the row sums the kernel needs, and activations are quantised per row to int8 inside the kernel (as
+    llama.cpp's Q8_0 dot products do). Otherwise it stays [out, in] with bf16 scales for PyTorch's kernel, which
+    multiplies bf16 activations by the dequantised weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+        self.kernel = int8_vnni() if out_features % 16 == 0 and in_features % 4 == 0 else None
+        if self.kernel is not None:
+            shape, scale_dtype = (out_features // 16, in_features // 4, 16, 4), torch.float32
+            self.register_buffer("rowsum", torch.empty(out_features, dtype=torch.int32))
+        else:
+            shape, scale_dtype = (out_features, in_features), torch.bfloat16
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @torch.no_grad()
     def load_weight(self, w: torch.Tensor) -> None:
         w = w.float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.weight.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.scales.copy_(scales)
+        if self.kernel is None:
+            self.weight.copy_(q)
+            return
+        N, K = q.shape
+        self.weight.copy_(q.view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3))
+        self.rowsum.copy_(q.sum(dim=1, dtype=torch.int32))
+
+    def quantized(self) -> torch.Tensor:
+        """q as [out, in] int8, whichever layout holds it."""
+        if self.kernel is None:
+            return self.weight
+        return self.weight.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.quantized().float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel is not None:
+            y = self.kernel.int8_matmul(flat.contiguous(), self.weight, self.scales, self.rowsum)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

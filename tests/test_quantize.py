@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import openseek
-from openseek import data
+from openseek import data, quantize
 from openseek.quantize import Int4Linear, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
@@ -20,22 +20,28 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int8_pytorch", "int4"])
 @pytest.mark.parametrize("rows", [1, 8, 33])
-def test_kernel_equals_its_dequantised_reference_matmul(kind, rows):
+def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch):
+    if kind == "int8_pytorch":  # the path taken where the VNNI kernel cannot be built
+        monkeypatch.setattr(quantize, "int8_vnni", lambda: None)
     torch.manual_seed(0)
     N, K = 96, 256
     weight, bias, x = torch.randn(N, K), torch.randn(N), torch.randn(rows, K)
-    layer = Int8Linear(K, N, True, torch.float32) if kind == "int8" else Int4Linear(K, N, True, torch.float32, 64)
+    layer = Int4Linear(K, N, True, torch.float32, 64) if kind == "int4" else Int8Linear(K, N, True, torch.float32)
     layer.bias.data.copy_(bias)
     layer.load_weight(weight)
     got = layer(x)
-    # the same bf16 activations, fp32 accumulation, the kernel's bf16 output
-    reference = (x.bfloat16().float() @ layer.dequantized().T).bfloat16().float() + bias
+    if kind == "int8" and layer.kernel is not None:
+        # activations quantised per row (absmax / 127) like the weights, products summed exactly in int32
+        step = x.abs().amax(dim=1, keepdim=True) / 127
+        reference = (torch.round(x / step) * step) @ layer.dequantized().T + bias
+    else:  # bf16 activations, fp32 accumulation, PyTorch's bf16 output
+        reference = (x.bfloat16().float() @ layer.dequantized().T).bfloat16().float() + bias
     assert got.dtype == torch.float32 and got.shape == (rows, N)
     assert relative_error(got, reference) < 1e-3
     # ...and the quantised weight is close to the original (int4 coarser than int8)
-    assert relative_error(layer.dequantized(), weight) < (0.01 if kind == "int8" else 0.1)
+    assert relative_error(layer.dequantized(), weight) < (0.01 if kind != "int4" else 0.1)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])

@@ -1,0 +1,92 @@
+// Weight-only int8 matmul for decode, on AVX-512 VNNI: y = x · (q · scale)ᵀ with activations quantised per row.
+//
+// Decode multiplies a few rows of activations by every weight once per step, so it is bound by how fast the
+// weights stream in. The weights are packed as [N/16][K/4][16][4] int8: one 64-byte load holds 4 input columns of
+// 16 output rows, exactly what `vpdpbusd` multiplies against 4 broadcast activation bytes, accumulating 16 outputs
+// in one register with no horizontal sums. Activations are quantised per row to int8 (absmax / 127, as llama.cpp's
+// Q8_0 does for its dot products) and shifted to uint8 (+128), because vpdpbusd multiplies unsigned by signed
+// bytes; the shift is undone with the precomputed row sums of the weights: Σ(x+128)·w = Σx·w + 128·Σw.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+namespace {
+
+constexpr int64_t kRows = 8;  // activation rows per pass over a weight block (accumulators held in registers)
+
+// Per-row absmax quantisation: xu[m, k] = round(x[m, k] / scale[m]) + 128, scale[m] = max|x[m]| / 127.
+template <typename T>
+void quantise_rows(const T* x, int64_t M, int64_t K, uint8_t* xu, float* scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * K;
+    float absmax = 0.f;
+    for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(static_cast<float>(row[k])));
+    const float s = absmax > 0.f ? absmax / 127.f : 1.f;
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k)
+      xu[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(static_cast<float>(row[k]) * inv)) + 128);
+    scale[m] = s;
+  }
+}
+
+template <int R>
+void block_kernel(const uint8_t* xu, const float* sx, const int8_t* w, const float* sw, const int32_t* rowsum,
+                  float* y, int64_t K, int64_t N, int64_t nb) {
+  const int8_t* block = w + nb * K * 16;
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 4) {
+    const __m512i wv = _mm512_loadu_si512(block + k * 16);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xu + r * K + k, 4);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(four), wv);
+    }
+  }
+  const __m512 scales = _mm512_loadu_ps(sw + nb * 16);
+  const __m512 offsets = _mm512_cvtepi32_ps(_mm512_slli_epi32(_mm512_loadu_si512(rowsum + nb * 16), 7));
+  for (int r = 0; r < R; ++r) {
+    const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[r]), offsets);
+    _mm512_storeu_ps(y + r * N + nb * 16, _mm512_mul_ps(_mm512_mul_ps(dot, scales), _mm512_set1_ps(sx[r])));
+  }
+}
+
+using Kernel = void (*)(const uint8_t*, const float*, const int8_t*, const float*, const int32_t*, float*, int64_t,
+                        int64_t, int64_t);
+constexpr Kernel kKernels[kRows] = {block_kernel<1>, block_kernel<2>, block_kernel<3>, block_kernel<4>,
+                                    block_kernel<5>, block_kernel<6>, block_kernel<7>, block_kernel<8>};
+
+}  // namespace
+
+// x [M, K] float32 or bfloat16; packed [N/16, K/4, 16, 4] int8; scales [N] float32; rowsum [N] int32 -> [M, N] fp32.
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const torch::Tensor& rowsum) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  TORCH_CHECK(K % 4 == 0 && N % 16 == 0 && packed.numel() == N * K, "packed weight does not match x and scales");
+  auto xu = torch::empty({M, K}, torch::dtype(torch::kUInt8));
+  auto sx = torch::empty({M}, torch::dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kBFloat16)
+    quantise_rows(x.data_ptr<at::BFloat16>(), M, K, xu.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  else
+    quantise_rows(x.contiguous().to(torch::kFloat32).data_ptr<float>(), M, K, xu.data_ptr<uint8_t>(),
+                  sx.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  const uint8_t* xp = xu.data_ptr<uint8_t>();
+  const float* sxp = sx.data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* swp = scales.data_ptr<float>();
+  const int32_t* rp = rowsum.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb)
+      for (int64_t m0 = 0; m0 < M; m0 += kRows)
+        kKernels[std::min(kRows, M - m0) - 1](xp + m0 * K, sxp + m0, wp, swp, rp, yp + m0 * N, K, N, nb);
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_matmul", &int8_matmul, "weight-only int8 matmul with per-row int8 activations (AVX-512 VNNI)");
+}
