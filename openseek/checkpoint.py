@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from openseek.config import ConfigError, ModelConfig
+from openseek.lora import load_adapter
 from openseek.model import Model
 from openseek.model.moe import Router
 from openseek.quantize import check_options, quantize_modules
@@ -166,11 +167,13 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
-         quantize: str | None = None, group_size: int = 32) -> Model:
+         quantize: str | None = None, group_size: int = 32, adapter: str | os.PathLike | None = None) -> Model:
     """Load an HF-format checkpoint (directory or hub id) into a `Model`, in `dtype` (default: the config's).
 
     `quantize="int8"` or `"int4"` (with `group_size` 32, 64 or 128) makes the eligible linear layers weight-only
     quantised as they load (see quantize.py, which says what stays in `dtype` and why; a line on stderr says it too).
+    `adapter` (a directory or hub id) adds a PEFT LoRA adapter on top (see lora.py). `model.name_or_path` records
+    where the base came from: a saved adapter names it as its `base_model_name_or_path`.
     """
     quantize = check_options(quantize, group_size, device)
     directory = resolve(path_or_repo_id)
@@ -226,6 +229,10 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
                     else:
                         dest.copy_(_read_full(handle, data_start, name, entry, files, block))
     model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    local = Path(path_or_repo_id).expanduser()
+    model.name_or_path = str(local.resolve()) if local.is_dir() else str(path_or_repo_id)
+    if adapter is not None:
+        load_adapter(model, resolve(adapter))
     model.eval()
     return model
 

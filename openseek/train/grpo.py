@@ -21,6 +21,10 @@ shaping is DAPO's soft punishment.
     openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
         --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
 
+With `--lora-rank r` only LoRA adapters train (lora.py): the Engine rolls out with them active (the same module),
+the reference policy of β > 0 is that module with its adapters disabled, and checkpoints hold `adapter/` in
+PEFT's format. Rollouts run with the model in eval mode, so LoRA dropout never enters the sampled log-probs.
+
 Rewards see the completion text and the prompt text the model continued (so a template that opened `<think>` is
 visible to the format reward); extra dataset columns arrive as keyword lists.
 
@@ -57,6 +61,7 @@ import torch
 
 import openseek
 from openseek.engine import Completion, Engine, stop_token_ids
+from openseek.lora import adapters_disabled
 from openseek import report as reporting
 from openseek.rewards import (
     REWARDS,
@@ -555,13 +560,17 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                          "processes (each generates its own share)")
     prompts = PromptStream(rows, train_cfg.seed, rank, world_size)
     model.mtp.requires_grad_(False)  # GRPO never trains the MTP module; frozen, it stays out of the optimizer
-    # The frozen reference is the starting weights, taken before a resumed run loads its checkpoint.
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 else None
+    # The frozen reference is the starting weights, taken before a resumed run loads its checkpoint. With LoRA it
+    # is the trained module itself with its adapters disabled: the frozen base, with no second copy of the weights.
+    lora = train_cfg.lora() is not None
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 and not lora else None
     trainer = Trainer(model, train_cfg, tokenizer,
                       flops_per_token=reporting.flops_per_token(model.cfg, grpo.max_new_tokens))
     trainer.track_data(prompts)
     if ref_model is not None:
         ref_model.to(trainer.device)
+    elif grpo.beta != 0:
+        ref_model = trainer.model
     engine = Engine(trainer.model, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     objective = GRPOObjective(grpo)
@@ -570,13 +579,15 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
         while not trainer.done:
             started = time.perf_counter()
             seed = hash_seed(train_cfg.seed, rank, prompts.position["rollouts"])
+            trainer.model.eval()  # rollouts sample the policy itself: no (LoRA) dropout, as a serving engine would
             with trainer.autocast():  # rollouts see the weights in the loss's precision
                 batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
                 if ref_model is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), adapters_disabled(ref_model):
                         batch.ref_logprobs, _ = completion_logprobs(
                             ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, grpo.temperature,
                             entropy=False)
+            trainer.model.train()
             rollout_s = time.perf_counter() - started
             micro_batches = batch.split(train_cfg.grad_accum)
             for update in range(grpo.updates_per_rollout):
@@ -694,15 +705,15 @@ def load_rows(args) -> tuple[list[dict], object]:
 
 def main(args: argparse.Namespace) -> int:
     apply_recipe(args, add_arguments, DEFAULTS)
-    grpo = grpo_config_from_args(args)  # refuses bad settings (e.g. --group-size 1) before loading anything
+    grpo = grpo_config_from_args(args)  # refuses bad settings (e.g. --group-size 1, --lora-rank 0) before loading
+    train_cfg = train_config_from_args(args)
     if not args.model:
         raise ValueError("no model: pass --model DIR (an HF-format model directory)")
     rows, task = load_rows(args)
     reward_fns, accuracy_fn = resolve_rewards(args.reward, task, rows)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = openseek.load(args.model, dtype=torch.float32)
-    report = train(model, tokenizer, rows, reward_fns, grpo, train_config_from_args(args), args.reward_weights,
-                   accuracy_fn)
+    model = openseek.load(args.model, dtype=train_cfg.load_dtype())
+    report = train(model, tokenizer, rows, reward_fns, grpo, train_cfg, args.reward_weights, accuracy_fn)
     if report:
         print(f"done: {report['steps']} steps; report: {Path(args.run_dir) / 'report.md'}")
     return 0

@@ -84,14 +84,15 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
 
 
-def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int) -> Model:
-    """A model to train: loaded from a model directory, or fresh from a config (a dict or a config.json path).
+def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int, dtype: torch.dtype = torch.float32) -> Model:
+    """A model to train: loaded from a model directory (in `dtype`: a LoRA run's frozen base may be bf16), or fresh
+    from a config (a dict or a config.json path).
 
     A fresh model takes its vocabulary size and BOS/EOS ids from the tokenizer."""
     if spec is None:
         raise ValueError("no model: pass --model (a model directory or a config.json) or a recipe with 'model'")
     if isinstance(spec, str) and Path(spec).is_dir():
-        model = openseek.load(spec, dtype=torch.float32)
+        model = openseek.load(spec, dtype=dtype)
         if model.cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{spec}: vocab_size {model.cfg.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
         return model

@@ -1,6 +1,8 @@
 """`openseek sft`: supervised fine-tuning on chat conversations, loss on the assistant's tokens only.
 
     openseek sft --model runs/pt/checkpoints/step_00002000 --data chats.jsonl --run-dir runs/sft
+    openseek sft --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl --lora-rank 16   # LoRA: checkpoints hold
+                                                                                         # adapter/ in PEFT's format
 
 Data: JSONL (or Parquet) rows with OpenAI-style `messages` ([{"role": "user", "content": ...}, {"role":
 "assistant", "content": "<think>\\n…\\n</think>\\n\\nanswer"}]). Each conversation is rendered with the model's
@@ -41,16 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     model_spec = apply_recipe(args, add_arguments, DEFAULTS)
+    train_cfg = train_config_from_args(args)  # refuses bad settings (e.g. --lora-rank 0) before loading anything
     if not args.data:
         raise ValueError("no data: pass --data FILE_OR_DIR ...")
     rank, world_size = init_distributed()
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = build_model(args.model or model_spec, tokenizer, args.seed)
+    model = build_model(args.model or model_spec, tokenizer, args.seed, train_cfg.load_dtype())
     records = data.Records(args.data, field="messages", skip_bad_lines=args.skip_bad_lines)
     rows = data.ConversationRows(records, tokenizer, args.max_len, args.epochs)
     collate = partial(data.collate_conversations, pad_id=tokenizer.pad_token_id)
     batches = data.Batches(rows, args.batch_size, collate, rank, world_size)
-    trainer = Trainer(model, train_config_from_args(args), tokenizer,
+    trainer = Trainer(model, train_cfg, tokenizer,
                       flops_per_token=flops_per_token(model.cfg, args.max_len // 2))
     report = trainer.fit(batches, NextTokenLoss(args.mtp_weight, mtp_depths=model.cfg.num_nextn_predict_layers))
     if report:

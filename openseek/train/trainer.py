@@ -65,11 +65,14 @@ import openseek
 from openseek import data
 from openseek import report as reporting
 from openseek.device import resolve_device
+from openseek.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from openseek.model import Model
+from openseek.model.moe import Router
 from openseek.train.parallelize import build_optimizers, compile_blocks, parallelize
 from openseek.train.routing import RoutingLog
 
 CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"  # a LoRA run's checkpoints hold the adapter (PEFT's format) instead of the model
 
 
 class TrainingError(RuntimeError):
@@ -104,6 +107,11 @@ class TrainConfig:
     progress: bool = True
     price_per_device_hour: float = 2.0
     peak_flops: float | None = None  # per device, for MFU; None = looked up from the GPU's name
+    lora_rank: int | None = None  # train rank-r LoRA adapters on a frozen base; None = train every parameter
+    lora_alpha: float | None = None  # adapter scaling alpha / rank; None = 2 × rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # comma-separated module names (q_proj,v_proj,...) or all-linear
+    lora_base_dtype: str = "float32"  # float32 | bfloat16: the frozen base's weights (adapters stay float32)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -116,6 +124,22 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError(f"steps={self.steps} and grad_accum={self.grad_accum} must be at least 1")
+        if self.lora() is not None:
+            if self.lora_base_dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"lora_base_dtype={self.lora_base_dtype!r}: expected float32 or bfloat16")
+            if self.balance_gamma:
+                raise ValueError("balance_gamma moves the routers' biases, which belong to the frozen base: LoRA "
+                                 "runs keep it at 0")
+
+    def load_dtype(self) -> torch.dtype:
+        """The dtype to load the model in: float32 to train every parameter, the frozen base's for LoRA."""
+        return torch.float32 if self.lora_rank is None else getattr(torch, self.lora_base_dtype)
+
+    def lora(self) -> LoRAConfig | None:
+        """The adapters to train (None: every parameter trains); a bad setting raises here, before anything loads."""
+        if self.lora_rank is None:
+            return None
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -171,8 +195,17 @@ class Trainer:
         self._bar = None
         self.flops_per_token = flops_per_token or reporting.flops_per_token(model.cfg, seq_len=0)
 
+        self.lora = cfg.lora()
+        if self.lora is not None:
+            if self.world_size > 1 and cfg.parallel == "fsdp":
+                raise ValueError("LoRA runs replicate the frozen base and the small adapters: use --parallel ddp")
+            self._base_model_name_or_path = getattr(model, "name_or_path", None)
+            _cast_base(model, getattr(torch, cfg.lora_base_dtype))
+            apply_lora(model, self.lora)
         resume_from = self._latest_checkpoint() if cfg.resume else None
-        if resume_from is not None:
+        if resume_from is not None and self.lora is not None:
+            load_adapter(model, resume_from / ADAPTER)
+        elif resume_from is not None:
             loaded = openseek.load(resume_from, dtype=torch.float32)
             model.load_state_dict(loaded.state_dict())
             del loaded
@@ -452,7 +485,9 @@ class Trainer:
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         summary = {
             "status": status, "steps": self.global_step, "tokens": self.tokens, "parameters": total,
-            "active_parameters": active, "flops_per_token": self.flops_per_token, "wall_time_s": self.elapsed,
+            "active_parameters": active,
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "flops_per_token": self.flops_per_token, "wall_time_s": self.elapsed,
             "devices": self.world_size, "device": device, "command": _command_line(),
             "mfu": sum(self._mfu) / len(self._mfu) if self._mfu else None,
             "config": dataclasses.asdict(self.cfg),
@@ -496,7 +531,9 @@ class Trainer:
             tmp = final.with_name(f".tmp-{final.name}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if model_state is not None:  # FSDP: a plain CPU model holds the gathered weights for saving
+            if self.lora is not None:  # the base is frozen: the adapter is all a checkpoint needs
+                save_adapter(self.model, tmp / ADAPTER, self._base_model_name_or_path)
+            elif model_state is not None:  # FSDP: a plain CPU model holds the gathered weights for saving
                 with torch.device("meta"):
                     plain = Model(self.model_cfg)
                 plain.to_empty(device="cpu")
@@ -558,6 +595,15 @@ def _command_line() -> str:
     return " ".join(sys.argv)
 
 
+def _cast_base(model: Model, dtype: torch.dtype) -> None:
+    """The frozen base of a LoRA run in `dtype`: parameters only (buffers such as the rotary frequencies keep their
+    float32), and not the routers, whose decisions stay float32 as `openseek.load` keeps them."""
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in routers:
+            p.data = p.data.to(dtype)
+
+
 def _to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -579,12 +625,14 @@ def _tuples(value):
 
 def add_config_arguments(parser, config_class, title: str, help: dict[str, str] | None = None,
                          aliases: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a config dataclass (--run-dir, --steps, --lr, ...), typed from its default. Every flag
-    is declared without a default (argparse.SUPPRESS): only what the user typed appears in the parsed namespace,
-    and `apply_recipe` settles the rest."""
+    """One flag per field of a config dataclass (--run-dir, --steps, --lr, ...), typed from its default (from its
+    annotation when the default is None). Every flag is declared without a default (argparse.SUPPRESS): only what
+    the user typed appears in the parsed namespace, and `apply_recipe` settles the rest."""
     import argparse
+    import typing
 
     group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         if f.name in skip:
             continue
@@ -600,13 +648,27 @@ def add_config_arguments(parser, config_class, title: str, help: dict[str, str] 
             group.add_argument(*flags, dest=f.name, type=float, nargs=len(default), default=argparse.SUPPRESS,
                                help=help_)
         else:
-            kind = {int: int, float: float, str: str}.get(type(default), float)
+            typed = type(default) if default is not None else next(
+                (a for a in typing.get_args(hints[f.name]) if a is not type(None)), float)
+            kind = {int: int, float: float, str: str}.get(typed, float)
             group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+TRAIN_HELP = {
+    "lora_rank": "train rank-r LoRA adapters on the frozen base, saved in PEFT's format (default: every parameter "
+                 "trains)",
+    "lora_alpha": "LoRA scaling alpha / rank (default: 2 × rank)",
+    "lora_dropout": "dropout on the adapters' input",
+    "lora_targets": "comma-separated module names to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; "
+                    "DeepSeek: q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj and the shared experts' "
+                    "gate/up/down_proj), or all-linear: every linear layer of the blocks",
+    "lora_base_dtype": "float32 or bfloat16: precision of the frozen base weights",
+}
 
 
 def add_train_arguments(parser) -> None:
     """One flag per TrainConfig field."""
-    add_config_arguments(parser, TrainConfig, "training")
+    add_config_arguments(parser, TrainConfig, "training", TRAIN_HELP)
 
 
 def config_from_args(config_class, args):
