@@ -315,7 +315,8 @@ def _pattern_value(patterns: dict, name: str, default):
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Load a PEFT LoRA adapter into `model`: modules without an adapter are wrapped, ones that have one (a run
     resuming from its checkpoint) get the saved values. Every name and shape is checked against the model before
-    anything changes; a model that already has adapters must find each of them in the file."""
+    anything changes; a model that already has adapters must find each of them in the file. Afterwards the base is
+    frozen and the adapters trainable, as after `apply_lora`."""
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
@@ -365,7 +366,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         with torch.no_grad():
             module.lora_A.weight.copy_(factors["A"])
             module.lora_B.weight.copy_(factors["B"])
-    model.requires_grad_(False)
+    for name, p in model.named_parameters():  # as after apply_lora: the base frozen, the adapters trainable
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return model
 
 

@@ -148,3 +148,38 @@ def test_deepseek_shared_experts_and_mla_adapt_merge_and_decode(hf_model_dir, tm
         logp = torch.log_softmax(model(full)[0, len(prompt) - 1: -1], dim=-1)
         forward = logp.gather(-1, full[0, len(prompt):, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(completion.logprobs), forward, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_for_other_shapes_is_refused_naming_tensor_and_shapes(hf_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base_dir, hf_model = hf_model_dir("qwen2")
+    peft_adapter(hf_model, tmp_path / "adapter", ["q_proj", "down_proj"])
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    tensors[name] = torch.zeros(4, 96)  # as if made for a base with intermediate_size 96
+    save_file(tensors, weights)
+    with pytest.raises(AdapterError, match=rf"{name} \(in adapter_model.safetensors\): shape \[4, 96\], but "
+                                           r"model.layers.1.mlp.down_proj is a \[64, 128\] linear layer and r=4: "
+                                           r"expected \[4, 128\]"):
+        openseek.load(base_dir, adapter=tmp_path / "adapter")
+    tensors[name] = torch.zeros(4, 128)
+    tensors["base_model.model.model.layers.7.mlp.down_proj.lora_A.weight"] = torch.zeros(4, 128)
+    save_file(tensors, weights)
+    with pytest.raises(AdapterError, match=r"this qwen2 model has no linear layer model.layers.7.mlp.down_proj"):
+        openseek.load(base_dir, adapter=tmp_path / "adapter")
+
+
+def test_routed_experts_are_refused(hf_model_dir, tmp_path):
+    """LoRA on the routed experts' stacked weights is not implemented: asked for by name, or in a PEFT adapter
+    (PEFT targets them through target_parameters), it is refused, saying so."""
+    base_dir, hf_model = hf_model_dir("deepseek_v3")
+    model = openseek.load(base_dir, dtype=torch.float32)
+    with pytest.raises(AdapterError, match=r"LoRA target 'experts' matches no linear layer of this deepseek_v3 model "
+                                           r"\(routed experts are stacked .* not implemented.*: .*kv_b_proj"):
+        apply_lora(model, LoRAConfig(rank=4, targets="q_a_proj,experts"))
+    assert not lora_modules(model)  # nothing was swapped
+    peft_adapter(hf_model, tmp_path / "adapter", ["o_proj", "gate_proj", "up_proj", "down_proj"])
+    with pytest.raises(AdapterError, match=r"target_parameters=.*not supported"):
+        openseek.load(base_dir, adapter=tmp_path / "adapter")

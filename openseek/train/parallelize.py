@@ -62,6 +62,8 @@ def build_optimizers(model: torch.nn.Module, cfg, world_size: int) -> list[torch
     rest = [p for _, p in named if not any(p is m for m in muon)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    # An empty group (LoRA: every adapter factor is a matrix) would not survive a checkpoint round trip.
+    groups = [g for g in groups if g["params"]]
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)]
     if muon:
         optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))

@@ -195,23 +195,23 @@ class Trainer:
         self._bar = None
         self.flops_per_token = flops_per_token or reporting.flops_per_token(model.cfg, seq_len=0)
 
+        resume_from = self._latest_checkpoint() if cfg.resume else None
+        if resume_from is None:  # a resumed run restores the RNG states its checkpoint saved
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
         self.lora = cfg.lora()
-        if self.lora is not None:
+        if self.lora is not None:  # after seeding: the adapters' random start is the run's own
             if self.world_size > 1 and cfg.parallel == "fsdp":
                 raise ValueError("LoRA runs replicate the frozen base and the small adapters: use --parallel ddp")
             self._base_model_name_or_path = getattr(model, "name_or_path", None)
             _cast_base(model, getattr(torch, cfg.lora_base_dtype))
             apply_lora(model, self.lora)
-        resume_from = self._latest_checkpoint() if cfg.resume else None
         if resume_from is not None and self.lora is not None:
             load_adapter(model, resume_from / ADAPTER)
         elif resume_from is not None:
             loaded = openseek.load(resume_from, dtype=torch.float32)
             model.load_state_dict(loaded.state_dict())
             del loaded
-        else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
         model.to(self.device)
         if cfg.compile:
             compile_blocks(model, self.device)
