@@ -7,7 +7,7 @@
     merge_adapters(model)                        # fold W + (α/r)·B·A back into plain linear layers
 
 A `LoRALinear` holds the frozen base layer and the two factors: y = base(x) + (α/r)·B(A(dropout(x))). The model
-code never knows: the swap replaces `nn.Linear` children in place, so the Trainer, the Engine (which generates
+code never knows: the swap replaces linear layers in place, so the Trainer, the Engine (which generates
 with the very module the Trainer updates) and checkpoints see one module. Adapters are float32 whatever the base's
 precision (they are small, and their updates are too fine for bf16); their input is cast to float32 and their
 output back to the base's dtype, as PEFT does.
@@ -41,10 +41,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from openseek.quantize import Int4Linear, Int8Linear
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
+# What an adapter may wrap: plain linear layers, and weight-only quantised ones for serving (`load(quantize=...)`).
+LINEAR = (nn.Linear, Int8Linear, Int4Linear)
 _TENSOR = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # adapter_config.json settings PEFT can write that change what an adapter computes and that openseek does not
 # implement: loading such an adapter is refused rather than silently computing something else.
@@ -105,7 +109,7 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The effective weight W + scaling·B·A in the base's dtype. MLA's absorbed decode reads `kv_b_proj.weight`
-        as a matrix, so an adapted kv_b_proj must answer with the adapted one."""
+        as a matrix, so an adapted kv_b_proj must answer with the adapted one (kv_b_proj is never quantised)."""
         w = self.base_layer.weight
         if not self.enabled:
             return w
@@ -138,7 +142,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             out[hf_module_name(name)] = module
-        elif isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "lm_head"):
+        elif isinstance(module, LINEAR) and (name.startswith("layers.") or name == "lm_head"):
             if not any(part in ("lora_A", "lora_B", "base_layer") for part in name.split(".")):
                 out[hf_module_name(name)] = module
     return out

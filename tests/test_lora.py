@@ -183,3 +183,24 @@ def test_routed_experts_are_refused(hf_model_dir, tmp_path):
     peft_adapter(hf_model, tmp_path / "adapter", ["o_proj", "gate_proj", "up_proj", "down_proj"])
     with pytest.raises(AdapterError, match=r"target_parameters=.*not supported"):
         openseek.load(base_dir, adapter=tmp_path / "adapter")
+
+
+def test_serve_and_chat_load_an_adapter_also_on_a_quantised_base(hf_model_dir, tmp_path):
+    import argparse
+
+    from openseek.serve import app
+    from openseek.serve.server import load_engine
+
+    base_dir, hf_model = base_with_tokenizer(hf_model_dir, "qwen2")
+    peft_model = peft_adapter(hf_model, tmp_path / "adapter", ["q_proj", "v_proj"])
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    assert parser.parse_args(["--model", str(base_dir), "--adapter", "A"]).adapter == "A"
+    engine, _ = load_engine(str(base_dir), adapter=str(tmp_path / "adapter"))
+    x = ids(hf_model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(x), peft_model(x).logits, atol=1e-5, rtol=0)
+    engine, _ = load_engine(str(base_dir), dtype="bfloat16", quantize="int8", adapter=str(tmp_path / "adapter"))
+    assert len(lora_modules(engine.model)) == 4
+    [[completion]] = engine.generate([x[0].tolist()], 4, temperature=0, stop_token_ids=[])
+    assert len(completion.token_ids) == 4

@@ -270,6 +270,7 @@ def asgi_app(engine, tokenizer, config: ServeConfig):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (HF format, with its tokenizer)")
+    parser.add_argument("--adapter", help="a LoRA adapter in PEFT's format to serve on top of --model")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8000)
@@ -298,7 +299,7 @@ def main(args) -> int:
     import uvicorn
 
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
-                                    args.max_model_len, args.quantize, args.group_size)
+                                    args.max_model_len, args.quantize, args.group_size, args.adapter)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,

@@ -294,9 +294,9 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
-                quantize: str = "none", group_size: int = 32):
-    """The model (in `dtype`, maybe weight-only quantised), its tokenizer and an Engine on it: what both `serve` and
-    `chat` run on."""
+                quantize: str = "none", group_size: int = 32, adapter: str | None = None):
+    """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top), its tokenizer
+    and an Engine on it: what both `serve` and `chat` run on."""
     directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
-    model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+    model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size, adapter=adapter)
     return Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len), Tokenizer.from_dir(directory)
