@@ -140,11 +140,10 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     head (MTP modules and the routed experts' stacked weights are not linear layers transformers builds)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        inside_adapter = any(part in ("lora_A", "lora_B", "base_layer") for part in name.split("."))
+        in_blocks = name.startswith("layers.") or name == "lm_head"
+        if isinstance(module, LoRALinear) or (isinstance(module, LINEAR) and in_blocks and not inside_adapter):
             out[hf_module_name(name)] = module
-        elif isinstance(module, LINEAR) and (name.startswith("layers.") or name == "lm_head"):
-            if not any(part in ("lora_A", "lora_B", "base_layer") for part in name.split(".")):
-                out[hf_module_name(name)] = module
     return out
 
 

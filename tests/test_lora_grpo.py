@@ -119,8 +119,8 @@ def test_lora_resume_is_exact(model_dir, tmp_path):
 @pytest.mark.parametrize("flags, error, match", [
     (["--lora-rank", "0"], ValueError, r"lora_rank=0: a LoRA rank must be a whole number of at least 1"),
     (["--lora-rank", "4", "--lora-targets", "q_proj,qkv_proj"], AdapterError,
-     r"LoRA target 'qkv_proj' matches no linear layer of this qwen2 model; the layers that can be adapted are: "
-     r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+     (r"LoRA target 'qkv_proj' matches no linear layer of this qwen2 model; the layers that can be adapted are: "
+      r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")),
     (["--lora-rank", "4", "--lora-dropout", "1.5"], ValueError, r"lora_dropout=1.5"),
 ])
 def test_bad_lora_settings_are_refused_before_training(model_dir, tmp_path, flags, error, match):
