@@ -134,3 +134,20 @@ def test_bad_lora_settings_are_refused_before_training(model_dir, tmp_path, flag
         with pytest.raises(error, match=match):
             cli(args)
         assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_bf16_base_trains_float32_adapters(model_dir, tmp_path):
+    """--lora-base-dtype bfloat16: the frozen base is held in bf16, the adapters stay float32, and a run goes
+    through."""
+    from openseek.train import grpo as grpo_module
+
+    model = openseek.load(model_dir, dtype=torch.bfloat16)
+    rows = get_task("arithmetic").generate(20, seed=0)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=8, beta=0.05)
+    grpo_module.train(model, Tokenizer.from_dir(model_dir), rows, [digit_share], cfg,
+                      TrainConfig(run_dir=str(tmp_path / "run"), steps=2, lr=1e-2, progress=False, lora_rank=4,
+                                  lora_base_dtype="bfloat16"))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    assert all(m["loss"] == m["loss"] for m in metrics_of(tmp_path / "run"))  # finite, not NaN
