@@ -185,7 +185,7 @@ def test_routed_experts_are_refused(hf_model_dir, tmp_path):
         openseek.load(base_dir, adapter=tmp_path / "adapter")
 
 
-def test_serve_and_chat_load_an_adapter_also_on_a_quantised_base(hf_model_dir, tmp_path):
+def test_serve_loads_an_adapter_also_on_a_quantised_base(hf_model_dir, tmp_path):
     import argparse
 
     from openseek.serve import app
