@@ -199,6 +199,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     model.to(dtype)
     for router in (m for m in model.modules() if isinstance(m, Router)):
         router.float()  # routing decisions stay float32, as in DeepSeek's and transformers' code
+    model.rotary.float()  # bf16 frequencies would turn position 1000 into an angle off by radians
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     expected.pop("rotary.inv_freq")
 
@@ -216,15 +217,16 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
             header, data_start = read_header(path)
             with open(path, "rb", buffering=0) as handle:
                 for name, target in entries:
+                    entry = header[name]
+                    if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
+                        quantized[target.param].load_weight(_read_full(handle, data_start, name, entry, files, block))
+                        continue
                     dest = expected[target.param].detach()
                     if target.expert is not None:
                         dest = dest[target.expert]
                         if target.rows is not None:
                             dest = dest[target.rows[0] : target.rows[1]]
-                    entry = header[name]
-                    if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
-                        quantized[target.param].load_weight(_read_full(handle, data_start, name, entry, files, block))
-                    elif entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
+                    if entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
                         _read(handle, data_start, entry, into=dest)
                     else:
                         dest.copy_(_read_full(handle, data_start, name, entry, files, block))

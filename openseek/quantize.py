@@ -12,7 +12,8 @@ quantises it on the way in, one tensor at a time: a quantised model never holds 
 PyTorch's kernels are fast only with bf16 activations (fp32 inputs take a path 10–100× slower, measured in
 `shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them, and every result back to
 the model's dtype. What stays in `dtype`, and why:
-- embeddings and a tied lm_head: a lookup table (read one row per token, not streamed per step);
+- embeddings (untied): a lookup table, read one row per token, not streamed per step (a tied embedding and head
+  become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
 - the router gate: routing decisions stay float32, as in DeepSeek's code;
 - routed experts (3-D stacks): there is no grouped int8/int4 kernel; they stay in `dtype`;
@@ -88,6 +89,14 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.quantized().float() * self.scales.float()[:, None]
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the dequantised weight ([*ids.shape, in] in `dtype`): a tied embedding's lookup."""
+        if self.kernel is None:
+            q = self.weight[ids]
+        else:
+            q = self.weight[ids // 16, :, ids % 16, :].reshape(*ids.shape, self.in_features)
+        return q.to(dtype) * self.scales[ids, None].to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.kernel is not None:
@@ -96,6 +105,23 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """The input embedding of a model whose head is tied to it, read from the head's int8 weight: one quantised
+    copy serves both, and each looked-up row is dequantised (per-row scales are exactly the head's per-channel
+    ones)."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.head, self.dtype = head, dtype
+
+    @property
+    def weight(self) -> torch.Tensor:  # what `Model.tie_weights` hands to the head: the head's own buffer
+        return self.head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(ids, self.dtype)
 
 
 class Int4Linear(nn.Module):
@@ -169,8 +195,17 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, leaf, new)
         swapped[f"{name}.weight"] = new
-    kept.append("embeddings" + (" and the tied lm_head" if tied else "") + " stay in the model's dtype: a lookup "
-                "table, read one row a token")
+    if tied:  # the head streams every step: one int8 copy serves it and the embedding lookups
+        dtype = model.embed_tokens.weight.dtype
+        with torch.device("meta"):
+            model.lm_head = Int8Linear(model.cfg.hidden_size, model.cfg.vocab_size, False, dtype)
+            model.embed_tokens = Int8Embedding(model.lm_head, dtype)
+        swapped["embed_tokens.weight"] = swapped["lm_head.weight"] = model.lm_head
+        kept.append("the tied embedding and lm_head are int8 (per row), one copy for both" +
+                    (" (the head stays int8 with int4, as llama.cpp's Q4_0 keeps its output layer at Q8_0)"
+                     if quantize == "int4" else ""))
+    else:
+        kept.append("embeddings stay in the model's dtype: a lookup table, read one row a token")
     if any(leaf in n for n, _ in model.named_modules() for leaf in KEPT_IN_DTYPE):
         kept.append("MLA kv_b_proj stays in the model's dtype: the absorbed decode folds its halves into the query "
                     "and the output")

@@ -10,7 +10,7 @@ import torch
 
 import openseek
 from openseek import data, quantize
-from openseek.quantize import Int4Linear, Int8Linear
+from openseek.quantize import Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
 from helpers_train import TINY_QWEN, pretrain_setup, successor_documents, write_corpus
@@ -54,7 +54,12 @@ def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys
     assert len(swapped) >= 2 * model.cfg.num_hidden_layers
     if family == "deepseek_v3":  # read as a matrix by the absorbed decode: must stay a plain weight
         assert all(type(layer.self_attn.kv_b_proj) is torch.nn.Linear for layer in model.layers)
-    assert "stay in the model's dtype" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if model.cfg.tie_word_embeddings:  # one int8 copy serves the head and the embedding lookups
+        assert type(model.embed_tokens) is Int8Embedding and model.embed_tokens.head is model.lm_head
+        assert f"{quantize}: the tied embedding and lm_head are int8" in err
+    else:
+        assert f"{quantize}: embeddings stay in the model's dtype" in err
     prompt = list(range(3, 11))
     (out,), = openseek.Engine(model).generate([prompt], 12, temperature=0, stop_token_ids=[])
     assert len(out.token_ids) == 12
@@ -134,3 +139,16 @@ def test_quality_on_a_model_that_learned(learned, dtype, quantize, ppl_limit):
                                                                           stop_token_ids=[])]
         same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
         assert same >= 0.95 * 4 * 64, same
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_tied_embedding_rows_are_the_heads_dequantised_rows(vnni, monkeypatch):
+    if not vnni:
+        monkeypatch.setattr(quantize, "int8_vnni", lambda: None)
+    torch.manual_seed(0)
+    head = Int8Linear(64, 96, False, torch.float32)
+    head.load_weight(torch.randn(96, 64))
+    ids = torch.tensor([[0, 17, 95], [3, 3, 50]])
+    rows = Int8Embedding(head, torch.float32)(ids)
+    assert rows.shape == (2, 3, 64)
+    torch.testing.assert_close(rows, head.dequantized()[ids], rtol=0, atol=0)

@@ -89,11 +89,12 @@ class Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' dtype (the norms'; a quantised model's embedding may hold int8)."""
+        return self.norm.weight.dtype
 
     def forward(
         self,
@@ -102,13 +103,15 @@ class Model(nn.Module):
         padding_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
         cache=None,
+        all_logits: bool = False,
     ):
         """Logits [B, T, V] for input_ids [B, T].
 
         padding_mask [B, T] (True = real token) lets a batch hold left- or right-padded rows; positions then
         default to counting real tokens only. With `return_hidden`, also the final normed hidden states (MTP input).
         `cache` is the engine's (openseek/engine/cache.py): its per-layer parts store keys/values as they pass, and
-        only the last position's logits [B, 1, V] are computed, the only ones generation reads.
+        only the last position's logits [B, 1, V] are computed, the only ones generation reads — unless
+        `all_logits` (the engine scoring a prompt's tokens in its prefill).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -121,7 +124,7 @@ class Model(nn.Module):
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i])
-        h = self.norm(h if cache is None else h[:, -1:])
+        h = self.norm(h if cache is None or all_logits else h[:, -1:])
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
 
