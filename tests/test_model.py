@@ -53,6 +53,11 @@ def test_bfloat16_logits_close_to_transformers(hf_model_dir, kind):
         assert ours.layers[-1].mlp.gate.weight.dtype == torch.float32
     hf_model = hf_model.to(torch.bfloat16)
     assert logits_gap(hf_model, ours) <= 0.05
+    # rotary angles are computed from float32 frequencies, as in transformers: far positions stay exact
+    exact = openseek.load(directory, dtype=torch.float32)
+    far = torch.tensor([[1000, 4000]])
+    for got, want in zip(ours.rotary(far, torch.float32), exact.rotary(far, torch.float32)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_padding_mask_gives_each_row_what_it_gives_alone():
