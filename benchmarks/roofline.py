@@ -93,7 +93,9 @@ def main() -> None:
         for precision in args.precisions:
             out = subprocess.run([sys.executable, __file__, "--child", tmp, precision, "--threads", str(args.threads),
                                   "--prompt", str(args.prompt), "--new", str(args.new)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{precision}: the decode process failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             roofline = bw / r["weight_bytes"]
             print(f"{precision:9s} {r['tokens_per_s']:6.1f} tok/s   weights/step {r['weight_bytes'] / 1e6:7.1f} MB   "
