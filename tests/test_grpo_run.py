@@ -40,7 +40,8 @@ def metrics_of(run_dir):
 
 def grpo_args(model_dir, run_dir, *extra):
     return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
-            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress", *extra]
+            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
+            "--threads", "1", *extra]  # one fixed count: runs are bitwise reproducible
 
 
 @pytest.fixture(autouse=True)

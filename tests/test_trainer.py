@@ -42,7 +42,7 @@ def one_thread():
 
 
 def _config(tmp_path, name="run", **overrides):
-    base = dict(run_dir=str(tmp_path / name), steps=8, lr=3e-3, warmup_steps=2, progress=False, seed=0)
+    base = dict(run_dir=str(tmp_path / name), steps=8, lr=3e-3, warmup_steps=2, progress=False, seed=0, threads="1")
     return TrainConfig(**(base | overrides))
 
 

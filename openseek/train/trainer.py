@@ -38,13 +38,16 @@ so a killed run always leaves complete checkpoints; the last `keep_checkpoints` 
 of the source given to `track_data` (anything with `state_dict()` / `load_state_dict(state)`).
 
 Metrics written by the toolkit for every step: `step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`,
-`time/update` (forward, backward and optimizer update), `expert_load_max_mean` (MoE models) and `mfu` (GPU);
+`time/update` (forward, backward and optimizer update), `threads` (the intra-op threads it ran on: `--threads
+auto` measures and picks them step by step, see openseek/threads.py; pass a count for bitwise-reproducible runs),
+`expert_load_max_mean` (MoE models) and `mfu` (GPU);
 `fit` adds `time/data` (reading the batches) and `time/step` (the two together; GRPO's loop splits its own
 `time/step` into generation, scoring and update). The objective's own metrics join them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -69,6 +72,7 @@ from openseek.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from openseek.model import Model
 from openseek.model.moe import Router
 from openseek.train.parallelize import build_optimizers, compile_blocks, parallelize
+from openseek.threads import AdaptiveThreads, parse_threads
 from openseek.train.routing import RoutingLog
 
 CHECKPOINTS = "checkpoints"
@@ -107,6 +111,7 @@ class TrainConfig:
     progress: bool = True
     price_per_device_hour: float = 2.0
     peak_flops: float | None = None  # per device, for MFU; None = looked up from the GPU's name
+    threads: str = "auto"  # CPU intra-op threads: auto = measured each step (openseek/threads.py), or a count
     lora_rank: int | None = None  # train rank-r LoRA adapters on a frozen base; None = train every parameter
     lora_alpha: float | None = None  # adapter scaling alpha / rank; None = 2 × rank
     lora_dropout: float = 0.0
@@ -124,6 +129,10 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError(f"steps={self.steps} and grad_accum={self.grad_accum} must be at least 1")
+        try:
+            parse_threads(str(self.threads))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"threads={self.threads!r}: {e}") from None
         if self.lora() is not None:
             if self.lora_base_dtype not in ("float32", "bfloat16"):
                 raise ValueError(f"lora_base_dtype={self.lora_base_dtype!r}: expected float32 or bfloat16")
@@ -185,6 +194,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = model.cfg
         self.device = resolve_device(cfg.device)
+        self.threads = AdaptiveThreads(fixed=parse_threads(str(cfg.threads)))
         self.global_step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
         self.report = None  # written when a session ends, on rank 0
         self.status = None  # set by a loop that stops early for a reason of its own (e.g. data exhausted)
@@ -288,21 +298,22 @@ class Trainer:
         for optimizer in self.optimizers:  # each group follows the schedule from its own peak
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["peak_lr"] / cfg.lr
-        started = time.perf_counter()
-        metrics, loads, tokens = self.accumulate(micro_batches, objective)
-        if self.world_size > 1:
-            metrics, tokens = self._reduce_metrics(metrics, tokens)
-            self._average_gradients()
-            for load in loads.values():
-                dist.all_reduce(load)
-        if not math.isfinite(metrics["loss"]):
-            raise TrainingError(self._stop_message(f"loss is {metrics['loss']}"))
-        grad_norm = self._clip_gradients()
-        if not math.isfinite(grad_norm):
-            raise TrainingError(self._stop_message(f"gradient norm is {grad_norm}"))
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        started, threads = time.perf_counter(), self.threads.threads
+        with self.threads.unit():
+            metrics, loads, tokens = self.accumulate(micro_batches, objective)
+            if self.world_size > 1:
+                metrics, tokens = self._reduce_metrics(metrics, tokens)
+                self._average_gradients()
+                for load in loads.values():
+                    dist.all_reduce(load)
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(self._stop_message(f"loss is {metrics['loss']}"))
+            grad_norm = self._clip_gradients()
+            if not math.isfinite(grad_norm):
+                raise TrainingError(self._stop_message(f"gradient norm is {grad_norm}"))
+            for optimizer in self.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         imbalance = self._balance_experts(loads)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -310,7 +321,7 @@ class Trainer:
         self.global_step += 1
         self.tokens += tokens
         out = {"step": self.global_step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "tokens_per_s": tokens / seconds, "time/update": seconds}
+               "tokens_per_s": tokens / seconds, "time/update": seconds, "threads": threads}
         if imbalance is not None:
             out["expert_load_max_mean"] = imbalance
         peak = self._peak_flops()
@@ -655,6 +666,8 @@ def add_config_arguments(parser, config_class, title: str, help: dict[str, str] 
 
 
 TRAIN_HELP = {
+    "threads": "CPU intra-op threads: auto measures each step at every count and keeps the fastest, probing again as "
+               "the machine's load changes; a number fixes it (bitwise-reproducible runs)",
     "lora_rank": "train rank-r LoRA adapters on the frozen base, saved in PEFT's format (default: every parameter "
                  "trains)",
     "lora_alpha": "LoRA scaling alpha / rank (default: 2 × rank)",

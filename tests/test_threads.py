@@ -1,0 +1,64 @@
+"""`--threads auto`: the thread count follows what the work itself measures, and re-probes as the load changes."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from openseek.threads import AdaptiveThreads, add_threads_argument
+
+
+class FakeWork:
+    """Seconds a unit takes at each thread count, on a clock the test controls."""
+
+    def __init__(self, costs: dict[int, float]):
+        self.costs, self.now = costs, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, tuner: AdaptiveThreads) -> int:
+        with tuner.unit():
+            used = torch.get_num_threads()
+            self.now += self.costs[used]
+        return used
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_busy_machine_moves_to_one_thread_and_a_quiet_one_back():
+    work = FakeWork({2: 1.0, 1: 0.6})  # another process holds a core: two threads wait on each other
+    tuner = AdaptiveThreads(window=2, hold=3, clock=work.clock, cores=2)
+    used = [work.run(tuner) for _ in range(4)]
+    assert used == [2, 2, 1, 1]  # one window at each count
+    assert tuner.choice == 1
+    held = [work.run(tuner) for _ in range(6)]  # hold × window units at the choice
+    assert held == [1] * 6
+    work.costs = {2: 0.5, 1: 0.9}  # the other process ended
+    probe = [work.run(tuner) for _ in range(4)]
+    assert probe == [2, 2, 1, 1] and tuner.choice == 2
+    assert work.run(tuner) == 2
+
+
+def test_a_fixed_count_is_kept():
+    work = FakeWork({3: 1.0})
+    tuner = AdaptiveThreads(fixed=3, window=1, hold=1, clock=work.clock, cores=2)
+    assert [work.run(tuner) for _ in range(5)] == [3] * 5
+
+
+def test_the_flag():
+    parser = argparse.ArgumentParser()
+    add_threads_argument(parser)
+    assert parser.parse_args([]).threads is None
+    assert parser.parse_args(["--threads", "auto"]).threads is None
+    assert parser.parse_args(["--threads", "2"]).threads == 2
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--threads", bad])
