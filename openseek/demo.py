@@ -158,7 +158,7 @@ class Demo:
         cfg = TrainConfig(
             run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=3e-3, warmup_steps=30, weight_decay=0.0,
             balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
-            device=self.device, log_every=5,
+            device=self.device, log_every=5, threads=str(a.threads),
         )
         batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed)
         objective = NextTokenLoss(mtp_weight=0.3, mtp_depths=model.cfg.num_nextn_predict_layers)
@@ -208,7 +208,7 @@ class Demo:
                                   epsilon_high=0.28, dynamic_sampling=True, template="plain")
             train_cfg = TrainConfig(run_dir=str(grpo_dir), steps=target, lr=a.grpo_lr, schedule="constant",
                                     weight_decay=0.0, checkpoint_every=per_round, keep_checkpoints=1, resume=True,
-                                    seed=a.seed, device=self.device)
+                                    seed=a.seed, device=self.device, threads=str(a.threads))
             train(model, tokenizer, rows, [self.task.reward, format_reward], grpo_cfg, train_cfg,
                   weights=[1.0, 0.1], accuracy_fn=self.task.reward)
             checkpoint = list_checkpoints(grpo_dir)[-1]
