@@ -50,8 +50,9 @@ def test_sft_with_ragged_masks(tmp_path):
     assert max((a - b).abs().max() for a, b in zip(naive, split_grads)) > 1e-3
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_every_grpo_loss_mode(tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type, correction", [("grpo", "none"), ("dapo", "none"), ("dr_grpo", "none"),
+                                                   ("gspo", "none"), ("dapo", "token_tis"), ("grpo", "sequence_mask")])
+def test_every_grpo_loss_mode(tmp_path, loss_type, correction):
     model = tiny_fp64_model()
     trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
     g = torch.Generator().manual_seed(1)
@@ -68,5 +69,6 @@ def test_every_grpo_loss_mode(tmp_path, loss_type):
     noise = 0.3 * torch.randn(own.shape, generator=g, dtype=own.dtype)
     advantages = torch.randn(N, generator=g, dtype=torch.float64)
     batch = RolloutBatch(ids, padding, P, mask, own + noise, advantages, ref_logprobs=own - noise)
-    objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, loss_type=loss_type, beta=0.04))
+    objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, loss_type=loss_type, beta=0.04,
+                                         rollout_correction=correction, rollout_correction_cap=1.2))
     assert_same(gradient(trainer, batch.split(4), objective), gradient(trainer, [batch], objective))

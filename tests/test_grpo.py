@@ -251,3 +251,128 @@ def test_settings_that_cannot_work_are_refused():
         GRPOConfig(updates_per_rollout=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GRPOConfig(max_new_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RLOO, REINFORCE++-baseline and GSPO, by hand
+
+
+def test_rloo_and_reinforce_pp_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [2.0, 0.5, 0.5]], dtype=torch.float64)
+    # RLOO: each reward minus the mean of the other two
+    want = [1.0 - 0.25, 0.0 - 0.75, 0.5 - 0.5, 2.0 - 0.5, 0.5 - 1.25, 0.5 - 1.25]
+    assert group_advantages(rewards, "rloo").flatten().tolist() == pytest.approx(want, abs=1e-15)
+    # REINFORCE++-baseline: minus the group mean, then over the std of all six of those (Bessel, as torch.std)
+    centred = [0.5, -0.5, 0.0, 1.0, -0.5, -0.5]
+    mean = sum(centred) / 6
+    sd = math.sqrt(sum((c - mean) ** 2 for c in centred) / 5)
+    got = group_advantages(rewards, "reinforce_pp").flatten().tolist()
+    assert got == pytest.approx([c / (sd + 1e-4) for c in centred], abs=1e-15)
+    # the names users know from TRL/verl
+    assert group_advantages(rewards, "group_std").tolist() == group_advantages(rewards, "std").tolist()
+    assert GRPOConfig(advantage="group_mean").advantage == "mean"
+
+
+def test_gspo_loss_and_gradient_by_hand():
+    """GSPO: s_i = exp(mean_t log π/π_old), loss = mean_i -min(s_i A_i, clip(s_i) A_i); its gradient is
+    -(1/N) Σ_i A_i s_i (1/|y_i|) Σ_t ∇ log π(y_i,t) where unclipped, 0 where clipped."""
+    from openseek.train.grpo import completion_logprobs
+
+    model = tiny_model()
+    ids, padding, mask = tiny_batch(model)
+    P = 3
+    with torch.no_grad():
+        own, _ = completion_logprobs(model, ids, padding, P)
+    shift = torch.tensor([0.3, -0.02, 0.01, -0.4], dtype=torch.float64)  # per-sequence log-ratio offsets
+    old = own - shift[:, None]
+    advantages = torch.tensor([1.3, -0.4, 0.7, -1.6], dtype=torch.float64)
+    eps_low, eps_high = 0.05, 0.05
+    cfg = GRPOConfig(group_size=2, max_new_tokens=4, loss_type="gspo", epsilon_low=eps_low, epsilon_high=eps_high)
+    model.zero_grad()
+    loss, metrics = GRPOObjective(cfg)(model, RolloutBatch(ids, padding, P, mask, old, advantages))
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+
+    s = [math.exp(x) for x in shift.tolist()]  # the mean log-ratio of row i is exactly shift[i]
+    clipped = [(r > 1 + eps_high and a > 0) or (r < 1 - eps_low and a < 0) for r, a in zip(s, advantages.tolist())]
+    assert clipped == [True, False, False, True]
+    hand = sum(-min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a) for r, a in zip(s, advantages.tolist())) / 4
+    assert loss.item() == pytest.approx(hand, rel=1e-9)
+    assert metrics["clip_fraction"] == pytest.approx(float(mask[[0, 3]].sum() / mask.sum()))
+
+    want = [torch.zeros_like(p) for p in model.parameters()]
+    lengths = mask.sum(1).tolist()
+    for i in (1, 2):  # the unclipped rows
+        model.zero_grad()
+        logprobs, _ = completion_logprobs(model, ids[i : i + 1], padding[i : i + 1], P)
+        logprobs[0, : lengths[i]].sum().backward()
+        for w, p in zip(want, model.parameters()):
+            w -= advantages[i] * s[i] / lengths[i] / 4 * p.grad
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
+    assert max(w.abs().max() for w in want) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout correction: tokens sampled by another view of the policy, reweighted to the trained one
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "sequence_mask"])
+def test_a_rollout_policy_equal_to_the_trainers_gives_weight_one_and_the_plain_loss(mode):
+    from openseek.train.grpo import completion_logprobs
+
+    model = tiny_model()
+    ids, padding, mask = tiny_batch(model)
+    with torch.no_grad():
+        own, _ = completion_logprobs(model, ids, padding, 3)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    plain, plain_metrics = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=4))(
+        model, RolloutBatch(ids, padding, 3, mask, own, advantages))
+    corrected, metrics = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=4, rollout_correction=mode))(
+        model, RolloutBatch(ids, padding, 3, mask, own, advantages))
+    assert corrected.item() == plain.item()
+    assert metrics["rollout/is_ratio_mean"] == 1.0 and metrics["rollout/is_ratio_max"] == 1.0
+    assert metrics.get("rollout/is_truncated_fraction", 0.0) == 0.0
+    assert metrics.get("rollout/is_masked_fraction", 0.0) == 0.0
+
+
+def test_a_perturbed_rollout_policy_is_corrected_as_computed_by_hand():
+    """At the first update π_old = π (the ratio is 1, its gradient ∇ log π), so the dapo loss is
+    -(1/T) Σ_t w_t A_i with w = min(π/π_rollout, cap) for token_tis, and w = 0 or 1 per sequence for sequence_mask."""
+    from openseek.train.grpo import completion_logprobs
+
+    model = tiny_model()
+    ids, padding, mask = tiny_batch(model)
+    with torch.no_grad():
+        own, _ = completion_logprobs(model, ids, padding, 3)
+    offsets = torch.tensor([[2.0, 0.1, 0.0, 0.0], [-0.2, 0.0, 0.0, 0.0], [0.5, -4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                           dtype=torch.float64)  # log π - log π_rollout
+    rollout = own - offsets
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    cap = 3.0
+    lengths = mask.sum(1).tolist()
+    tokens = sum(lengths)
+
+    cfg = GRPOConfig(group_size=2, max_new_tokens=4, loss_type="dapo", rollout_correction="token_tis",
+                     rollout_correction_cap=cap)
+    batch = RolloutBatch(ids, padding, 3, mask, rollout, advantages)
+    loss, metrics = GRPOObjective(cfg)(model, batch)
+    hand = -sum(min(math.exp(offsets[i, t].item()), cap) * advantages[i].item()
+                for i in range(4) for t in range(lengths[i])) / tokens
+    assert loss.item() == pytest.approx(hand, rel=1e-9)
+    assert metrics["rollout/is_truncated_fraction"] == pytest.approx(1 / tokens)  # e^2 > 3, once
+    assert metrics["rollout/is_ratio_max"] == pytest.approx(math.exp(2.0))
+    assert torch.equal(batch.old_logprobs, own)  # kept for the μ - 1 updates after this one
+
+    cfg = GRPOConfig(group_size=2, max_new_tokens=4, loss_type="dapo", rollout_correction="sequence_mask",
+                     rollout_correction_cap=cap)
+    loss, metrics = GRPOObjective(cfg)(model, RolloutBatch(ids, padding, 3, mask, rollout, advantages))
+    geo = [math.exp(sum(offsets[i, : lengths[i]].tolist()) / lengths[i]) for i in range(4)]
+    keep = [1 / cap <= g <= cap for g in geo]
+    hand = -sum(advantages[i].item() * lengths[i] for i in range(4) if keep[i]) / tokens
+    assert keep.count(False) >= 1 and loss.item() == pytest.approx(hand, rel=1e-9)
+
+
+def test_a_non_positive_correction_cap_is_refused():
+    with pytest.raises(ValueError, match="--rollout-correction-cap must be positive"):
+        GRPOConfig(rollout_correction="token_tis", rollout_correction_cap=0.0)

@@ -89,8 +89,10 @@ from openseek.train.trainer import (
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-ADVANTAGES = ("std", "mean")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
+ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
+ADVANTAGE_ALIASES = {"group_std": "std", "group_mean": "mean"}
+CORRECTIONS = ("none", "token_tis", "sequence_mask")
 STD_EPS = 1e-4
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,12 +100,21 @@ STD_EPS = 1e-4
 
 
 def group_advantages(rewards: torch.Tensor, advantage: str = "std") -> torch.Tensor:
-    """rewards [P, G] -> advantages [P, G]: centred on the group mean; divided by the group std for GRPO."""
+    """rewards [P, G] -> advantages [P, G]:
+    std (group_std, GRPO): (r - group mean) / (group std + 1e-4);   mean (group_mean, Dr. GRPO): r - group mean;
+    rloo: r minus the mean of the other G - 1 rewards = G / (G - 1) · (r - group mean);
+    reinforce_pp (REINFORCE++-baseline): (r - group mean) / (std of those over the whole batch + 1e-4)."""
+    advantage = ADVANTAGE_ALIASES.get(advantage, advantage)
     if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES}, got {advantage!r}")
+        raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got {advantage!r}")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if advantage == "mean":
         return centred
+    if advantage == "rloo":
+        G = rewards.shape[1]
+        return centred * G / (G - 1)
+    if advantage == "reinforce_pp":
+        return centred / (centred.std() + STD_EPS) if centred.numel() > 1 else centred
     return centred / (rewards.std(dim=1, keepdim=True) + STD_EPS)
 
 
@@ -171,10 +182,50 @@ def per_token_loss(
     return loss, clipped, kl
 
 
+def sequence_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO: one importance ratio per sequence, s = exp(mean over its tokens of log π − log π_old), clipped per
+    sequence: -min(s·A, clip(s, 1-ε_low, 1+ε_high)·A). Returns (loss [N], clipped [N] bool)."""
+    m = mask.to(logprobs.dtype)
+    lengths = m.sum(dim=1).clamp(min=1)
+    ratio = torch.exp(((logprobs - old_logprobs) * m).sum(dim=1) / lengths)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+    clipped = ((ratio > 1 + epsilon_high) & (advantages > 0)) | ((ratio < 1 - epsilon_low) & (advantages < 0))
+    return loss, clipped
+
+
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights [N, L] (no gradient) for tokens sampled by a rollout policy that differs from the trained
+    one (another precision, another engine): ρ = π_old / π_rollout per token.
+    token_tis: truncated importance sampling, min(ρ, cap) per token (TRL's and verl's default);
+    sequence_mask: 1, or 0 for every token of a sequence whose geometric-mean ρ leaves [1/cap, cap].
+    Also returns what to log: the raw ρ (mean, max) and the share of tokens truncated or masked."""
+    m = mask.to(old_logprobs.dtype)
+    log_ratio = (old_logprobs - rollout_logprobs).detach() * m
+    ratio = torch.exp(log_ratio)
+    n = m.sum().clamp(min=1)
+    stats = {"rollout/is_ratio_mean": float((ratio * m).sum() / n),
+             "rollout/is_ratio_max": float(ratio.masked_fill(~mask, 0).max()) if mask.any() else 0.0}
+    if mode == "token_tis":
+        stats["rollout/is_truncated_fraction"] = float(((ratio > cap) & mask).sum() / n)
+        return ratio.clamp(max=cap), stats
+    sequence = torch.exp(log_ratio.sum(dim=1) / m.sum(dim=1).clamp(min=1))
+    keep = (sequence <= cap) & (sequence >= 1 / cap)
+    stats["rollout/is_masked_fraction"] = float(((~keep[:, None]) & mask).sum() / n)
+    return keep[:, None].expand_as(ratio).to(ratio.dtype), stats
+
+
 def loss_units(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float:
-    """What `loss_type` divides by, counted in one batch: completions (grpo), completion tokens (dapo) or
+    """What `loss_type` divides by, counted in one batch: completions (grpo, gspo), completion tokens (dapo) or
     completion slots, completions × max_new_tokens (dr_grpo). Over a whole step these add up across micro-batches."""
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "gspo"):
         return float(mask.shape[0])
     if loss_type == "dapo":
         return float(mask.sum())
@@ -184,10 +235,10 @@ def loss_units(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float
 
 
 def loss_sum(loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """The numerator of `loss_type` over per-token losses [N, L]: each completion's token mean, summed (grpo), or
-    the plain sum of completion tokens' losses (dapo, dr_grpo)."""
+    """The numerator of `loss_type` over per-token losses [N, L]: each completion's token mean, summed (grpo, gspo),
+    or the plain sum of completion tokens' losses (dapo, dr_grpo)."""
     mask = mask.to(loss.dtype)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "gspo"):
         return ((loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
     return (loss * mask).sum()
 
@@ -238,20 +289,29 @@ class GRPOConfig:
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2  # DAPO's clip-higher uses 0.28
-    loss_type: str = "grpo"  # grpo | dapo | dr_grpo
-    advantage: str = "std"  # std (GRPO, DAPO) | mean (Dr. GRPO)
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | gspo (sequence-level ratio; use ε around 3e-4 / 4e-4)
+    advantage: str = "std"  # std = group_std (GRPO, DAPO) | mean = group_mean (Dr. GRPO) | rloo | reinforce_pp
     updates_per_rollout: int = 1  # μ
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_refill_rounds: int = 4  # extra generation rounds dynamic sampling may spend per step
     overlong_buffer: int = 0  # DAPO soft overlong punishment: ramp length in tokens (0 = off)
     overlong_penalty: float = 1.0
     template: str = "r1-zero"  # r1-zero | chat | plain
+    rollout_correction: str = "none"  # none | token_tis | sequence_mask: for rollouts from another policy view
+    rollout_correction_cap: float = 3.0  # TRL's default truncation
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        self.advantage = ADVANTAGE_ALIASES.get(self.advantage, self.advantage)
         if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+            raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got "
+                             f"{self.advantage!r}")
+        if self.rollout_correction not in CORRECTIONS:
+            raise ValueError(f"rollout_correction must be one of {CORRECTIONS}, got {self.rollout_correction!r}")
+        if not self.rollout_correction_cap > 0:
+            raise ValueError(f"--rollout-correction-cap must be positive (a ratio, TRL's default is 3.0), got "
+                             f"{self.rollout_correction_cap}")
         check_group_size(self.group_size, self.advantage)
         if self.prompts_per_step < 1 or self.max_new_tokens < 1:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) and max_new_tokens ({self.max_new_tokens}) "
@@ -281,6 +341,9 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
     advantages: torch.Tensor  # [N]
     ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
+    # [N, L] the trained policy's own log-probs at rollout time, for the ratio when a rollout correction is on:
+    # taken from the first update's forward (no extra pass) and reused by the μ - 1 updates after it
+    old_logprobs: torch.Tensor | None = None
 
     def split(self, parts: int) -> list[RolloutBatch]:
         """`parts` micro-batches of consecutive rows (gradient accumulation); sizes differ by at most one row."""
@@ -289,9 +352,9 @@ class RolloutBatch:
             raise ValueError(f"grad_accum={parts} is more micro-batches than the {rows} completions of a rollout")
         pieces = [torch.tensor_split(t, parts) if t is not None else [None] * parts
                   for t in (self.input_ids, self.padding_mask, self.completion_mask, self.rollout_logprobs,
-                            self.advantages, self.ref_logprobs)]
-        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref)
-                for ids, pad, mask, logp, adv, ref in zip(*pieces)]
+                            self.advantages, self.ref_logprobs, self.old_logprobs)]
+        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref, old)
+                for ids, pad, mask, logp, adv, ref, old in zip(*pieces)]
 
 
 class GRPOObjective:
@@ -313,21 +376,38 @@ class GRPOObjective:
             model, batch.input_ids, batch.padding_mask, batch.prompt_len, cfg.temperature
         )
         # Padded positions get ratio 1 and KL 0, so a huge log-prob there can never turn into inf * 0.
-        rollout = torch.where(mask, batch.rollout_logprobs.to(logprobs), logprobs.detach())
-        ref = None if batch.ref_logprobs is None else torch.where(mask, batch.ref_logprobs.to(logprobs),
-                                                                 logprobs.detach())
-        loss_tok, clipped, kl = per_token_loss(
-            logprobs, rollout, batch.advantages.to(logprobs), cfg.epsilon_low, cfg.epsilon_high, cfg.beta, ref
-        )
+        own = logprobs.detach()
+        rollout = torch.where(mask, batch.rollout_logprobs.to(logprobs), own)
+        ref = None if batch.ref_logprobs is None else torch.where(mask, batch.ref_logprobs.to(logprobs), own)
+        metrics = {}
+        if cfg.rollout_correction == "none":  # the rollout policy is the trained one: ratios against it
+            old, weights = rollout, None
+        else:  # ratios against the trained policy at rollout time, sampled tokens reweighted to it
+            if batch.old_logprobs is None:
+                batch.old_logprobs = own
+            old = torch.where(mask, batch.old_logprobs.to(logprobs), own)
+            weights, metrics = rollout_correction(old, rollout, mask, cfg.rollout_correction,
+                                                  cfg.rollout_correction_cap)
+        advantages = batch.advantages.to(logprobs)
+        if cfg.loss_type == "gspo":
+            sequence, clipped_rows = sequence_loss(logprobs, old, advantages, mask, cfg.epsilon_low, cfg.epsilon_high)
+            kl = k3_kl(logprobs, ref) if cfg.beta != 0.0 else None
+            loss_tok = sequence[:, None].expand_as(logprobs) + (cfg.beta * kl if kl is not None else 0.0)
+            clipped = clipped_rows[:, None].expand_as(mask)
+        else:
+            loss_tok, clipped, kl = per_token_loss(logprobs, old, advantages, cfg.epsilon_low, cfg.epsilon_high,
+                                                   cfg.beta, ref)
+        if weights is not None:
+            loss_tok = loss_tok * weights
         loss = loss_sum(loss_tok, mask, cfg.loss_type) / units
-        mismatch = (logprobs.detach() - rollout).abs()  # 0 when rollout and loss see the same weights alike
-        metrics = {
+        mismatch = (own - rollout).abs()  # 0 when rollout and loss see the same weights alike
+        metrics.update({
             "tokens": float(batch.padding_mask.sum()),
             "clip_fraction": masked_mean(clipped.float(), mask),
             "entropy": masked_mean(entropy, mask),
             "rollout/logprob_abs_diff_mean": masked_mean(mismatch, mask),
             "rollout/logprob_abs_diff_max": float(mismatch.masked_fill(~mask, 0).max()) if mask.any() else 0.0,
-        }
+        })
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
         return loss, metrics
@@ -646,8 +726,15 @@ GRPO_HELP = {
     "prompts_per_step": "P: prompts per rollout batch",
     "max_new_tokens": "L: completion length limit",
     "beta": "k3 KL coefficient to the frozen start (0: no reference)",
-    "loss_type": "grpo: sequence mean then mean; dapo: token mean; dr_grpo: token sum / (N·L)",
-    "advantage": "std: (r-mean)/std (GRPO, DAPO); mean: r-mean (Dr. GRPO) (default: mean for dr_grpo, else std)",
+    "loss_type": "grpo: sequence mean then mean; dapo: token mean; dr_grpo: token sum / (N·L); gspo: one clipped "
+                 "ratio per sequence (GSPO: use --epsilon 3e-4 --epsilon-high 4e-4)",
+    "advantage": "std (= group_std): (r-mean)/std (GRPO, DAPO); mean (= group_mean): r-mean (Dr. GRPO); rloo: "
+                 "leave-one-out baseline; reinforce_pp: r-mean over the batch's std (REINFORCE++-baseline) "
+                 "(default: mean for dr_grpo, else std)",
+    "rollout_correction": "for rollouts sampled by another view of the policy (--rollout-dtype/--rollout-quantize): "
+                          "token_tis truncates each token's π_old/π_rollout at the cap; sequence_mask drops "
+                          "sequences whose geometric-mean ratio leaves [1/cap, cap]",
+    "rollout_correction_cap": "the truncation / mask threshold of --rollout-correction",
     "epsilon_low": "ε_low",
     "epsilon_high": "ε_high (DAPO clip-higher: 0.28) (default: ε_low)",
     "updates_per_rollout": "μ: policy updates per rollout batch",
