@@ -239,3 +239,48 @@ def add_precision_arguments(parser) -> None:
                         help="weight-only quantisation of the linear layers: int8 per channel, int4 per group "
                              "(CPU kernels; best with --dtype bfloat16)")
     parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
+
+
+def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", group_size: int = 32) -> nn.Module:
+    """A copy of `policy` for sampling only, in `dtype` and maybe quantised (GRPO's fast rollouts): built on the
+    meta device like `load`, then filled from the policy's weights by `refresh_view`, in place, after each update.
+    A LoRA-wrapped policy is read through its merged weights, so the view samples what is being trained."""
+    from openseek.model import Model
+    from openseek.model.moe import Router
+
+    with torch.device("meta"):
+        view = Model(policy.cfg)
+    view.to(dtype)
+    for router in (m for m in view.modules() if isinstance(m, Router)):
+        router.float()
+    view.rotary.float()
+    quantize_modules(view, quantize, group_size)
+    view.to_empty(device=policy.device)
+    view.tie_weights()
+    view.rotary.reset_parameters()
+    refresh_view(view, policy)
+    return view.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_view(view: nn.Module, policy: nn.Module) -> None:
+    """Copy (or re-quantise) every weight of `policy` into `view`, module by module, without allocating a model."""
+    for name, module in view.named_modules():
+        if isinstance(module, Int8Embedding):
+            continue  # its rows are the tied head's, refreshed with it
+        source = policy.get_submodule(name) if name else policy
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            tied = name == "lm_head" and isinstance(view.embed_tokens, Int8Embedding)
+            module.load_weight((policy.embed_tokens if tied else source).weight)
+            if module.bias is not None:
+                module.bias.copy_(source.bias)
+            continue
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(source.weight)
+            if module.bias is not None:
+                module.bias.copy_(source.bias)
+            continue
+        for leaf, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if name == "rotary":
+                continue  # computed, not trained
+            tensor.copy_(getattr(source, leaf))

@@ -283,3 +283,40 @@ def test_reward_weights_combine_the_functions(model_dir):
     assert m["reward"] == pytest.approx(2.0 * m["rewards/digit_share/mean"] + 0.5)
     with pytest.raises(ValueError, match="--reward-weights has 1 values for 2 reward functions"):
         rollout_once(model, Tokenizer.from_dir(model_dir), rows, [digit_share, one], cfg, weights=[1.0])
+
+
+def test_fast_rollouts_from_a_bf16_int8_view_are_corrected_and_learn(model_dir, tmp_path):
+    """The Engine samples a bf16 + int8 view of the policy, refreshed after every update; the ratio's old log-probs
+    are the trainer's own and token_tis (the default with a view) reweights the sampled tokens."""
+    run = tmp_path / "run"
+    assert cli(grpo_args(model_dir, run, "--group-size", "8", "--prompts-per-step", "4", "--steps", "20",
+                         "--lr", "3e-3", "--rollout-dtype", "bfloat16", "--rollout-quantize", "int8")) == 0
+    metrics = metrics_of(run)
+    assert all(0.0 < m["rollout/logprob_abs_diff_max"] for m in metrics)  # the view differs from the policy
+    assert all(m["rollout/is_truncated_fraction"] <= 0.05 for m in metrics)
+    assert all(abs(m["rollout/is_ratio_mean"] - 1) < 0.1 for m in metrics)
+    first = sum(m["reward"] for m in metrics[:5]) / 5
+    last = sum(m["reward"] for m in metrics[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+
+
+def test_the_rollout_view_follows_the_policy():
+    import copy
+
+    from openseek.config import ModelConfig
+    from openseek.model import Model
+    from openseek.quantize import refresh_view, rollout_view
+
+    torch.manual_seed(0)
+    policy = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
+    view = rollout_view(policy, torch.float32)
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(view(ids), policy(ids), rtol=0, atol=0)
+    before = copy.deepcopy(view.state_dict())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.1)
+    refresh_view(view, policy)
+    torch.testing.assert_close(view(ids), policy(ids), rtol=0, atol=0)
+    assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], view.layers[0].self_attn.q_proj.weight)

@@ -61,6 +61,7 @@ import torch
 
 import openseek
 from openseek.engine import Completion, Engine, stop_token_ids
+from openseek.quantize import QUANTIZE, refresh_view, rollout_view
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
 from openseek.rewards import (
@@ -92,7 +93,7 @@ PROMPT_FIELDS = ("prompt", "question", "problem")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
 ADVANTAGE_ALIASES = {"group_std": "std", "group_mean": "mean"}
-CORRECTIONS = ("none", "token_tis", "sequence_mask")
+CORRECTIONS = ("auto", "none", "token_tis", "sequence_mask")
 STD_EPS = 1e-4
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +298,9 @@ class GRPOConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment: ramp length in tokens (0 = off)
     overlong_penalty: float = 1.0
     template: str = "r1-zero"  # r1-zero | chat | plain
-    rollout_correction: str = "none"  # none | token_tis | sequence_mask: for rollouts from another policy view
+    rollout_dtype: str = "auto"  # auto = the trainer's | float32 | bfloat16: the Engine's view of the policy
+    rollout_quantize: str = "none"  # none | int8 | int4: weight-only quantised rollouts (CPU)
+    rollout_correction: str = "auto"  # none | token_tis | sequence_mask | auto: token_tis with a rollout view
     rollout_correction_cap: float = 3.0  # TRL's default truncation
 
     def __post_init__(self):
@@ -307,6 +310,10 @@ class GRPOConfig:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got "
                              f"{self.advantage!r}")
+        if self.rollout_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"rollout_dtype must be auto, float32 or bfloat16, got {self.rollout_dtype!r}")
+        if self.rollout_quantize not in QUANTIZE:
+            raise ValueError(f"rollout_quantize must be one of {QUANTIZE}, got {self.rollout_quantize!r}")
         if self.rollout_correction not in CORRECTIONS:
             raise ValueError(f"rollout_correction must be one of {CORRECTIONS}, got {self.rollout_correction!r}")
         if not self.rollout_correction_cap > 0:
@@ -380,7 +387,7 @@ class GRPOObjective:
         rollout = torch.where(mask, batch.rollout_logprobs.to(logprobs), own)
         ref = None if batch.ref_logprobs is None else torch.where(mask, batch.ref_logprobs.to(logprobs), own)
         metrics = {}
-        if cfg.rollout_correction == "none":  # the rollout policy is the trained one: ratios against it
+        if cfg.rollout_correction in ("none", "auto"):  # the rollout policy is the trained one: ratios against it
             old, weights = rollout, None
         else:  # ratios against the trained policy at rollout time, sampled tokens reweighted to it
             if batch.old_logprobs is None:
@@ -623,6 +630,18 @@ def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list
     return fns, next((f for f in fns if f is checker or f in (accuracy_reward, countdown_reward)), None)
 
 
+def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
+    """What the Engine samples with: the trained module itself, or — with `--rollout-dtype`/`--rollout-quantize`
+    asking for another precision — a view of it in that precision, refreshed after every rollout's updates."""
+    dtype = trainer.model.dtype if grpo.rollout_dtype == "auto" else getattr(torch, grpo.rollout_dtype)
+    if dtype == trainer.model.dtype and grpo.rollout_quantize == "none":
+        return trainer.model
+    if trainer.world_size > 1 and trainer.cfg.parallel == "fsdp":
+        raise ValueError("--rollout-dtype/--rollout-quantize read whole weights; with --parallel fsdp roll out in the "
+                         "trainer's precision (or use --parallel ddp)")
+    return rollout_view(trainer.model, dtype, grpo.rollout_quantize)
+
+
 # Shown on the progress bar next to the loss: {short name: metric key}.
 PROGRESS = {"reward": "reward", "acc": "accuracy", "len": "completion_length/mean", "kl": "kl",
             "gen_s": "time/generation", "update_s": "time/update"}
@@ -651,8 +670,11 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
         ref_model.to(trainer.device)
     elif grpo.beta != 0:
         ref_model = trainer.model
-    engine = Engine(trainer.model, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size))
+    policy_view = rollout_policy(trainer, grpo)  # the trained module itself, or a bf16/quantised view of it
+    engine = Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if grpo.rollout_correction == "auto":
+        grpo = dataclasses.replace(grpo, rollout_correction="none" if policy_view is trainer.model else "token_tis")
     objective = GRPOObjective(grpo)
 
     with trainer.session():
@@ -683,6 +705,8 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                 trainer.log(metrics, progress=PROGRESS)
                 if trainer.done:
                     break
+            if policy_view is not trainer.model:
+                refresh_view(policy_view, trainer.model)  # the next rollout samples the updated policy
     if trainer.report is not None:
         plot_rollouts(train_cfg.run_dir)
     return trainer.report
@@ -731,9 +755,12 @@ GRPO_HELP = {
     "advantage": "std (= group_std): (r-mean)/std (GRPO, DAPO); mean (= group_mean): r-mean (Dr. GRPO); rloo: "
                  "leave-one-out baseline; reinforce_pp: r-mean over the batch's std (REINFORCE++-baseline) "
                  "(default: mean for dr_grpo, else std)",
-    "rollout_correction": "for rollouts sampled by another view of the policy (--rollout-dtype/--rollout-quantize): "
-                          "token_tis truncates each token's π_old/π_rollout at the cap; sequence_mask drops "
-                          "sequences whose geometric-mean ratio leaves [1/cap, cap]",
+    "rollout_dtype": "the Engine samples with a view of the policy in this dtype (auto: the trainer's), refreshed "
+                     "after every rollout's updates",
+    "rollout_quantize": "weight-only quantised rollouts (int8 per channel, int4 per group; CPU kernels)",
+    "rollout_correction": "for rollouts sampled by another view of the policy: token_tis truncates each token's "
+                          "π_old/π_rollout at the cap; sequence_mask drops sequences whose geometric-mean ratio "
+                          "leaves [1/cap, cap]; auto: token_tis with a rollout view, none without",
     "rollout_correction_cap": "the truncation / mask threshold of --rollout-correction",
     "epsilon_low": "ε_low",
     "epsilon_high": "ε_high (DAPO clip-higher: 0.28) (default: ε_low)",
