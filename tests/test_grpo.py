@@ -376,3 +376,27 @@ def test_a_perturbed_rollout_policy_is_corrected_as_computed_by_hand():
 def test_a_non_positive_correction_cap_is_refused():
     with pytest.raises(ValueError, match="--rollout-correction-cap must be positive"):
         GRPOConfig(rollout_correction="token_tis", rollout_correction_cap=0.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_logprobs_equal_the_full_logits_computation(chunk):
+    """Log-probs, entropies and gradients through the head a chunk at a time equal the full [B, T, V] path."""
+    from openseek.train.grpo import token_logprobs
+
+    model = tiny_model().float()
+    ids, padding, _ = tiny_batch(model)
+    hidden = model.hidden_states(ids, padding_mask=padding)[:, 2:-1]
+    targets = ids[:, 3:]
+    logp_all = torch.log_softmax(model.lm_head(hidden) / 0.7, dim=-1)
+    want = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    want_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    hidden = model.hidden_states(ids, padding_mask=padding)[:, 2:-1]
+    got, entropy = token_logprobs(model.lm_head, hidden, targets, 0.7, chunk=chunk)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-5)
+    for (name, _), g, w in zip(model.named_parameters(), [p.grad for p in model.parameters()], want_grads):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max(), (name, (g - w).abs().max(), w.abs().max())

@@ -113,6 +113,15 @@ class Model(nn.Module):
         only the last position's logits [B, 1, V] are computed, the only ones generation reads — unless
         `all_logits` (the engine scoring a prompt's tokens in its prefill).
         """
+        last_only = cache is not None and not all_logits
+        h = self.hidden_states(input_ids, positions, padding_mask, cache, last_only)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      padding_mask: torch.Tensor | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+        """The final normed hidden states [B, T, H] (only the last position with `last_only`): what the head reads.
+        Losses over a large vocabulary take these and apply the head a chunk of tokens at a time."""
         B, T = input_ids.shape
         if positions is None:
             if padding_mask is None:
@@ -124,9 +133,7 @@ class Model(nn.Module):
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i])
-        h = self.norm(h if cache is None or all_logits else h[:, -1:])
-        logits = self.lm_head(h)
-        return (logits, h) if return_hidden else logits
+        return self.norm(h[:, -1:] if last_only else h)
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Logits of each MTP depth k (1-based): position i predicts token i+k+1; length T-k.

@@ -255,23 +255,48 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
+LOGPROB_CHUNK = 2048  # tokens per lm_head chunk: [2048, V] float32 logits at a time, never [B, T, V]
+
+
 def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
                         entropy: bool = True):
     """Log-probs of the completion tokens (columns prompt_len:) under the model at the sampling temperature, and
     the per-token entropy (detached; None without `entropy`). Rows are [left-padded prompt | right-padded
-    completion]; a batch without padding takes the plain causal path."""
+    completion]; a batch without padding takes the plain causal path. The head runs over the final hidden states
+    a chunk of tokens at a time (`token_logprobs`), so no [B, T, V] logits are ever held."""
     if bool(padding_mask.all()):
         padding_mask = None
-    logits = model(input_ids, padding_mask=padding_mask)[:, prompt_len - 1 : -1]
+    hidden = model.hidden_states(input_ids, padding_mask=padding_mask)[:, prompt_len - 1 : -1]
+    return token_logprobs(model.lm_head, hidden, input_ids[:, prompt_len:], temperature, entropy)
+
+
+def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   entropy: bool = True, chunk: int = LOGPROB_CHUNK):
+    """log softmax(head(hidden) / T) at `targets` ([B, L] from hidden [B, L, H]), and the entropy of each
+    distribution, computed `chunk` tokens at a time in float32 (float64 stays). Each chunk's logits are recomputed
+    in the backward pass instead of being kept (activation checkpointing), so memory holds one chunk's logits."""
+    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    logprobs, entropies = [], []
+    for start in range(0, flat.shape[0], chunk):
+        h, t = flat[start : start + chunk], flat_targets[start : start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, use_reentrant=False)
+        else:
+            logp, ent = _chunk(head, h, t, temperature)
+        logprobs.append(logp)
+        entropies.append(ent)
+    logprobs = torch.cat(logprobs).view(targets.shape)
+    return logprobs, torch.cat(entropies).view(targets.shape) if entropy else None
+
+
+def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: (log-prob of each target, entropy of each distribution, detached)."""
+    logits = head(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
-    if not entropy:
-        return logprobs, None
+    logp_all = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     with torch.no_grad():
-        return logprobs, -(logp_all.exp() * logp_all).sum(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------
