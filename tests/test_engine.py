@@ -187,7 +187,7 @@ def crafted_logits(rows):
 )
 def test_top_k_and_top_p_never_sample_outside_their_set(params, allowed, shares):
     rows = 20000
-    tokens, logprobs = Sampler([params] * rows, torch.device("cpu"))(
+    tokens, logprobs, _ = Sampler([params] * rows, torch.device("cpu"))(
         crafted_logits(rows), torch.Generator().manual_seed(0), want_logprobs=True
     )
     counts = torch.bincount(tokens, minlength=10)
@@ -200,7 +200,7 @@ def test_top_k_and_top_p_never_sample_outside_their_set(params, allowed, shares)
 
 def test_per_row_sampling_parameters_in_one_batch():
     params = [SamplingParams(0.0), SamplingParams(1.0, top_k=1), SamplingParams(1.0, top_p=0.5), SamplingParams(1.0)]
-    tokens, _ = Sampler(params * 500, torch.device("cpu"))(crafted_logits(2000), torch.Generator().manual_seed(1))
+    tokens, _, _ = Sampler(params * 500, torch.device("cpu"))(crafted_logits(2000), torch.Generator().manual_seed(1))
     tokens = tokens.view(500, 4)
     assert (tokens[:, 0] == 3).all() and (tokens[:, 1] == 3).all()
     assert set(tokens[:, 2].tolist()) == {3, 0}
@@ -337,3 +337,116 @@ def test_streaming_seeded_sampling_matches_and_bad_requests_raise(models):
     finally:
         engine.close()
     assert not engine._thread.is_alive()
+
+
+# ---- log-probs for serving and eval; prefix caching ---------------------------------------------------------------
+
+
+def reference_logprobs(model, tokens, temperature=1.0):
+    """log_softmax(logits / temperature) at every position of one full forward: [len(tokens), V] (float64)."""
+    with torch.no_grad():
+        return (model(torch.tensor([tokens]))[0].double() / temperature).log_softmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_prompt_and_top_logprobs_are_the_log_softmax_of_one_full_forward(models, kind, temperature):
+    ours, _ = models(kind)
+    engine = openseek.Engine(ours, max_batch_size=4)
+    try:
+        handles = [engine.submit(p, 5, temperature=temperature, seed=3, stop_token_ids=[], logprobs=True,
+                                 top_logprobs=4, prompt_logprobs=True) for p in PROMPTS]
+        results = [h.result(timeout=60) for h in handles]
+    finally:
+        engine.close()
+    for prompt, result in zip(PROMPTS, results):
+        sequence = prompt + result.token_ids
+        ref = reference_logprobs(ours, sequence, temperature or 1.0)
+        at = [ref[i - 1, t] for i, t in enumerate(sequence) if i > 0]  # each token given those before it
+        assert result.prompt_logprobs[0] is None and result.prompt_top_logprobs[0] is None
+        assert result.prompt_logprobs[1:] == pytest.approx([float(x) for x in at[: len(prompt) - 1]], abs=1e-5)
+        assert result.logprobs == pytest.approx([float(x) for x in at[len(prompt) - 1:]], abs=1e-5)
+        tops = result.prompt_top_logprobs[1:] + result.top_logprobs
+        assert len(tops) == len(sequence) - 1
+        for position, top in enumerate(tops):
+            values, ids = ref[position].topk(4)
+            assert [i for i, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_max_new_tokens_zero_scores_the_prompt_alone(models):
+    ours, _ = models("llama")
+    engine = openseek.Engine(ours)
+    try:
+        scored = engine.submit(PROMPTS[0], 0, prompt_logprobs=True).result(timeout=60)
+        single = engine.submit([7], 0, prompt_logprobs=True, top_logprobs=2).result(timeout=60)
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            engine.submit(PROMPTS[0], 0)  # nothing to do without scoring the prompt
+        with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0"):
+            engine.submit(PROMPTS[0], 1, logprobs=True, top_logprobs=-1)
+    finally:
+        engine.close()
+    ref = reference_logprobs(ours, PROMPTS[0])
+    assert scored.token_ids == [] and scored.finish_reason == "length"
+    assert scored.prompt_logprobs[1:] == pytest.approx(
+        [float(ref[i - 1, t]) for i, t in enumerate(PROMPTS[0]) if i > 0], abs=1e-5)
+    assert single.prompt_logprobs == [None] and single.prompt_top_logprobs == [None]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(models, kind):
+    """The next turn (prompt + answer + more) and a prompt sharing a system prefix reuse the cached rows; greedy
+    output equals the same engine without a prefix cache and decoding by full forwards."""
+    ours, _ = models(kind)
+    system = [5, 17, 33, 2, 60, 71, 8, 9, 10]
+    first = system + [40, 3]
+
+    def conversation(engine):
+        one = engine.submit(first, 6, temperature=0, stop_token_ids=[]).result(timeout=60)
+        second_prompt = first + one.token_ids + [11, 12]
+        two = engine.submit(second_prompt, 6, temperature=0, stop_token_ids=[]).result(timeout=60)
+        three = engine.submit(system + [90, 12, 45], 6, temperature=0, stop_token_ids=[]).result(timeout=60)
+        return [one.token_ids, two.token_ids, three.token_ids], second_prompt
+
+    cached, plain = openseek.Engine(ours), openseek.Engine(ours, prefix_cache_tokens=0)
+    try:
+        with_cache, second_prompt = conversation(cached)
+        hits = cached.prefix_cache.hit_tokens
+        without_cache, _ = conversation(plain)
+        with torch.no_grad():  # an in-place update (what an optimizer step does) empties the cache
+            ours.lm_head.weight.add_(0.0)
+        again = cached.submit(first, 6, temperature=0, stop_token_ids=[]).result(timeout=60)
+    finally:
+        cached.close(), plain.close()
+    assert plain.prefix_cache is None
+    assert with_cache == without_cache
+    assert with_cache[1] == greedy_by_full_forward(ours, second_prompt, 6)
+    assert with_cache[2] == greedy_by_full_forward(ours, system + [90, 12, 45], 6)
+    # turn 2 finds turn 1's prompt and all of its answer but the last token (never fed) cached; the third prompt
+    # finds the system prefix
+    assert hits == (len(first) + 6 - 1) + len(system)
+    assert cached.prefix_cache.queried_tokens == len(first) * 2 + len(second_prompt) + len(system) + 3
+    assert cached.prefix_cache.hit_tokens == hits and again.token_ids == with_cache[0]
+
+
+def test_prefix_cache_is_bounded_and_drops_the_least_recently_used(models):
+    from openseek.engine.prefix import PrefixCache
+
+    ours, _ = models("qwen2")
+    cache = make_cache(ours.cfg, 2, 16, torch.float32, torch.device("cpu"))
+    for layer in cache.layers:
+        for buffer in layer.buffers():
+            buffer.normal_()
+    store = PrefixCache(capacity=10)
+    store.save([1, 2, 3, 4], cache, 0)
+    store.save([5, 6, 7, 8], cache, 1)
+    assert store.load([1, 2, 3, 9, 9], cache, 1) == 3  # touches [1, 2, 3, 4]: [5, 6, 7, 8] is now the oldest
+    assert all(torch.equal(b[1, ..., :3, :] if b.dim() == 4 else b[1, :3], b[0, ..., :3, :] if b.dim() == 4
+                           else b[0, :3]) for layer in cache.layers for b in layer.buffers())
+    store.save([1, 2, 3, 4, 5], cache, 0)  # extends [1, 2, 3, 4], which goes
+    assert store.tokens == 9 and len(store.entries) == 2
+    store.save([9, 9, 9], cache, 0)  # 12 > 10 tokens: the least recently used entry leaves
+    assert store.tokens == 8 and store.load([5, 6, 7, 8], cache, 1) == 0
+    assert store.load([1, 2, 3, 4, 5, 6], cache, 1) == 5
+    store.save(list(range(11)), cache, 0)  # longer than the whole cache: not kept
+    assert store.tokens == 8

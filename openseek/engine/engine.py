@@ -16,10 +16,16 @@ log_softmax at temperature 0); see sampling.py. `stop_token_ids=None` means the 
 Streaming with continuous batching (serve, chat):
 
     request = engine.submit(prompt, max_new_tokens, temperature=..., top_p=..., top_k=..., stop_token_ids=None,
-                            seed=None, logprobs=False, on_token=callback)
+                            seed=None, logprobs=False, top_logprobs=0, prompt_logprobs=False, on_token=callback)
     async for token_id in request: ...      # tokens as they come (or `on_token(token_id)`, on the engine thread)
     completion = await request              # or request.result(timeout) from a thread
     request.cancel()                        # leaves the batch at the next step; finish_reason "cancelled"
+
+With `logprobs`, each new token's log-prob arrives with it (`request.logprobs[i]`, `request.top_logprobs[i]`: the
+`top_logprobs` most likely (id, log-prob) pairs, best first). `prompt_logprobs` scores the prompt in its prefill
+forward: `request.prompt_logprobs` is None for the first token, then each token's log-prob given those before it
+(`prompt_top_logprobs` likewise); `max_new_tokens=0` then scores the prompt alone. Log-probs are defined as in
+generation (sampling.py), at the request's temperature.
 
 A background thread (started on the first submit; `engine.close()` stops it) keeps one running batch of up to
 `max_batch_size` rows: each step it admits waiting requests into free rows (prefilling them), decodes one token
@@ -27,12 +33,19 @@ for every row, streams the tokens and retires finished or cancelled requests. Ro
 tokens (prompt + new; default min(context, 4096), so a long-context model does not preallocate its whole context).
 A failing step (or a raising `on_token`) fails its requests: finish_reason "error", and awaiting them raises.
 
+Prefix caching (prefix.py, serving thread only): each prompt's cache rows are kept when it is prefilled, and prompt +
+answer when it finishes, up to `prefix_cache_tokens` tokens (least recently used dropped first; 0 turns it off).
+A later request copies the longest cached prefix of its prompt into its row and prefills only the rest; requests
+scoring their prompt (`prompt_logprobs`) prefill all of it. The cache is emptied when the weights change in place
+(optimizer steps, load_state_dict). `engine.prefix_cache` holds its counters (`queried_tokens`, `hit_tokens`).
+
 Bad input (empty prompt, token id outside the vocabulary, prompt + max_new_tokens beyond the model's context,
 n < 1, top_p outside (0, 1], ...) raises ValueError naming the culprit; nothing is ever truncated silently.
 
 How it decodes: caches are preallocated (cache.py), a prompt's tokens but the last are prefilled with the
 ordinary (naive MLA) forward, then every step feeds one token per row at its own position; MLA decodes with the
-absorbed weights over the latent cache. `generate` and the serving thread run the same batch of rows (`_Batch`:
+absorbed weights over the latent cache; so does a prompt continuing a cached prefix, over the stored tokens and
+its own. `generate` and the serving thread run the same batch of rows (`_Batch`:
 admit = prefill, step = the one decode step, row compaction): `generate` admits its rows (up to `max_batch_size`
 at a time) and steps until every row stops, its tokens staying on the device except every FINISH_CHECK_EVERY
 steps, when it looks for finished rows and drops them; the serving thread admits requests into free rows as they
@@ -44,6 +57,7 @@ code runs with SDPA; CUDA graphs for decode are not implemented yet.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -51,7 +65,8 @@ from dataclasses import dataclass
 import torch
 
 from openseek.engine.cache import kv_bytes_per_token, make_cache
-from openseek.engine.sampling import Sampler, SamplingParams
+from openseek.engine.prefix import PrefixCache
+from openseek.engine.sampling import Sampler, SamplingParams, token_logprobs
 
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
 
@@ -67,20 +82,40 @@ def stop_token_ids(model_cfg, tokenizer=None) -> list[int]:
     return sorted(set(ids))
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-prob) of the most likely tokens at one position, best first
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str  # "stop" | "length" ("cancelled" for a cancelled streaming request)
+    top_logprobs: list[TopLogprobs] | None = None  # per new token (streaming requests with logprobs)
+    prompt_logprobs: list[float | None] | None = None  # per prompt token, None first (with prompt_logprobs)
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+
+def _pairs(top, rows: int) -> list[TopLogprobs]:
+    """(log-probs [N, k], ids [N, k]) from `token_logprobs` as one list of (id, log-prob) pairs per row."""
+    if top is None:
+        return [[] for _ in range(rows)]
+    values, ids = top
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None):
+    def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None,
+                 prefix_cache_tokens: int | None = None):
+        """prefix_cache_tokens: tokens the serving thread's prefix cache holds at most (default 4 × max_seq_len;
+        0 = no prefix caching)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.cfg = model, model.cfg
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
+        capacity = 4 * self.max_seq_len if prefix_cache_tokens is None else prefix_cache_tokens
+        self.prefix_cache = PrefixCache(capacity) if capacity > 0 else None
+        self._weights_version = None  # of the weights the prefix cache was filled with
         self._model_lock = threading.Lock()  # one forward at a time (generate and the serving loop share the model)
         self._queue: deque[Request] = deque()
         self._wake = threading.Condition()
@@ -178,7 +213,7 @@ class Engine:
         out_logprobs = torch.zeros(R, max_new_tokens, device=device) if want_logprobs else None
         finished = torch.zeros(R, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            tokens, logprobs = batch.step(generator, want_logprobs)
+            tokens, logprobs, _ = batch.step(generator, want_logprobs)
             out_tokens[row_of, step] = tokens
             if want_logprobs:
                 out_logprobs[row_of, step] = logprobs
@@ -218,14 +253,22 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
         logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
         on_token=None,
     ) -> Request:
         """Queue one request into the running batch; returns its handle at once (see the module docstring)."""
-        self._check_max_new(max_new_tokens)
+        if not (prompt_logprobs and max_new_tokens == 0):
+            self._check_max_new(max_new_tokens)
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        if top_logprobs > self.cfg.vocab_size:
+            raise ValueError(f"top_logprobs={top_logprobs} is more than the vocabulary ({self.cfg.vocab_size})")
         params = SamplingParams(temperature, top_p, top_k)
         prompt = self._check_prompt(prompt, max_new_tokens, self.max_seq_len)
         generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
-        request = Request(prompt, max_new_tokens, params, self._stop_ids(stop_token_ids), generator, logprobs, on_token)
+        request = Request(prompt, max_new_tokens, params, self._stop_ids(stop_token_ids), generator, logprobs,
+                          top_logprobs, prompt_logprobs, on_token)
         with self._wake:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -269,33 +312,71 @@ class Engine:
                     if batch is None:
                         batch = _Batch(self, self.max_batch_size, self.max_seq_len)
                     if new:
-                        rows = batch.free_rows(len(new))
-                        batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new)
+                        self._admit(batch, new)
                     cancelled = [i for i, r in enumerate(batch.owner) if r is not None and r.cancelled]
                     for i in cancelled:
                         batch.owner[i]._finish("cancelled")
                     batch.vacate(cancelled)
                     if not batch.size:
                         continue
-                    want_logprobs = any(r.want_logprobs for r in batch.owner if r is not None)
+                    live = [r for r in batch.owner if r is not None]
+                    want_logprobs = any(r.want_logprobs for r in live)
+                    top = max((r.top_logprobs_k for r in live if r.want_logprobs), default=0)
                     generators = [None if r is None else r.generator for r in batch.owner]
-                    chosen, logprobs = batch.step(generators, want_logprobs)
+                    chosen, logprobs, top_logprobs = batch.step(generators, want_logprobs, top)
                     chosen = chosen.tolist()
                     logprobs = logprobs.tolist() if want_logprobs else [None] * len(chosen)
+                    top_logprobs = _pairs(top_logprobs, len(chosen))
             except Exception as error:  # fail the running requests, keep serving the others
                 for r in [*(batch.owner if batch else []), *new]:
                     if r is not None and not r.done:
                         r._finish("error", error)
                 batch = None
                 continue
-            finished = [i for i, r in enumerate(batch.owner) if r is not None and self._emit(r, chosen[i], logprobs[i])]
+            finished = [i for i, r in enumerate(batch.owner)
+                        if r is not None and self._emit(r, chosen[i], logprobs[i], top_logprobs[i])]
+            for i in finished:
+                request = batch.owner[i]
+                if self.prefix_cache is not None and request.finish_reason in ("stop", "length"):
+                    # the row holds the prompt and every new token but the last (never fed)
+                    self.prefix_cache.save(request.prompt + request.token_ids[:-1], batch.cache, i)
             batch.vacate(finished)
 
+    def _admit(self, batch: _Batch, new: list[Request]) -> None:
+        """Prefill new requests into free rows (continuing their longest cached prefix), score the prompts that ask
+        for it, keep the prompts in the prefix cache, and finish the requests that want no new token."""
+        prefix = self._current_prefix_cache()
+        rows = batch.free_rows(len(new))
+        starts = [0 if prefix is None or r.prompt_logprobs is not None else prefix.load(r.prompt, batch.cache, row)
+                  for r, row in zip(new, rows)]
+        scoring = any(r.prompt_logprobs is not None for r in new)
+        logits = batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new,
+                             starts, all_logits=scoring)
+        for i, (request, row) in enumerate(zip(new, rows)):
+            if prefix is not None:
+                prefix.save(request.prompt[:-1], batch.cache, row)
+            if request.prompt_logprobs is not None:
+                request._score_prompt(logits[i])
+        done = [row for request, row in zip(new, rows) if request.max_new_tokens == 0]
+        for row in done:
+            batch.owner[row]._finish("length")
+        batch.vacate(done)
+
+    def _current_prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache, emptied first if the weights changed in place since it was filled."""
+        if self.prefix_cache is None:
+            return None
+        version = sum(t._version for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+        if version != self._weights_version:
+            self.prefix_cache.clear()
+            self._weights_version = version
+        return self.prefix_cache
+
     @staticmethod
-    def _emit(request: Request, token: int, logprob: float | None) -> bool:
+    def _emit(request: Request, token: int, logprob: float | None, top: TopLogprobs) -> bool:
         """Stream one decoded token to its request; True when that finishes the request."""
         try:
-            request._emit(token, logprob)
+            request._emit(token, logprob, top[: request.top_logprobs_k])
         except Exception as error:  # the request's own on_token callback failed
             request._finish("error", error)
             return True
@@ -343,9 +424,13 @@ class _Batch:
         free = [i for i, o in enumerate(self.owner) if o is None]
         return (free + list(range(self.size, self.cache.rows)))[:count]
 
-    def admit(self, prompts: list[list[int]], src: list[int], rows: list[int], params, owners) -> None:
+    def admit(self, prompts: list[list[int]], src: list[int], rows: list[int], params, owners,
+              starts: list[int] | None = None, all_logits: bool = False) -> list[torch.Tensor] | None:
         """Row rows[i] starts prompts[src[i]] for owners[i] with params[i]. One prefill per prompt (n samples of a
-        prompt are n rows with the same src) stores each prompt but its last token; the first step feeds that."""
+        prompt are n rows with the same src) stores each prompt but its last token; the first step feeds that.
+        starts[i] (default 0): tokens of the prompt already in row rows[i] (a cached prefix); only the rest is
+        prefilled. With `all_logits`, returns per row the prefill's logits [len(prompt) - 1 - starts[i], V]: those
+        of positions starts[i].. (each predicts the token after it)."""
         self._update()
         grow = max(rows) + 1 - self.size
         if grow > 0:
@@ -355,7 +440,21 @@ class _Batch:
             zeros = torch.zeros(grow, dtype=torch.long, device=self.device)
             self.tokens, self.slots = torch.cat((self.tokens, zeros)), torch.cat((self.slots, zeros))
         index = torch.tensor(rows, device=self.device)
-        self._prefill(prompts, torch.tensor(src, device=self.device), index)
+        starts = starts or [0] * len(rows)
+        logits = [None] * len(rows)
+        fresh = [i for i, start in enumerate(starts) if start == 0]
+        if fresh:
+            used = sorted({src[i] for i in fresh})
+            out = self._prefill([prompts[p] for p in used], torch.tensor([used.index(src[i]) for i in fresh],
+                                device=self.device), index[fresh], all_logits)
+            for i in fresh if all_logits else ():
+                logits[i] = out[used.index(src[i]), : len(prompts[src[i]]) - 1]
+        continuing = [i for i, start in enumerate(starts) if start > 0]
+        if continuing:
+            out = self._extend([prompts[src[i]] for i in continuing], [starts[i] for i in continuing],
+                               index[continuing], all_logits)
+            for j, i in enumerate(continuing if all_logits else ()):
+                logits[i] = out[j, : len(prompts[src[i]]) - 1 - starts[i]]
         last = torch.tensor([prompts[s][-1] for s in src], device=self.device)
         position = [len(prompts[s]) - 1 for s in src]
         self.tokens = self.tokens.index_copy(0, index, last)
@@ -363,28 +462,48 @@ class _Batch:
         for row, owner, p, pos in zip(rows, owners, params, position):
             self.owner[row], self.params[row], self.positions[row] = owner, p, pos
         self._sampler = None
+        return logits if all_logits else None
 
-    def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor) -> None:
+    def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor, all_logits: bool):
         """Store each prompt but its last token into its cache rows: prompts[src[i]] goes to cache row dest[i].
-        Prompts are right-padded, so each starts at slot/position 0."""
+        Prompts are right-padded, so each starts at slot/position 0. Returns the logits [P, T, V] (only the last
+        position's unless `all_logits`)."""
         heads = [p[:-1] for p in prompts]
         T = max(len(h) for h in heads)
         if T == 0:
-            return
+            return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
         ids = torch.zeros(len(heads), T, dtype=torch.long)
         real = torch.zeros(len(heads), T, dtype=torch.bool)
         for i, h in enumerate(heads):
             ids[i, : len(h)] = torch.tensor(h, dtype=torch.long)
             real[i, : len(h)] = True
         self.cache.prefill(src, dest)
-        self.model(ids.to(self.device), padding_mask=None if bool(real.all()) else real.to(self.device),
-                   cache=self.cache)
+        return self.model(ids.to(self.device), padding_mask=None if bool(real.all()) else real.to(self.device),
+                          cache=self.cache, all_logits=all_logits)
 
-    def step(self, generator=None, want_logprobs: bool = False):
+    def _extend(self, prompts: list[list[int]], starts: list[int], dest: torch.Tensor, all_logits: bool):
+        """Store prompts[i][starts[i]:-1] into cache row dest[i], which holds the prompt's first starts[i] tokens
+        already: each token attends to those and to the ones before it. Rows are right-padded; a pad goes to the
+        slot of its prompt's last token, which the first decode step overwrites. Returns the logits [P, T, V]."""
+        T = max(len(p) - 1 - start for p, start in zip(prompts, starts))
+        if T == 0:
+            return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        slots = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, (p, start) in enumerate(zip(prompts, starts)):
+            n = len(p) - 1 - start
+            ids[i, :n] = torch.tensor(p[start:-1], dtype=torch.long)
+            slots[i] = (torch.arange(start, start + T)).clamp(max=len(p) - 1)
+        slots = slots.to(self.device)
+        self.cache.decode(slots, length=int(slots.max()) + 1, rows=dest)
+        return self.model(ids.to(self.device), positions=slots, cache=self.cache, all_logits=all_logits)
+
+    def step(self, generator=None, want_logprobs: bool = False, top: int = 0):
         """The decode step: every row feeds its token at its position and samples the next one with its own
-        parameters. Returns the next token per row [size] (long) and its log-prob [size] (float32, when asked,
-        else None), both on the device; no host sync. generator: one torch.Generator for the whole batch, or a
-        list with one per row (None = the global RNG)."""
+        parameters. Returns the next token per row [size] (long), its log-prob [size] (float32, when asked, else
+        None) and the `top` most likely (log-probs, ids) [size, top] (when asked, else None), all on the device;
+        no host sync. generator: one torch.Generator for the whole batch, or a list with one per row (None = the
+        global RNG)."""
         self._update()
         if self._sampler is None:
             self._sampler = Sampler(self.params, self.device)
@@ -392,10 +511,10 @@ class _Batch:
             self._advance = 1 if all(live) else torch.tensor(live, dtype=torch.long, device=self.device)
         self.cache.decode(self.slots, length=max(self.positions) + 1)
         logits = self.model(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
-        tokens, logprobs = self._sampler(logits, generator, want_logprobs)
+        tokens, logprobs, top_logprobs = self._sampler(logits, generator, want_logprobs, top)
         self.tokens, self.slots = tokens, self.slots + self._advance
         self.positions = [p + (o is not None) for p, o in zip(self.positions, self.owner)]
-        return tokens, logprobs
+        return tokens, logprobs, top_logprobs
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only rows `rows` (device, long), moved to the front in that order: the others leave the batch."""
@@ -432,18 +551,23 @@ class _Batch:
 class Request:
     """Handle of one streaming request: iterate (async) over its tokens, await its Completion, or cancel it."""
 
-    def __init__(self, prompt, max_new_tokens, params, stop, generator, want_logprobs, on_token):
+    def __init__(self, prompt, max_new_tokens, params, stop, generator, want_logprobs, top_logprobs,
+                 prompt_logprobs, on_token):
         self.prompt, self.max_new_tokens, self.params = prompt, max_new_tokens, params
         self.stop, self.generator, self.want_logprobs, self.on_token = set(stop), generator, want_logprobs, on_token
+        self.top_logprobs_k = top_logprobs
         self.token_ids: list[int] = []
         self.logprobs: list[float] | None = [] if want_logprobs else None
+        self.top_logprobs: list[TopLogprobs] | None = [] if want_logprobs else None
+        # filled in at admission (before any token), when asked for
+        self.prompt_logprobs: list[float | None] | None = [] if prompt_logprobs else None
+        self.prompt_top_logprobs: list[TopLogprobs | None] | None = [] if prompt_logprobs else None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._row_token, self._position = 0, 0
 
     @property
     def done(self) -> bool:
@@ -458,8 +582,9 @@ class Request:
             raise TimeoutError("request still running")
         if self.error is not None:
             raise self.error
-        return Completion(list(self.token_ids), None if self.logprobs is None else list(self.logprobs),
-                          self.finish_reason)
+        copy = lambda values: None if values is None else list(values)  # noqa: E731
+        return Completion(list(self.token_ids), copy(self.logprobs), self.finish_reason, copy(self.top_logprobs),
+                          copy(self.prompt_logprobs), copy(self.prompt_top_logprobs))
 
     def __await__(self):
         return self._wait().__await__()
@@ -496,11 +621,20 @@ class Request:
                 self._listeners.remove((loop, event))
 
     # engine thread side
-    def _emit(self, token: int, logprob: float | None) -> None:
+    def _score_prompt(self, logits: torch.Tensor) -> None:
+        """Prompt log-probs from the prefill's logits [len(prompt) - 1, V], as the sampler defines them."""
+        temperature = self.params.temperature or 1.0  # 0 (greedy): plain log_softmax
+        targets = torch.tensor(self.prompt[1:], dtype=torch.long, device=logits.device)
+        chosen, top = token_logprobs(logits.float() / temperature, targets, self.top_logprobs_k)
+        self.prompt_logprobs[:] = [None, *chosen.tolist()]
+        self.prompt_top_logprobs[:] = [None, *_pairs(top, len(targets))]
+
+    def _emit(self, token: int, logprob: float | None, top: TopLogprobs) -> None:
         with self._lock:
             self.token_ids.append(token)
             if self.logprobs is not None:
                 self.logprobs.append(logprob)
+                self.top_logprobs.append(top)
         if self.on_token is not None:
             self.on_token(token)
         self._notify()

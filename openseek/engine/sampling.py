@@ -5,7 +5,8 @@ torch.Generator passed in, so a seed reproduces the same samples.
 
 The log-prob returned for a chosen token is under the model's temperature-scaled distribution over the whole
 vocabulary — log_softmax(logits / temperature), plain log_softmax at temperature 0 — taken *before* top-k/top-p
-filtering. That is the quantity RL compares with the trainer's recomputed log-probs.
+filtering. That is the quantity RL compares with the trainer's recomputed log-probs, and what serve returns as
+`logprobs` (`token_logprobs` scores prompt tokens the same way, so echo and eval agree with generation).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class Sampler:
         """The sampler of the rows `keep` (when finished rows leave the batch)."""
         return Sampler([self.params[i] for i in keep.tolist()], self.divisor.device)
 
-    def __call__(self, logits: torch.Tensor, generator=None, want_logprobs: bool = False):
-        """logits [B, V] -> tokens [B] (long), log-probs [B] (float32) or None.
+    def __call__(self, logits: torch.Tensor, generator=None, want_logprobs: bool = False, top: int = 0):
+        """logits [B, V] -> tokens [B] (long), their log-probs [B] (float32) or None, and the `top` most likely
+        (log-probs, ids) [B, top] or None (see `token_logprobs`).
 
         generator: one torch.Generator for the batch, or a list with one per row (None = the global RNG).
         """
@@ -77,8 +79,16 @@ class Sampler:
             if self.any_greedy:
                 tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
         if not want_logprobs:
-            return tokens, None
-        return tokens, scaled.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+            return tokens, None, None
+        return tokens, *token_logprobs(scaled, tokens, top)
+
+
+def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+    """The one log-prob computation: log_softmax of temperature-scaled logits [N, V] (float32), read at tokens [N],
+    and the `top` most likely entries as (log-probs [N, top], ids [N, top]), best first (None when top == 0)."""
+    logprobs = scaled.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    return chosen, (tuple(logprobs.topk(top, dim=-1)) if top else None)
 
 
 def draw(probs: torch.Tensor, generator) -> torch.Tensor:
