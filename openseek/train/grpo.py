@@ -255,7 +255,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-LOGPROB_CHUNK = 2048  # tokens per lm_head chunk: [2048, V] float32 logits at a time, never [B, T, V]
+LOGPROB_CHUNK = 2**24  # logits per lm_head chunk (64 MiB in float32): tokens per chunk = this / vocabulary
 
 
 def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
@@ -271,10 +271,12 @@ def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, tempera
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   entropy: bool = True, chunk: int = LOGPROB_CHUNK):
+                   entropy: bool = True, chunk: int | None = None):
     """log softmax(head(hidden) / T) at `targets` ([B, L] from hidden [B, L, H]), and the entropy of each
-    distribution, computed `chunk` tokens at a time in float32 (float64 stays). Each chunk's logits are recomputed
-    in the backward pass instead of being kept (activation checkpointing), so memory holds one chunk's logits."""
+    distribution, computed `chunk` tokens at a time (default: LOGPROB_CHUNK logits' worth) in float32 (float64
+    stays). Each chunk's logits are recomputed in the backward pass instead of being kept (activation
+    checkpointing), so memory holds one chunk's logits at a time."""
+    chunk = chunk or max(16, LOGPROB_CHUNK // head.out_features)
     flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     logprobs, entropies = [], []
     for start in range(0, flat.shape[0], chunk):
