@@ -104,6 +104,7 @@ def write_report(run_dir, summary: dict, price_per_device_hour: float) -> dict:
         ("total FLOPs", f"{report['total_flops']:.4g}"),
         ("wall time", f"{report.get('wall_time_s', 0):.1f} s"),
         ("devices", f"{report.get('devices', 1)} × {report.get('device', '?')}"),
+        ("precision", report.get("precision", "float32")),
         ("device-hours", f"{report['device_hours']:.4f}"),
         ("estimated cost", f"{report['cost']:.4f} at {price_per_device_hour} per device-hour"),
     ]

@@ -41,7 +41,7 @@ def metrics_of(run_dir):
 def grpo_args(model_dir, run_dir, *extra):
     return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
             "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
-            "--threads", "1", *extra]  # one fixed count: runs are bitwise reproducible
+            "--threads", "1", "--precision", "float32", *extra]  # fixed threads and float32: reproducible, exact
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,8 @@ def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=12, updates_per_rollout=2, beta=0.1)
     run = tmp_path / "run"
     grpo_module.train(model, tokenizer, rows, [digit_share], cfg,
-                      TrainConfig(run_dir=str(run), steps=4, lr=1e-2, progress=False, schedule="constant"))
+                      TrainConfig(run_dir=str(run), steps=4, lr=1e-2, progress=False, schedule="constant",
+                                  precision="float32"))
     metrics = metrics_of(run)
     generated = [m["time/generation"] > 0 for m in metrics]
     assert generated == [True, False, True, False]  # one rollout per μ = 2 updates
@@ -134,7 +135,7 @@ def test_mu_updates_reuse_one_rollout_and_beta_loads_a_reference(model_dir, tmp_
     monkeypatch.setattr(grpo_module.copy, "deepcopy", spy)
     cfg0 = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=8, beta=0.0)
     grpo_module.train(model, tokenizer, rows, [digit_share], cfg0,
-                      TrainConfig(run_dir=str(tmp_path / "b0"), steps=1, progress=False))
+                      TrainConfig(run_dir=str(tmp_path / "b0"), steps=1, progress=False, precision="float32"))
     assert "Model" not in copied  # β = 0 loads no reference model
     assert "kl" not in metrics_of(tmp_path / "b0")[0]
 

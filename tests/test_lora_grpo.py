@@ -41,7 +41,7 @@ def metrics_of(run_dir):
 def grpo_args(model_dir, run_dir, *extra):
     return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
             "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
-            "--threads", "1", *extra]  # one fixed count: runs are bitwise reproducible
+            "--threads", "1", "--precision", "float32", *extra]  # fixed threads and float32: reproducible, exact
 
 
 def test_short_lora_run_raises_the_mean_reward(model_dir, tmp_path):
@@ -86,7 +86,8 @@ def test_the_reference_is_the_base_with_adapters_disabled(model_dir, tmp_path, m
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=12, beta=0.1, updates_per_rollout=2)
     run = tmp_path / "run"
     grpo_module.train(model, Tokenizer.from_dir(model_dir), rows, [digit_share], cfg,
-                      TrainConfig(run_dir=str(run), steps=4, lr=3e-2, progress=False, lora_rank=4))
+                      TrainConfig(run_dir=str(run), steps=4, lr=3e-2, progress=False, lora_rank=4,
+                                  precision="float32"))
     assert not any(isinstance(obj, openseek.Model) for obj in copied)  # no second copy of the weights
     metrics = metrics_of(run)
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0 at the start: the policy is the base

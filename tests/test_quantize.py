@@ -99,7 +99,8 @@ def learned(tmp_path_factory):
     torch.manual_seed(0)
     model, batches, tokenizer, _ = pretrain_setup(tmp, model_cfg=dict(TINY_QWEN, hidden_size=128,
                                                                        intermediate_size=256), seq_len=64)
-    cfg = TrainConfig(run_dir=str(tmp / "run"), steps=60, lr=1e-2, warmup_steps=4, progress=False)
+    cfg = TrainConfig(run_dir=str(tmp / "run"), steps=60, lr=1e-2, warmup_steps=4, progress=False,
+                      precision="float32")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

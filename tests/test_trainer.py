@@ -42,7 +42,8 @@ def one_thread():
 
 
 def _config(tmp_path, name="run", **overrides):
-    base = dict(run_dir=str(tmp_path / name), steps=8, lr=3e-3, warmup_steps=2, progress=False, seed=0, threads="1")
+    base = dict(run_dir=str(tmp_path / name), steps=8, lr=3e-3, warmup_steps=2, progress=False, seed=0, threads="1",
+                precision="float32")
     return TrainConfig(**(base | overrides))
 
 

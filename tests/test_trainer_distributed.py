@@ -38,7 +38,7 @@ def pretrain_command(root: Path, run_dir: Path, steps: int, batch_size: int, *ex
         "--data", str(root / "corpus.jsonl"), "--seq-len", "16", "--batch-size", str(batch_size),
         "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--mtp-weight", "0.3",
         "--balance-alpha", "1e-3", "--balance-gamma", "1e-2", "--run-dir", str(run_dir), "--no-progress",
-        "--threads", "1", *extra,
+        "--threads", "1", "--precision", "float32", *extra,
     ]
 
 

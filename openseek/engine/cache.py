@@ -56,7 +56,9 @@ class Cache:
         self.mask = (keys <= slots[:, :, None])[:, None]  # [B, 1, T, length]; shared by every layer
 
     def _write(self, buffer: torch.Tensor, x: torch.Tensor, slot_dim: int) -> None:
-        """Store x (the step's values, slot dimension `slot_dim`) into buffer rows per the current step."""
+        """Store x (the step's values, slot dimension `slot_dim`) into buffer rows per the current step (in the
+        buffer's dtype: under autocast the projections come out in bf16)."""
+        x = x.to(buffer.dtype)
         if self.decoding:
             index = [self.batch_rows[:, None]] + [slice(None)] * (slot_dim - 1) + [self.slots]
             buffer[tuple(index)] = x.movedim(slot_dim, 1)

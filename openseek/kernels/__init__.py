@@ -15,22 +15,15 @@ import functools
 import sys
 from pathlib import Path
 
+from openseek.device import cpu_flags
+
 SOURCE = Path(__file__).with_name("int8_vnni.cpp")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
 
 
 @functools.cache
 def int8_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`), or None with a line on stderr saying why."""
-    missing = {"avx512f", "avx512bw", "avx512_vnni"} - _cpu_flags()
+    missing = {"avx512f", "avx512bw", "avx512_vnni"} - cpu_flags()
     if missing:
         print(f"int8: this CPU lacks {', '.join(sorted(missing))}; using PyTorch's int8 kernel", file=sys.stderr)
         return None

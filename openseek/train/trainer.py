@@ -22,9 +22,9 @@ divided by how many of those units the whole optimizer step holds:
 those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
 (`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
 the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
-keys ending in `_max`. Under bf16 autocast on GPU, compute the loss in float32.
+keys ending in `_max`. Under bf16 autocast, compute the loss in float32.
 
-What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 on GPU, which rollouts must
+What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it, which rollouts must
 share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
 learning-rate schedule, accumulation with global normalisation, clipping, DeepSeek's auxiliary-loss-free balancing
 (expert loads seen through router hooks, `routing.py`), metrics.jsonl, a progress bar, atomic checkpoints with
@@ -67,7 +67,7 @@ import torch.distributed as dist
 import openseek
 from openseek import data
 from openseek import report as reporting
-from openseek.device import resolve_device
+from openseek.device import resolve_device, resolve_precision
 from openseek.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from openseek.model import Model
 from openseek.model.moe import Router
@@ -101,7 +101,7 @@ class TrainConfig:
     balance_gamma: float = 0.0  # auxiliary-loss-free balancing: router bias update per step (0 = off)
     parallel: str = "ddp"  # ddp | fsdp, when launched with torchrun on more than one process
     device: str = "auto"  # auto = this rank's GPU when there is one, else cpu
-    bf16: bool = True  # autocast to bfloat16 on GPU (parameters and optimizer stay float32)
+    precision: str = "auto"  # auto (bf16 where native) | float32 | bf16: autocast; weights, optimizer stay float32
     compile: bool = False  # torch.compile each block (GPU only)
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -194,6 +194,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = model.cfg
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.threads = AdaptiveThreads(fixed=parse_threads(str(cfg.threads)))
         self.global_step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
         self.report = None  # written when a session ends, on rank 0
@@ -239,10 +240,11 @@ class Trainer:
         return self.global_step >= self.cfg.steps
 
     def autocast(self):
-        """The precision context of the loss: bf16 autocast on GPU (when `bf16`), nothing on CPU. Whatever must
-        see the model exactly as the loss does (GRPO's rollouts) runs inside it too."""
-        if self.device.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """The precision context of the loss: bf16 autocast (`--precision bf16`, or `auto` where the hardware runs
+        bf16 natively: a GPU, a CPU with AVX-512 BF16 or AMX), else nothing. Weights and optimizer state stay float32.
+        Whatever must see the model exactly as the loss does (GRPO's rollouts) runs inside it too."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def track_data(self, source) -> None:
@@ -499,7 +501,7 @@ class Trainer:
             "active_parameters": active,
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "flops_per_token": self.flops_per_token, "wall_time_s": self.elapsed,
-            "devices": self.world_size, "device": device, "command": _command_line(),
+            "devices": self.world_size, "device": device, "precision": self.precision, "command": _command_line(),
             "mfu": sum(self._mfu) / len(self._mfu) if self._mfu else None,
             "config": dataclasses.asdict(self.cfg),
         }
