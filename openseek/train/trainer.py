@@ -24,8 +24,8 @@ those global counts, so a step over 4 micro-batches gives the gradient of one bi
 the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
 keys ending in `_max`. Under bf16 autocast, compute the loss in float32.
 
-What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it, which rollouts must
-share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
+What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it,
+which rollouts must share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
 learning-rate schedule, accumulation with global normalisation, clipping, DeepSeek's auxiliary-loss-free balancing
 (expert loads seen through router hooks, `routing.py`), metrics.jsonl, a progress bar, atomic checkpoints with
 exact resume, stopping on a non-finite loss, and the final report with cost. Data parallelism is the data's job to
