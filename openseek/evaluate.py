@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from openseek.quantize import add_precision_arguments
+from openseek.threads import add_threads_argument
 from openseek.rewards import check_answers, extract_answer
 from openseek.tasks import TEMPLATES, Task, format_prompt, get_task, load_math_file
 from openseek.tasks.math_file import DatasetError, _gold, jsonl_objects
@@ -327,6 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     add_precision_arguments(parser)
+    add_threads_argument(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="rows the engine decodes at once")
     parser.add_argument("--output-dir", required=True)
 
@@ -377,7 +379,7 @@ def _run(args: argparse.Namespace) -> int:
         model = openseek.load(args.model, dtype=dtype, device=device, quantize=args.quantize,
                               group_size=args.group_size).eval()
         tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
-        engine = openseek.Engine(model, max_batch_size=args.batch_size)
+        engine = openseek.Engine(model, max_batch_size=args.batch_size, threads=args.threads)
         result = evaluate(engine, tokenizer, rows, task=task, n=n, ks=ks, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
                           seed=args.seed, greedy=args.greedy)

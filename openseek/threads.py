@@ -42,8 +42,9 @@ class AdaptiveThreads:
 
     Wrap each unit of work in `with threads.unit():`. The tuner alternates windows of `window` units at each
     candidate count (all cores, then one), compares their mean times, and keeps the faster one for `hold` windows
-    before probing again. With `fixed`, it just sets that count. Units should be of similar size within a few
-    windows (decode steps, optimizer steps); the comparison only ever looks at adjacent windows.
+    times how many times slower the other was, before probing again (so probing costs a few percent at most). With
+    `fixed`, it just sets that count. Units should be of similar size within a few windows (decode steps,
+    optimizer steps); the comparison only ever looks at adjacent windows.
     """
 
     def __init__(self, fixed: int | None = None, window: int = 4, hold: int = 8, clock=time.perf_counter,
@@ -55,7 +56,7 @@ class AdaptiveThreads:
         self.choice = self.candidates[0]
         self._probe = list(self.candidates) if len(self.candidates) > 1 else []  # counts still to time
         self._times: dict[int, list[float]] = {}
-        self._held = 0
+        self._held, self._hold_units = 0, hold * window
         self._current = self.choice
 
     @property
@@ -74,7 +75,7 @@ class AdaptiveThreads:
     def _record(self, seconds: float) -> None:
         if not self._probe:  # holding the choice
             self._held += 1
-            if len(self.candidates) > 1 and self._held >= self.hold * self.window:
+            if len(self.candidates) > 1 and self._held >= self._hold_units:
                 self._probe, self._times, self._held = list(self.candidates), {}, 0
                 self._current = self._probe[0]
             return
@@ -86,5 +87,9 @@ class AdaptiveThreads:
         if self._probe:  # time the next candidate
             self._current = self._probe[0]
             return
-        self.choice = min(self._times, key=lambda n: sum(self._times[n]) / len(self._times[n]))
+        means = {n: sum(t) / len(t) for n, t in self._times.items()}
+        self.choice = min(means, key=means.get)
         self._current = self.choice
+        # Probing the loser again costs a window at its speed: the more it lost by, the longer before the next probe.
+        loser = max(means.values()) / max(means[self.choice], 1e-12)
+        self._hold_units = round(self.hold * self.window * max(1.0, loser))

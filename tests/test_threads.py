@@ -39,8 +39,8 @@ def test_a_busy_machine_moves_to_one_thread_and_a_quiet_one_back():
     used = [work.run(tuner) for _ in range(4)]
     assert used == [2, 2, 1, 1]  # one window at each count
     assert tuner.choice == 1
-    held = [work.run(tuner) for _ in range(6)]  # hold × window units at the choice
-    assert held == [1] * 6
+    held = [work.run(tuner) for _ in range(10)]  # hold × window × (1.0 / 0.6) units at the choice
+    assert held == [1] * 10
     work.costs = {2: 0.5, 1: 0.9}  # the other process ended
     probe = [work.run(tuner) for _ in range(4)]
     assert probe == [2, 2, 1, 1] and tuner.choice == 2

@@ -67,6 +67,7 @@ import torch
 from openseek.engine.cache import kv_bytes_per_token, make_cache
 from openseek.engine.prefix import PrefixCache
 from openseek.engine.sampling import Sampler, SamplingParams, token_logprobs
+from openseek.threads import AdaptiveThreads
 
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
 
@@ -105,9 +106,10 @@ def _pairs(top, rows: int) -> list[TopLogprobs]:
 
 class Engine:
     def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None,
-                 prefix_cache_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, threads: int | None = None):
         """prefix_cache_tokens: tokens the serving thread's prefix cache holds at most (default 4 × max_seq_len;
-        0 = no prefix caching)."""
+        0 = no prefix caching). threads: CPU intra-op threads for decoding; None measures the decode steps at each
+        count and keeps the fastest as the machine's load changes (openseek/threads.py)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.cfg = model, model.cfg
@@ -116,6 +118,7 @@ class Engine:
         capacity = 4 * self.max_seq_len if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(capacity) if capacity > 0 else None
         self._weights_version = None  # of the weights the prefix cache was filled with
+        self.threads = AdaptiveThreads(fixed=threads, window=8, hold=16)
         self._model_lock = threading.Lock()  # one forward at a time (generate and the serving loop share the model)
         self._queue: deque[Request] = deque()
         self._wake = threading.Condition()
@@ -213,7 +216,8 @@ class Engine:
         out_logprobs = torch.zeros(R, max_new_tokens, device=device) if want_logprobs else None
         finished = torch.zeros(R, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            tokens, logprobs, _ = batch.step(generator, want_logprobs)
+            with self.threads.unit():
+                tokens, logprobs, _ = batch.step(generator, want_logprobs)
             out_tokens[row_of, step] = tokens
             if want_logprobs:
                 out_logprobs[row_of, step] = logprobs
@@ -323,7 +327,8 @@ class Engine:
                     want_logprobs = any(r.want_logprobs for r in live)
                     top = max((r.top_logprobs_k for r in live if r.want_logprobs), default=0)
                     generators = [None if r is None else r.generator for r in batch.owner]
-                    chosen, logprobs, top_logprobs = batch.step(generators, want_logprobs, top)
+                    with self.threads.unit():
+                        chosen, logprobs, top_logprobs = batch.step(generators, want_logprobs, top)
                     chosen = chosen.tolist()
                     logprobs = logprobs.tolist() if want_logprobs else [None] * len(chosen)
                     top_logprobs = _pairs(top_logprobs, len(chosen))

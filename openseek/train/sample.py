@@ -27,6 +27,7 @@ import torch
 import openseek
 from openseek.device import resolve_device
 from openseek.quantize import add_precision_arguments
+from openseek.threads import add_threads_argument
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
 from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names
@@ -48,7 +49,8 @@ def to_messages(question: str, prompt_text: str, completion: str) -> list[dict]:
 
 def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int = 4, max_new_tokens: int = 512,
            temperature: float = 0.7, top_p: float = 0.95, template: str = "chat", min_reward: float = 1.0,
-           keep_per_prompt: int | None = None, batch_prompts: int = 16, seed: int = 0, progress: bool = True) -> dict:
+           keep_per_prompt: int | None = None, batch_prompts: int = 16, seed: int = 0, progress: bool = True,
+           threads: int | None = None) -> dict:
     """Generate k completions per row, keep the accepted ones (deduplicated), write them to `output` as messages
     JSONL. Returns counts: prompts, completions, accepted, prompts_with_accepted."""
     from tqdm import tqdm
@@ -60,7 +62,7 @@ def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    engine = Engine(model, max_batch_size=max(64, min(batch_prompts * k, 256)))
+    engine = Engine(model, max_batch_size=max(64, min(batch_prompts * k, 256)), threads=threads)
     names = unique_names(reward_fns)
     counts = {"prompts": 0, "completions": 0, "accepted": 0, "prompts_with_accepted": 0}
     bar = tqdm(total=len(rows), desc="sample", unit="prompt", disable=not progress)
@@ -114,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="JSONL file of accepted `messages`")
     parser.add_argument("--seed", type=int, default=0)
     add_precision_arguments(parser)
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -126,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
     counts = sample(model, tokenizer, rows, reward_fns, args.output, k=args.k, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, template=args.template,
                     min_reward=args.min_reward, keep_per_prompt=args.keep_per_prompt,
-                    batch_prompts=args.batch_prompts, seed=args.seed, progress=args.progress)
+                    batch_prompts=args.batch_prompts, seed=args.seed, progress=args.progress,
+                    threads=args.threads)
     rate = counts["accepted"] / max(1, counts["completions"])
     print(f"kept {counts['accepted']} of {counts['completions']} completions ({rate:.1%}); "
           f"{counts['prompts_with_accepted']} of {counts['prompts']} prompts have one -> {args.output}")
