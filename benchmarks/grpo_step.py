@@ -1,16 +1,18 @@
-"""Claim: one GRPO step of `openseek grpo` is ≥3× faster than TRL's `GRPOTrainer` (transformers generate backend).
+"""Claim: one GRPO step of `openseek grpo` (its defaults) is ≥3× faster than TRL's `GRPOTrainer` (its defaults,
+transformers generate backend), each run as its own process, as a user runs them.
 
-Same HF checkpoint (the ~27M qwen2 of benchmarks/generate.py: hidden 512, 8 layers, 8 heads, 2 KV heads,
+Same HF checkpoint (the ~31M qwen2 of benchmarks/generate.py: hidden 512, 8 layers, 8 heads, 2 KV heads,
 intermediate 1408, vocab 8192, random weights saved by transformers), a small byte-level BPE trained here, the same
 prompts, the same custom reward, G = 8 completions for each of 2 prompts per step, 128 new tokens, β = 0.04 (both
-load a frozen reference), one update per rollout, GRPO loss (per-sequence mean), lr 1e-6, float32, CPU, 2 threads.
-Both run in one process and alternate step by step: each trainer runs in its own thread (2 intra-op threads each)
-and waits for its turn, so only one side computes at a time and both see the same conditions. A step is everything: generation, rewards,
-reference log-probs, forward, backward and the optimizer. The first step of each is a warm-up, not counted.
-Prints every step's wall and process CPU time, the medians and their ratios (wall time is the claim; CPU time is the
-quieter measure on a shared machine).
+load a frozen reference), one update per rollout, GRPO loss (per-sequence mean), lr 1e-6, CPU. TRL runs with
+`use_cpu=True` and otherwise its defaults (float32 on CPU); openseek runs `openseek grpo` from the command line with
+its defaults (`--precision auto`, `--threads auto`), and again with `--precision float32 --threads 2` (equal math).
+The runs alternate (TRL, openseek, openseek-float32, then the next round in reverse order), each a fresh process; a
+step is everything: generation, rewards, reference log-probs, forward, backward and the optimizer; the first step of
+each run is a warm-up, not counted. Prints each run's median step and split (generation / scoring / update) and the
+ratios. `--busy` adds one competing CPU-bound process for the whole measurement.
 
-    .venv/bin/python benchmarks/grpo_step.py [--steps 10]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 6] [--rounds 2] [--busy]
 """
 
 from __future__ import annotations
@@ -18,21 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-import openseek
 from openseek.tasks import get_task
 from openseek.tokenizer import train_bpe
-from openseek.train import grpo as grpo_module
-from openseek.train.grpo import GRPOConfig
-from openseek.train.grpo import train as grpo_train
-from openseek.train.trainer import TrainConfig, Trainer
 
 G, PROMPTS_PER_STEP, NEW_TOKENS, BETA, LR, FLOOR = 8, 2, 128, 0.04, 1e-6, 3.0
 
@@ -66,147 +64,115 @@ def make_checkpoint(directory: Path) -> list[str]:
     return [r["prompt"] for r in rows[:64]]
 
 
-class Turns:
-    """One trainer running in its own thread, one step per turn: `step()` lets it run exactly one step and waits
-    for it, returning (wall, process CPU) seconds of that step. The main thread hands out turns alternately, so
-    the two trainers run under the same conditions (same kind of thread, 2 intra-op threads) and never together."""
-
-    def __init__(self, train_fn):
-        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
-        self.times: list[tuple[float, float]] = []
-        self.error: BaseException | None = None
-
-        def body():
-            torch.set_num_threads(2)
-            try:
-                train_fn(self)
-            except BaseException as exc:  # noqa: BLE001 — reported by step()
-                self.error = exc
-                self.done.release()
-
-        self.thread = threading.Thread(target=body, daemon=True)
-        self.thread.start()
-
-    def begin(self) -> None:  # called by the trainer at the start of a step: wait for the turn
-        self.go.acquire()
-        self.start = (time.perf_counter(), time.process_time())
-
-    def end(self) -> None:  # called by the trainer when the step is over
-        self.times.append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
-        self.done.release()
-
-    def step(self) -> tuple[float, float]:
-        self.go.release()
-        self.done.acquire()
-        if self.error is not None:
-            raise self.error
-        return self.times[-1]
+def run_openseek(directory: Path, prompts_file: Path, steps: int, out: Path, *flags: str) -> list[dict]:
+    """`openseek grpo` as a user runs it; per-step timings from its metrics.jsonl."""
+    command = [sys.executable, "-m", "openseek.cli", "grpo", "--model", str(directory), "--dataset", str(prompts_file),
+               "--reward", f"{Path(__file__).resolve()}:reward_digits", "--template", "plain",
+               "--group-size", str(G), "--prompts-per-step", str(PROMPTS_PER_STEP), "--max-new-tokens",
+               str(NEW_TOKENS), "--beta", str(BETA), "--lr", str(LR), "--steps", str(steps), "--output-dir", str(out),
+               "--no-progress", *flags]
+    subprocess.run(command, check=True, capture_output=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": m["time/step"], "generation": m["time/generation"], "scoring": m["time/scoring"],
+             "update": m["time/update"]} for m in rows]
 
 
-def train_openseek(turns: Turns, directory: Path, prompts: list[str], steps: int, out: Path) -> None:
-    from openseek.tokenizer import Tokenizer
-
-    model = openseek.load(directory, dtype=torch.float32)
-    tokenizer = Tokenizer.from_dir(directory)
-    grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=NEW_TOKENS, beta=BETA,
-                      loss_type="grpo", template="plain")
-    train_cfg = TrainConfig(run_dir=str(out), steps=steps, lr=LR, schedule="constant", weight_decay=0.0,
-                            progress=False, device="cpu")
-
-    # A step starts when the loop rolls out and ends when it logs the step.
-    roll_out, log = grpo_module.roll_out, Trainer.log
-
-    def gated_roll_out(*args, **kwargs):
-        turns.begin()
-        return roll_out(*args, **kwargs)
-
-    def gated_log(self, *args, **kwargs):
-        log(self, *args, **kwargs)
-        turns.end()
-
-    grpo_module.roll_out, Trainer.log = gated_roll_out, gated_log
-    try:
-        grpo_train(model, tokenizer, [{"prompt": p} for p in prompts], [reward_digits], grpo, train_cfg)
-    finally:
-        grpo_module.roll_out, Trainer.log = roll_out, log
-
-
-def train_trl(turns: Turns, directory: Path, prompts: list[str], steps: int, out: Path) -> None:
+def trl_child(directory: Path, prompts_file: Path, steps: int, out: Path) -> list[dict]:
+    """TRL's GRPOTrainer in this process (the child): per-step wall time and the generation inside it."""
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    class Gate(transformers.TrainerCallback):  # a step: everything between on_step_begin and on_step_end
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    steps_out, generation = [], []
+
+    class Timer(transformers.TrainerCallback):  # a step: everything between on_step_begin and on_step_end
         def on_step_begin(self, args, state, control, **kwargs):
-            turns.begin()
+            self.start, generation[:] = time.perf_counter(), []
 
         def on_step_end(self, args, state, control, **kwargs):
-            turns.end()
+            steps_out.append({"step": time.perf_counter() - self.start, "generation": sum(generation)})
 
     args = TRLConfig(
         output_dir=str(out), per_device_train_batch_size=G * PROMPTS_PER_STEP, num_generations=G,
         gradient_accumulation_steps=1, max_completion_length=NEW_TOKENS, beta=BETA, num_iterations=1,
         loss_type="grpo", learning_rate=LR, lr_scheduler_type="constant", temperature=1.0, use_cpu=True,
-        bf16=False, report_to="none", max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        report_to="none", max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, seed=0, log_level="error",
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
     trainer = GRPOTrainer(model=str(directory), reward_funcs=reward_digits, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          callbacks=[Gate()])
+                          train_dataset=Dataset.from_dict({"prompt": prompts}),
+                          processing_class=transformers.AutoTokenizer.from_pretrained(directory), callbacks=[Timer()])
     generate = trainer._generate_single_turn  # timed only to report where TRL's step goes
 
-    def timed_generate(*args, **kwargs):
+    def timed_generate(*a, **k):
         start = time.perf_counter()
         try:
-            return generate(*args, **kwargs)
+            return generate(*a, **k)
         finally:
-            TRL_GENERATION.append(time.perf_counter() - start)
+            generation.append(time.perf_counter() - start)
 
     trainer._generate_single_turn = timed_generate
     trainer.train()
+    return steps_out
 
 
-TRL_GENERATION: list[float] = []
+def run_trl(directory: Path, prompts_file: Path, steps: int, out: Path) -> list[dict]:
+    result = subprocess.run([sys.executable, __file__, "--trl-child", str(directory), str(prompts_file), str(steps),
+                             str(out)], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+SIDES = {
+    "TRL GRPOTrainer": lambda d, p, n, o: run_trl(d, p, n, o),
+    "openseek grpo (defaults)": lambda d, p, n, o: run_openseek(d, p, n, o),
+    "openseek grpo --precision float32 --threads 2": lambda d, p, n, o: run_openseek(
+        d, p, n, o, "--precision", "float32", "--threads", "2"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="steps of each (the first is a warm-up, not counted)")
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is a warm-up, not counted)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--busy", action="store_true", help="one competing CPU-bound process throughout")
+    parser.add_argument("--trl-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        prompts = make_checkpoint(tmp / "model")
-        model = tmp / "model"
-        trl = Turns(lambda turns: train_trl(turns, model, prompts, args.steps, tmp / "trl"))
-        ours = Turns(lambda turns: train_openseek(turns, model, prompts, args.steps, tmp / "openseek"))
-        times = {"trl": [], "openseek": []}
-        for i in range(args.steps):
-            order = (("trl", trl), ("openseek", ours)) if i % 2 == 0 else (("openseek", ours), ("trl", trl))
-            for name, turns in order:
-                times[name].append(turns.step())
-            (trl_wall, trl_cpu), (our_wall, our_cpu) = times["trl"][-1], times["openseek"][-1]
-            print(f"step {i + 1:2d}: TRL {trl_wall:6.2f}s (cpu {trl_cpu:6.2f}s)   "
-                  f"openseek {our_wall:6.2f}s (cpu {our_cpu:6.2f}s)", flush=True)
-        trl.thread.join()
-        ours.thread.join()
-        metrics = [json.loads(line) for line in (tmp / "openseek" / "metrics.jsonl").read_text().splitlines()][1:]
-    split = {k: statistics.median(m[f"time/{k}"] for m in metrics) for k in ("generation", "scoring", "update")}
-    print(f"TRL generation (median s): {statistics.median(TRL_GENERATION[1:]):.2f}")
-    print("openseek step split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
-          + " (scoring = rewards + reference log-probs; update = forward + backward + optimizer)")
-    for i, what in enumerate(("wall", "process CPU")):
-        trl_s = statistics.median(t[i] for t in times["trl"][1:])
-        ours_s = statistics.median(t[i] for t in times["openseek"][1:])
-        ratio = trl_s / ours_s
-        print(f"median step ({what} time): TRL GRPOTrainer {trl_s:.2f}s, openseek grpo {ours_s:.2f}s -> "
-              f"{ratio:.2f}x faster (floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")
+    if args.trl_child:
+        directory, prompts_file, steps, out = args.trl_child
+        print(json.dumps(trl_child(Path(directory), Path(prompts_file), int(steps), Path(out))))
+        return
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            prompts = make_checkpoint(tmp / "model")
+            prompts_file = tmp / "prompts.jsonl"
+            prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+            steps = {name: [] for name in SIDES}
+            for r in range(args.rounds):
+                for name in SIDES if r % 2 == 0 else reversed(SIDES):
+                    run = SIDES[name](tmp / "model", prompts_file, args.steps, tmp / f"run-{r}-{len(steps[name])}")
+                    steps[name] += run[1:]
+                    print(f"round {r + 1} {name}: median step {statistics.median(s['step'] for s in run[1:]):.2f}s",
+                          flush=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+    print(f"\n{'busy' if args.busy else 'quiet'} machine; median over {args.rounds} runs x {args.steps - 1} steps")
+    medians = {}
+    for name, rows in steps.items():
+        medians[name] = statistics.median(s["step"] for s in rows)
+        split = ", ".join(f"{k} {statistics.median(s[k] for s in rows):.2f}s" for k in ("generation", "scoring",
+                                                                                       "update") if k in rows[0])
+        print(f"{name:48s} step {medians[name]:6.2f}s   ({split})")
+    trl = medians["TRL GRPOTrainer"]
+    for name in list(SIDES)[1:]:
+        ratio = trl / medians[name]
+        print(f"{name}: {ratio:.2f}x TRL's speed (floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")
 
 
 if __name__ == "__main__":
