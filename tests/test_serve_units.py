@@ -33,6 +33,7 @@ def chunkings(text):
     ("Still thinking", True, "Still thinking", ""),  # cut off before </think>: all of it is reasoning
     ("Plain answer < 5 and <thin", False, "", "Plain answer < 5 and <thin"),  # half a tag at the end stays text
     ("No reasoning at all.", False, "", "No reasoning at all."),
+    (" 7 b", False, "", " 7 b"),  # no tag before the answer: kept as written, leading space included
     ("<think></think>Just this.", False, "", "Just this."),
 ])
 def test_reasoning_split_is_the_same_however_the_text_is_streamed(text, prefilled, reasoning, content):
@@ -102,3 +103,15 @@ def test_the_terminal_chat_loads_no_web_framework():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_a_character_cut_short_at_the_end_is_flushed_as_decoding_everything_does():
+    from openseek.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["plain text only"], vocab_size=270)
+    ids = tokenizer.encode("ab🙂")[:-1]  # the emoji's last byte is missing
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.add(i) for i in ids)
+    assert text == "ab"  # held back while it might still complete
+    assert text + decoder.flush() == tokenizer.decode(ids) and tokenizer.decode(ids).endswith("\ufffd")
+    assert decoder.flush() == ""

@@ -4,7 +4,11 @@ Private by default: it listens on 127.0.0.1 and refuses any other address withou
 checked in constant time on every route but /health; it makes no outbound connection (a `--model` given as a
 hub id is downloaded at startup, before serving; a local directory needs no network at all); CORS is off unless
 --allowed-origins is given; body size, message count, `n`, `max_tokens` and the number of sequences in flight
-are capped. Every error is an OpenAI error envelope. All requests share the one Engine (continuous batching).
+are capped. Every error is an OpenAI error envelope. All requests share the one Engine (continuous batching, prefix
+caching unless --no-prefix-cache).
+
+Besides /v1/chat/completions, /v1/completions and /v1/models it answers vLLM's tokenizer routes, which
+lm-evaluation-harness uses: POST /tokenize, POST /detokenize and GET /tokenizer_info.
 
 This module is the HTTP face only: routes, the two response kinds (chat and text, each written whole or streamed
 from the same Pieces), exception handlers and the command line. The checks before any route are gate.py's, the
@@ -42,18 +46,27 @@ from openseek.serve.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     CompletionRequest,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     SamplingParams,
     TextChoice,
     TextCompletion,
+    TextLogprobs,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    TokenLogprob,
+    TopLogprob,
     new_id,
     now,
 )
-from openseek.serve.server import Choice, Job, Piece, Server, ServeConfig, load_engine
+from openseek.serve.server import Choice, Job, Piece, Scored, Server, ServeConfig, load_engine
 
 STATIC = Path(__file__).parent / "static"
 
@@ -73,17 +86,51 @@ class Kind:
     opening: Callable[[Choice], BaseModel] | None = None  # streamed for each choice before any text
 
 
+def _logprob(value: float) -> float:
+    """JSON has no -inf: clamp as vLLM does."""
+    return max(value, -9999.0)
+
+
+def _chat_logprobs(piece: Piece) -> ChatLogprobs | None:
+    def entries(scored: list[Scored]) -> list[TokenLogprob]:
+        return [TokenLogprob(token=s.token, logprob=_logprob(s.logprob), bytes=list(s.token.encode()),
+                             top_logprobs=[TopLogprob(token=t, logprob=_logprob(v), bytes=list(t.encode()))
+                                           for t, v in s.top])
+                for s in scored]
+
+    if piece.content_logprobs is None:
+        return None
+    return ChatLogprobs(content=entries(piece.content_logprobs),
+                        reasoning_content=entries(piece.reasoning_logprobs) or None)
+
+
 def _chat_choice(piece: Piece, streamed: bool) -> BaseModel:
     reasoning = piece.reasoning or None
+    logprobs = _chat_logprobs(piece)
     if streamed:
         delta = Delta(reasoning_content=reasoning, content=piece.content or None)
-        return ChatChunkChoice(index=piece.index, delta=delta, finish_reason=piece.finish_reason)
+        return ChatChunkChoice(index=piece.index, delta=delta, logprobs=logprobs, finish_reason=piece.finish_reason)
     message = AssistantMessage(content=piece.content, reasoning_content=reasoning)
-    return ChatChoice(index=piece.index, message=message, finish_reason=piece.finish_reason)
+    return ChatChoice(index=piece.index, message=message, logprobs=logprobs, finish_reason=piece.finish_reason)
+
+
+def _text_logprobs(piece: Piece) -> TextLogprobs | None:
+    """The legacy shape; each position's dict holds the most likely tokens and the chosen one (OpenAI's rule)."""
+    if piece.content_logprobs is None:
+        return None
+    out = TextLogprobs()
+    for s in piece.content_logprobs:
+        out.tokens.append(s.token)
+        out.token_logprobs.append(None if s.logprob is None else _logprob(s.logprob))
+        out.top_logprobs.append(None if s.top is None else
+                                {t: _logprob(v) for t, v in s.top} | {s.token: _logprob(s.logprob)})
+        out.text_offset.append(s.offset)
+    return out
 
 
 def _text_choice(piece: Piece, streamed: bool) -> BaseModel:
-    return TextChoice(index=piece.index, text=piece.content, finish_reason=piece.finish_reason)
+    return TextChoice(index=piece.index, text=piece.content, logprobs=_text_logprobs(piece),
+                      finish_reason=piece.finish_reason)
 
 
 CHAT = Kind("chatcmpl", ChatCompletion, ChatCompletionChunk, _chat_choice,
@@ -100,8 +147,7 @@ async def respond(server: Server, job: Job, request: SamplingParams, kind: Kind)
         return JobStream(_events(server, job, kind, base, usage), lambda: server.release(job))
     async for _ in server.run(job):
         pass
-    whole = [Piece(c.index, "".join(c.reasoning), "".join(c.content), c.finish_reason) for c in job.choices]
-    return kind.response(**base, choices=[kind.choice(piece, False) for piece in whole], usage=job.usage())
+    return kind.response(**base, choices=[kind.choice(c.whole(), False) for c in job.choices], usage=job.usage())
 
 
 async def _events(server: Server, job: Job, kind: Kind, base: dict, include_usage: bool) -> AsyncIterator[str]:
@@ -250,6 +296,18 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     async def completions(request: CompletionRequest):
         return await respond(server, server.completion_job(request), request, TEXT)
 
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
+    async def tokenize(request: TokenizeRequest):
+        return server.tokenize(request)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses)
+    async def detokenize(request: DetokenizeRequest):
+        return server.detokenize(request)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses=error_responses)
+    async def tokenizer_info():
+        return server.tokenizer_info()
+
     wrapped = Gate(app, config.api_key, config.max_body_bytes, server.metrics.count_request)
     if config.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -287,6 +345,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt in full (default: reuse the cached start of recent prompts)")
     add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
@@ -299,7 +359,8 @@ def main(args) -> int:
     import uvicorn
 
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
-                                    args.max_model_len, args.quantize, args.group_size, args.adapter)
+                                    args.max_model_len, args.quantize, args.group_size, args.adapter,
+                                    prefix_cache=not args.no_prefix_cache)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,

@@ -2,7 +2,8 @@
 
 Decoding one token at a time is wrong for byte-level and SentencePiece vocabularies (a character can span
 tokens; spaces depend on neighbours), so each new piece is the difference between decoding a short window with
-and without the newest tokens, and nothing is emitted while the text ends inside a multi-byte character.
+and without the newest tokens, and nothing is emitted while the text ends inside a multi-byte character. Special
+tokens (BOS, EOS, role markers) are not text and are left out, as vLLM and transformers' decoding for eval do.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ class IncrementalDecoder:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix:])
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
         if after.endswith("\ufffd") or not after.startswith(before):
             return ""  # mid-character: wait for the next token
         self._prefix, self._read = self._read, len(self.ids)
         return after[len(before):]
+
+    def flush(self) -> str:
+        """The text held back at the end (a character cut short shows as U+FFFD, as decoding everything would)."""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):] if after.startswith(before) else ""
 
 
 class StopMatcher:

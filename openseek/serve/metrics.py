@@ -1,7 +1,8 @@
 """What `/metrics` shows: the server's Prometheus series, kept and rendered by `prometheus_client`.
 
 Each Server has its own registry (never the process-wide default), so several apps in one process, as in the
-tests, count separately and never clash over a metric name.
+tests, count separately and never clash over a metric name. The Engine's prefix cache counts for itself; its
+figures are read at each scrape.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Summary, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format generate_latest writes
 
 
 class Metrics:
-    def __init__(self, capacity: int, in_flight: Callable[[], int]):
+    def __init__(self, capacity: int, in_flight: Callable[[], int], prefix_cache=None):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("openseek_requests_total", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=registry)
@@ -30,9 +32,28 @@ class Metrics:
                                            "Time from request to first generated token.", registry=registry)
         self.request_seconds = Summary("openseek_request_seconds", "Time from request to last generated token.",
                                        registry=registry)
+        if prefix_cache is not None:
+            registry.register(_PrefixCacheFigures(prefix_cache))
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheFigures:
+    """The Engine's prefix cache counters (openseek/engine/prefix.py) as Prometheus series."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        c = self.cache
+        yield CounterMetricFamily("openseek_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+                                  value=c.queried_tokens)
+        yield CounterMetricFamily("openseek_prefix_cache_hit_tokens",
+                                  "Prompt tokens found in the prefix cache, so not prefilled again.", value=c.hit_tokens)
+        yield GaugeMetricFamily("openseek_prefix_cache_hit_rate", "Hit tokens / queried tokens since the start.",
+                                value=c.hit_tokens / c.queried_tokens if c.queried_tokens else 0.0)
+        yield GaugeMetricFamily("openseek_prefix_cache_tokens", "Tokens the prefix cache holds now.", value=c.tokens)

@@ -11,11 +11,12 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # most alternatives per position (OpenAI's and vLLM's limit)
 
 
 class Request(BaseModel):
@@ -71,11 +72,27 @@ class SamplingParams(Request):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
+
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for the legacy endpoint
+    # a string, strings, token ids or lists of token ids: one prompt or several (each gets its `n` choices)
+    prompt: (Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                                                                   Field(min_length=1)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for the legacy endpoint; 0 only with echo
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per position, besides the chosen token
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: strings or token-id lists."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 # ---- responses ------------------------------------------------------------------------------------------------
@@ -100,6 +117,34 @@ class Usage(BaseModel):
     completion_tokens_details: CompletionTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's `choices[].logprobs`: the answer's tokens in `content`, the reasoning's in `reasoning_content`
+    (split the way the text is)."""
+
+    content: list[TokenLogprob] | None = None
+    reasoning_content: list[TokenLogprob] | None = None
+
+
+class TextLogprobs(BaseModel):
+    """The legacy completions shape: per token its text, log-prob (None for a prompt's first token), the most
+    likely tokens with the chosen one ({token: log-prob}) and its character offset in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -109,7 +154,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -131,7 +176,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -147,7 +192,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -171,6 +216,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(Request):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(Request):
+    model: str | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    chat_template: str
+    model_max_length: int
 
 
 class ErrorBody(BaseModel):

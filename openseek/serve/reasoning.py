@@ -31,14 +31,16 @@ def _partial_tag(text: str, tag: str) -> int:
 class ReasoningSplitter:
     """Feed output text piece by piece; get back (reasoning, content) deltas.
 
-    Leading whitespace of each field is dropped (R1 writes "<think>\\n" and "</think>\\n\\n"), so streamed
-    deltas and the non-streamed message agree exactly.
+    Whitespace right after a tag is dropped from the start of each field (R1 writes "<think>\\n" and
+    "</think>\\n\\n"), so streamed deltas and the non-streamed message agree exactly; an answer with no tag
+    before it is left as the model wrote it.
     """
 
     def __init__(self, in_reasoning: bool = False):
         self.in_reasoning = in_reasoning
         self._pending = ""
         self._started = {True: False, False: False}  # per field (keyed by in_reasoning): any text emitted yet
+        self._after_tag = in_reasoning  # the prompt's own <think> counts
 
     def feed(self, text: str) -> tuple[str, str]:
         out = {True: [], False: []}
@@ -50,7 +52,7 @@ class ReasoningSplitter:
             if at >= 0:
                 self._emit(out, text[:at])
                 text = text[at + len(tag):]
-                self.in_reasoning = not self.in_reasoning
+                self.in_reasoning, self._after_tag = not self.in_reasoning, True
                 continue
             keep = _partial_tag(text, tag)
             self._emit(out, text[: len(text) - keep])
@@ -67,7 +69,7 @@ class ReasoningSplitter:
 
     def _emit(self, out: dict, text: str) -> None:
         if not self._started[self.in_reasoning]:
-            text = text.lstrip()
+            text = text.lstrip() if self._after_tag else text
             self._started[self.in_reasoning] = bool(text)
         if text:
             out[self.in_reasoning].append(text)

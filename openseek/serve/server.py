@@ -3,7 +3,8 @@ the one Engine, and the tokens come back as Pieces of reasoning and answer text.
 
 It checks what the model and the server's limits decide (context length, `n`, message count, sequences in flight),
 tokenizes through the model's chat template, stops on the model's stop tokens and the request's stop strings,
-and splits `<think>` reasoning from the answer. It imports no web framework, so the terminal chat starts
+splits `<think>` reasoning from the answer (and the tokens' log-probs with it), echoes the prompt when asked, and
+answers the tokenizer endpoints. It imports no web framework, so the terminal chat starts
 without one; the HTTP layer (app.py) only turns Pieces into OpenAI responses.
 """
 
@@ -23,7 +24,12 @@ from openseek.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     CompletionTokensDetails,
+    DetokenizeRequest,
+    DetokenizeResponse,
     SamplingParams,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     Usage,
 )
 from openseek.serve.reasoning import ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
@@ -45,49 +51,79 @@ class ServeConfig:
 
 
 @dataclass
+class Scored:
+    """One token's log-prob: its text, its log-prob (None for a prompt's first token), the most likely tokens at its
+    position as (text, log-prob), best first (None with the first prompt token), and where its text starts in the
+    choice's text."""
+
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None
+    offset: int
+
+
+@dataclass
 class Piece:
-    """What one choice adds in one step: reasoning text, answer text, or its end."""
+    """What one choice adds in one step: reasoning text, answer text, or its end; and, when the request asked for
+    log-probs, those of the tokens behind it (split as the text is; None when not asked)."""
 
     index: int
     reasoning: str = ""
     content: str = ""
     finish_reason: str | None = None
+    reasoning_logprobs: list[Scored] | None = None
+    content_logprobs: list[Scored] | None = None
 
 
 @dataclass
 class Choice:
-    """One of a job's `n` answers: its engine request and all it has produced so far."""
+    """One of a job's answers (`n` per prompt): its engine request and all it has produced so far."""
 
     index: int
+    prompt: int  # index into Job.prompts
+    max_tokens: int
     seed: int | None
     splitter: ReasoningSplitter | None  # None: a text completion, no reasoning split
+    logprobs: bool = False  # the request asked for log-probs
     handle: object = None  # the engine's request, once started
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning_logprobs: list[Scored] = field(default_factory=list)
+    content_logprobs: list[Scored] = field(default_factory=list)
+    sent_logprobs: tuple[int, int] = (0, 0)  # (reasoning, content) entries already in a Piece
+    offset: int = 0  # characters of text behind the log-prob entries so far
+
+    def whole(self) -> Piece:
+        """Everything this choice produced, as one Piece."""
+        return Piece(self.index, "".join(self.reasoning), "".join(self.content), self.finish_reason,
+                     self.reasoning_logprobs if self.logprobs else None,
+                     self.content_logprobs if self.logprobs else None)
 
 
 @dataclass
 class Job:
-    """One request, validated and tokenized."""
+    """One request, validated and tokenized: its prompts (one for chat) and the choices for them."""
 
-    prompt_ids: list[int]
-    max_tokens: int
+    prompts: list[list[int]]
+    prompt_texts: list[str]
     temperature: float
     top_p: float
     stops: list[str]
     choices: list[Choice]
+    logprobs: int | None = None  # most likely tokens per position besides the chosen one; None: no log-probs
+    echo: bool = False
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     released: bool = False
 
     def usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.prompts)
         completion = sum(c.completion_tokens for c in self.choices)
         reasoning = sum(c.reasoning_tokens for c in self.choices)
-        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=completion,
-                     total_tokens=len(self.prompt_ids) + completion,
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
 
@@ -98,7 +134,7 @@ class Server:
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_token_ids = stop_token_ids(engine.cfg, tokenizer)
         self.in_flight = 0
-        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight)
+        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, engine.prefix_cache)
         self.accepting = True
 
     def close(self) -> None:
@@ -123,13 +159,34 @@ class Server:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the model's own template rejected the conversation (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        return self._job(prompt, request, max_tokens, param, reasoning=prompt_opens_reasoning(prompt))
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self._job([(prompt, ids)], request, max_tokens, param, "messages",
+                         reasoning=prompt_opens_reasoning(prompt),
+                         logprobs=(request.top_logprobs or 0) if request.logprobs else None)
 
     def completion_job(self, request: CompletionRequest) -> Job:
+        """Strings are tokenized without special tokens; token-id prompts go to the model as they are (no BOS)."""
         self._check_common(request)
-        return self._job(request.prompt, request, request.max_tokens, "max_tokens", reasoning=None)
+        if request.max_tokens == 0 and not request.echo:
+            raise APIError(400, "max_tokens=0 generates nothing; it needs echo: true (to score the prompt)",
+                           param="max_tokens")
+        prompts = []
+        for i, prompt in enumerate(request.prompts()):
+            if isinstance(prompt, str):
+                prompts.append((prompt, self.tokenizer.encode(prompt, add_special_tokens=False)))
+                continue
+            vocab = self.engine.cfg.vocab_size
+            bad = next((t for t in prompt if t >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab})",
+                               param="prompt")
+            prompts.append((self.tokenizer.decode(prompt), list(prompt)))
+        return self._job(prompts, request, request.max_tokens, "max_tokens", "prompt", reasoning=None,
+                         logprobs=request.logprobs, echo=request.echo)
 
     def _check_common(self, request: SamplingParams) -> None:
         if request.model != self.config.model_name:
@@ -138,29 +195,62 @@ class Server:
         if request.n > self.config.max_n:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
-    def _job(self, prompt: str, request: SamplingParams, max_tokens: int | None, param: str, reasoning) -> Job:
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+    def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingParams, max_tokens: int | None,
+             param: str, prompt_param: str, reasoning, logprobs: int | None = None, echo: bool = False) -> Job:
+        """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt."""
         limit = self.config.max_model_len
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if len(prompt_ids) >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens and the prompt has "
-                                f"{len(prompt_ids)} tokens.", param="messages", code="context_length_exceeded")
-        room = limit - len(prompt_ids)
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's maximum context length is "
-                                f"{limit} tokens and your request has {len(prompt_ids)} input tokens.",
-                           param=param, code="context_length_exceeded")
-        base_seed = request.seed
-        choices = [
-            Choice(index=i, seed=None if base_seed is None else (base_seed + i) % 2**63,
-                   splitter=None if reasoning is None else ReasoningSplitter(in_reasoning=reasoning))
-            for i in range(request.n)
-        ]
-        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens or room,
+        wanted = len(prompts) * request.n
+        if wanted > self.config.max_sequences:
+            raise APIError(400, f"{len(prompts)} prompt(s) × n={request.n} is {wanted} sequences; this server runs "
+                                f"at most {self.config.max_sequences} at once", param=prompt_param)
+        choices = []
+        for p, (_, ids) in enumerate(prompts):
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if len(ids) >= limit:
+                raise APIError(400, f"This model's maximum context length is {limit} tokens and the prompt has "
+                                    f"{len(ids)} tokens.", param=prompt_param, code="context_length_exceeded")
+            room = limit - len(ids)
+            if max_tokens is not None and max_tokens > room:
+                raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's maximum context length is "
+                                    f"{limit} tokens and your request has {len(ids)} input tokens.",
+                               param=param, code="context_length_exceeded")
+            choices += [
+                Choice(index=p * request.n + i, prompt=p, max_tokens=room if max_tokens is None else max_tokens,
+                       seed=None if request.seed is None else (request.seed + i) % 2**63,
+                       splitter=None if reasoning is None else ReasoningSplitter(in_reasoning=reasoning),
+                       logprobs=logprobs is not None)
+                for i in range(request.n)
+            ]
+        return Job(prompts=[ids for _, ids in prompts], prompt_texts=[text for text, _ in prompts],
                    temperature=1.0 if request.temperature is None else request.temperature,
                    top_p=1.0 if request.top_p is None else request.top_p,
-                   stops=request.stop_list(), choices=choices)
+                   stops=request.stop_list(), choices=choices, logprobs=logprobs, echo=echo)
+
+    # -- the tokenizer endpoints --
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.config.model_name}`.", param="model", code="model_not_found")
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_model(request.model)
+        ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.config.max_model_len, tokens=ids)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(request.model)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in request.tokens if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        t = self.tokenizer
+        return TokenizerInfo(bos_token=t.bos_token, eos_token=t.eos_token, pad_token=t.pad_token,
+                             chat_template=t.chat_template, model_max_length=self.config.max_model_len)
 
     # -- running a job --
 
@@ -176,15 +266,17 @@ class Server:
         try:
             for choice in job.choices:
                 choice.handle = self.engine.submit(
-                    job.prompt_ids, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                    seed=choice.seed, stop_token_ids=self.stop_token_ids)
+                    job.prompts[choice.prompt], max_new_tokens=choice.max_tokens, temperature=job.temperature,
+                    top_p=job.top_p, seed=choice.seed, stop_token_ids=self.stop_token_ids,
+                    logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0,
+                    prompt_logprobs=job.echo and job.logprobs is not None)
         except ValueError as e:  # the engine names what it cannot take (e.g. a token outside the model's vocabulary)
             self.release(job)
             raise APIError(400, str(e)) from None
         except RuntimeError as e:  # the engine is closed
             self.release(job)
             raise APIError(503, f"the engine is not running: {e}", code="unavailable") from None
-        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
 
     def release(self, job: Job) -> None:
         """Cancel what is left of a job and give back its slots; safe to call more than once."""
@@ -213,16 +305,22 @@ class Server:
         stops = StopMatcher(job.stops)
         finish = None
         handle = choice.handle
+        echo = job.echo  # the prompt comes first, once the engine has scored it (by its first token or its end)
         async for token in handle:
+            if echo:
+                yield self._echo(job, choice)
+                echo = False
             if job.first_token is None:
                 job.first_token = time.perf_counter()
                 self.metrics.time_to_first_token.observe(job.first_token - job.started)
             choice.completion_tokens += 1
+            k = choice.completion_tokens - 1
+            scored = self._scored(choice, token, handle.logprobs[k], handle.top_logprobs[k]) if choice.logprobs else None
             if token in self.stop_token_ids:
                 finish = "stop"
+                self._file(choice, scored, choice.splitter is not None and choice.splitter.in_reasoning)
                 break
-            text = stops.feed(decoder.add(token))
-            piece = self._piece(choice, text)
+            piece = self._token_piece(choice, stops.feed(decoder.add(token)), scored)
             if piece is not None:
                 yield piece
             if stops.stopped:
@@ -232,27 +330,69 @@ class Server:
             if handle.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"generation ended early ({handle.finish_reason}): the server is stopping")
             finish = handle.finish_reason
-        tail = self._piece(choice, stops.flush() if not stops.stopped else "", flush=True)
-        if tail is not None:
-            yield tail
+        if echo:
+            yield self._echo(job, choice)
+        tail = "" if stops.stopped else stops.feed(decoder.flush())
+        tail += "" if stops.stopped else stops.flush()
+        reasoning, content = ("", tail) if choice.splitter is None else _joined(choice.splitter.feed(tail),
+                                                                                 choice.splitter.flush())
+        tail_piece = self._text_piece(choice, reasoning, content)
+        if tail_piece is not None:
+            yield tail_piece
         choice.finish_reason = finish
-        yield Piece(choice.index, finish_reason=finish)
+        yield self._text_piece(choice, "", "", finish)
 
-    def _piece(self, choice: Choice, text: str, flush: bool = False) -> Piece | None:
+    def _echo(self, job: Job, choice: Choice) -> Piece:
+        """The prompt, echoed at the start of a text completion (with its tokens' log-probs when asked)."""
+        handle, ids = choice.handle, job.prompts[choice.prompt]
+        if choice.logprobs:
+            for token, logprob, top in zip(ids, handle.prompt_logprobs, handle.prompt_top_logprobs):
+                choice.content_logprobs.append(self._scored(choice, token, logprob, top))
+        return self._text_piece(choice, "", job.prompt_texts[choice.prompt], always=True)
+
+    def _scored(self, choice: Choice, token: int, logprob: float | None, top) -> Scored:
+        text = self.tokenizer.decode([token])
+        entry = Scored(text, logprob, None if top is None else [(self.tokenizer.decode([t]), v) for t, v in top],
+                       choice.offset)
+        choice.offset += len(text)
+        return entry
+
+    @staticmethod
+    def _file(choice: Choice, scored: Scored | None, reasoning: bool) -> None:
+        if scored is not None:
+            (choice.reasoning_logprobs if reasoning else choice.content_logprobs).append(scored)
+
+    def _token_piece(self, choice: Choice, text: str, scored: Scored | None) -> Piece | None:
+        """One generated token's text (split into reasoning and answer) and log-prob."""
         splitter = choice.splitter
         if splitter is None:
-            reasoning, content = "", text
+            reasoning, content, in_reasoning = "", text, False
         else:
             was_reasoning = splitter.in_reasoning
             reasoning, content = splitter.feed(text)
-            if flush:
-                more_reasoning, more_content = splitter.flush()
-                reasoning, content = reasoning + more_reasoning, content + more_content
-            elif was_reasoning or splitter.in_reasoning:
-                choice.reasoning_tokens += 1
+            in_reasoning = was_reasoning or splitter.in_reasoning
+        choice.reasoning_tokens += in_reasoning
+        self._file(choice, scored, in_reasoning)
+        return self._text_piece(choice, reasoning, content)
+
+    @staticmethod
+    def _text_piece(choice: Choice, reasoning: str, content: str, finish: str | None = None,
+                    always: bool = False) -> Piece | None:
+        """Record text on the choice; a Piece with it and the log-probs not yet sent, or None when it has no text
+        and no finish (the log-probs then wait for the next Piece)."""
         choice.reasoning.append(reasoning)
         choice.content.append(content)
-        return Piece(choice.index, reasoning, content) if reasoning or content else None
+        if not (reasoning or content or finish or always):
+            return None
+        sent_reasoning, sent_content = choice.sent_logprobs
+        choice.sent_logprobs = (len(choice.reasoning_logprobs), len(choice.content_logprobs))
+        return Piece(choice.index, reasoning, content, finish,
+                     choice.reasoning_logprobs[sent_reasoning:] if choice.logprobs else None,
+                     choice.content_logprobs[sent_content:] if choice.logprobs else None)
+
+
+def _joined(*pairs: tuple[str, str]) -> tuple[str, str]:
+    return "".join(r for r, _ in pairs), "".join(c for _, c in pairs)
 
 
 async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
@@ -294,9 +434,11 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
-                quantize: str = "none", group_size: int = 32, adapter: str | None = None):
+                quantize: str = "none", group_size: int = 32, adapter: str | None = None, prefix_cache: bool = True):
     """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top), its tokenizer
-    and an Engine on it: what both `serve` and `chat` run on."""
+    and an Engine on it (with prefix caching unless `prefix_cache` is False): what both `serve` and `chat` run on."""
     directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
     model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size, adapter=adapter)
-    return Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len), Tokenizer.from_dir(directory)
+    engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len,
+                    prefix_cache_tokens=None if prefix_cache else 0)
+    return engine, Tokenizer.from_dir(directory)
