@@ -225,6 +225,16 @@ BAD_INPUTS = [
     ("missing API key", "/v1/chat/completions", GOOD, {"authorization": ""}, 401),
     ("wrong API key", "/v1/chat/completions", GOOD, {"authorization": "Bearer wrong-key"}, 401),
     ("key of the wrong length", "/v1/models", None, {"authorization": f"Bearer {KEY}x"}, 401),
+    ("top_logprobs above 20", "/v1/chat/completions", {**GOOD, "logprobs": True, "top_logprobs": 21}, {}, 422),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {**GOOD, "top_logprobs": 2}, {}, 400),
+    ("logprobs above 20", "/v1/completions", {"model": "tiny", "prompt": "Hi", "logprobs": 21}, {}, 422),
+    ("token id outside the vocabulary", "/v1/completions", {"model": "tiny", "prompt": [[1, 2], [3, 10**6]]}, {}, 400),
+    ("negative token id", "/v1/completions", {"model": "tiny", "prompt": [1, -1]}, {}, 422),
+    ("empty prompt list", "/v1/completions", {"model": "tiny", "prompt": []}, {}, 422),
+    ("empty token-id list", "/v1/completions", {"model": "tiny", "prompt": [[1], []]}, {}, 422),
+    ("max_tokens 0 without echo", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 0}, {}, 400),
+    ("detokenize outside the vocabulary", "/detokenize", {"tokens": [1, 10**6]}, {}, 400),
+    ("tokenize without a prompt", "/tokenize", {"add_special_tokens": False}, {}, 422),
     ("unknown route", "/v1/embeddings", GOOD, {}, 404),
     ("wrong method", "/v1/models", GOOD, {}, 405),
 ]
@@ -259,6 +269,29 @@ def test_error_messages_name_the_problem(server):
     assert error({**GOOD, "temperature": 9})["param"] == "temperature"
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**GOOD, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {**GOOD, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": [[1, 2], [3, 10**6]]}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ("/detokenize", {"tokens": [10**6]}, "tokens"),
+])
+def test_bad_logprob_and_prompt_fields_are_named(server, path, body, param):
+    response = httpx.post(server.url + path, json=body, headers=AUTH, timeout=30)
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"]["param"] == param, response.text
+
+
+def test_echo_with_n_and_several_prompts(client):
+    response = client.completions.create(model="tiny", prompt=[LOOP_PROMPT, "Toss a coin"], n=2, max_tokens=2,
+                                         echo=True, temperature=0)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert texts[:2] == [LOOP_PROMPT + " forever" * 2] * 2
+    assert all(t.startswith("Toss a coin") for t in texts[2:])
+
+
 def test_a_body_without_content_length_is_still_capped(server):
     def chunks():
         for _ in range(100):
@@ -269,10 +302,14 @@ def test_a_body_without_content_length_is_still_capped(server):
 
 
 def test_the_key_guards_every_route_but_health(server):
-    for path in ("/", "/v1/models", "/metrics", "/openapi.json", "/v1/models/tiny", "/nowhere", "//v1/models"):
+    for path in ("/", "/v1/models", "/metrics", "/openapi.json", "/v1/models/tiny", "/nowhere", "//v1/models",
+                 "/tokenizer_info"):
         response = httpx.get(server.url + path)
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"
+    for path in ("/tokenize", "/detokenize"):
+        assert httpx.post(server.url + path, json={"prompt": "Hi", "tokens": [1]}).status_code == 401
+        assert httpx.post(server.url + path, json={"prompt": "Hi", "tokens": [1]}, headers=AUTH).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/", auth=("anyone", KEY)).status_code == 200  # a browser's Basic login
     assert httpx.get(server.url + "/", auth=("anyone", "nope")).headers["www-authenticate"].startswith("Basic")

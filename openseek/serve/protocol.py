@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -87,6 +87,29 @@ class CompletionRequest(SamplingParams):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for the legacy endpoint; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per position, besides the chosen token
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_of_the_prompt_shapes(cls, prompt):
+        """One message naming the problem, instead of one per shape the prompt failed to be."""
+        shapes = "a non-empty string, a list of them, a list of token ids or a list of token-id lists"
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(f"must be {shapes}; got {'an empty list' if prompt == [] else type(prompt).__name__}")
+        if all(isinstance(p, str) for p in prompt):
+            if not all(prompt):
+                raise ValueError(f"prompt {prompt.index('')} is empty")
+            return prompt
+        for i, ids in enumerate(prompt if isinstance(prompt[0], list) else [prompt]):
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"prompt {i} is not a non-empty list of token ids; the prompt must be {shapes}")
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i} has {bad!r}, not a token id (an integer >= 0)")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: strings or token-id lists."""
