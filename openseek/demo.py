@@ -158,7 +158,7 @@ class Demo:
         cfg = TrainConfig(
             run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=3e-3, warmup_steps=30, weight_decay=0.0,
             balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
-            device=self.device, log_every=5, threads=str(a.threads),
+            device=self.device, log_every=5, threads=str(a.threads), precision=a.precision,
         )
         batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed)
         objective = NextTokenLoss(mtp_weight=0.3, mtp_depths=model.cfg.num_nextn_predict_layers)
@@ -208,7 +208,8 @@ class Demo:
                                   epsilon_high=0.28, dynamic_sampling=True, template="plain")
             train_cfg = TrainConfig(run_dir=str(grpo_dir), steps=target, lr=a.grpo_lr, schedule="constant",
                                     weight_decay=0.0, checkpoint_every=per_round, keep_checkpoints=1, resume=True,
-                                    seed=a.seed, device=self.device, threads=str(a.threads))
+                                    seed=a.seed, device=self.device, threads=str(a.threads),
+                                    precision=a.precision)
             train(model, tokenizer, rows, [self.task.reward, format_reward], grpo_cfg, train_cfg,
                   weights=[1.0, 0.1], accuracy_fn=self.task.reward)
             checkpoint = list_checkpoints(grpo_dir)[-1]
@@ -332,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (a model this small runs fastest on one)")
+    parser.add_argument("--precision", default="float32", choices=["auto", "float32", "bf16"],
+                        help="training precision (the demo's measured result is float32's)")
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")
     parser.add_argument("--correct-fraction", type=float, default=0.3,
                         help="share of corpus solutions that carry correctly (the rest forget carries)")
