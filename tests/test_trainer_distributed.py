@@ -109,3 +109,26 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace, one_proce
         assert torch.allclose(a[name], b[name], atol=1e-4, rtol=0), name
     report = json.loads((two / "report.json").read_text())
     assert report["devices"] == 2 and report["status"] == "completed"
+
+
+def test_grpo_on_two_processes_matches_one(tmp_path):
+    """Each rank rolls out its share of the step's prompts (a prompt's samples seeded by its place in the global
+    list), advantages per group, gradients all-reduced: 2 gloo processes reproduce one with the same global batch."""
+    from helpers_grpo import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    reward = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
+
+    def grpo(run_dir, processes):
+        run(["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "64", "--reward", reward,
+             "--template", "plain", "--max-new-tokens", "12", "--group-size", "4", "--prompts-per-step", "4",
+             "--steps", "3", "--lr", "3e-3", "--beta", "0.04", "--output-dir", str(run_dir), "--no-progress",
+             "--threads", "1", "--precision", "float32"], torchrun=processes)
+        return read_metrics(run_dir)
+
+    one, two = grpo(tmp_path / "one", 0), grpo(tmp_path / "two", 2)
+    for key in ("reward", "completion_length/mean", "loss", "kl", "tokens"):
+        assert [m[key] for m in one] == pytest.approx([m[key] for m in two], abs=1e-5, rel=0), key
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-4, rtol=0), name

@@ -171,7 +171,7 @@ class Engine:
         top_k: int = 0,
         n: int = 1,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         logprobs: bool = False,
     ) -> list[list[Completion]]:
         """Per prompt, a list of `n` Completions (also when n == 1) sharing one prefill; see the module docstring.
@@ -185,23 +185,33 @@ class Engine:
         limit = self.cfg.max_position_embeddings
         prompts = [self._check_prompt(p, max_new_tokens, limit, f"prompt {i}") for i, p in enumerate(prompts)]
         stop = self._stop_ids(stop_token_ids)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(self.model.device).manual_seed(seed)
-
         rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
+        generators = self._generators(seed, len(prompts), rows)
         results = [[None] * n for _ in prompts]
         with self._model_lock, torch.inference_mode():
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
                 unique = sorted({p for p, _ in chunk})
                 src = [unique.index(p) for p, _ in chunk]
+                generator = generators if not isinstance(generators, list) else generators[start : start + len(chunk)]
                 completions = self._run_to_end(
                     [prompts[p] for p in unique], src, max_new_tokens, params, stop, generator, logprobs
                 )
                 for (p, s), completion in zip(chunk, completions):
                     results[p][s] = completion
         return results
+
+    def _generators(self, seed, prompts: int, rows: list[tuple[int, int]]):
+        """None (the global RNG), one generator for the whole call (an int seed), or — a list of seeds, one per
+        prompt — one generator per row, seeded by its prompt's seed and its sample index: each prompt's samples
+        then do not depend on which other prompts share the call (GRPO on several processes relies on it)."""
+        if seed is None:
+            return None
+        if not isinstance(seed, (list, tuple)):
+            return torch.Generator(self.model.device).manual_seed(seed)
+        if len(seed) != prompts:
+            raise ValueError(f"seed has {len(seed)} values for {prompts} prompts (one per prompt, or one int)")
+        return [torch.Generator(self.model.device).manual_seed((seed[p] * 1_000_003 + s) % 2**63) for p, s in rows]
 
     def _run_to_end(self, prompts, src, max_new_tokens, params, stop, generator, want_logprobs) -> list[Completion]:
         """Admit rows src[i] -> prompts[src[i]] into one batch (one prefill per prompt) and step until every row
@@ -230,6 +240,8 @@ class Engine:
                 if done * 4 >= len(finished):  # drop finished rows from the batch: later steps get cheaper
                     keep = (~finished).nonzero()[:, 0]
                     batch.keep(keep)
+                    if isinstance(generator, list):
+                        generator = [generator[i] for i in keep.tolist()]
                     row_of, finished = row_of[keep], finished[keep]
         return [
             self._completion(t, None if out_logprobs is None else lp, stop, max_new_tokens)

@@ -546,7 +546,7 @@ class Scored:
 
 
 def generate_and_score(engine, tokenizer, rows: list[dict], reward_fns: list, *, n: int, template: str,
-                       max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                       max_new_tokens: int, temperature: float, top_p: float, seed: int | list[int],
                        logprobs: bool = False) -> Scored:
     """Generate → decode → score, shared by GRPO and rejection sampling. Rewards see each completion's text and the
     prompt text it continued (so a template that opened `<think>` is visible to the format reward); extra row
@@ -576,9 +576,12 @@ def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg: GR
     kept, spare, generation_s, rounds = [], [], 0.0, 0
     while len(kept) < P:
         rows = prompts.take(P - len(kept) if rounds else P)
+        # One seed per prompt from its place in the step's global prompt list: a prompt's samples are the same
+        # whichever process draws them (2 processes reproduce 1).
+        seeds = [hash_seed(seed, rounds, prompts.rank * len(rows) + i) for i in range(len(rows))]
         scored = generate_and_score(
             engine, tokenizer, rows, rewards.fns, n=G, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=hash_seed(seed, rounds), logprobs=True)
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds, logprobs=True)
         generation_s, rounds = generation_s + scored.generation_s, rounds + 1
         lengths = torch.tensor([len(c.token_ids) for group in scored.completions for c in group])
         total = rewards.total(scored.per_fn)
@@ -707,7 +710,7 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
     with trainer.session():
         while not trainer.done:
             started = time.perf_counter()
-            seed = hash_seed(train_cfg.seed, rank, prompts.position["rollouts"])
+            seed = hash_seed(train_cfg.seed, prompts.position["rollouts"])
             trainer.model.eval()  # rollouts sample the policy itself: no (LoRA) dropout, as a serving engine would
             with trainer.autocast():  # rollouts see the weights in the loss's precision
                 batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
@@ -718,6 +721,7 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                             entropy=False)
             trainer.model.train()
             rollout_s = time.perf_counter() - started
+            rollout_metrics = trainer.reduce_metrics(rollout_metrics)  # each process's share -> the whole step
             micro_batches = batch.split(train_cfg.grad_accum)
             for update in range(grpo.updates_per_rollout):
                 metrics = trainer.step(micro_batches, objective)

@@ -22,7 +22,7 @@ divided by how many of those units the whole optimizer step holds:
 those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
 (`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
 the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
-keys ending in `_max`. Under bf16 autocast, compute the loss in float32.
+keys ending in `max`. Under bf16 autocast, compute the loss in float32.
 
 What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it,
 which rollouts must share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
@@ -283,7 +283,7 @@ class Trainer:
             for k, v in metrics.items():
                 if k == "tokens":
                     tokens += int(v)
-                elif k.endswith("_max"):
+                elif k.endswith("max"):
                     maxima[k] = max(maxima.get(k, -math.inf), float(v))
                 else:
                     sums[k] += float(v)
@@ -426,7 +426,8 @@ class Trainer:
                 f"{last}")
 
     def _reduce_metrics(self, metrics: dict, tokens: int) -> tuple[dict, int]:
-        """Across processes: the loss and tokens add up, `_max` keys take the largest, the rest are averaged."""
+        """Across processes: the loss and tokens add up, keys ending in `max` take the largest, the rest are
+        averaged."""
         keys = sorted(metrics)
         packed = torch.tensor([metrics[k] for k in keys] + [float(tokens)], dtype=torch.float64)
         summed = packed.clone()
@@ -437,11 +438,18 @@ class Trainer:
         for i, k in enumerate(keys):
             if k == "loss":
                 out[k] = summed[i].item()
-            elif k.endswith("_max"):
+            elif k.endswith("max"):
                 out[k] = largest[i].item()
             else:
                 out[k] = summed[i].item() / self.world_size
         return out, int(summed[-1].item())
+
+    def reduce_metrics(self, metrics: dict) -> dict:
+        """A loop's own per-process figures (GRPO's rewards, lengths, timings) over all processes: keys ending in
+        `max` take the largest, the rest the mean. The same dict with one process."""
+        if self.world_size == 1:
+            return metrics
+        return self._reduce_metrics({k: v for k, v in metrics.items() if k != "loss"}, 0)[0]
 
     def _average_gradients(self) -> None:
         """DDP: every replica gets the mean gradient, with one flat all-reduce (FSDP2 reduces on its own)."""
