@@ -12,7 +12,7 @@ The checkpoint is saved by transformers and converted with llama.cpp's own `conv
 that sdist, fetched by `pip download`) at F32, BF16 and Q8_0; Q4_0 is quantised from the F32 file with
 `llama_model_quantize` (llama.cpp's default keeps the output layer at Q8_0, as openseek's int4 keeps a tied head at
 int8). The converter refuses BPE tokenizers whose pre-tokenizer hash it does not know: this script runs it with
-`TextModel.get_vocab_base_pre` patched to answer "qwen2" (a copy in memory; the benchmark feeds token ids, so the
+`conversion.base.TextModel.get_vocab_base_pre` patched to answer "qwen2" (a copy in memory; the benchmark feeds token ids, so the
 pre-tokenizer never runs). Each measurement runs in its own process; decode time = time(prompt + 128 tokens) −
 time(prompt + 1 token), best of 3. Figures go to benchmarks/RESULTS.md.
 """
@@ -73,14 +73,21 @@ def convert(script: Path, directory: Path, outtype: str, out: Path) -> None:
 
 def run_converter(script: str, directory: str, outtype: str, out: str) -> None:
     """In a child process: llama.cpp's converter with the pre-tokenizer lookup answering "qwen2"."""
+    import importlib
     import importlib.util
 
-    sys.path.insert(0, str(Path(script).parent / "gguf-py"))
+    sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
     spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    module.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+    base = importlib.import_module("conversion.base")  # where TextModel lives in this converter's version
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+
+    def no_sentencepiece(self):  # our tokenizer is tokenizer.json only: go straight to the BPE path
+        raise FileNotFoundError("no tokenizer.model")
+
+    base.TextModel._set_vocab_sentencepiece = no_sentencepiece
     sys.argv = [script, directory, "--outtype", outtype, "--outfile", out]
     module.main()
 
@@ -135,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-python", default="/work/bench-venv/bin/python")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "openseek-llamacpp"))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--convert", nargs=4, help=argparse.SUPPRESS)
@@ -162,12 +170,18 @@ def main() -> None:
     print(f"batch 1, {PROMPT}-token prompt, {NEW} new tokens, greedy; decode tokens/s (best of 3)")
     for threads in args.threads:
         for gguf, dtype, quantize in PAIRS:  # alternating: llama.cpp then openseek at each precision
+            if gguf not in args.precisions:
+                continue
             llama = subprocess.run([args.llama_python, "-c", LLAMA_CHILD, str(files[gguf]), str(threads),
-                                    str(PROMPT), str(NEW)], capture_output=True, text=True, check=True)
+                                    str(PROMPT), str(NEW)], capture_output=True, text=True)
             ours = subprocess.run([sys.executable, __file__, "--child", str(directory), dtype, quantize,
                                    str(threads)], capture_output=True, text=True, check=True)
-            a = json.loads(llama.stdout.strip().splitlines()[-1])["tokens_per_s"]
             b = json.loads(ours.stdout.strip().splitlines()[-1])["tokens_per_s"]
+            if llama.returncode:  # e.g. SIGILL: a kernel built for an instruction this (virtual) CPU refuses
+                print(f"{threads} threads  llama.cpp {gguf:5s} failed (exit {llama.returncode})   openseek "
+                      f"{dtype}/{quantize:4s} {b:6.1f}", flush=True)
+                continue
+            a = json.loads(llama.stdout.strip().splitlines()[-1])["tokens_per_s"]
             print(f"{threads} threads  llama.cpp {gguf:5s} {a:6.1f}   openseek {dtype}/{quantize:4s} {b:6.1f}   "
                   f"-> {b / a:.2f}x", flush=True)
 
