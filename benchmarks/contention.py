@@ -4,7 +4,8 @@ On two cores, torch's two OpenMP threads wait at every parallel region for the s
 takes a core, that wait becomes a scheduler time slice, and small per-token ops collapse. This script measures the
 slowdown factor (time with a competing busy loop ÷ time on a quiet machine) for transformers' `generate` and for
 the openseek Engine at several thread settings, each run in its own process as a user runs it, alternating quiet
-and busy. Model: the ~31M qwen2 of benchmarks/generate.py, greedy, batch 1, 64-token prompt, 64 new tokens.
+and busy. Model: the ~31M qwen2 of benchmarks/generate.py, greedy, batch 1, 64-token prompt, 64 new tokens
+(the mean of 3 generations after a warm-up).
 
     .venv/bin/python benchmarks/contention.py [--rounds 3]
 """
@@ -21,8 +22,9 @@ import tempfile
 import time
 
 PROMPT, NEW = 64, 64
-SETTINGS = {  # name: (system, threads, extra environment)
+SETTINGS = {  # name: (system, threads (0 = auto), extra environment)
     "transformers (2 threads)": ("transformers", 2, {}),
+    "openseek --threads auto (default)": ("openseek", 0, {}),
     "openseek --threads 2": ("openseek", 2, {}),
     "openseek --threads 2, OMP_WAIT_POLICY=PASSIVE": ("openseek", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "openseek --threads 1": ("openseek", 1, {}),
@@ -32,7 +34,7 @@ SETTINGS = {  # name: (system, threads, extra environment)
 def child(directory: str, system: str, threads: int) -> float:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or 2)
     prompt = torch.randint(0, 8192, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     if system == "transformers":
         import transformers
@@ -46,14 +48,16 @@ def child(directory: str, system: str, threads: int) -> float:
     else:
         import openseek
 
-        engine = openseek.Engine(openseek.load(directory, dtype=torch.float32), max_batch_size=1)
+        engine = openseek.Engine(openseek.load(directory, dtype=torch.float32), max_batch_size=1,
+                                 threads=threads or None)
 
         def run():
             engine.generate(prompt.tolist(), NEW, temperature=0, stop_token_ids=[])
     run()
     start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    for _ in range(3):  # long enough for `auto` to have probed and settled
+        run()
+    return (time.perf_counter() - start) / 3
 
 
 def measure(directory: str, name: str) -> float:
