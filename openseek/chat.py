@@ -25,13 +25,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, help="per answer (default: whatever fits the context)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--speculative", choices=["mtp"],
+                        help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
     add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
 
 def main(args) -> int:
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1,
-                                    quantize=args.quantize, group_size=args.group_size)
+                                    quantize=args.quantize, group_size=args.group_size,
+                                    speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len)
     try:
         return asyncio.run(_session(Server(engine, tokenizer, config), args))

@@ -9,7 +9,9 @@
 3. measure it on the held-out problems: greedy accuracy, and pass@k of samples (the correct habit is in there).
 4. GRPO with R1's rule-based rewards (accuracy + format) reinforces whatever reaches the right answer.
 5. measure again, with held-out accuracy tracked between RL rounds.
-6. write report.md/report.json with plots, and the final model (HF format + tokenizer) in `<run>/model`.
+6. measure the final model's batch-1 greedy decode speed with and without MTP speculative decoding (its MTP
+   module, trained with the model, drafting for it), its acceptance rate, and that the outputs are identical.
+7. write report.md/report.json with plots, and the final model (HF format + tokenizer) in `<run>/model`.
 
 Every stage leaves its result in the run directory; run the demo again (after Ctrl-C, say) and finished stages
 are reused, an interrupted training stage resumes from its last checkpoint.
@@ -21,6 +23,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -228,7 +231,17 @@ class Demo:
         shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "rng.pt", "trainer_state.json"))
         tmp.rename(self.run / "model")
 
-    # ---- 6. report ----
+    # ---- 6. speculative decoding ----
+
+    def measure_speculation(self) -> None:
+        model = openseek.load(self.run / "model", device=self.device)
+        tokenizer = Tokenizer.from_dir(self.run / "model")
+        prompts = [tokenizer.encode(BOS + row["prompt"]) for row in self.heldout()[:16]]
+        rows = compare_speculation(model, prompts, ks=[1], batch_sizes=[1], runs=3,
+                                   max_new_tokens=self.args.max_new_tokens, threads=self.args.threads)
+        (self.run / "speculation.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+    # ---- 7. report ----
 
     def write_report(self) -> dict:
         a = self.args
@@ -236,6 +249,7 @@ class Demo:
         final = json.loads((self.run / "eval_rl" / "summary.json").read_text())["metrics"]
         pre = json.loads((self.run / "pretrain" / "report.json").read_text())
         rl = json.loads((self.run / "grpo" / "report.json").read_text())
+        plain, mtp = json.loads((self.run / "speculation.json").read_text())
         wall = sum(self.timings.values())
         total_flops = pre["total_flops"] + rl["total_flops"]
         device_hours = wall / 3600
@@ -251,6 +265,9 @@ class Demo:
             "stage_seconds": self.timings, "total_flops": total_flops, "device": self.device,
             "device_hours": device_hours, "price_per_device_hour": a.price_per_device_hour,
             "estimated_cost": device_hours * a.price_per_device_hour,
+            "decode_tokens_per_s": plain["tokens_per_s"], "decode_tokens_per_s_mtp": mtp["tokens_per_s"],
+            "mtp_speedup": mtp["speedup"], "mtp_acceptance": mtp["acceptance"],
+            "mtp_greedy_identical": mtp["identical"],
         }
         report["plots"] = self.plot()
         (self.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -265,6 +282,11 @@ class Demo:
             f"| pass@1 (mean of {k} samples, T=1) | {base['pass@1']:.1%} | {final['pass@1']:.1%} |",
             f"| pass@{k} | {base.get(f'pass@{k}', 0):.1%} | {final.get(f'pass@{k}', 0):.1%} |", "",
             f"Gain: **{report['gain_points']:+.1f} points** of greedy held-out accuracy.", "",
+            "| decoding the final model (batch 1, greedy) | tokens/s | |", "|---|---|---|",
+            f"| plain | {plain['tokens_per_s']:.0f} | |",
+            f"| MTP speculative decoding (1 draft token) | {mtp['tokens_per_s']:.0f} | **{mtp['speedup']:.2f}×**, "
+            f"{mtp['acceptance']:.0%} of drafts accepted, greedy outputs "
+            f"{'identical' if mtp['identical'] else 'DIFFERENT'} |", "",
             "| cost | |", "|---|---|",
             f"| wall time (whole pipeline) | {wall:.0f} s ({', '.join(f'{n} {s:.0f} s' for n, s in self.timings.items())}) |",
             f"| total training FLOPs | {total_flops:.3g} |",
@@ -316,7 +338,40 @@ class Demo:
         self.stage("final model", (run / "model").is_dir(), self.final_model)
         self.stage("eval rl", (run / "eval_rl" / "summary.json").is_file(),
                    lambda: self.evaluate(run / "model", run / "eval_rl", n))
+        self.stage("speculation", (run / "speculation.json").is_file(), self.measure_speculation)
         return self.write_report()
+
+
+def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_sizes: list[int], runs: int,
+                        max_new_tokens: int, threads: int) -> list[dict]:
+    """Greedy decoding of `prompts`, `batch_size` at a time, without speculation and with MTP speculation of each
+    k, runs alternating (so the machine's state is shared). One row per (k, batch size), k = 0 being plain: median
+    tokens/s, speed-up over plain at that batch size, acceptance rate, mean accepted length, and whether every
+    output equals plain decoding's. (`benchmarks/speculative.py` and the demo's report both measure with this.)"""
+    configs = [(k, b) for b in batch_sizes for k in [0, *ks]]
+    engines = {c: openseek.Engine(model, max_batch_size=c[1], threads=threads, speculative="mtp" if c[0] else None,
+                                  num_speculative_tokens=max(c[0], 1)) for c in configs}
+    seconds = {c: [] for c in configs}
+    outputs = {}
+    for _ in range(runs):
+        for c in configs:
+            started = time.perf_counter()
+            outs = [o.token_ids for i in range(0, len(prompts), c[1])
+                    for (o,) in engines[c].generate(prompts[i : i + c[1]], max_new_tokens, temperature=0)]
+            seconds[c].append(time.perf_counter() - started)
+            outputs[c] = outs
+    rows = []
+    for k, b in configs:
+        tokens = sum(map(len, outputs[k, b]))
+        stats = engines[k, b].stats
+        rows.append({"k": k, "batch": b, "tokens": tokens,
+                     "tokens_per_s": tokens / statistics.median(seconds[k, b]),
+                     "speedup": statistics.median(seconds[0, b]) / statistics.median(seconds[k, b]),
+                     "acceptance": stats.acceptance_rate, "mean_accepted_length": stats.mean_accepted_length,
+                     "identical": outputs[k, b] == outputs[0, b]})
+    for engine in engines.values():
+        engine.close()
+    return rows
 
 
 def _completed(run_dir: Path) -> bool:

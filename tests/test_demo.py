@@ -27,6 +27,7 @@ def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
     for key in ("base_accuracy", "rl_accuracy", "heldout_size", "wall_seconds", "total_flops", "estimated_cost"):
         assert key in report
     assert report["heldout_size"] == 24 and 0 <= report["base_accuracy"] <= 1 and report["total_flops"] > 0
+    assert report["mtp_greedy_identical"] is True and 0 <= report["mtp_acceptance"] <= 1  # speculation: same output
     for name in ("report.md", "demo.png", "pretrain/loss.png", "model/config.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/tokenizer_config.json", "eval_base/summary.json"):
         assert (run / name).is_file(), name
@@ -42,5 +43,5 @@ def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
 
     assert main(["demo", "--run-dir", str(run), *TINY]) == 0  # run again: every stage is reused
     out = capsys.readouterr().out
-    assert out.count("already done") == 6
+    assert out.count("already done") == 7
     assert json.loads((run / "report.json").read_text())["rl_accuracy"] == report["rl_accuracy"]

@@ -10,6 +10,8 @@ token's slot is its position. The engine tells the cache what the next forward d
   prefix) for the batch's rows [0, B), or for cache rows `rows`; row b's token t goes to slot `slots[b, t]` and
   attends to every slot up to its own among the first `length`: the stored ones and those of this step.
 
+With speculative decoding the cache holds one more layer, after the model's: the MTP module's (engine.py).
+
 `copy_out(row, n)` / `copy_in(row, saved, n)` move a row's first n slots out of and back into the cache (the
 engine's prefix cache keeps recently prefilled prompts this way). Layers see only `store(...)` and, while decoding,
 `read()`. Two layouts:
@@ -25,10 +27,10 @@ import torch
 from openseek.config import ModelConfig
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token costs across all layers (MTP layers are not run while generating)."""
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp_layers: int = 0) -> int:
+    """Cache bytes one token costs across all layers (and the MTP layers that speculative decoding runs)."""
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.uses_mla else 2 * cfg.num_key_value_heads * cfg.head_dim
-    return per_layer * cfg.num_hidden_layers * dtype.itemsize
+    return per_layer * (cfg.num_hidden_layers + mtp_layers) * dtype.itemsize
 
 
 class Cache:
@@ -116,10 +118,11 @@ class _KVLayer:
 
 
 class KVCache(Cache):
-    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 mtp_layers: int = 0):
         super().__init__(rows, max_len, device)
         shape = (rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.layers = [_KVLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [_KVLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers + mtp_layers)]
 
 
 class _LatentLayer:
@@ -147,11 +150,13 @@ class _LatentLayer:
 
 
 class LatentCache(Cache):
-    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 mtp_layers: int = 0):
         super().__init__(rows, max_len, device)
         shape = (rows, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.layers = [_LatentLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [_LatentLayer(self, shape, dtype) for _ in range(cfg.num_hidden_layers + mtp_layers)]
 
 
-def make_cache(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> Cache:
-    return (LatentCache if cfg.uses_mla else KVCache)(cfg, rows, max_len, dtype, device)
+def make_cache(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device,
+               mtp_layers: int = 0) -> Cache:
+    return (LatentCache if cfg.uses_mla else KVCache)(cfg, rows, max_len, dtype, device, mtp_layers)

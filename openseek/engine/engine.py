@@ -52,6 +52,19 @@ steps, when it looks for finished rows and drops them; the serving thread admits
 come and reads every step's tokens to stream them. The engine works on the very module the trainer updates (no
 copy) and never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. On CUDA the same
 code runs with SDPA; CUDA graphs for decode are not implemented yet.
+
+Speculative decoding with the model's own MTP module (`Engine(model, speculative="mtp", num_speculative_tokens=k)`,
+DeepSeek-V3's multi-token prediction as a draft, as vLLM and SGLang run it): the decode step becomes draft, verify,
+accept. The MTP module drafts k tokens per row — the first from the main model's last hidden state and the embedding
+of the token just produced, each further one by applying the module again to its own output and its last draft — the
+main model scores the fed token and the k drafts in one forward over the cache, and the speculative-sampling rule
+(sampling.py) accepts a prefix of the drafts and draws one more token, so each row gains 1..k+1 tokens per step and
+its output is distributed exactly as without speculation (greedy: identical). Then the MTP module runs over the same
+positions with the accepted tokens, filling its own cache layer (it attends over the whole sequence, as in training)
+and leaving each row's state for the next drafts; a prompt's prefill runs it over the prompt. Rejected positions need
+no rollback: a row's slot advances only past what it accepted, and the next step overwrites the rest. It is the same
+`_Batch.step` under `generate` and the serving thread; the step reads the accepted counts on the host (one small
+copy per step, which costs nothing on the CPU). `engine.stats` counts drafted and accepted tokens.
 """
 
 from __future__ import annotations
@@ -96,6 +109,43 @@ class Completion:
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
+@dataclass
+class SpeculationStats:
+    """Speculative decoding so far: row-steps verified (each drafts k tokens and gains its accepted drafts plus one
+    token of the main model), draft tokens verified and, of those, accepted."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a row gains per step: 1 + accepted drafts (k + 1 at most)."""
+        return (self.steps + self.accepted) / self.steps if self.steps else 0.0
+
+    def record(self, counts: torch.Tensor, drafts: int) -> None:
+        """counts [rows]: the tokens each live row gained in one step."""
+        rows, gained = len(counts), int(counts.sum())
+        self.steps, self.drafted, self.accepted = self.steps + rows, self.drafted + drafts * rows, \
+            self.accepted + gained - rows
+
+
+@dataclass
+class _Decoded:
+    """What one decode step gives each of its rows, on the device: tokens [rows, T] (T = 1, or k + 1 when
+    speculating) of which the first counts[row] are new (the rest are rejected drafts), their log-probs [rows, T]
+    and top log-probs (values, ids) [rows, T, top] when asked (else None)."""
+
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
+
+
 def _pairs(top, rows: int) -> list[TopLogprobs]:
     """(log-probs [N, k], ids [N, k]) from `token_logprobs` as one list of (id, log-prob) pairs per row."""
     if top is None:
@@ -106,12 +156,24 @@ def _pairs(top, rows: int) -> list[TopLogprobs]:
 
 class Engine:
     def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None,
-                 prefix_cache_tokens: int | None = None, threads: int | None = None):
+                 prefix_cache_tokens: int | None = None, threads: int | None = None, speculative: str | None = None,
+                 num_speculative_tokens: int = 1):
         """prefix_cache_tokens: tokens the serving thread's prefix cache holds at most (default 4 × max_seq_len;
         0 = no prefix caching). threads: CPU intra-op threads for decoding; None measures the decode steps at each
-        count and keeps the fastest as the machine's load changes (openseek/threads.py)."""
+        count and keeps the fastest as the machine's load changes (openseek/threads.py). speculative="mtp": draft
+        `num_speculative_tokens` tokens per step with the model's MTP module (see the module docstring)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r}: the one kind is 'mtp' (or None: no speculation)")
+        if speculative == "mtp" and not len(model.mtp):
+            raise ValueError("speculative='mtp' needs a model with MTP modules (num_nextn_predict_layers >= 1); this "
+                             "one has none (its checkpoint ships no MTP weights, or it was trained without them)")
+        k = num_speculative_tokens
+        if speculative and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1 (tokens drafted per step), got {k!r}")
+        self.draft_tokens = k if speculative else 0  # k drafted per step; 0 = no speculation
+        self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
@@ -127,7 +189,7 @@ class Engine:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.cfg, self.model.dtype)
+        return kv_bytes_per_token(self.cfg, self.model.dtype, mtp_layers=1 if self.draft_tokens else 0)
 
     # ---- checks -----------------------------------------------------------------------------------------------
 
@@ -215,25 +277,34 @@ class Engine:
 
     def _run_to_end(self, prompts, src, max_new_tokens, params, stop, generator, want_logprobs) -> list[Completion]:
         """Admit rows src[i] -> prompts[src[i]] into one batch (one prefill per prompt) and step until every row
-        stops. Tokens stay on the device; the host looks for finished rows every FINISH_CHECK_EVERY steps."""
+        stops. Tokens stay on the device; the host looks for finished rows every FINISH_CHECK_EVERY steps (every
+        step when speculating: rows then gain different numbers of tokens, and the step reads them anyway)."""
         device = self.model.device
-        R = len(src)
-        batch = _Batch(self, R, max(len(prompts[i]) for i in src) + max_new_tokens)
+        R, T = len(src), 1 + self.draft_tokens  # T: tokens a step may give a row
+        # a row's last step may write up to T - 1 tokens past its end (cut off below); its cache, as many slots
+        batch = _Batch(self, R, max(len(prompts[i]) for i in src) + max_new_tokens + T - 1)
         batch.admit(prompts, src, list(range(R)), [params] * R, list(range(R)))
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         row_of = torch.arange(R, device=device)  # output row of each batch row (rows leave once finished)
-        out_tokens = torch.zeros(R, max_new_tokens, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(R, max_new_tokens, device=device) if want_logprobs else None
+        out_tokens = torch.zeros(R, max_new_tokens + T, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(R, max_new_tokens + T, device=device) if want_logprobs else None
+        produced = torch.zeros(R, dtype=torch.long, device=device)  # new tokens per batch row (max_new_tokens at most)
         finished = torch.zeros(R, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
+        offsets = torch.arange(T, device=device)
+        for step in range(1, max_new_tokens + 1):  # every step gives every row at least one token
             with self.threads.unit():
-                tokens, logprobs, _ = batch.step(generator, want_logprobs)
-            out_tokens[row_of, step] = tokens
+                out = batch.step(generator, want_logprobs)
+            at = produced[:, None] + offsets  # a row's tokens past its count are overwritten by its next step
+            out_tokens[row_of[:, None], at] = out.tokens
             if want_logprobs:
-                out_logprobs[row_of, step] = logprobs
+                out_logprobs[row_of[:, None], at] = out.logprobs
+            if self.draft_tokens:
+                self.stats.record(out.counts[~finished], self.draft_tokens)
             if stop:
-                finished |= torch.isin(tokens, stop_ids)
-            if stop and (step + 1) % FINISH_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
+                finished |= (torch.isin(out.tokens, stop_ids) & (offsets < out.counts[:, None])).any(dim=1)
+            produced = (produced + out.counts).clamp(max=max_new_tokens)
+            if step < max_new_tokens and (self.draft_tokens or stop and step % FINISH_CHECK_EVERY == 0):
+                finished |= produced == max_new_tokens
                 done = int(finished.sum())
                 if done == len(finished):
                     break
@@ -242,7 +313,9 @@ class Engine:
                     batch.keep(keep)
                     if isinstance(generator, list):
                         generator = [generator[i] for i in keep.tolist()]
-                    row_of, finished = row_of[keep], finished[keep]
+                    row_of, finished, produced = row_of[keep], finished[keep], produced[keep]
+        out_tokens = out_tokens[:, :max_new_tokens]
+        out_logprobs = None if out_logprobs is None else out_logprobs[:, :max_new_tokens]
         return [
             self._completion(t, None if out_logprobs is None else lp, stop, max_new_tokens)
             for t, lp in zip(out_tokens.tolist(), [None] * R if out_logprobs is None else out_logprobs.tolist())
@@ -326,7 +399,8 @@ class Engine:
             try:
                 with self._model_lock, torch.inference_mode():
                     if batch is None:
-                        batch = _Batch(self, self.max_batch_size, self.max_seq_len)
+                        # a row's last step may write k draft slots past max_seq_len
+                        batch = _Batch(self, self.max_batch_size, self.max_seq_len + self.draft_tokens)
                     if new:
                         self._admit(batch, new)
                     cancelled = [i for i, r in enumerate(batch.owner) if r is not None and r.cancelled]
@@ -340,18 +414,23 @@ class Engine:
                     top = max((r.top_logprobs_k for r in live if r.want_logprobs), default=0)
                     generators = [None if r is None else r.generator for r in batch.owner]
                     with self.threads.unit():
-                        chosen, logprobs, top_logprobs = batch.step(generators, want_logprobs, top)
-                    chosen = chosen.tolist()
-                    logprobs = logprobs.tolist() if want_logprobs else [None] * len(chosen)
-                    top_logprobs = _pairs(top_logprobs, len(chosen))
+                        out = batch.step(generators, want_logprobs, top)
+                    rows, T = out.tokens.shape
+                    if self.draft_tokens:
+                        live = torch.tensor([r is not None for r in batch.owner], device=out.counts.device)
+                        self.stats.record(out.counts[live], self.draft_tokens)
+                    chosen, counts = out.tokens.tolist(), out.counts.tolist()
+                    logprobs = out.logprobs.tolist() if want_logprobs else [[None] * T] * rows
+                    pairs = _pairs(None if top == 0 else tuple(t.flatten(0, 1) for t in out.top_logprobs), rows * T)
+                    top_logprobs = [pairs[i * T : (i + 1) * T] for i in range(rows)]
             except Exception as error:  # fail the running requests, keep serving the others
                 for r in [*(batch.owner if batch else []), *new]:
                     if r is not None and not r.done:
                         r._finish("error", error)
                 batch = None
                 continue
-            finished = [i for i, r in enumerate(batch.owner)
-                        if r is not None and self._emit(r, chosen[i], logprobs[i], top_logprobs[i])]
+            finished = [i for i, r in enumerate(batch.owner) if r is not None and any(
+                self._emit(r, chosen[i][j], logprobs[i][j], top_logprobs[i][j]) for j in range(counts[i]))]
             for i in finished:
                 request = batch.owner[i]
                 if self.prefix_cache is not None and request.finish_reason in ("stop", "length"):
@@ -366,6 +445,8 @@ class Engine:
         rows = batch.free_rows(len(new))
         starts = [0 if prefix is None or r.prompt_logprobs is not None else prefix.load(r.prompt, batch.cache, row)
                   for r, row in zip(new, rows)]
+        if self.draft_tokens:  # the MTP layer's last cached slot saw the token after it, which may differ here
+            starts = [max(0, start - 1) for start in starts]
         scoring = any(r.prompt_logprobs is not None for r in new)
         logits = batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new,
                              starts, all_logits=scoring)
@@ -417,12 +498,17 @@ class _Batch:
     Per row: its owner (None = a free row), its sampling parameters, the token it feeds next and that token's
     position (device tensors `tokens`, `slots`: a step needs no host sync; `positions` is the host copy). A
     token's slot is its position (cache.py). Free rows decode a dummy token at slot 0 and do not advance; free
-    rows at the end are dropped, so `size` is 0 when no row is owned.
+    rows at the end are dropped, so `size` is 0 when no row is owned. When speculating (k = `draft_tokens` > 0),
+    each row also carries `mtp_state` [1, H]: the MTP module's output at the position before its token, which the
+    next step drafts from (zeros for a one-token prompt: its first draft is a guess, which changes no output).
     """
 
     def __init__(self, engine: Engine, capacity: int, max_len: int):
         self.model, self.device = engine.model, engine.model.device
-        self.cache = make_cache(engine.cfg, capacity, max_len, self.model.dtype, self.device)
+        self.draft_tokens = engine.draft_tokens
+        self.cache = make_cache(engine.cfg, capacity, max_len, self.model.dtype, self.device,
+                                mtp_layers=1 if self.draft_tokens else 0)
+        self.mtp_state = torch.zeros(0, 1, engine.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
         self.owner: list = []
         self.params: list[SamplingParams] = []
         self.positions: list[int] = []
@@ -456,6 +542,7 @@ class _Batch:
             self.positions += [0] * grow
             zeros = torch.zeros(grow, dtype=torch.long, device=self.device)
             self.tokens, self.slots = torch.cat((self.tokens, zeros)), torch.cat((self.slots, zeros))
+            self.mtp_state = torch.cat((self.mtp_state, self.mtp_state.new_zeros(grow, *self.mtp_state.shape[1:])))
         index = torch.tensor(rows, device=self.device)
         starts = starts or [0] * len(rows)
         logits = [None] * len(rows)
@@ -488,15 +575,18 @@ class _Batch:
         heads = [p[:-1] for p in prompts]
         T = max(len(h) for h in heads)
         if T == 0:
+            self._set_mtp_state(dest, None, src, [])
             return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
-        ids = torch.zeros(len(heads), T, dtype=torch.long)
+        ids = torch.zeros(len(heads), T + 1, dtype=torch.long)  # the prompt; column t + 1 is the token after t
         real = torch.zeros(len(heads), T, dtype=torch.bool)
-        for i, h in enumerate(heads):
-            ids[i, : len(h)] = torch.tensor(h, dtype=torch.long)
+        for i, (p, h) in enumerate(zip(prompts, heads)):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
             real[i, : len(h)] = True
         self.cache.prefill(src, dest)
-        return self.model(ids.to(self.device), padding_mask=None if bool(real.all()) else real.to(self.device),
-                          cache=self.cache, all_logits=all_logits)
+        padding = None if bool(real.all()) else real.to(self.device)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0).to(self.device)  # pads repeat the last position
+        return self._forward(ids.to(self.device), positions, padding, all_logits, dest, src,
+                             [len(h) - 1 for h in heads])
 
     def _extend(self, prompts: list[list[int]], starts: list[int], dest: torch.Tensor, all_logits: bool):
         """Store prompts[i][starts[i]:-1] into cache row dest[i], which holds the prompt's first starts[i] tokens
@@ -505,39 +595,101 @@ class _Batch:
         T = max(len(p) - 1 - start for p, start in zip(prompts, starts))
         if T == 0:
             return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
-        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        ids = torch.zeros(len(prompts), T + 1, dtype=torch.long)  # column t + 1 is the token after t
         slots = torch.zeros(len(prompts), T, dtype=torch.long)
         for i, (p, start) in enumerate(zip(prompts, starts)):
-            n = len(p) - 1 - start
-            ids[i, :n] = torch.tensor(p[start:-1], dtype=torch.long)
+            ids[i, : len(p) - start] = torch.tensor(p[start:], dtype=torch.long)
             slots[i] = (torch.arange(start, start + T)).clamp(max=len(p) - 1)
         slots = slots.to(self.device)
         self.cache.decode(slots, length=int(slots.max()) + 1, rows=dest)
-        return self.model(ids.to(self.device), positions=slots, cache=self.cache, all_logits=all_logits)
+        rows = torch.arange(len(prompts), device=self.device)
+        return self._forward(ids.to(self.device), slots, None, all_logits, dest, rows,
+                             [len(p) - 2 - start for p, start in zip(prompts, starts)])
 
-    def step(self, generator=None, want_logprobs: bool = False, top: int = 0):
+    def _forward(self, ids, positions, padding_mask, all_logits: bool, dest, src, last: list[int]):
+        """The prefill forward over the cache of ids[:, :-1] (at `positions`); returns its logits [P, T, V] (only
+        the last position's unless `all_logits`). When speculating, the MTP module then runs over the same
+        positions, each seeing the token after it (ids[:, 1:]), which fills its cache layer, and its output at
+        index last[src[i]] becomes the state of cache row dest[i] (the position before the prompt's last token)."""
+        if not self.draft_tokens:
+            return self.model(ids[:, :-1], positions=positions, padding_mask=padding_mask, cache=self.cache,
+                              all_logits=all_logits)
+        hidden = self.model.hidden_states(ids[:, :-1], positions, padding_mask, self.cache)
+        logits = self.model.lm_head(hidden if all_logits else hidden[:, -1:])
+        mtp = self.model.mtp_hidden(0, hidden, ids[:, 1:], positions, padding_mask, self.cache)
+        self._set_mtp_state(dest, mtp, src, last)
+        return logits
+
+    def _set_mtp_state(self, dest: torch.Tensor, mtp: torch.Tensor | None, src, last: list[int]) -> None:
+        """Row dest[i] drafts next from mtp[src[i], last[src[i]]] (zeros where that index is -1: no state)."""
+        if not self.draft_tokens:
+            return
+        state = torch.zeros(len(dest), 1, self.mtp_state.shape[-1], dtype=self.mtp_state.dtype, device=self.device)
+        for i, j in enumerate(src.tolist()):
+            if mtp is not None and last[j] >= 0:
+                state[i, 0] = mtp[j, last[j]]
+        self.mtp_state = self.mtp_state.index_copy(0, dest, state)
+
+    def step(self, generator=None, want_logprobs: bool = False, top: int = 0) -> _Decoded:
         """The decode step: every row feeds its token at its position and samples the next one with its own
-        parameters. Returns the next token per row [size] (long), its log-prob [size] (float32, when asked, else
-        None) and the `top` most likely (log-probs, ids) [size, top] (when asked, else None), all on the device;
-        no host sync. generator: one torch.Generator for the whole batch, or a list with one per row (None = the
-        global RNG)."""
+        parameters — or, when speculating, feeds its token and k drafts and keeps the accepted ones and one more.
+        Returns per row its new tokens (1, or 1..k+1), their log-probs (float32, when asked) and the `top` most
+        likely (log-probs, ids) (when asked), all on the device; without speculation, no host sync. generator: one
+        torch.Generator for the whole batch, or a list with one per row (None = the global RNG)."""
         self._update()
         if self._sampler is None:
             self._sampler = Sampler(self.params, self.device)
             live = [o is not None for o in self.owner]
             self._advance = 1 if all(live) else torch.tensor(live, dtype=torch.long, device=self.device)
+        if self.draft_tokens:
+            return self._speculate(generator, want_logprobs, top)
         self.cache.decode(self.slots, length=max(self.positions) + 1)
         logits = self.model(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
         tokens, logprobs, top_logprobs = self._sampler(logits, generator, want_logprobs, top)
         self.tokens, self.slots = tokens, self.slots + self._advance
         self.positions = [p + (o is not None) for p, o in zip(self.positions, self.owner)]
-        return tokens, logprobs, top_logprobs
+        unsqueeze = lambda t: None if t is None else t[:, None]  # noqa: E731
+        return _Decoded(tokens[:, None], torch.ones_like(tokens), unsqueeze(logprobs),
+                        None if top_logprobs is None else tuple(map(unsqueeze, top_logprobs)))
+
+    def _speculate(self, generator, want_logprobs: bool, top: int) -> _Decoded:
+        """The decode step with MTP speculation (see the module docstring): draft k tokens per row, verify them in
+        one forward of the main model, accept, and run the MTP module over the accepted positions."""
+        k, model, cache = self.draft_tokens, self.model, self.cache
+        length = max(self.positions) + 1
+        drafts, draft_probs, state = [], [], self.mtp_state
+        for j in range(k):  # draft j + 1 continues from draft j, at the next position
+            if j:
+                cache.decode(self.slots + j - 1, length=length + j - 1)
+                state = model.mtp_hidden(0, state, drafts[-1][:, None], (self.slots + j - 1)[:, None], cache=cache)
+            token, probs = self._sampler.draft(model.mtp_head(0, state)[:, -1], generator)
+            drafts.append(token)
+            draft_probs.append(probs)
+        drafts = torch.stack(drafts, dim=1)
+        slots = self.slots[:, None] + torch.arange(k + 1, device=self.device)
+        cache.decode(slots, length=length + k)
+        hidden = model.hidden_states(torch.cat((self.tokens[:, None], drafts), dim=1), slots, cache=cache)
+        tokens, counts, logprobs, top_logprobs = self._sampler.verify(
+            model.lm_head(hidden), drafts, None if draft_probs[0] is None else torch.stack(draft_probs, dim=1),
+            generator, want_logprobs, top)
+        # the MTP module at each verified position, with the token after it; only the accepted ones are kept
+        # (a row's later slots, in its layers and the main model's, are overwritten by its next step)
+        mtp = model.mtp_hidden(0, hidden, tokens, slots, cache=cache)
+        last = (counts - 1)[:, None]
+        self.mtp_state = mtp.gather(1, last[:, :, None].expand(-1, 1, mtp.shape[-1]))
+        self.tokens = tokens.gather(1, last)[:, 0]
+        # a row that finished in `generate` but is still in the batch stops at the cache's end
+        end = cache.max_len - 1 - k
+        self.slots = (self.slots + counts * self._advance).clamp(max=end)
+        self.positions = [min(p + c, end) if o is not None else p
+                          for p, c, o in zip(self.positions, counts.tolist(), self.owner)]
+        return _Decoded(tokens, counts, logprobs, top_logprobs)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only rows `rows` (device, long), moved to the front in that order: the others leave the batch."""
         self._update()
         self.cache.select_rows(rows)
-        self.tokens, self.slots = self.tokens[rows], self.slots[rows]
+        self.tokens, self.slots, self.mtp_state = self.tokens[rows], self.slots[rows], self.mtp_state[rows]
         order = rows.tolist()
         self.owner = [self.owner[i] for i in order]
         self.params = [self.params[i] for i in order]
@@ -559,6 +711,7 @@ class _Batch:
             return
         self._vacated, self._sampler = False, None
         self.tokens, self.slots = self.tokens[: self.size], self.slots[: self.size]
+        self.mtp_state = self.mtp_state[: self.size]
         free = [i for i, o in enumerate(self.owner) if o is None]
         if free:
             index = torch.tensor(free, device=self.device)

@@ -7,6 +7,12 @@ The log-prob returned for a chosen token is under the model's temperature-scaled
 vocabulary — log_softmax(logits / temperature), plain log_softmax at temperature 0 — taken *before* top-k/top-p
 filtering. That is the quantity RL compares with the trainer's recomputed log-probs, and what serve returns as
 `logprobs` (`token_logprobs` scores prompt tokens the same way, so echo and eval agree with generation).
+
+Speculative decoding (`Sampler.draft`, `Sampler.verify`) keeps the output distribution exactly the model's: a draft
+token x drawn from the draft distribution q is accepted with probability min(1, p(x)/q(x)), and at the first
+rejection the token is drawn from norm(max(0, p − q)) instead (Leviathan et al. 2023; Chen et al. 2023); greedy
+rows accept a draft when it is the argmax. p and q are both the row's sampling distribution — temperature, top-k
+and top-p applied alike — so what comes out is distributed as non-speculative sampling with those parameters.
 """
 
 from __future__ import annotations
@@ -73,14 +79,80 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             scaled = logits
         else:
-            scaled = logits / self.divisor
-            kept = filter_top_k_top_p(scaled, self.top_k, self.top_p) if self.filtering else scaled
-            tokens = draw(kept.softmax(dim=-1), generator)
+            scaled, probs = self.distribution(logits)
+            tokens = draw(probs, generator)
             if self.any_greedy:
                 tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
         if not want_logprobs:
             return tokens, None, None
         return tokens, *token_logprobs(scaled, tokens, top)
+
+    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] or [B, T, V] (float32, T positions of each row) -> the temperature-scaled logits and the
+        distribution each row samples from (top-k/top-p applied), both of that shape."""
+        shape = logits.shape
+        scaled = logits.reshape(shape[0], -1, shape[-1]) / self.divisor[:, :, None]
+        kept = scaled
+        if self.filtering:
+            T = scaled.shape[1]
+            kept = filter_top_k_top_p(scaled.flatten(0, 1), self.top_k.repeat_interleave(T),
+                                      self.top_p.repeat_interleave(T)).view_as(scaled)
+        return scaled.view(shape), kept.softmax(dim=-1).view(shape)
+
+    def draft(self, logits: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft token per row from the draft model's logits [B, V], and the distribution q it was drawn from
+        ([B, V]; None when every row is greedy, whose drafts are the argmax and need no q)."""
+        logits = logits.float()
+        if self.all_greedy:
+            return logits.argmax(dim=-1), None
+        _, probs = self.distribution(logits)
+        tokens = draw(probs, generator)
+        if self.any_greedy:
+            tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
+        return tokens, probs
+
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None, generator=None,
+               want_logprobs: bool = False, top: int = 0):
+        """The speculative-sampling acceptance rule. logits [B, k+1, V]: the model's at the fed token and at each of
+        the k drafts [B, k] (drawn from draft_probs [B, k, V], see `draft`). Returns tokens [B, k+1] — each row's
+        accepted drafts, then the token drawn where it stopped (from the residual after a rejection, from p after
+        all k); entries past it are rejected drafts — the count of valid tokens per row [B] (1..k+1), and, as in
+        `__call__`, their log-probs [B, k+1] and top log-probs ([B, k+1, top] each) when asked."""
+        logits = logits.float()
+        B, k = drafts.shape
+        rows = torch.arange(B, device=logits.device)
+        best = logits.argmax(dim=-1)
+        if self.all_greedy:
+            scaled, accepted = logits, drafts == best[:, :k]
+        else:
+            scaled, p = self.distribution(logits)
+            p_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+            q_draft = draft_probs.gather(-1, drafts[..., None])[..., 0]
+            accepted = uniform((B, k), generator, logits.device) * q_draft < p_draft  # probability min(1, p/q)
+            if self.any_greedy:
+                accepted = torch.where(self.greedy[:, None], drafts == best[:, :k], accepted)
+        n = accepted.long().cumprod(dim=1).sum(dim=1)  # drafts accepted before the first rejection
+        last = best[rows, n]
+        if not self.all_greedy:
+            at = n.clamp(max=k - 1)
+            after_rejection = residual(p[rows, at], draft_probs[rows, at])
+            drawn = draw(torch.where((n < k)[:, None], after_rejection, p[rows, n]), generator)
+            last = torch.where(self.greedy, last, drawn)
+        tokens = torch.cat((drafts, last[:, None]), dim=1).scatter(1, n[:, None], last[:, None])
+        if not want_logprobs:
+            return tokens, n + 1, None, None
+        chosen, top_logprobs = token_logprobs(scaled.flatten(0, 1), tokens.flatten(), top)
+        if top_logprobs is not None:
+            top_logprobs = tuple(t.view(B, k + 1, top) for t in top_logprobs)
+        return tokens, n + 1, chosen.view(B, k + 1), top_logprobs
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p − q)) per row [B, V]: where a rejected draft's token comes from. (p itself where p ≤ q
+    everywhere up to rounding: a rejection is then all but impossible, and p is what it should have kept.)"""
+    mass = (p - q).clamp(min=0)
+    total = mass.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, mass / total.clamp(min=torch.finfo(mass.dtype).tiny), p)
 
 
 def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor, top: int = 0):
@@ -89,6 +161,17 @@ def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor, top: int = 0):
     logprobs = scaled.log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     return chosen, (tuple(logprobs.topk(top, dim=-1)) if top else None)
+
+
+def uniform(shape: tuple[int, int], generator, device) -> torch.Tensor:
+    """U[0, 1) draws [B, n], row b from generator[b] when `generator` is a list (as `draw`)."""
+    if not isinstance(generator, list):
+        return torch.rand(shape, generator=generator, device=device)
+    values = torch.rand(shape, device=device)
+    for row, g in enumerate(generator):
+        if g is not None:
+            values[row] = torch.rand(shape[1:], generator=g, device=device)
+    return values
 
 
 def draw(probs: torch.Tensor, generator) -> torch.Tensor:

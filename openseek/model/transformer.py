@@ -143,15 +143,29 @@ class Model(nn.Module):
         """
         out = []
         B, T = input_ids.shape
-        for k, layer in enumerate(self.mtp, start=1):
-            n = T - k
+        for depth in range(len(self.mtp)):
+            n = T - depth - 1
             positions = torch.arange(n, device=input_ids.device).expand(B, n)
-            cos, sin = self.rotary(positions, hidden.dtype)
-            e = layer.enorm(self.embed_tokens(input_ids[:, k:]))
-            h = layer.eh_proj(torch.cat((e, layer.hnorm(hidden[:, :n])), dim=-1))
-            hidden = layer(h, cos, sin, None)
-            out.append(self.lm_head(layer.shared_head.norm(hidden)))
+            hidden = self.mtp_hidden(depth, hidden[:, :n], input_ids[:, depth + 1 :], positions)
+            out.append(self.mtp_head(depth, hidden))
         return out
+
+    def mtp_hidden(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                   padding_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """MTP depth `depth` (0-based) over [B, T]: position i combines hidden[:, i] (the main model's final normed
+        state there, or the previous depth's output) with the embedding of next_ids[:, i], the token after it, and
+        returns the layer's output [B, T, H] (`mtp_head` turns it into logits). The engine's speculative decoding
+        runs it over its cache, whose layer num_hidden_layers + depth belongs to this depth."""
+        layer = self.mtp[depth]
+        cos, sin = self.rotary(positions, hidden.dtype)
+        mask = None if padding_mask is None else causal_padding_mask(padding_mask)
+        e = layer.enorm(self.embed_tokens(next_ids))
+        h = layer.eh_proj(torch.cat((e, layer.hnorm(hidden)), dim=-1))
+        return layer(h, cos, sin, mask, None if cache is None else cache.layers[self.cfg.num_hidden_layers + depth])
+
+    def mtp_head(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from an MTP depth's output: its own norm, then the main model's head."""
+        return self.lm_head(self.mtp[depth].shared_head.norm(hidden))
 
 
 def causal_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:

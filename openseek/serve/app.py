@@ -347,6 +347,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt in full (default: reuse the cached start of recent prompts)")
+    parser.add_argument("--speculative", choices=["mtp"],
+                        help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
     add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
@@ -360,7 +363,8 @@ def main(args) -> int:
 
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
                                     args.max_model_len, args.quantize, args.group_size, args.adapter,
-                                    prefix_cache=not args.no_prefix_cache)
+                                    prefix_cache=not args.no_prefix_cache, speculative=args.speculative,
+                                    num_speculative_tokens=args.num_speculative_tokens)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,

@@ -1,8 +1,8 @@
 """What `/metrics` shows: the server's Prometheus series, kept and rendered by `prometheus_client`.
 
 Each Server has its own registry (never the process-wide default), so several apps in one process, as in the
-tests, count separately and never clash over a metric name. The Engine's prefix cache counts for itself; its
-figures are read at each scrape.
+tests, count separately and never clash over a metric name. The Engine's prefix cache and its speculative decoding
+count for themselves; their figures are read at each scrape.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format generate_latest write
 
 
 class Metrics:
-    def __init__(self, capacity: int, in_flight: Callable[[], int], prefix_cache=None):
+    def __init__(self, capacity: int, in_flight: Callable[[], int], prefix_cache=None, speculation=None):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("openseek_requests_total", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=registry)
@@ -34,6 +34,8 @@ class Metrics:
                                        registry=registry)
         if prefix_cache is not None:
             registry.register(_PrefixCacheFigures(prefix_cache))
+        if speculation is not None:
+            registry.register(_SpeculationFigures(speculation))
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -57,3 +59,21 @@ class _PrefixCacheFigures:
         yield GaugeMetricFamily("openseek_prefix_cache_hit_rate", "Hit tokens / queried tokens since the start.",
                                 value=c.hit_tokens / c.queried_tokens if c.queried_tokens else 0.0)
         yield GaugeMetricFamily("openseek_prefix_cache_tokens", "Tokens the prefix cache holds now.", value=c.tokens)
+
+
+class _SpeculationFigures:
+    """The Engine's speculative-decoding counters (`engine.stats`) as Prometheus series."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats
+        yield CounterMetricFamily("openseek_spec_decode_draft_tokens", "Draft tokens verified by the model.",
+                                  value=s.drafted)
+        yield CounterMetricFamily("openseek_spec_decode_accepted_tokens", "Draft tokens accepted.", value=s.accepted)
+        yield GaugeMetricFamily("openseek_spec_decode_acceptance_rate", "Accepted / drafted since the start.",
+                                value=s.acceptance_rate)
+        yield GaugeMetricFamily("openseek_spec_decode_mean_accepted_length",
+                                "Tokens a sequence gains per decode step (1 + accepted drafts).",
+                                value=s.mean_accepted_length)

@@ -134,7 +134,8 @@ class Server:
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_token_ids = stop_token_ids(engine.cfg, tokenizer)
         self.in_flight = 0
-        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, engine.prefix_cache)
+        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, engine.prefix_cache,
+                               engine.stats if getattr(engine, "draft_tokens", 0) else None)
         self.accepting = True
 
     def close(self) -> None:
@@ -434,11 +435,14 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
-                quantize: str = "none", group_size: int = 32, adapter: str | None = None, prefix_cache: bool = True):
+                quantize: str = "none", group_size: int = 32, adapter: str | None = None, prefix_cache: bool = True,
+                speculative: str | None = None, num_speculative_tokens: int = 1):
     """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top), its tokenizer
-    and an Engine on it (with prefix caching unless `prefix_cache` is False): what both `serve` and `chat` run on."""
+    and an Engine on it (with prefix caching unless `prefix_cache` is False; with MTP speculative decoding when
+    `speculative="mtp"`): what both `serve` and `chat` run on."""
     directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
     model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size, adapter=adapter)
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len,
-                    prefix_cache_tokens=None if prefix_cache else 0)
+                    prefix_cache_tokens=None if prefix_cache else 0, speculative=speculative,
+                    num_speculative_tokens=num_speculative_tokens)
     return engine, Tokenizer.from_dir(directory)
