@@ -66,3 +66,13 @@ def hf_model_dir(tmp_path):
         return directory, model
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run their many small ops faster on one thread, and far more steadily on a busy machine; the
+    previous count is restored after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -58,3 +59,18 @@ def tiny_fp64_model(seed=0):
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
     return model
+
+
+REWARD = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
+
+
+def grpo_args(model_dir, run_dir, *extra) -> list[str]:
+    """`openseek grpo` on the arithmetic task with the digit-share reward, fixed threads and float32 (runs are
+    reproducible and exact)."""
+    return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
+            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
+            "--threads", "1", "--precision", "float32", *extra]
+
+
+def metrics_of(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

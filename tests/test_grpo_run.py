@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,8 @@ from openseek.train.grpo import (
     load_prompt_file,
 )
 from openseek.train.trainer import TrainConfig
-from helpers_grpo import digit_share, rollout_once, tiny_model_dir
+from helpers_grpo import REWARD, digit_share, grpo_args, metrics_of, rollout_once, tiny_model_dir
 
-REWARD = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +32,9 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("grpo") / "model")
 
 
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def grpo_args(model_dir, run_dir, *extra):
-    return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
-            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
-            "--threads", "1", "--precision", "float32", *extra]  # fixed threads and float32: reproducible, exact
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run their many small ops faster on one thread, and far more steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def test_short_run_raises_the_mean_reward(model_dir, tmp_path):

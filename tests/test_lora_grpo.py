@@ -4,7 +4,6 @@ disabled, no copy), resume is exact, and bad LoRA settings are refused before an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ from openseek.tasks import get_task
 from openseek.tokenizer import Tokenizer
 from openseek.train.grpo import GRPOConfig, completion_logprobs
 from openseek.train.trainer import TrainConfig
-from helpers_grpo import digit_share, tiny_model_dir
+from helpers_grpo import digit_share, grpo_args, metrics_of, tiny_model_dir
 
-REWARD = f"{Path(__file__).parent / 'helpers_grpo.py'}:digit_share"
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +24,9 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("grpo_lora") / "model")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def grpo_args(model_dir, run_dir, *extra):
-    return ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--task-size", "200", "--reward", REWARD,
-            "--template", "plain", "--max-new-tokens", "16", "--output-dir", str(run_dir), "--no-progress",
-            "--threads", "1", "--precision", "float32", *extra]  # fixed threads and float32: reproducible, exact
 
 
 def test_short_lora_run_raises_the_mean_reward(model_dir, tmp_path):

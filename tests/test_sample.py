@@ -21,13 +21,7 @@ from helpers_grpo import tiny_model_dir
 HELPERS = Path(__file__).parent / "helpers_grpo.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run their many small ops faster on one thread, and far more steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

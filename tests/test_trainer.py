@@ -32,13 +32,7 @@ from openseek.train.trainer import (
 from openseek.train.muon import orthogonalise
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes two threads spin; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def _config(tmp_path, name="run", **overrides):

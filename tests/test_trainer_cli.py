@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import openseek
 from helpers_train import TINY_DEEPSEEK, read_metrics, successor_documents, tiny_tokenizer, write_corpus
@@ -18,12 +17,7 @@ from openseek.train.trainer import list_checkpoints
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -52,10 +52,11 @@ class _PrefixCacheFigures:
 
     def collect(self):
         c = self.cache
-        yield CounterMetricFamily("openseek_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
-                                  value=c.queried_tokens)
+        yield CounterMetricFamily("openseek_prefix_cache_queried_tokens",
+                                  "Prompt tokens looked up in the prefix cache.", value=c.queried_tokens)
         yield CounterMetricFamily("openseek_prefix_cache_hit_tokens",
-                                  "Prompt tokens found in the prefix cache, so not prefilled again.", value=c.hit_tokens)
+                                  "Prompt tokens found in the prefix cache, so not prefilled again.",
+                                  value=c.hit_tokens)
         yield GaugeMetricFamily("openseek_prefix_cache_hit_rate", "Hit tokens / queried tokens since the start.",
                                 value=c.hit_tokens / c.queried_tokens if c.queried_tokens else 0.0)
         yield GaugeMetricFamily("openseek_prefix_cache_tokens", "Tokens the prefix cache holds now.", value=c.tokens)

@@ -316,7 +316,8 @@ class Server:
                 self.metrics.time_to_first_token.observe(job.first_token - job.started)
             choice.completion_tokens += 1
             k = choice.completion_tokens - 1
-            scored = self._scored(choice, token, handle.logprobs[k], handle.top_logprobs[k]) if choice.logprobs else None
+            scored = (self._scored(choice, token, handle.logprobs[k], handle.top_logprobs[k]) if choice.logprobs
+                      else None)
             if token in self.stop_token_ids:
                 finish = "stop"
                 self._file(choice, scored, choice.splitter is not None and choice.splitter.in_reasoning)
