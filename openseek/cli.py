@@ -17,7 +17,7 @@ COMMANDS = {
     "pretrain": ("openseek.train.pretrain", "pretrain a model on local text (packed sequences)"),
     "sft": ("openseek.train.sft", "supervised fine-tuning on chat `messages` JSONL (loss on assistant tokens)"),
     "grpo": ("openseek.train.grpo", "reinforce reasoning with GRPO / Dr. GRPO / DAPO on verifiable rewards"),
-    "merge": ("openseek.lora", "merge a LoRA adapter (PEFT's format) into its base model: a full HF model"),
+    "merge": ("openseek.merge", "merge a LoRA adapter (PEFT's format) into its base model: a full HF model"),
     "sample": ("openseek.train.sample", "rejection sampling: keep completions a reward accepts, write SFT JSONL"),
     "eval": ("openseek.evaluate", "evaluate with R1's protocol: pass@1 over n samples, pass@k, maj@k"),
     "serve": ("openseek.serve.app", "serve a model privately with an OpenAI-compatible API and a chat page"),

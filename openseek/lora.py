@@ -21,12 +21,11 @@ o_proj) and its shared experts' gate/up/down_proj are linear layers like any oth
 [E, out, in] parameters, not linear layers: LoRA on them is not implemented and asking for it is refused. MTP
 modules are not adapted (transformers does not build them, so PEFT adapters never cover them).
 
-`openseek merge --model BASE --adapter DIR --output OUT` writes the merged model as a plain HF checkpoint.
+`openseek merge --model BASE --adapter DIR --output OUT` (merge.py) writes the merged model as a plain HF checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -372,37 +371,3 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     for name, p in model.named_parameters():  # as after apply_lora: the base frozen, the adapters trainable
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return model
-
-
-# ---- `openseek merge` --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model directory (or hub id) the adapter was trained on")
-    parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (adapter_config.json + "
-                                                         "adapter_model.safetensors)")
-    parser.add_argument("--output", required=True, help="directory for the merged HF model (with the tokenizer)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="dtype of the merged weights (default: the base checkpoint's)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Merge in float32, then write the model in the base checkpoint's dtype (or --dtype), with its tokenizer."""
-    import openseek
-    from openseek.checkpoint import DTYPES, read_config, resolve
-    from openseek.model.moe import Router
-
-    directory = resolve(args.model)
-    model = openseek.load(directory, dtype=torch.float32, adapter=args.adapter)
-    adapted = len(lora_modules(model))
-    merge_adapters(model)
-    dtype = DTYPES.get(args.dtype or read_config(directory)[0].torch_dtype or "float32", torch.float32)
-    model.to(dtype)
-    for router in (m for m in model.modules() if isinstance(m, Router)):
-        router.float()  # routing stays float32, as `load` keeps it
-    out = openseek.save(model, args.output)
-    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (directory / file).is_file():
-            shutil.copy(directory / file, out / file)
-    print(f"merged the adapters of {adapted} layers into {out}")
-    return 0
