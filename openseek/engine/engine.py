@@ -4,11 +4,13 @@ Batch generation (RL, eval):
 
     engine = Engine(model, max_batch_size=64)
     outs = engine.generate(prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, n=1,
-                           stop_token_ids=None, seed=None, logprobs=False)
+                           stop_token_ids=None, seed=None, logprobs=False, constraint=None)
 
 `prompts` is a list of token-id lists of any lengths. The result has one item per prompt: a list of n
-`Completion`s (also when n == 1), which share one prefill of their prompt. `Completion.token_ids` are the new
-tokens only, ending with the stop token when `finish_reason == "stop"`; `.logprobs` (when asked) are
+`Completion`s (also when n == 1), which share one prefill of their prompt. `constraint` (one spec, or a list with
+one per prompt; see constraint.py) holds each row to the tokens its own state of the spec allows: a grammar (JSON
+schema, Lark, regex), a thinking budget, or both (`Thinking(end_ids, budget, then=grammar)`); it is not available
+with speculative decoding. `Completion.token_ids` are the new tokens only, ending with the stop token when `finish_reason == "stop"`; `.logprobs` (when asked) are
 log_softmax(logits / temperature) of each chosen token over the full vocabulary, before top-k/top-p (plain
 log_softmax at temperature 0); see sampling.py. `stop_token_ids=None` means the model's EOS ids
 (`model.cfg.eos_token_id`); `[]` never stops early. Temperature 0 is greedy; a seed makes sampling reproducible.
@@ -16,7 +18,8 @@ log_softmax at temperature 0); see sampling.py. `stop_token_ids=None` means the 
 Streaming with continuous batching (serve, chat):
 
     request = engine.submit(prompt, max_new_tokens, temperature=..., top_p=..., top_k=..., stop_token_ids=None,
-                            seed=None, logprobs=False, top_logprobs=0, prompt_logprobs=False, on_token=callback)
+                            seed=None, logprobs=False, top_logprobs=0, prompt_logprobs=False, on_token=callback,
+                            constraint=None)
     async for token_id in request: ...      # tokens as they come (or `on_token(token_id)`, on the engine thread)
     completion = await request              # or request.result(timeout) from a thread
     request.cancel()                        # leaves the batch at the next step; finish_reason "cancelled"
@@ -70,6 +73,7 @@ copy per step, which costs nothing on the CPU). `engine.stats` counts drafted an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 from collections import deque
@@ -235,6 +239,7 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         seed: int | list[int] | None = None,
         logprobs: bool = False,
+        constraint=None,
     ) -> list[list[Completion]]:
         """Per prompt, a list of `n` Completions (also when n == 1) sharing one prefill; see the module docstring.
         Blocks until every row (prompt × sample) has finished; rows are decoded up to `max_batch_size` at a time."""
@@ -248,6 +253,7 @@ class Engine:
         prompts = [self._check_prompt(p, max_new_tokens, limit, f"prompt {i}") for i, p in enumerate(prompts)]
         stop = self._stop_ids(stop_token_ids)
         rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
+        specs = self._constraint_specs(constraint, len(prompts))
         generators = self._generators(seed, len(prompts), rows)
         results = [[None] * n for _ in prompts]
         with self._model_lock, torch.inference_mode():
@@ -256,8 +262,9 @@ class Engine:
                 unique = sorted({p for p, _ in chunk})
                 src = [unique.index(p) for p, _ in chunk]
                 generator = generators if not isinstance(generators, list) else generators[start : start + len(chunk)]
+                row_params = [_constrained(params, specs[p]) for p, _ in chunk]
                 completions = self._run_to_end(
-                    [prompts[p] for p in unique], src, max_new_tokens, params, stop, generator, logprobs
+                    [prompts[p] for p in unique], src, max_new_tokens, row_params, stop, generator, logprobs
                 )
                 for (p, s), completion in zip(chunk, completions):
                     results[p][s] = completion
@@ -275,15 +282,29 @@ class Engine:
             raise ValueError(f"seed has {len(seed)} values for {prompts} prompts (one per prompt, or one int)")
         return [torch.Generator(self.model.device).manual_seed((seed[p] * 1_000_003 + s) % 2**63) for p, s in rows]
 
+    def _constraint_specs(self, constraint, prompts: int) -> list:
+        """One constraint spec (or None) per prompt, from `constraint`: None, one spec for all, or a list."""
+        specs = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * prompts
+        if len(specs) != prompts:
+            raise ValueError(f"constraint has {len(specs)} specs for {prompts} prompts (one per prompt, or one)")
+        if self.draft_tokens and any(s is not None for s in specs):
+            raise ValueError("constraint: constrained decoding does not run with speculative decoding (speculative="
+                             "'mtp'); use an Engine without it")
+        for spec in specs:
+            if spec is not None and not callable(getattr(spec, "start", None)):
+                raise ValueError(f"constraint must be a spec with a start() method (constraint.py), got {spec!r}")
+        return specs
+
     def _run_to_end(self, prompts, src, max_new_tokens, params, stop, generator, want_logprobs) -> list[Completion]:
-        """Admit rows src[i] -> prompts[src[i]] into one batch (one prefill per prompt) and step until every row
-        stops. Tokens stay on the device; the host looks for finished rows every FINISH_CHECK_EVERY steps (every
-        step when speculating: rows then gain different numbers of tokens, and the step reads them anyway)."""
+        """Admit rows src[i] -> prompts[src[i]] (sampling with params[i]) into one batch (one prefill per prompt)
+        and step until every row stops. Tokens stay on the device; the host looks for finished rows every
+        FINISH_CHECK_EVERY steps (every step when speculating: rows then gain different numbers of tokens, and the
+        step reads them anyway)."""
         device = self.model.device
         R, T = len(src), 1 + self.draft_tokens  # T: tokens a step may give a row
         # a row's last step may write up to T - 1 tokens past its end (cut off below); its cache, as many slots
         batch = _Batch(self, R, max(len(prompts[i]) for i in src) + max_new_tokens + T - 1)
-        batch.admit(prompts, src, list(range(R)), [params] * R, list(range(R)))
+        batch.admit(prompts, src, list(range(R)), params, list(range(R)))
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         row_of = torch.arange(R, device=device)  # output row of each batch row (rows leave once finished)
         out_tokens = torch.zeros(R, max_new_tokens + T, dtype=torch.long, device=device)
@@ -345,6 +366,7 @@ class Engine:
         top_logprobs: int = 0,
         prompt_logprobs: bool = False,
         on_token=None,
+        constraint=None,
     ) -> Request:
         """Queue one request into the running batch; returns its handle at once (see the module docstring)."""
         if not (prompt_logprobs and max_new_tokens == 0):
@@ -353,7 +375,7 @@ class Engine:
             raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
         if top_logprobs > self.cfg.vocab_size:
             raise ValueError(f"top_logprobs={top_logprobs} is more than the vocabulary ({self.cfg.vocab_size})")
-        params = SamplingParams(temperature, top_p, top_k)
+        params = _constrained(SamplingParams(temperature, top_p, top_k), self._constraint_specs(constraint, 1)[0])
         prompt = self._check_prompt(prompt, max_new_tokens, self.max_seq_len)
         generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
         request = Request(prompt, max_new_tokens, params, self._stop_ids(stop_token_ids), generator, logprobs,
@@ -488,6 +510,11 @@ class Engine:
 
 
 _FREE = SamplingParams(0.0)  # the parameters of a free row (its tokens are never used)
+
+
+def _constrained(params: SamplingParams, spec) -> SamplingParams:
+    """params for one row, with its own state of constraint `spec` (None: unconstrained)."""
+    return params if spec is None else dataclasses.replace(params, constraint=spec.start())
 
 
 class _Batch:

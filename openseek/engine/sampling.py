@@ -13,11 +13,17 @@ token x drawn from the draft distribution q is accepted with probability min(1, 
 rejection the token is drawn from norm(max(0, p − q)) instead (Leviathan et al. 2023; Chen et al. 2023); greedy
 rows accept a draft when it is the argmax. p and q are both the row's sampling distribution — temperature, top-k
 and top-p applied alike — so what comes out is distributed as non-speculative sampling with those parameters.
+
+A row may carry a constraint (`SamplingParams.constraint`, a per-row state from constraint.py): before each token
+the Sampler asks it which tokens may come next and sets the others' logits to -inf (after temperature, before
+top-k/top-p, so those pick among the allowed tokens; greedy takes the best allowed one), then tells it the token
+chosen. Like top-k/top-p, the mask does not change the log-probs returned. Only batches with a constrained row read
+their tokens on the host each step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +33,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
+    constraint: object = field(default=None, compare=False)  # the row's RowConstraint state (constraint.py)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -63,6 +70,8 @@ class Sampler:
         self.all_greedy = all(p.temperature == 0 for p in params)
         self.any_greedy = any(p.temperature == 0 for p in params)
         self.filtering = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+        self.constraints = [p.constraint for p in params]
+        self.constrained = any(c is not None for c in self.constraints)
 
     def select(self, keep: torch.Tensor) -> Sampler:
         """The sampler of the rows `keep` (when finished rows leave the batch)."""
@@ -75,27 +84,45 @@ class Sampler:
         generator: one torch.Generator for the batch, or a list with one per row (None = the global RNG).
         """
         logits = logits.float()
+        allowed = self.allowed(logits.shape[-1]) if self.constrained else None
+        best = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
         if self.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = best.argmax(dim=-1)
             scaled = logits
         else:
-            scaled, probs = self.distribution(logits)
+            scaled, probs = self.distribution(logits, allowed)
             tokens = draw(probs, generator)
             if self.any_greedy:
-                tokens = torch.where(self.greedy, logits.argmax(dim=-1), tokens)
+                tokens = torch.where(self.greedy, best.argmax(dim=-1), tokens)
+        if self.constrained:
+            for constraint, token in zip(self.constraints, tokens.tolist()):
+                if constraint is not None:
+                    constraint.advance(token)
         if not want_logprobs:
             return tokens, None, None
         return tokens, *token_logprobs(scaled, tokens, top)
 
-    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """Bool [B, vocab]: the tokens each row's constraint allows next (all, for a row without one)."""
+        allowed = torch.ones(len(self.constraints), vocab, dtype=torch.bool)
+        for row, constraint in enumerate(self.constraints):
+            mask = None if constraint is None else constraint.allowed()
+            if mask is not None:
+                allowed[row, : len(mask)] = mask[:vocab]
+                allowed[row, len(mask):] = False
+        return allowed.to(self.divisor.device)
+
+    def distribution(self, logits: torch.Tensor, allowed: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] or [B, T, V] (float32, T positions of each row) -> the temperature-scaled logits and the
-        distribution each row samples from (top-k/top-p applied), both of that shape."""
+        distribution each row samples from (the `allowed` [B, V] tokens only, then top-k/top-p), both of that
+        shape."""
         shape = logits.shape
         scaled = logits.reshape(shape[0], -1, shape[-1]) / self.divisor[:, :, None]
-        kept = scaled
+        kept = scaled if allowed is None else scaled.masked_fill(~allowed[:, None], float("-inf"))
         if self.filtering:
             T = scaled.shape[1]
-            kept = filter_top_k_top_p(scaled.flatten(0, 1), self.top_k.repeat_interleave(T),
+            kept = filter_top_k_top_p(kept.flatten(0, 1), self.top_k.repeat_interleave(T),
                                       self.top_p.repeat_interleave(T)).view_as(scaled)
         return scaled.view(shape), kept.softmax(dim=-1).view(shape)
 
