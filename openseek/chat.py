@@ -1,7 +1,8 @@
 """`openseek chat --model DIR`: talk to a model in the terminal, on the same Engine and code path as the server.
 
 The reasoning streams first (dimmed on a terminal), then the answer. Earlier answers go back into the prompt
-without their reasoning, as the server does. `/reset` forgets the conversation, `/exit` (or Ctrl-D) quits.
+without their reasoning, as the server does. `--reasoning-budget N` closes the reasoning after N tokens, so the
+answer always comes. `/reset` forgets the conversation, `/exit` (or Ctrl-D) quits.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from openseek.device import resolve_device
 from openseek.quantize import add_precision_arguments
 from openseek.serve.gate import APIError
 from openseek.serve.protocol import ChatCompletionRequest
-from openseek.serve.server import Server, ServeConfig, load_engine
+from openseek.serve.server import Server, ServeConfig, add_reasoning_budget_argument, load_engine
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -28,6 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speculative", choices=["mtp"],
                         help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
     parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
+    add_reasoning_budget_argument(parser)
     add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
@@ -36,7 +38,7 @@ def main(args) -> int:
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1,
                                     quantize=args.quantize, group_size=args.group_size,
                                     speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
-    config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len)
+    config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len, reasoning_budget=args.reasoning_budget)
     try:
         return asyncio.run(_session(Server(engine, tokenizer, config), args))
     finally:

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -77,13 +78,15 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+_JINJA.filters["tojson"] = _tojson
+_JINJA.globals["raise_exception"] = _raise_exception
+_JINJA.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    return _JINJA.from_string(template)
 
 
 def _token_text(value) -> str | None:
@@ -190,12 +193,21 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------------
 
+    @property
+    def template_takes_tools(self) -> bool:
+        """The chat template renders tool definitions (reads the `tools` variable), as Qwen2's and most tool-calling
+        templates do; R1's does not."""
+        return "tools" in jinja2.meta.find_undeclared_variables(_JINJA.parse(self.chat_template))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-                            **template_kwargs):
+                            tools: list[dict] | None = None, **template_kwargs):
         """Render a conversation to the model's prompt text (or its ids with `tokenize=True`).
 
         Messages carrying their reasoning as `reasoning_content`, `thinking` or `reasoning` get it under all of
-        those names, so templates reading any of them work (transformers does the same).
+        those names, so templates reading any of them work (transformers does the same). `tools` (OpenAI's
+        function definitions, `{"type": "function", "function": {...}}`) reach the template as transformers'
+        `apply_chat_template(tools=...)` passes them; assistant `tool_calls` and `role: "tool"` messages are the
+        template's to render.
         """
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
@@ -206,7 +218,7 @@ class Tokenizer:
         special = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         variables = {k: v for k, v in special.items() if v is not None}
         text = _compile(self.chat_template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
             **(variables | template_kwargs),
         )
         return self.encode(text) if tokenize else text

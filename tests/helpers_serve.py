@@ -27,19 +27,19 @@ CONTEXT = 256
 MARGIN = 2.0  # lm_head entry; the logit is MARGIN * sqrt(HIDDEN) ≈ 39 for the scripted successor, 0 for others
 
 
-def build_tokenizer(chat_template: str | None = None):
+def build_tokenizer(chat_template: str | None = None, answer: str = ANSWER):
     """A byte-level BPE with R1's special tokens; the R1 chat template (which prefills `<think>`) by default."""
     from openseek.tokenizer import train_bpe
 
-    corpus = [f"{REASONING}</think>{ANSWER} {LOOP_PROMPT} {COIN_PROMPT} heads tails Hello hi"] * 50
+    corpus = [f"{REASONING}</think>{answer} {LOOP_PROMPT} {COIN_PROMPT} heads tails Hello hi"] * 50
     return train_bpe(corpus, vocab_size=360, chat_template=chat_template)
 
 
-def _script(tokenizer) -> dict[int, list[int]]:
+def _script(tokenizer, answer: str) -> dict[int, list[int]]:
     """token id -> the ids that may follow it."""
     newline = tokenizer.encode("\n")
     assert len(newline) == 1
-    reply = tokenizer.encode(f"{REASONING}</think>{ANSWER}") + [tokenizer.eos_token_id]
+    reply = tokenizer.encode(f"{REASONING}</think>{answer}") + [tokenizer.eos_token_id]
     opening = [tokenizer.token_to_id(t) for t in ("<｜Assistant｜>", "<think>")]
     # The R1 template ends the prompt with "<think>\n"; after a template that stops at <｜Assistant｜>, the
     # model writes "<think>\n" itself. Either way the same reply follows.
@@ -57,7 +57,7 @@ def _script(tokenizer) -> dict[int, list[int]]:
     return follows
 
 
-def build_model(tokenizer, context: int = CONTEXT):
+def build_model(tokenizer, context: int = CONTEXT, answer: str = ANSWER):
     from openseek import Model, ModelConfig
 
     assert tokenizer.vocab_size <= HIDDEN
@@ -67,7 +67,7 @@ def build_model(tokenizer, context: int = CONTEXT):
                       bos_token_id=tokenizer.bos_token_id)
     model = Model(cfg).eval()
     head = torch.zeros(HIDDEN, HIDDEN)
-    for token, successors in _script(tokenizer).items():
+    for token, successors in _script(tokenizer, answer).items():
         head[successors, token] = MARGIN
     unscripted = head.sum(0) == 0
     head[tokenizer.eos_token_id, unscripted] = MARGIN  # anything else ends the reply
@@ -80,11 +80,13 @@ def build_model(tokenizer, context: int = CONTEXT):
     return model
 
 
-def save_model_dir(directory: Path, context: int = CONTEXT, chat_template: str | None = None) -> Path:
+def save_model_dir(directory: Path, context: int = CONTEXT, chat_template: str | None = None,
+                   answer: str = ANSWER) -> Path:
+    """The scripted model (answering `answer` after REASONING) and its tokenizer, saved in `directory`."""
     import openseek
 
-    tokenizer = build_tokenizer(chat_template)
-    openseek.save(build_model(tokenizer, context), directory)
+    tokenizer = build_tokenizer(chat_template, answer)
+    openseek.save(build_model(tokenizer, context, answer), directory)
     tokenizer.save(directory)
     return directory
 
@@ -198,3 +200,78 @@ class InProcessServer:
         self.server.should_exit = True
         self.thread.join(timeout=15)
 
+
+
+# A Qwen2.5-style chat template with tool calling (tools in the system turn, calls in <tool_call> tags, results as
+# <tool_response> user turns), written the way Qwen's own is: the kind of template `tools=` is rendered through.
+TOOLS_CHAT_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def save_random_model_dir(directory: Path, chat_template: str | None = TOOLS_CHAT_TEMPLATE, seed: int = 0) -> Path:
+    """A tiny llama with random weights (it writes nothing sensible: only a constraint makes its output valid) and
+    the scripted model's tokenizer, saved in `directory`."""
+    import openseek
+    from openseek import Model, ModelConfig
+
+    tokenizer = build_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      eos_token_id=[tokenizer.eos_token_id], bos_token_id=tokenizer.bos_token_id)
+    openseek.save(Model(cfg).eval(), directory)
+    tokenizer.save(directory)
+    return directory

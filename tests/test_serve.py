@@ -479,8 +479,8 @@ def test_reasoning_split_when_the_model_opens_think_itself(tmp_path, tokenizer):
     app = in_process_app(save_model_dir(tmp_path / "tiny", chat_template=plain))
     http = TestClient(app.state.asgi, base_url="http://127.0.0.1")
     response = http.post("/v1/chat/completions", json=GOOD).json()
-    assert response["choices"][0]["message"] == {"role": "assistant", "content": ANSWER,
-                                                 "reasoning_content": REASONING}
+    assert response["choices"][0]["message"] == {"role": "assistant", "content": ANSWER, "tool_calls": None,
+                                                 "reasoning_content": REASONING, "reasoning": REASONING}
     completion, reasoning = reply_tokens(tokenizer)
     usage = response["usage"]  # two more tokens than with the prefilled template: "<think>" and "\n"
     assert (usage["completion_tokens"], usage["completion_tokens_details"]["reasoning_tokens"]) == \

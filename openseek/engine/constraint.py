@@ -29,11 +29,13 @@ prompt that does not open the block itself lets the row's first token open it.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import Protocol
 
+import numpy as np
 import torch
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -60,9 +62,10 @@ def _workers() -> ThreadPoolExecutor:
 
 
 def _unpack(words: torch.Tensor, size: int) -> torch.Tensor:
-    """llguidance's bitmask (int32 words, bit j of word i = token 32 i + j) as a bool [size]."""
-    bits = torch.arange(32, dtype=torch.int32)
-    return ((words[:, None] >> bits) & 1).bool().flatten()[:size]
+    """llguidance's bitmask (int32 words, bit j of word i = token 32 i + j) as a bool [size] (numpy's unpackbits:
+    ~40 µs at 150k tokens, where torch's shifts take milliseconds)."""
+    bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:size]
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 class GrammarCompiler:
@@ -93,6 +96,11 @@ class GrammarCompiler:
         """Any JSON object (OpenAI's `response_format: json_object`)."""
         return self.json_schema({"type": "object"})
 
+    @staticmethod
+    def lark_json(schema: dict) -> str:
+        """`schema` as a Lark term (`%json {...}`) written in the compact JSON form above."""
+        return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
     def lark(self, text: str) -> Grammar:
         """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a JSON schema)."""
         return self.grammar(self._llguidance.LLMatcher.grammar_from_lark(text))
@@ -120,21 +128,19 @@ class Grammar:
 
 class GrammarState:
     """One row's place in a grammar. Its next mask is being computed (on a worker thread) from the moment it
-    starts or advances; `allowed()` waits for it. Once the grammar has ended (its stop token was accepted) the row
-    is finished and any token is allowed, so a finished row that the batch still decodes is never refused."""
+    starts or advances; `allowed()` waits for it. Once the text is complete only the stop tokens are allowed, and
+    a row that the batch still decodes after its stop token keeps getting them."""
 
     def __init__(self, matcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
         self._words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._mask: Future | None = _workers().submit(self._compute)
 
-    def _compute(self) -> torch.Tensor | None:
-        if self.matcher.is_stopped() or self.matcher.is_error():
-            return None
+    def _compute(self) -> torch.Tensor:
         self.matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
         return _unpack(self._words, self.vocab_size)
 
-    def allowed(self) -> torch.Tensor | None:
+    def allowed(self) -> torch.Tensor:
         return self._mask.result()
 
     def advance(self, token: int) -> None:

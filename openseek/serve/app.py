@@ -52,6 +52,7 @@ from openseek.serve.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     SamplingParams,
@@ -62,11 +63,22 @@ from openseek.serve.protocol import (
     TokenizeResponse,
     TokenizerInfo,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     new_id,
     now,
 )
-from openseek.serve.server import Choice, Job, Piece, Scored, Server, ServeConfig, load_engine
+from openseek.serve.server import (
+    Choice,
+    Job,
+    Piece,
+    Scored,
+    Server,
+    ServeConfig,
+    add_reasoning_budget_argument,
+    load_engine,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -107,10 +119,17 @@ def _chat_logprobs(piece: Piece) -> ChatLogprobs | None:
 def _chat_choice(piece: Piece, streamed: bool) -> BaseModel:
     reasoning = piece.reasoning or None
     logprobs = _chat_logprobs(piece)
+    functions = [FunctionCallOut(name=call.name, arguments=call.arguments) for call in piece.tool_calls]
     if streamed:
-        delta = Delta(reasoning_content=reasoning, content=piece.content or None)
+        calls = [ToolCallDelta(index=call.index, id=call.id, function=function)
+                 for call, function in zip(piece.tool_calls, functions)]
+        delta = Delta(reasoning_content=reasoning, reasoning=reasoning, content=piece.content or None,
+                      tool_calls=calls or None)
         return ChatChunkChoice(index=piece.index, delta=delta, logprobs=logprobs, finish_reason=piece.finish_reason)
-    message = AssistantMessage(content=piece.content, reasoning_content=reasoning)
+    calls = [ToolCallOut(id=call.id, function=function) for call, function in zip(piece.tool_calls, functions)]
+    content = piece.content if not calls or piece.content.strip() else None  # OpenAI: null beside tool calls
+    message = AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
+                               tool_calls=calls or None)
     return ChatChoice(index=piece.index, message=message, logprobs=logprobs, finish_reason=piece.finish_reason)
 
 
@@ -350,6 +369,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speculative", choices=["mtp"],
                         help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
     parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
+    add_reasoning_budget_argument(parser)
     add_precision_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
 
@@ -369,6 +389,7 @@ def main(args) -> int:
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_n=args.max_n, max_sequences=args.max_sequences,
+        reasoning_budget=args.reasoning_budget,
     )
     print(f"openseek serve: {config.model_name} on http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1){'' if config.api_key else ', loopback only'}", file=sys.stderr)

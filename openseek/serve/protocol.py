@@ -1,22 +1,46 @@
 """The OpenAI wire shapes the server reads and writes, as pydantic models (they also make /openapi.json).
 
-Requests keep to the fields we honour; unknown fields are ignored, as OpenAI-compatible servers do, so clients
-that send extras (user, presence_penalty, ...) keep working. Limits that depend on the loaded model or on the
-server's flags (context length, `n` cap, message count) are checked by the app, not here.
+Requests keep to the fields we honour; unknown fields that do not change the answer (user, metadata, store, ...)
+are ignored, as OpenAI-compatible servers do. A known field that would change the answer and that the server cannot
+honour (`UNHONOURED`: penalties, logit_bias, best_of, vLLM's guided_* ...) is refused with a 422 naming it, unless it
+holds its neutral value (presence_penalty: 0 is fine). Limits that depend on the loaded model or on the server's
+flags (context length, `n` cap, message count) and the schemas inside tools and response_format are checked by the
+server, not here.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # most alternatives per position (OpenAI's and vLLM's limit)
+
+# Fields other servers take that would change the answer, each with the values that leave it unchanged.
+UNHONOURED = {
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "suffix": (None, ""),
+    "functions": (None, []),
+    "function_call": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+UNHONOURED_HINTS = {"functions": "use `tools`", "function_call": "use `tool_choice`"}
 
 
 class Request(BaseModel):
@@ -28,12 +52,36 @@ class TextPart(Request):
     text: str
 
 
+class FunctionCall(Request):
+    name: str
+    arguments: str  # a JSON object, as text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return arguments
+
+
+class ToolCall(Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     # Reasoning sent back from an earlier turn is accepted and dropped from the prompt (DeepSeek's rule).
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     def text(self) -> str:
         if self.content is None:
@@ -60,8 +108,34 @@ class SamplingParams(Request):
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
     stream: bool = False
     stream_options: StreamOptions | None = None
+    best_of: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    suffix: Any = None
+    functions: Any = None
+    function_call: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+
+    @field_validator(*UNHONOURED)
+    @classmethod
+    def _neutral_only(cls, value, info):
+        """A field this server cannot honour is refused unless it leaves the answer unchanged."""
+        neutral = UNHONOURED[info.field_name]
+        if any(value == n and type(value) is not bool for n in neutral):
+            return value
+        hint = UNHONOURED_HINTS.get(info.field_name, f"send {neutral[-1]!r} or leave it out")
+        raise ValueError(f"{info.field_name}={value!r} is not supported by this server ({hint})")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -69,11 +143,60 @@ class SamplingParams(Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class FunctionDefinition(Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; checked by compiling it
+    strict: bool | None = None
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs `json_schema` ({name, schema})")
+        return self
+
+
+# Thinking tokens allowed for each `reasoning_effort` (the block is closed when they run out).
+REASONING_EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384}
+
+
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    thinking_budget_tokens: int | None = Field(None, ge=0)  # most tokens of reasoning; then </think> is forced
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -168,17 +291,35 @@ class TextLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
+    """The reasoning goes out under both names: `reasoning_content` (DeepSeek's) and `reasoning` (vLLM's newer)."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -190,17 +331,23 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCallOut):
+    index: int  # of the call within the choice: a streamed call arrives whole, in one delta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -20,7 +20,7 @@ def strip_reasoning(text: str) -> str:
     return text.rsplit(THINK_CLOSE, 1)[-1].lstrip() if THINK_CLOSE in text else text
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is the start of `tag` (kept back in case the tag completes)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -54,7 +54,7 @@ class ReasoningSplitter:
                 text = text[at + len(tag):]
                 self.in_reasoning, self._after_tag = not self.in_reasoning, True
                 continue
-            keep = _partial_tag(text, tag)
+            keep = partial_tag(text, tag)
             self._emit(out, text[: len(text) - keep])
             self._pending = text[len(text) - keep:]
             break

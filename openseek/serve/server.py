@@ -2,9 +2,15 @@
 the one Engine, and the tokens come back as Pieces of reasoning and answer text.
 
 It checks what the model and the server's limits decide (context length, `n`, message count, sequences in flight),
-tokenizes through the model's chat template, stops on the model's stop tokens and the request's stop strings,
-splits `<think>` reasoning from the answer (and the tokens' log-probs with it), echoes the prompt when asked, and
-answers the tokenizer endpoints. It imports no web framework, so the terminal chat starts
+tokenizes through the model's chat template (with the request's tools: tools.py), stops on the model's stop tokens
+and the request's stop strings, splits `<think>` reasoning from the answer (and the tokens' log-probs with it),
+parses tool calls out of the answer, echoes the prompt when asked, and answers the tokenizer endpoints.
+
+What the answer may be is one constraint per choice (engine/constraint.py): `response_format` (json_object,
+json_schema), `tool_choice` "required" or a named function (a call, under `tools.call_rule`'s grammar; with "auto"
+and a response_format, a call or the JSON), and a thinking budget (`thinking_budget_tokens`, else
+`reasoning_effort`'s budget from REASONING_EFFORT_BUDGETS, else the server's --reasoning-budget) that closes the
+`<think>` block when it runs out. Grammars apply only after the reasoning block closes. It imports no web framework, so the terminal chat starts
 without one; the HTTP layer (app.py) only turns Pieces into OpenAI responses.
 """
 
@@ -13,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import AsyncIterator
 
 from openseek.checkpoint import load, resolve
 from openseek.engine import Engine, stop_token_ids
+from openseek.engine.constraint import ConstraintError, GrammarCompiler, Thinking
 from openseek.serve.detokenize import IncrementalDecoder, StopMatcher
 from openseek.serve.gate import APIError
 from openseek.serve.metrics import Metrics
 from openseek.serve.protocol import (
+    REASONING_EFFORT_BUDGETS,
     ChatCompletionRequest,
     CompletionRequest,
     CompletionTokensDetails,
@@ -32,7 +41,8 @@ from openseek.serve.protocol import (
     TokenizerInfo,
     Usage,
 )
-from openseek.serve.reasoning import ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
+from openseek.serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
+from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages
 from openseek.tokenizer import Tokenizer
 
 
@@ -48,6 +58,7 @@ class ServeConfig:
     max_messages: int = 256
     max_n: int = 8
     max_sequences: int = 64  # sequences admitted (generating or waiting for a batch slot); beyond it: 429
+    reasoning_budget: int | None = None  # thinking tokens when a request sets no budget (None: unbounded)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Piece:
     finish_reason: str | None = None
     reasoning_logprobs: list[Scored] | None = None
     content_logprobs: list[Scored] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +97,7 @@ class Choice:
     seed: int | None
     splitter: ReasoningSplitter | None  # None: a text completion, no reasoning split
     logprobs: bool = False  # the request asked for log-probs
+    tools: ToolCallParser | None = None  # the request has tools that may be called
     handle: object = None  # the engine's request, once started
     completion_tokens: int = 0
     reasoning_tokens: int = 0
@@ -100,7 +113,8 @@ class Choice:
         """Everything this choice produced, as one Piece."""
         return Piece(self.index, "".join(self.reasoning), "".join(self.content), self.finish_reason,
                      self.reasoning_logprobs if self.logprobs else None,
-                     self.content_logprobs if self.logprobs else None)
+                     self.content_logprobs if self.logprobs else None,
+                     [] if self.tools is None else list(self.tools.calls))
 
 
 @dataclass
@@ -111,10 +125,12 @@ class Job:
     prompt_texts: list[str]
     temperature: float
     top_p: float
+    top_k: int
     stops: list[str]
     choices: list[Choice]
     logprobs: int | None = None  # most likely tokens per position besides the chosen one; None: no log-probs
     echo: bool = False
+    constraint: object = None  # the spec every choice's row follows (engine/constraint.py); None: free
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     released: bool = False
@@ -145,19 +161,24 @@ class Server:
 
     # -- building a job --
 
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first constrained request (it reads the whole vocabulary once)."""
+        return GrammarCompiler(self.tokenizer, self.stop_token_ids)
+
     def chat_job(self, request: ChatCompletionRequest) -> Job:
         self._check_common(request)
         if len(request.messages) > self.config.max_messages:
             raise APIError(400, f"too many messages: {len(request.messages)} > {self.config.max_messages}",
                            param="messages")
-        messages = []
-        for message in request.messages:
-            text = message.text()
-            if message.role == "assistant":
-                text = strip_reasoning(text)
-            messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
+        tools = self._tools(request)
+        offered = tools if request.tool_choice != "none" else None
+        takes_tools = self.tokenizer.template_takes_tools
+        messages = template_messages([_template_message(m, i) for i, m in enumerate(request.messages)], offered,
+                                     takes_tools)
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                        tools=offered if takes_tools else None)
         except Exception as e:  # the model's own template rejected the conversation (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         if request.top_logprobs is not None and not request.logprobs:
@@ -165,9 +186,89 @@ class Server:
         max_tokens = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self._job([(prompt, ids)], request, max_tokens, param, "messages",
-                         reasoning=prompt_opens_reasoning(prompt),
-                         logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        opens = prompt_opens_reasoning(prompt)
+        return self._job([(prompt, ids)], request, max_tokens, param, "messages", reasoning=opens,
+                         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                         constraint=self._constraint(request, offered, opens),
+                         tool_names={t["function"]["name"] for t in offered or []})
+
+    def _tools(self, request: ChatCompletionRequest) -> list[dict] | None:
+        """The request's tools as template dicts, each name unique and each parameter schema compiled;
+        tool_choice naming one of them."""
+        choice = request.tool_choice
+        if not request.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs `tools` to choose from", param="tool_choice")
+            return None
+        names = []
+        for i, tool in enumerate(request.tools):
+            if tool.function.name in names:
+                raise APIError(400, f"two tools are named {tool.function.name!r}", param=f"tools[{i}].function.name")
+            names.append(tool.function.name)
+            if tool.function.parameters is not None:
+                self._compile_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        if not isinstance(choice, (str, type(None))) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among the "
+                                f"tools ({', '.join(names)})", param="tool_choice")
+        return [tool.model_dump(exclude_none=True) for tool in request.tools]
+
+    def _compile_schema(self, schema: dict, param: str):
+        try:
+            return self.grammars.json_schema(schema)
+        except ConstraintError as e:
+            raise APIError(400, f"{param} is not a valid JSON Schema: {e}", param=param) from None
+
+    def _constraint(self, request: ChatCompletionRequest, tools: list[dict] | None, opens_reasoning: bool):
+        """What every choice's answer must be (see the module docstring), or None when it is free."""
+        answer, cause = self._answer_grammar(request, tools)
+        budget, budget_param = self._thinking_budget(request)
+        close, open_ = self.tokenizer.token_to_id(THINK_CLOSE), self.tokenizer.token_to_id(THINK_OPEN)
+        reasons = close is not None and open_ is not None and (opens_reasoning
+                                                               or THINK_CLOSE in self.tokenizer.chat_template)
+        if budget_param is not None and not reasons:
+            raise APIError(400, f"{budget_param}: this model does not reason (its chat template has no "
+                                f"{THINK_OPEN}…{THINK_CLOSE} block)", param=budget_param)
+        constraint = answer
+        if reasons and (answer is not None or budget is not None):
+            constraint = Thinking([close], budget, then=answer, opened=opens_reasoning, open_id=open_)
+            cause = cause or budget_param
+        if constraint is not None and self.engine.draft_tokens:
+            raise APIError(400, "constrained decoding (response_format, a required tool call, a thinking budget) "
+                                "does not run with speculative decoding (--speculative)", param=cause)
+        return constraint
+
+    def _answer_grammar(self, request: ChatCompletionRequest, tools: list[dict] | None):
+        """(the grammar the answer must follow, the request field that asks for it), or (None, None)."""
+        choice, fmt = request.tool_choice, request.response_format
+        rules, cause = [], None
+        if tools and choice not in (None, "auto"):  # "required" or a named function: a call and nothing else
+            named = [t for t in tools if choice == "required" or t["function"]["name"] == choice.function.name]
+            rules.append(call_rule(named, request.parallel_tool_calls and choice == "required"))
+            cause = "tool_choice"
+        if fmt is not None and fmt.type != "text":
+            if rules:
+                raise APIError(400, "response_format cannot apply when tool_choice forces a tool call (the answer "
+                                    "is the call)", param="response_format")
+            schema = {"type": "object"} if fmt.type == "json_object" else fmt.json_schema.schema_
+            self._compile_schema(schema, "response_format.json_schema.schema")
+            rules.append(GrammarCompiler.lark_json(schema))
+            if tools:  # "auto": a call, or the JSON answer
+                rules.append(call_rule(tools, request.parallel_tool_calls))
+            cause = "response_format"
+        if not rules:
+            return None, None
+        try:
+            return self.grammars.lark("start: " + " | ".join(rules)), cause
+        except ConstraintError as e:
+            raise APIError(400, f"cannot constrain the answer: {e}", param=cause) from None
+
+    def _thinking_budget(self, request: ChatCompletionRequest) -> tuple[int | None, str | None]:
+        """(most thinking tokens, the request field that set it); the server's default names no field."""
+        if request.thinking_budget_tokens is not None:
+            return request.thinking_budget_tokens, "thinking_budget_tokens"
+        if request.reasoning_effort is not None:
+            return REASONING_EFFORT_BUDGETS[request.reasoning_effort], "reasoning_effort"
+        return self.config.reasoning_budget, None
 
     def completion_job(self, request: CompletionRequest) -> Job:
         """Strings are tokenized without special tokens; token-id prompts go to the model as they are (no BOS)."""
@@ -197,8 +298,10 @@ class Server:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
     def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingParams, max_tokens: int | None,
-             param: str, prompt_param: str, reasoning, logprobs: int | None = None, echo: bool = False) -> Job:
-        """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt."""
+             param: str, prompt_param: str, reasoning, logprobs: int | None = None, echo: bool = False,
+             constraint=None, tool_names: set[str] | None = None) -> Job:
+        """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt. tool_names: the tools a
+        chat answer may call (their calls are parsed out of it)."""
         limit = self.config.max_model_len
         wanted = len(prompts) * request.n
         if wanted > self.config.max_sequences:
@@ -220,13 +323,13 @@ class Server:
                 Choice(index=p * request.n + i, prompt=p, max_tokens=room if max_tokens is None else max_tokens,
                        seed=None if request.seed is None else (request.seed + i) % 2**63,
                        splitter=None if reasoning is None else ReasoningSplitter(in_reasoning=reasoning),
-                       logprobs=logprobs is not None)
+                       logprobs=logprobs is not None, tools=ToolCallParser(tool_names) if tool_names else None)
                 for i in range(request.n)
             ]
         return Job(prompts=[ids for _, ids in prompts], prompt_texts=[text for text, _ in prompts],
                    temperature=1.0 if request.temperature is None else request.temperature,
-                   top_p=1.0 if request.top_p is None else request.top_p,
-                   stops=request.stop_list(), choices=choices, logprobs=logprobs, echo=echo)
+                   top_p=1.0 if request.top_p is None else request.top_p, top_k=max(request.top_k or 0, 0),
+                   stops=request.stop_list(), choices=choices, logprobs=logprobs, echo=echo, constraint=constraint)
 
     # -- the tokenizer endpoints --
 
@@ -268,9 +371,9 @@ class Server:
             for choice in job.choices:
                 choice.handle = self.engine.submit(
                     job.prompts[choice.prompt], max_new_tokens=choice.max_tokens, temperature=job.temperature,
-                    top_p=job.top_p, seed=choice.seed, stop_token_ids=self.stop_token_ids,
+                    top_p=job.top_p, top_k=job.top_k, seed=choice.seed, stop_token_ids=self.stop_token_ids,
                     logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0,
-                    prompt_logprobs=job.echo and job.logprobs is not None)
+                    prompt_logprobs=job.echo and job.logprobs is not None, constraint=job.constraint)
         except ValueError as e:  # the engine names what it cannot take (e.g. a token outside the model's vocabulary)
             self.release(job)
             raise APIError(400, str(e)) from None
@@ -338,7 +441,13 @@ class Server:
         tail += "" if stops.stopped else stops.flush()
         reasoning, content = ("", tail) if choice.splitter is None else _joined(choice.splitter.feed(tail),
                                                                                  choice.splitter.flush())
-        tail_piece = self._text_piece(choice, reasoning, content)
+        calls = []
+        if choice.tools is not None:
+            (content, calls), (rest, more) = choice.tools.feed(content), choice.tools.flush()
+            content, calls = content + rest, calls + more
+            if finish == "stop" and choice.tools.calls:
+                finish = "tool_calls"
+        tail_piece = self._text_piece(choice, reasoning, content, calls=calls)
         if tail_piece is not None:
             yield tail_piece
         choice.finish_reason = finish
@@ -375,22 +484,42 @@ class Server:
             in_reasoning = was_reasoning or splitter.in_reasoning
         choice.reasoning_tokens += in_reasoning
         self._file(choice, scored, in_reasoning)
-        return self._text_piece(choice, reasoning, content)
+        calls = []
+        if choice.tools is not None and content:
+            content, calls = choice.tools.feed(content)
+        return self._text_piece(choice, reasoning, content, calls=calls)
 
     @staticmethod
     def _text_piece(choice: Choice, reasoning: str, content: str, finish: str | None = None,
-                    always: bool = False) -> Piece | None:
-        """Record text on the choice; a Piece with it and the log-probs not yet sent, or None when it has no text
-        and no finish (the log-probs then wait for the next Piece)."""
+                    always: bool = False, calls: list[ToolCall] = ()) -> Piece | None:
+        """Record text on the choice; a Piece with it (and the tool calls just parsed) and the log-probs not yet
+        sent, or None when it has nothing and no finish (the log-probs then wait for the next Piece)."""
         choice.reasoning.append(reasoning)
         choice.content.append(content)
-        if not (reasoning or content or finish or always):
+        if not (reasoning or content or calls or finish or always):
             return None
         sent_reasoning, sent_content = choice.sent_logprobs
         choice.sent_logprobs = (len(choice.reasoning_logprobs), len(choice.content_logprobs))
         return Piece(choice.index, reasoning, content, finish,
                      choice.reasoning_logprobs[sent_reasoning:] if choice.logprobs else None,
-                     choice.content_logprobs[sent_content:] if choice.logprobs else None)
+                     choice.content_logprobs[sent_content:] if choice.logprobs else None, list(calls))
+
+
+def _template_message(message, index: int) -> dict:
+    """One request message as an OpenAI message dict for the template: developer is system, an earlier answer
+    loses its reasoning, assistant tool calls and a tool result's call id come along."""
+    text = message.text()
+    if message.role == "assistant":
+        text = strip_reasoning(text)
+    out = {"role": "system" if message.role == "developer" else message.role, "content": text}
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise APIError(400, "a tool message needs the tool_call_id it answers",
+                           param=f"messages[{index}].tool_call_id")
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _joined(*pairs: tuple[str, str]) -> tuple[str, str]:
@@ -433,6 +562,21 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def add_reasoning_budget_argument(parser) -> None:
+    """--reasoning-budget, for `serve` and `chat`."""
+
+    def budget(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise ValueError(text)
+        return value
+
+    budget.__name__ = "token count >= 0"  # what argparse says of a bad value
+    parser.add_argument("--reasoning-budget", type=budget, metavar="N",
+                        help="close the <think> block after N tokens of reasoning unless a request sets its own "
+                             "(thinking_budget_tokens, reasoning_effort); default: unbounded")
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
