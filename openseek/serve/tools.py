@@ -108,6 +108,7 @@ class ToolCallParser:
         self.tool_names = tool_names
         self._pending = ""  # a possible start of CALL_OPEN, or a call block not closed yet
         self._in_call = False
+        self._after_call = False  # the newline after a call block is the format's, not the answer's
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -128,8 +129,13 @@ class ToolCallParser:
                 else:
                     self.calls.append(call)
                     calls.append(call)
-                    text = text.lstrip("\n")  # the line between calls
+                    self._after_call = True
                 continue
+            if self._after_call:
+                text = text.lstrip("\n")
+                self._after_call = not text
+                if not text:
+                    break
             at = text.find(CALL_OPEN)
             if at >= 0:
                 content.append(text[:at])
