@@ -10,6 +10,7 @@ import torch
 
 import openseek
 from openseek import data, quantize
+from openseek.model.linear import Linear
 from openseek.quantize import Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
@@ -44,6 +45,23 @@ def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch)
     assert relative_error(layer.dequantized(), weight) < (0.01 if kind != "int4" else 0.1)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one 32-wide vector
+def test_bf16_decode_kernel_equals_the_float64_product_of_its_inputs(rows, K):
+    """The model's Linear runs bf16 inference at 1–2 rows on our AVX512-BF16 kernel (float32 accumulation, one bf16
+    rounding), and from 3 rows, or with autograd on, on F.linear."""
+    torch.manual_seed(0)
+    layer = Linear(K, 40, bias=False).to(torch.bfloat16)  # 40: a tile of 8 rows and a remainder
+    x = torch.randn(1, rows, K).to(torch.bfloat16)
+    reference = (x.double() @ layer.weight.double().T).to(torch.bfloat16)  # the one rounding, at the output
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, 40)
+    assert relative_error(got, reference) < 1e-3
+    with torch.enable_grad():  # training: PyTorch's kernel, which the gradient flows through
+        assert layer(x).requires_grad
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys):
@@ -53,7 +71,7 @@ def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys
     swapped = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert len(swapped) >= 2 * model.cfg.num_hidden_layers
     if family == "deepseek_v3":  # read as a matrix by the absorbed decode: must stay a plain weight
-        assert all(type(layer.self_attn.kv_b_proj) is torch.nn.Linear for layer in model.layers)
+        assert all(type(layer.self_attn.kv_b_proj) is Linear for layer in model.layers)
     err = capsys.readouterr().err
     if model.cfg.tie_word_embeddings:  # one int8 copy serves the head and the embedding lookups
         assert type(model.embed_tokens) is Int8Embedding and model.embed_tokens.head is model.lm_head
@@ -71,7 +89,7 @@ def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys
 def test_a_shape_the_int4_kernel_cannot_take_stays_in_dtype_with_a_line(hf_model_dir, capsys):
     directory, _ = hf_model_dir("qwen2")  # vocab 96 is fine; hidden 64 is not a multiple of group 128
     model = openseek.load(directory, dtype=torch.bfloat16, quantize="int4", group_size=128)
-    assert type(model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.layers[0].self_attn.q_proj) is Linear
     err = capsys.readouterr().err
     assert "layers.0.self_attn.q_proj [64, 64] stays in torch.bfloat16: int4 needs" in err
     assert "in_features % 128 == 0" in err

@@ -1,12 +1,15 @@
-"""Small CPU kernels of our own, built on first use for the machine they run on.
+"""Small CPU kernels of our own for decode's matmuls, built on first use for the machine they run on.
 
-PyTorch's int8 weight-only matmul (`aten._weight_int8pack_mm`) converts every weight to bf16 before multiplying and
-reaches a small fraction of the memory bandwidth at decode's few rows (benchmarks/RESULTS.md). `int8_vnni.cpp`
-multiplies int8 weights by int8-quantised activations with AVX-512 VNNI instead, reading each weight byte once.
+Decode multiplies a few rows of activations by every weight once per step, so its matmuls should stream the weights
+at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmarks/RESULTS.md): MKL's sgemm reaches a
+third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight-only matmul (`aten._weight_int8pack_mm`)
+converts every weight to bf16 first.
+- `int8_vnni.cpp`: int8 weights by int8-quantised activations with AVX-512 VNNI, reading each weight byte once.
+- `dense_avx512.cpp`: bfloat16 weights in nn.Linear's own layout (no copy), for one or two rows.
 
-The extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time a model is
-quantised (about 40 s, then cached under ~/.cache/torch_extensions). Where it cannot be built or run (no AVX-512
-VNNI, no compiler), `int8_vnni()` returns None after saying why in one line, and callers use PyTorch's kernel.
+Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
+(about 40 s, then cached under ~/.cache/torch_extensions). Where it cannot be built or run (missing instructions, no
+compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -17,23 +20,35 @@ from pathlib import Path
 
 from openseek.device import cpu_flags
 
-SOURCE = Path(__file__).with_name("int8_vnni.cpp")
+HERE = Path(__file__).parent
 
 
 @functools.cache
 def int8_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`), or None with a line on stderr saying why."""
-    missing = {"avx512f", "avx512bw", "avx512_vnni"} - cpu_flags()
+    return _build("int8", "int8_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's int8 kernel")
+
+
+@functools.cache
+def dense_avx512():
+    """The compiled extension (`.linear_bf16(x, w)`: x [M, K] · w [N, K]ᵀ in bf16), or None with a line on stderr
+    saying why."""
+    return _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
+
+
+def _build(what: str, name: str, needs: set[str], fallback: str):
+    missing = needs - cpu_flags()
     if missing:
-        print(f"int8: this CPU lacks {', '.join(sorted(missing))}; using PyTorch's int8 kernel", file=sys.stderr)
+        print(f"{what}: this CPU lacks {', '.join(sorted(missing))}; using {fallback}", file=sys.stderr)
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        print("int8: building the AVX-512 VNNI kernel for this machine (once; cached)", file=sys.stderr)
-        return load("openseek_int8_vnni", [str(SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False)
+        print(f"{what}: building the kernel {name}.cpp for this machine (once; cached)", file=sys.stderr)
+        return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native"],
+                    verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
-        print(f"int8: could not build the VNNI kernel ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-              "using PyTorch's int8 kernel", file=sys.stderr)
+        print(f"{what}: could not build {name}.cpp ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+              f"using {fallback}", file=sys.stderr)
         return None
 

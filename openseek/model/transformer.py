@@ -11,6 +11,7 @@ from torch import nn
 
 from openseek.config import ModelConfig
 from openseek.model.attention import GQAttention, MLAttention, RMSNorm
+from openseek.model.linear import Linear
 from openseek.model.moe import Experts, MoE, Router, SwiGLU
 from openseek.model.rope import RotaryEmbedding
 
@@ -43,7 +44,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, index)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
 
@@ -54,7 +55,7 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)

@@ -1,0 +1,108 @@
+// Decode's bfloat16 matmul on AVX512-BF16: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's
+// own layout (no packed copy, so the weights are read as they are).
+//
+// At decode's one or two rows the matmul is bound by how fast the weight streams in; oneDNN's bf16 matvec reaches
+// about half of the bandwidth here (benchmarks/RESULTS.md). This kernel reads each weight row once: a tile of NB
+// weight rows is multiplied against R activation rows with R·NB accumulators held in registers (16 float lanes
+// each), summed horizontally once at the end. `vdpbf16ps` multiplies 32 bf16 pairs and accumulates in float32 (as
+// oneDNN's bf16 matmul does); each result is rounded to bf16 once. At more rows the activations are re-read per
+// weight vector and compute wins over bandwidth: callers keep oneDNN there.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;  // activation rows per pass over a weight tile
+
+struct Bf16 {
+  using T = at::BFloat16;
+  static constexpr int64_t kStep = 32;
+  static __m512 mac(__m512 acc, const at::BFloat16* x, const at::BFloat16* w, __mmask32 mask) {
+    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x), wv = _mm512_maskz_loadu_epi16(mask, w);
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(xv), reinterpret_cast<__m512bh>(wv));
+  }
+  static __mmask32 tail(int64_t left) { return static_cast<__mmask32>((1ull << left) - 1); }
+  static void store(at::BFloat16* y, float v) { *y = at::BFloat16(v); }  // round to nearest even
+};
+
+// y[r, j] = Σ_k x[r, k] · w[j, k] for r < R, j < NB.
+template <typename Kind, int R, int NB>
+void tile(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t K, int64_t N) {
+  constexpr int64_t S = Kind::kStep;
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const auto full = Kind::tail(S);
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k, full);
+  if (k < K) {
+    const auto mask = Kind::tail(K - k);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k, mask);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) Kind::store(y + r * N + j, _mm512_reduce_add_ps(acc[r][j]));
+}
+
+// Output rows per tile, chosen so that R·NB accumulators + NB weight vectors fit in the 32 vector registers.
+constexpr int tile_width(int64_t R) { return R <= 2 ? 8 : R <= 4 ? 4 : 2; }
+
+// Rows [0, R) of x against weight rows [0, NB) of w, for R known only at run time.
+template <typename Kind, int NB>
+void tile_rows(int64_t R, const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t K,
+               int64_t N) {
+  switch (R) {
+    case 1: return tile<Kind, 1, NB>(x, w, y, K, N);
+    case 2: return tile<Kind, 2, NB>(x, w, y, K, N);
+    case 3: return tile<Kind, 3, NB>(x, w, y, K, N);
+    case 4: return tile<Kind, 4, NB>(x, w, y, K, N);
+    case 5: return tile<Kind, 5, NB>(x, w, y, K, N);
+    case 6: return tile<Kind, 6, NB>(x, w, y, K, N);
+    case 7: return tile<Kind, 7, NB>(x, w, y, K, N);
+    default: return tile<Kind, 8, NB>(x, w, y, K, N);
+  }
+}
+
+// Weight rows [begin, end) against every activation row: each tile of NB weight rows is read from memory once and
+// multiplied by the activation rows kMaxRows at a time (a second pass finds the tile in cache).
+template <typename Kind, int NB>
+void band(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t M, int64_t K, int64_t N,
+          int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + NB <= end; n += NB)
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      tile_rows<Kind, NB>(std::min(kMaxRows, M - m0), x + m0 * K, w + n * K, y + m0 * N + n, K, N);
+  for (; n < end; ++n)
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      tile_rows<Kind, 1>(std::min(kMaxRows, M - m0), x + m0 * K, w + n * K, y + m0 * N + n, K, N);
+}
+
+template <typename Kind>
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
+  using T = typename Kind::T;
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] expected");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "x and w must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int width = tile_width(std::min(kMaxRows, M));
+  // each thread takes a contiguous band of weight rows (multiples of 16)
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t first, int64_t last) {
+    const int64_t begin = first * 16, end = std::min(N, last * 16);
+    if (width == 8) band<Kind, 8>(xp, wp, yp, M, K, N, begin, end);
+    else if (width == 4) band<Kind, 4>(xp, wp, yp, M, K, N, begin, end);
+    else band<Kind, 2>(xp, wp, yp, M, K, N, begin, end);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16", &linear<Bf16>, "x [M, K] · w [N, K]ᵀ in bfloat16 with float32 accumulation (AVX512-BF16)");
+}
