@@ -202,11 +202,12 @@ def uniform(shape: tuple[int, int], generator, device) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One token per row from probs [B, V]; tokens of probability 0 are never drawn."""
-    if not isinstance(generator, list):
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    tokens = torch.multinomial(probs, 1)[:, 0]
-    for row, g in enumerate(generator):
-        if g is not None:
-            tokens[row] = torch.multinomial(probs[row], 1, generator=g)[0]
-    return tokens
+    """One token per row from probs [B, V] (rows need not sum to 1) by inverse transform sampling: the first token
+    whose cumulative probability reaches u · total, u ~ U(0, 1) — one random number per row. `torch.multinomial`
+    draws an exponential variate per vocabulary entry instead, which at batch 16 cost 4.5 ms per step at vocab 8k
+    and 98 ms at 152k here, more than the model's forward. Tokens of probability 0 are never drawn: one is first to
+    reach u only if its predecessor's cumulative probability, equal to its own, did not (u > 0 is kept above 0,
+    and u · total, which may round up to the total, is reached first by the last token of non-zero probability)."""
+    cdf = probs.cumsum(dim=-1)
+    u = (uniform((probs.shape[0], 1), generator, probs.device) * cdf[:, -1:]).clamp(min=torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, u)[:, 0].clamp(max=probs.shape[-1] - 1)
