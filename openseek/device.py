@@ -41,12 +41,20 @@ def native_bf16(device: torch.device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> "bf16" where the hardware runs it natively, else "float32"; "bf16" where it does not -> an error."""
+# Below this width a CPU step is mostly per-op overhead, which bf16 autocast's casts add to: the demo's hidden-96
+# model trained 3.2x and rolled out 1.9x slower in bf16, the 31M hidden-512 one 1.3x and 1.6x faster
+# (benchmarks/RESULTS.md, round 3).
+BF16_MIN_HIDDEN_ON_CPU = 256
+
+
+def resolve_precision(precision: str, device: torch.device, hidden_size: int | None = None) -> str:
+    """`auto` -> "bf16" where the hardware runs it natively (on a CPU, for models at least BF16_MIN_HIDDEN_ON_CPU
+    wide), else "float32"; "bf16" where the hardware does not -> an error."""
     if precision not in ("auto", "float32", "bf16"):
         raise ValueError(f"precision={precision!r}: expected auto, float32 or bf16")
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "float32"
+        narrow = device.type == "cpu" and hidden_size is not None and hidden_size < BF16_MIN_HIDDEN_ON_CPU
+        return "bf16" if native_bf16(device) and not narrow else "float32"
     if precision == "bf16" and not native_bf16(device):
         raise ValueError(f"--precision bf16: this {device.type} has no native bf16 matmuls (CPU flags avx512_bf16 or "
                          "amx_bf16; a bf16-capable GPU), so bf16 would run emulated, slower than float32; use "

@@ -30,6 +30,9 @@ def test_auto_is_float32_where_bf16_would_be_emulated(cpu_without_bf16):
 def test_auto_is_bf16_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu"), hidden_size=512) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu"), hidden_size=96) == "float32"  # overhead-bound: casts cost
+    assert resolve_precision("bf16", torch.device("cpu"), hidden_size=96) == "bf16"  # asked for: honoured
     assert resolve_precision("float32", torch.device("cpu")) == "float32"
 
 

@@ -325,7 +325,7 @@ class GRPOConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment: ramp length in tokens (0 = off)
     overlong_penalty: float = 1.0
     template: str = "r1-zero"  # r1-zero | chat | plain
-    rollout_dtype: str = "auto"  # auto = the trainer's | float32 | bfloat16: the Engine's view of the policy
+    rollout_dtype: str = "auto"  # auto | float32 | bfloat16: the Engine's view of the policy (see rollout_policy)
     rollout_quantize: str = "none"  # none | int8 | int4: weight-only quantised rollouts (CPU)
     rollout_correction: str = "auto"  # none | token_tis | sequence_mask | auto: token_tis with a rollout view
     rollout_correction_cap: float = 3.0  # TRL's default truncation
@@ -661,9 +661,17 @@ def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list
 
 
 def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
-    """What the Engine samples with: the trained module itself, or — with `--rollout-dtype`/`--rollout-quantize`
-    asking for another precision — a view of it in that precision, refreshed after every rollout's updates."""
-    dtype = trainer.model.dtype if grpo.rollout_dtype == "auto" else getattr(torch, grpo.rollout_dtype)
+    """What the Engine samples with: the trained module itself, or a view of it in another precision, refreshed
+    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16
+    view when the loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op
+    of every decode step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning
+    parity over 3 seeds in benchmarks/RESULTS.md), else the module itself — with LoRA always the module itself,
+    adapters active, since a view would be a second full copy of the weights LoRA is there to avoid."""
+    if grpo.rollout_dtype == "auto":
+        bf16_view = trainer.precision == "bf16" and trainer.cfg.lora_rank is None
+        dtype = torch.bfloat16 if bf16_view else trainer.model.dtype
+    else:
+        dtype = getattr(torch, grpo.rollout_dtype)
     if dtype == trainer.model.dtype and grpo.rollout_quantize == "none":
         return trainer.model
     if trainer.world_size > 1 and trainer.cfg.parallel == "fsdp":
@@ -786,8 +794,8 @@ GRPO_HELP = {
     "advantage": "std (= group_std): (r-mean)/std (GRPO, DAPO); mean (= group_mean): r-mean (Dr. GRPO); rloo: "
                  "leave-one-out baseline; reinforce_pp: r-mean over the batch's std (REINFORCE++-baseline) "
                  "(default: mean for dr_grpo, else std)",
-    "rollout_dtype": "the Engine samples with a view of the policy in this dtype (auto: the trainer's), refreshed "
-                     "after every rollout's updates",
+    "rollout_dtype": "the Engine samples with a view of the policy in this dtype, refreshed after every rollout's "
+                     "updates (auto: bfloat16 when the update runs in bf16 without LoRA, else the trained weights)",
     "rollout_quantize": "weight-only quantised rollouts (int8 per channel, int4 per group; CPU kernels)",
     "rollout_correction": "for rollouts sampled by another view of the policy: token_tis truncates each token's "
                           "π_old/π_rollout at the cap; sequence_mask drops sequences whose geometric-mean ratio "

@@ -101,7 +101,7 @@ class TrainConfig:
     balance_gamma: float = 0.0  # auxiliary-loss-free balancing: router bias update per step (0 = off)
     parallel: str = "ddp"  # ddp | fsdp, when launched with torchrun on more than one process
     device: str = "auto"  # auto = this rank's GPU when there is one, else cpu
-    precision: str = "auto"  # auto (bf16 where native) | float32 | bf16: autocast; weights, optimizer stay float32
+    precision: str = "auto"  # auto (bf16 where native; CPU: models >= 256 wide) | float32 | bf16 (autocast)
     compile: bool = False  # torch.compile each block (GPU only)
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -194,7 +194,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = model.cfg
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, model.cfg.hidden_size)
         self.threads = AdaptiveThreads(fixed=parse_threads(str(cfg.threads)))
         self.global_step, self.tokens, self.elapsed, self.batches_consumed = 0, 0, 0.0, 0
         self.report = None  # written when a session ends, on rank 0
