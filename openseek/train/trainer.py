@@ -116,7 +116,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # adapter scaling alpha / rank; None = 2 × rank
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # comma-separated module names (q_proj,v_proj,...) or all-linear
-    lora_base_dtype: str = "float32"  # float32 | bfloat16: the frozen base's weights (adapters stay float32)
+    lora_base_dtype: str = "auto"  # auto (bf16 under a bf16 update) | float32 | bfloat16; adapters stay float32
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -134,15 +134,17 @@ class TrainConfig:
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"threads={self.threads!r}: {e}") from None
         if self.lora() is not None:
-            if self.lora_base_dtype not in ("float32", "bfloat16"):
-                raise ValueError(f"lora_base_dtype={self.lora_base_dtype!r}: expected float32 or bfloat16")
+            if self.lora_base_dtype not in ("auto", "float32", "bfloat16"):
+                raise ValueError(f"lora_base_dtype={self.lora_base_dtype!r}: expected auto, float32 or bfloat16")
             if self.balance_gamma:
                 raise ValueError("balance_gamma moves the routers' biases, which belong to the frozen base: LoRA "
                                  "runs keep it at 0")
 
     def load_dtype(self) -> torch.dtype:
-        """The dtype to load the model in: float32 to train every parameter, the frozen base's for LoRA."""
-        return torch.float32 if self.lora_rank is None else getattr(torch, self.lora_base_dtype)
+        """The dtype to load the model in: float32 to train every parameter, the frozen base's for LoRA (float32
+        for `auto`, which the Trainer settles once it knows the precision)."""
+        auto = self.lora_rank is None or self.lora_base_dtype == "auto"
+        return torch.float32 if auto else getattr(torch, self.lora_base_dtype)
 
     def lora(self) -> LoRAConfig | None:
         """The adapters to train (None: every parameter trains); a bad setting raises here, before anything loads."""
@@ -215,7 +217,11 @@ class Trainer:
             if self.world_size > 1 and cfg.parallel == "fsdp":
                 raise ValueError("LoRA runs replicate the frozen base and the small adapters: use --parallel ddp")
             self._base_model_name_or_path = getattr(model, "name_or_path", None)
-            _cast_base(model, getattr(torch, cfg.lora_base_dtype))
+            # auto: the frozen base in bf16 when the update runs in bf16 — autocast multiplies bf16 copies of it
+            # anyway, so float32 would only double its memory and make every decode step cast it again
+            base_dtype = cfg.lora_base_dtype if cfg.lora_base_dtype != "auto" else (
+                "bfloat16" if self.precision == "bf16" else "float32")
+            _cast_base(model, getattr(torch, base_dtype))
             apply_lora(model, self.lora)
         if resume_from is not None and self.lora is not None:
             load_adapter(model, resume_from / ADAPTER)
@@ -685,7 +691,8 @@ TRAIN_HELP = {
     "lora_targets": "comma-separated module names to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; "
                     "DeepSeek: q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj and the shared experts' "
                     "gate/up/down_proj), or all-linear: every linear layer of the blocks",
-    "lora_base_dtype": "float32 or bfloat16: precision of the frozen base weights",
+    "lora_base_dtype": "auto, float32 or bfloat16: precision of the frozen base weights (auto: bfloat16 when the "
+                       "update runs in bf16, else float32)",
 }
 
 
