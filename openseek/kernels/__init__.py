@@ -45,8 +45,9 @@ def _build(what: str, name: str, needs: set[str], fallback: str):
         from torch.utils.cpp_extension import load
 
         print(f"{what}: building the kernel {name}.cpp for this machine (once; cached)", file=sys.stderr)
-        return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native"],
-                    verbose=False)
+        # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread
+        return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
         print(f"{what}: could not build {name}.cpp ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
               f"using {fallback}", file=sys.stderr)
