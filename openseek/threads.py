@@ -66,17 +66,10 @@ class AdaptiveThreads:
 
     @contextmanager
     def unit(self):
-        """Run one unit of work at the chosen count; the caller's count is back afterwards (a library call must not
-        leave the process on one thread)."""
-        caller = torch.get_num_threads()
-        if caller != self._current:
+        if torch.get_num_threads() != self._current:
             torch.set_num_threads(self._current)
         start = self.clock()
-        try:
-            yield
-        finally:
-            if caller != self._current:
-                torch.set_num_threads(caller)
+        yield
         self._record(self.clock() - start)
 
     def _record(self, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import pytest
@@ -229,6 +230,30 @@ def test_bad_input_raises_value_error_with_the_reason(models, call, message):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | call
     with pytest.raises(ValueError, match=message):
         openseek.Engine(ours).generate(**args)
+
+
+def test_generate_gives_the_caller_its_thread_count_back(models):
+    ours, _ = models("qwen2")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        engine = openseek.Engine(ours, threads=1)
+        seen = []
+        engine.threads.unit = _recording(engine.threads.unit, seen)
+        engine.generate(PROMPTS, 3, temperature=0, stop_token_ids=[])
+        assert seen and set(seen) == {1}  # the decode steps ran on the engine's count
+        assert torch.get_num_threads() == 2  # the caller's own work runs on its own again
+    finally:
+        torch.set_num_threads(before)
+
+
+def _recording(unit, seen):
+    @contextlib.contextmanager
+    def recorded():
+        with unit():
+            seen.append(torch.get_num_threads())
+            yield
+    return recorded
 
 
 def test_generation_leaves_weights_and_training_mode_alone(models):

@@ -47,14 +47,6 @@ def test_a_busy_machine_moves_to_one_thread_and_a_quiet_one_back():
     assert work.run(tuner) == 2
 
 
-def test_the_callers_thread_count_is_back_after_each_unit():
-    torch.set_num_threads(2)
-    work = FakeWork({1: 1.0})
-    tuner = AdaptiveThreads(fixed=1, window=1, hold=1, clock=work.clock, cores=2)
-    assert work.run(tuner) == 1  # the unit ran on the tuner's count
-    assert torch.get_num_threads() == 2  # and the caller's own work runs on its own again
-
-
 def test_a_fixed_count_is_kept():
     work = FakeWork({3: 1.0})
     tuner = AdaptiveThreads(fixed=3, window=1, hold=1, clock=work.clock, cores=2)

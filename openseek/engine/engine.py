@@ -77,6 +77,7 @@ import dataclasses
 import itertools
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,17 @@ def stop_token_ids(model_cfg, tokenizer=None) -> list[int]:
     if eos is not None:
         ids.append(eos)
     return sorted(set(ids))
+
+
+@contextmanager
+def _callers_threads():
+    """The decode steps run at the thread count `Engine.threads` chooses (set per step, which costs nothing when it
+    does not change); the caller's own count is back when `generate` returns."""
+    caller = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller)
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-prob) of the most likely tokens at one position, best first
@@ -256,7 +268,7 @@ class Engine:
         specs = self._constraint_specs(constraint, len(prompts))
         generators = self._generators(seed, len(prompts), rows)
         results = [[None] * n for _ in prompts]
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), _callers_threads():
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
                 unique = sorted({p for p, _ in chunk})
