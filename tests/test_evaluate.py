@@ -223,7 +223,8 @@ def test_sampled_evaluation_is_consistent_and_reproducible(tiny):
     assert [r["completions"] for r in result.rows] == [r["completions"] for r in again.rows]
     counts = []
     for row in result.rows:
-        assert set(row["extracted"]) <= {"8", "9"} and len(row["extracted"]) == 16
+        # at temperature 3 a sample may also lose the answer format (None); the model knows only 8 and 9
+        assert set(row["extracted"]) <= {"8", "9", None} and len(row["extracted"]) == 16
         assert row["correct"] == [a == row["answer"] for a in row["extracted"]]
         assert row["greedy"]["extracted"] == "8"
         counts.append(sum(row["correct"]))
