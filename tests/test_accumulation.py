@@ -72,3 +72,28 @@ def test_every_grpo_loss_mode(tmp_path, loss_type, correction):
     objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, loss_type=loss_type, beta=0.04,
                                          rollout_correction=correction, rollout_correction_cap=1.2))
     assert_same(gradient(trainer, batch.split(4), objective), gradient(trainer, [batch], objective))
+
+
+def test_per_token_metrics_are_exact_over_ragged_micro_batches(tmp_path):
+    """kl, entropy and clip_fraction are means over the step's completion tokens, whatever each micro-batch holds
+    (a mean of micro-batch means would weigh the short ones' tokens more)."""
+    model = tiny_fp64_model()
+    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
+    g = torch.Generator().manual_seed(2)
+    N, P, L = 4, 2, 6
+    ids = torch.randint(2, 32, (N, P + L), generator=g)
+    padding = torch.ones(N, P + L, dtype=torch.bool)
+    mask = torch.zeros(N, L, dtype=torch.bool)
+    for i, n in enumerate((6, 1, 6, 1)):  # completion lengths
+        mask[i, :n] = True
+    with torch.no_grad():
+        own, _ = completion_logprobs(model, ids, padding, P)
+    noise = 0.3 * torch.randn(own.shape, generator=g, dtype=own.dtype)
+    batch = RolloutBatch(ids, padding, P, mask, own + noise, torch.randn(N, generator=g, dtype=torch.float64),
+                         ref_logprobs=own - noise)
+    objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, beta=0.04))
+    whole, _, _ = trainer.accumulate([batch], objective)
+    parts, _, _ = trainer.accumulate(batch.split(3), objective)  # rows (0, 1), (2), (3): 7, 6 and 1 tokens
+    model.zero_grad(set_to_none=True)
+    for key in ("kl", "entropy", "clip_fraction"):
+        assert float(parts[key]) == pytest.approx(float(whole[key]), rel=1e-12), key

@@ -127,10 +127,8 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
         return read_metrics(run_dir)
 
     one, two = grpo(tmp_path / "one", 0), grpo(tmp_path / "two", 2)
-    # (not the per-token diagnostics kl and entropy: each process logs its own token mean and the processes' means
-    # are averaged, which differs from one process's mean when their completion lengths differ; the loss, which
-    # carries the KL term, is normalised by the global count and must match)
-    for key in ("reward", "completion_length/mean", "loss", "tokens"):
+    # per-token means (kl, entropy, clip_fraction) over all processes' tokens, not a mean of per-process means
+    for key in ("reward", "completion_length/mean", "loss", "kl", "entropy", "clip_fraction", "tokens"):
         assert [m[key] for m in one] == pytest.approx([m[key] for m in two], abs=1e-5, rel=0), key
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in a:

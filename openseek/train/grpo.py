@@ -78,6 +78,7 @@ from openseek.tasks import TEMPLATES, format_prompt, get_task
 from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
 from openseek.train.pretrain import load_tokenizer
 from openseek.train.trainer import (
+    MeanOf,
     Trainer,
     TrainConfig,
     add_config_arguments,
@@ -250,9 +251,10 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_n
     return loss_sum(loss, mask, loss_type) / max(units, 1.0)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> MeanOf:
+    """The mean of x over the mask's tokens; as a MeanOf, the trainer averages it exactly over the whole step."""
     mask = mask.to(x.dtype)
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+    return MeanOf(float((x * mask).sum()), float(mask.sum()))
 
 
 LOGPROB_CHUNK = 2**24  # logits per lm_head chunk (64 MiB in float32): tokens per chunk = this / vocabulary

@@ -22,7 +22,8 @@ divided by how many of those units the whole optimizer step holds:
 those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
 (`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
 the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
-keys ending in `max`. Under bf16 autocast, compute the loss in float32.
+keys ending in `max`; a mean over units (per-token KL, entropy, ...) given as `MeanOf(total, count)` becomes the
+exact mean over the whole step, not a mean of micro-batch means. Under bf16 autocast, compute the loss in float32.
 
 What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it,
 which rollouts must share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
@@ -81,6 +82,17 @@ ADAPTER = "adapter"  # a LoRA run's checkpoints hold the adapter (PEFT's format)
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite loss, bad resume state); the message names the step."""
+
+
+class MeanOf(float):
+    """An objective's metric that is a mean over units (completion tokens, ...): the micro-batch's own mean as a
+    float, carrying its `total` and `count` so that the step reports the exact mean over all its micro-batches and
+    processes (a mean of means weighs a short micro-batch's tokens more)."""
+
+    def __new__(cls, total: float, count: float):
+        value = super().__new__(cls, total / count if count else 0.0)
+        value.total, value.count = float(total), float(count)
+        return value
 
 
 @dataclass
@@ -278,6 +290,7 @@ class Trainer:
         # Gradients are averaged over processes afterwards; scaling by world_size makes that average a sum.
         counts = {t: max(n, 1.0) / self.world_size for t, n in counts.items()}
         sums, maxima, tokens, loss_total, loads = defaultdict(float), {}, 0, 0.0, {}
+        totals, units = defaultdict(float), defaultdict(float)  # MeanOf metrics
         for micro, batch in enumerate(micro_batches):
             self._gradient_sync(micro == len(micro_batches) - 1)
             with self.autocast(), RoutingLog(self.model) as routing:
@@ -291,10 +304,13 @@ class Trainer:
                     tokens += int(v)
                 elif k.endswith("max"):
                     maxima[k] = max(maxima.get(k, -math.inf), float(v))
+                elif isinstance(v, MeanOf):
+                    totals[k], units[k] = totals[k] + v.total, units[k] + v.count
                 else:
                     sums[k] += float(v)
         means = {k: v / len(micro_batches) for k, v in sums.items()}
-        return {"loss": loss_total / self.world_size, **means, **maxima}, loads, tokens
+        exact = {k: MeanOf(totals[k], units[k]) for k in totals}
+        return {"loss": loss_total / self.world_size, **means, **exact, **maxima}, loads, tokens
 
     def step(self, micro_batches: list, objective) -> dict:
         """One optimizer step over `micro_batches` (a list; its length is the accumulation): accumulate, reduce
@@ -328,7 +344,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.global_step += 1
         self.tokens += tokens
-        out = {"step": self.global_step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+        out = {"step": self.global_step, **{k: float(v) for k, v in metrics.items()}, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "tokens_per_s": tokens / seconds, "time/update": seconds, "threads": threads}
         if imbalance is not None:
             out["expert_load_max_mean"] = imbalance
@@ -435,7 +451,10 @@ class Trainer:
         """Across processes: the loss and tokens add up, keys ending in `max` take the largest, the rest are
         averaged."""
         keys = sorted(metrics)
-        packed = torch.tensor([metrics[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+        exact = [k for k in keys if isinstance(metrics[k], MeanOf)]
+        packed = torch.tensor([float(metrics[k]) for k in keys] + [float(tokens)]
+                              + [metrics[k].total for k in exact] + [metrics[k].count for k in exact],
+                              dtype=torch.float64)
         summed = packed.clone()
         dist.all_reduce(summed)
         largest = packed.clone()
@@ -448,7 +467,10 @@ class Trainer:
                 out[k] = largest[i].item()
             else:
                 out[k] = summed[i].item() / self.world_size
-        return out, int(summed[-1].item())
+        base = len(keys) + 1
+        for j, k in enumerate(exact):  # the exact mean over every process's units
+            out[k] = float(MeanOf(summed[base + j].item(), summed[base + len(exact) + j].item()))
+        return out, int(summed[len(keys)].item())
 
     def reduce_metrics(self, metrics: dict) -> dict:
         """A loop's own per-process figures (GRPO's rewards, lengths, timings) over all processes: keys ending in
