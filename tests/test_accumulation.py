@@ -50,17 +50,15 @@ def test_sft_with_ragged_masks(tmp_path):
     assert max((a - b).abs().max() for a, b in zip(naive, split_grads)) > 1e-3
 
 
-@pytest.mark.parametrize("loss_type, correction", [("grpo", "none"), ("dapo", "none"), ("dr_grpo", "none"),
-                                                   ("gspo", "none"), ("dapo", "token_tis"), ("grpo", "sequence_mask")])
-def test_every_grpo_loss_mode(tmp_path, loss_type, correction):
-    model = tiny_fp64_model()
-    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
-    g = torch.Generator().manual_seed(1)
-    N, P, L = 8, 3, 5
+def ragged_rollout(model, completion_lengths, prompt_lengths, L: int, seed: int) -> RolloutBatch:
+    """Rows of left-padded prompts and right-padded completions of the given lengths, random tokens; rollout and
+    reference log-probs are the model's own, perturbed in opposite directions; random advantages."""
+    g = torch.Generator().manual_seed(seed)
+    N, P = len(completion_lengths), max(prompt_lengths)
     ids = torch.randint(2, 32, (N, P + L), generator=g)
     padding = torch.zeros(N, P + L, dtype=torch.bool)
     mask = torch.zeros(N, L, dtype=torch.bool)
-    for i, (n, p) in enumerate(zip((5, 1, 3, 2, 4, 1, 5, 2), (3, 2, 3, 1, 2, 3, 1, 3))):
+    for i, (n, p) in enumerate(zip(completion_lengths, prompt_lengths)):
         padding[i, P - p : P + n] = True
         mask[i, :n] = True
     ids[~padding] = 0
@@ -68,7 +66,16 @@ def test_every_grpo_loss_mode(tmp_path, loss_type, correction):
         own, _ = completion_logprobs(model, ids, padding, P)
     noise = 0.3 * torch.randn(own.shape, generator=g, dtype=own.dtype)
     advantages = torch.randn(N, generator=g, dtype=torch.float64)
-    batch = RolloutBatch(ids, padding, P, mask, own + noise, advantages, ref_logprobs=own - noise)
+    return RolloutBatch(ids, padding, P, mask, own + noise, advantages, ref_logprobs=own - noise)
+
+
+@pytest.mark.parametrize("loss_type, correction", [("grpo", "none"), ("dapo", "none"), ("dr_grpo", "none"),
+                                                   ("gspo", "none"), ("dapo", "token_tis"), ("grpo", "sequence_mask")])
+def test_every_grpo_loss_mode(tmp_path, loss_type, correction):
+    model = tiny_fp64_model()
+    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
+    L = 5
+    batch = ragged_rollout(model, (5, 1, 3, 2, 4, 1, 5, 2), (3, 2, 3, 1, 2, 3, 1, 3), L, seed=1)
     objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, loss_type=loss_type, beta=0.04,
                                          rollout_correction=correction, rollout_correction_cap=1.2))
     assert_same(gradient(trainer, batch.split(4), objective), gradient(trainer, [batch], objective))
@@ -79,18 +86,8 @@ def test_per_token_metrics_are_exact_over_ragged_micro_batches(tmp_path):
     (a mean of micro-batch means would weigh the short ones' tokens more)."""
     model = tiny_fp64_model()
     trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False))
-    g = torch.Generator().manual_seed(2)
-    N, P, L = 4, 2, 6
-    ids = torch.randint(2, 32, (N, P + L), generator=g)
-    padding = torch.ones(N, P + L, dtype=torch.bool)
-    mask = torch.zeros(N, L, dtype=torch.bool)
-    for i, n in enumerate((6, 1, 6, 1)):  # completion lengths
-        mask[i, :n] = True
-    with torch.no_grad():
-        own, _ = completion_logprobs(model, ids, padding, P)
-    noise = 0.3 * torch.randn(own.shape, generator=g, dtype=own.dtype)
-    batch = RolloutBatch(ids, padding, P, mask, own + noise, torch.randn(N, generator=g, dtype=torch.float64),
-                         ref_logprobs=own - noise)
+    L = 6
+    batch = ragged_rollout(model, (6, 1, 6, 1), (2, 2, 2, 2), L, seed=2)
     objective = GRPOObjective(GRPOConfig(group_size=2, max_new_tokens=L, beta=0.04))
     whole, _, _ = trainer.accumulate([batch], objective)
     parts, _, _ = trainer.accumulate(batch.split(3), objective)  # rows (0, 1), (2), (3): 7, 6 and 1 tokens
