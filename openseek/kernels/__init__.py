@@ -5,7 +5,7 @@ at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmar
 third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight-only matmul (`aten._weight_int8pack_mm`)
 converts every weight to bf16 first.
 - `int8_vnni.cpp`: int8 weights by int8-quantised activations with AVX-512 VNNI, reading each weight byte once.
-- `dense_avx512.cpp`: bfloat16 weights in nn.Linear's own layout (no copy), for one or two rows.
+- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows.
 
 Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
 (about 40 s, then cached under ~/.cache/torch_extensions). Where it cannot be built or run (missing instructions, no
@@ -31,8 +31,8 @@ def int8_vnni():
 
 @functools.cache
 def dense_avx512():
-    """The compiled extension (`.linear_bf16(x, w)`: x [M, K] · w [N, K]ᵀ in bf16), or None with a line on stderr
-    saying why."""
+    """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ), or None with a
+    line on stderr saying why."""
     return _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
 
 

@@ -1,12 +1,13 @@
-// Decode's bfloat16 matmul on AVX512-BF16: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's
-// own layout (no packed copy, so the weights are read as they are).
+// Decode's matmul on AVX-512: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's own layout (no
+// packed copy, so the weights are read as they are), in float32 or in bfloat16 (AVX512-BF16).
 //
-// At decode's one or two rows the matmul is bound by how fast the weight streams in; oneDNN's bf16 matvec reaches
-// about half of the bandwidth here (benchmarks/RESULTS.md). This kernel reads each weight row once: a tile of NB
-// weight rows is multiplied against R activation rows with R·NB accumulators held in registers (16 float lanes
-// each), summed horizontally once at the end. `vdpbf16ps` multiplies 32 bf16 pairs and accumulates in float32 (as
-// oneDNN's bf16 matmul does); each result is rounded to bf16 once. At more rows the activations are re-read per
-// weight vector and compute wins over bandwidth: callers keep oneDNN there.
+// At decode's few rows the matmul is bound by how fast the weight streams in; MKL's float32 sgemm and oneDNN's bf16
+// matmul reach a fraction of the bandwidth at those shapes here (benchmarks/RESULTS.md). This kernel reads each
+// weight row once: a tile of NB weight rows is multiplied against R activation rows with R·NB accumulators held in
+// registers (16 float lanes each), summed horizontally once at the end. In bf16, `vdpbf16ps` multiplies 32 bf16 pairs
+// and accumulates in float32 (as oneDNN's bf16 matmul does) and each result is rounded to bf16 once; in float32 it is
+// fused multiply-adds. At more rows the activations are re-read per weight vector and compute wins over bandwidth:
+// callers keep PyTorch's kernels there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -24,6 +25,16 @@ struct Bf16 {
   }
   static __mmask32 tail(int64_t left) { return static_cast<__mmask32>((1ull << left) - 1); }
   static void store(at::BFloat16* y, float v) { *y = at::BFloat16(v); }  // round to nearest even
+};
+
+struct Fp32 {
+  using T = float;
+  static constexpr int64_t kStep = 16;
+  static __m512 mac(__m512 acc, const float* x, const float* w, __mmask16 mask) {
+    return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x), _mm512_maskz_loadu_ps(mask, w), acc);
+  }
+  static __mmask16 tail(int64_t left) { return static_cast<__mmask16>((1u << left) - 1); }
+  static void store(float* y, float v) { *y = v; }
 };
 
 // y[r, j] = Σ_k x[r, k] · w[j, k] for r < R, j < NB.
@@ -105,4 +116,5 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear<Bf16>, "x [M, K] · w [N, K]ᵀ in bfloat16 with float32 accumulation (AVX512-BF16)");
+  m.def("linear_fp32", &linear<Fp32>, "x [M, K] · w [N, K]ᵀ in float32 (AVX-512)");
 }

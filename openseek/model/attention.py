@@ -40,6 +40,24 @@ def attend(q, k, v, mask, scale, enable_gqa=False):
     )
 
 
+def attend_grouped(q, k, v, mask, scale):
+    """Decode's attention over the cache, written out: q [B, H, T, D] against k, v [B, KV, S, D] with the query
+    heads that share a key head stacked as rows of one matmul; mask [B, 1, T, S]. The arithmetic is float32 whatever
+    the cache holds (a bf16 cache is read, not kept, in float32).
+
+    For a few queries against a cache this beats F.scaled_dot_product_attention here (bf16, 16 rows × 300 slots:
+    0.3 ms against 3.9–5.8 ms), and unlike SDPA's CPU kernel, which splits the keys among threads when there is one
+    query, its result does not depend on the thread count: a seed gives the same samples on 1 or 2 threads.
+    """
+    B, H, T, D = q.shape
+    kv_heads, group = k.shape[1], H // k.shape[1]
+    grouped = q.float().reshape(B, kv_heads, group * T, D)
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)).view(B, kv_heads, group, T, -1) * scale
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs.view(B, kv_heads, group * T, -1), v.float())
+    return out.view(B, H, T, v.shape[-1]).to(q.dtype)
+
+
 class GQAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,7 +77,7 @@ class GQAttention(nn.Module):
         if cache is not None:
             cache.store(k, v)
             if cache.decoding:
-                k, v, mask = cache.read()
+                return self.o_proj(attend_grouped(q, *cache.read(), self.scale).transpose(1, 2).reshape(B, T, -1))
         out = attend(q, k, v, mask, self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

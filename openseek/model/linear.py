@@ -1,11 +1,13 @@
-"""The model's linear layer: nn.Linear, with decode's bf16 matrix-vector products on a kernel of our own.
+"""The model's linear layer: nn.Linear, with decode's few-row products on a kernel of our own.
 
-A bf16 decode step multiplies one row of activations by every weight, so it should stream the weights at the memory
-bandwidth. Over a whole 0.5B model's weights on this project's 2-core VM (~21 GB/s), oneDNN's bf16 matvec streamed
-9.2 GB/s and our kernel (openseek/kernels/dense_avx512.cpp, same layout, float32 accumulation) 16.2 GB/s
-(benchmarks/RESULTS.md, round 3). It takes over only where it wins: inference (no autograd), bf16 weights and
-activations on the CPU, at most `KERNEL_ROWS` rows; everything else — training, prefill, float32, GPUs — is
-`F.linear`.
+A decode step multiplies a few rows of activations by every weight, so it should stream the weights at the memory
+bandwidth. PyTorch's kernels do not at those shapes: over a whole Qwen2.5-0.5B's weights on this project's 2-core
+Zen 5 (benchmarks/RESULTS.md, round 4), MKL's float32 sgemm streamed 14–16 GB/s at one row and 7–11 GB/s at 2–8,
+oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (openseek/kernels/dense_avx512.cpp, the same layout, float32
+accumulation) 44–59 GB/s in float32 and 40 GB/s in bf16 at one row, and stays ahead up to `KERNEL_ROWS` rows. It
+takes over only there: inference (no autograd), float32 or bf16 weights and activations of one dtype on the CPU;
+everything else — training, prefill, GPUs — is `F.linear`. In float32 its sums run in another order than MKL's
+(both exact to float32 rounding), so logits differ from F.linear's in the last bits.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ from torch import nn
 
 from openseek.kernels import dense_avx512
 
-KERNEL_ROWS = 2  # measured: ahead of oneDNN at 1–2 rows, behind it from 4
+# measured (round 4): ahead of oneDNN's bf16 up to 4 rows, level at 8; ahead of MKL's sgemm up to 8, level at 16
+KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 8}
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and x.numel() <= KERNEL_ROWS * self.in_features
-                and w.is_contiguous() and (kernel := dense_avx512()) is not None):
-            y = kernel.linear_bf16(x.reshape(-1, self.in_features).contiguous(), w)
+        rows = KERNEL_ROWS.get(w.dtype, 0)
+        if (x.dtype is w.dtype and x.numel() <= rows * self.in_features and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and w.is_contiguous() and (kernel := dense_avx512()) is not None):
+            matmul = kernel.linear_bf16 if w.dtype is torch.bfloat16 else kernel.linear_fp32
+            y = matmul(x.reshape(-1, self.in_features).contiguous(), w)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
