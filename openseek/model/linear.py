@@ -22,14 +22,17 @@ from openseek.kernels import dense_avx512
 KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 8}
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias), on our kernel where it wins (see the module docstring)."""
+    rows = KERNEL_ROWS.get(w.dtype, 0)
+    if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and w.is_contiguous() and (kernel := dense_avx512()) is not None):
+        matmul = kernel.linear_bf16 if w.dtype is torch.bfloat16 else kernel.linear_fp32
+        y = matmul(x.reshape(-1, w.shape[1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = KERNEL_ROWS.get(w.dtype, 0)
-        if (x.dtype is w.dtype and x.numel() <= rows * self.in_features and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and w.is_contiguous() and (kernel := dense_avx512()) is not None):
-            matmul = kernel.linear_bf16 if w.dtype is torch.bfloat16 else kernel.linear_fp32
-            y = matmul(x.reshape(-1, self.in_features).contiguous(), w)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
