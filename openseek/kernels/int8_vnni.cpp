@@ -90,10 +90,10 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   const float* swp = scales.data_ptr<float>();
   const int32_t* rp = rowsum.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
-  // output blocks per pass: at one row (decode at batch 1) 4, so that 4 accumulators are in flight; with more rows
+  // output blocks per pass: at one row (decode at batch 1) 8, so that 8 accumulators are in flight; with more rows
   // the rows give that, and one block measured faster (round 4)
-  const int64_t blocks = M == 1 ? 4 : 1;
-  const Kernel* group = blocks == 4 ? kKernels<4> : kKernels<1>;
+  const int64_t blocks = M == 1 ? 8 : 1;
+  const Kernel* group = blocks == 8 ? kKernels<8> : kKernels<1>;
   at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end;) {
       const int64_t take = nb + blocks <= end ? blocks : 1;  // a band's last blocks go one at a time
