@@ -47,7 +47,7 @@ def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one vector
 def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
     """The model's Linear runs inference at a few rows on our AVX-512 kernel (float32 accumulation, one rounding to

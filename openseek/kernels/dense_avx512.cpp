@@ -41,20 +41,30 @@ struct Fp32 {
 template <typename Kind, int R, int NB>
 void tile(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t K, int64_t N) {
   constexpr int64_t S = Kind::kStep;
+  // every loop over r and j unrolled, so that each accumulator is a register (with them left rolled, GCC kept the
+  // array in memory and stored every accumulator after each multiply-add: 8 rows ran at 2/3 of the speed)
   __m512 acc[R][NB];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
   const auto full = Kind::tail(S);
   int64_t k = 0;
   for (; k + S <= K; k += S)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k, full);
   if (k < K) {
     const auto mask = Kind::tail(K - k);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k, mask);
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) Kind::store(y + r * N + j, _mm512_reduce_add_ps(acc[r][j]));
 }
 

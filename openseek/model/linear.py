@@ -4,7 +4,7 @@ A decode step multiplies a few rows of activations by every weight, so it should
 bandwidth. PyTorch's kernels do not at those shapes: over a whole Qwen2.5-0.5B's weights on this project's 2-core
 Zen 5 (benchmarks/RESULTS.md, round 4), MKL's float32 sgemm streamed 14–16 GB/s at one row and 7–11 GB/s at 2–8,
 oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (openseek/kernels/dense_avx512.cpp, the same layout, float32
-accumulation) 44–59 GB/s in float32 and 40 GB/s in bf16 at one row, and stays ahead up to `KERNEL_ROWS` rows. It
+accumulation) 44–59 GB/s in float32 and 33–40 GB/s in bf16 at one row, and stays ahead up to `KERNEL_ROWS` rows. It
 takes over only there: inference (no autograd), float32 or bf16 weights and activations of one dtype on the CPU;
 everything else — training, prefill, GPUs — is `F.linear`. In float32 its sums run in another order than MKL's
 (both exact to float32 rounding), so logits differ from F.linear's in the last bits.
@@ -18,8 +18,9 @@ from torch import nn
 
 from openseek.kernels import dense_avx512
 
-# measured (round 4): ahead of oneDNN's bf16 up to 4 rows, level at 8; ahead of MKL's sgemm up to 8, level at 16
-KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 8}
+# measured (round 4): ahead of oneDNN's bf16 up to 4 rows, level at 8; ahead of MKL's sgemm up to 16 (11 GB/s
+# against 8 there)
+KERNEL_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
