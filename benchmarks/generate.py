@@ -1,5 +1,6 @@
-"""Claim: the openseek Engine generates ≥3× faster than transformers' `generate` on a ~27M qwen2 and ≥5× on a ~61M
-DeepSeek-V3 (MLA + MoE), greedy, float32, CPU with 2 threads.
+"""Claim: at batch 8 the openseek Engine generates ≥3× (qwen2, ~31M) and ≥5× (DeepSeek-V3 with MLA + MoE, ~61M)
+faster than transformers' float32 `generate` with int8 weights (`--dtype bfloat16 --quantize int8`), and ≥1.5× with
+its exact float32 path; greedy, CPU with 2 threads.
 
 Both run on the same random HF checkpoint (saved by transformers, loaded by openseek) in one process, alternating,
 on the same batch (8 prompts of 64 tokens, 128 new tokens, no early stop). Prints each run, the medians, their
@@ -21,7 +22,8 @@ import openseek
 from openseek.model.linear import linear
 
 BATCH, PROMPT, NEW = 8, 64, 128
-FLOORS = {"qwen2": 3.0, "deepseek_v3": 5.0}
+FLOORS = {"qwen2": 3.0, "deepseek_v3": 5.0}  # with int8 weights (the Engine issue); the exact float32 engine: 1.5
+EXACT_FLOOR = 1.5
 
 
 def hf_config(kind: str):
@@ -105,10 +107,11 @@ def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none") 
     same = sum(a == b for x, y in zip(hf_tokens, our_tokens) for a, b in zip(x, y))
     hf_s, ours_s = statistics.median(times["transformers"]), statistics.median(times["openseek"])
     ratio, best_ratio = hf_s / ours_s, min(times["transformers"]) / min(times["openseek"])
+    floor = EXACT_FLOOR if dtype == "float32" and quantize == "none" else FLOORS[kind]
     print(
         f"{kind} ({params:.1f}M params): transformers {hf_s:.3f}s, openseek {ours_s:.3f}s median of {runs} -> "
-        f"{ratio:.2f}x (best-of-{runs} ratio {best_ratio:.2f}x; floor {FLOORS[kind]:.0f}x: "
-        f"{'OK' if ratio >= FLOORS[kind] else 'BELOW'}); {BATCH * NEW / ours_s:.0f} tok/s; "
+        f"{ratio:.2f}x (best-of-{runs} ratio {best_ratio:.2f}x; floor {floor:.1f}x: "
+        f"{'OK' if ratio >= floor else 'BELOW'}); {BATCH * NEW / ours_s:.0f} tok/s; "
         f"greedy tokens identical: {same}/{BATCH * NEW}"
     )
     hf_cpu, ours_cpu = statistics.median(cpu["transformers"]), statistics.median(cpu["openseek"])
