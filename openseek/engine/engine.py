@@ -53,8 +53,9 @@ admit = prefill, step = the one decode step, row compaction): `generate` admits 
 at a time) and steps until every row stops, its tokens staying on the device except every FINISH_CHECK_EVERY
 steps, when it looks for finished rows and drops them; the serving thread admits requests into free rows as they
 come and reads every step's tokens to stream them. The engine works on the very module the trainer updates (no
-copy) and never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. On CUDA the same
-code runs with SDPA; CUDA graphs for decode are not implemented yet.
+copy) and never changes its weights. `engine.kv_bytes_per_token` is the cache cost of one token. Decode's attention
+over the cache is written out in float32 (attention.py: faster than SDPA for a few queries on the CPU, and the same
+result on any thread count); CUDA graphs for decode are not implemented yet.
 
 Speculative decoding with the model's own MTP module (`Engine(model, speculative="mtp", num_speculative_tokens=k)`,
 DeepSeek-V3's multi-token prediction as a draft, as vLLM and SGLang run it): the decode step becomes draft, verify,

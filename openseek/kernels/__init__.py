@@ -44,7 +44,8 @@ def _build(what: str, name: str, needs: set[str], fallback: str):
     try:
         from torch.utils.cpp_extension import load
 
-        print(f"{what}: building the kernel {name}.cpp for this machine (once; cached)", file=sys.stderr)
+        print(f"{what}: loading the kernel {name}.cpp (compiled for this machine on first use, then cached)",
+              file=sys.stderr)
         # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread
         return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
