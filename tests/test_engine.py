@@ -154,6 +154,16 @@ def test_sampled_logprobs_are_the_temperature_scaled_full_vocab_logprobs(models)
     assert greedy.logprobs == pytest.approx(logits.log_softmax(-1).max(-1).values.tolist(), abs=1e-4)
 
 
+def test_seeded_samples_do_not_depend_on_the_thread_count(models):
+    """Decode's attention is written out (attention.attend_grouped): SDPA's CPU kernel split the keys among threads
+    for one query, so under --threads auto the same seed gave other log-probs from run to run."""
+    ours, _ = models("qwen2")
+    kwargs = dict(temperature=1.5, n=4, stop_token_ids=[], logprobs=True, seed=7)
+    one, two = (openseek.Engine(ours, threads=t).generate(PROMPTS, 12, **kwargs) for t in (1, 2))
+    assert [[s.logprobs for s in samples] for samples in one] == [[s.logprobs for s in samples] for samples in two]
+    assert [[s.token_ids for s in samples] for samples in one] == [[s.token_ids for s in samples] for samples in two]
+
+
 def test_seeded_sampling_is_reproducible(models):
     ours, _ = models("qwen2")
     engine = openseek.Engine(ours)
