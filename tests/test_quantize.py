@@ -46,6 +46,22 @@ def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch)
     assert relative_error(layer.dequantized(), weight) < (0.01 if kind != "int4" else 0.1)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_int8_kernel_rounds_bf16_results_as_pytorch_does(rows):
+    """bf16 activations get bf16 results from the VNNI kernel itself: each equals its float32 result rounded by
+    PyTorch (nearest even)."""
+    layer = Int8Linear(256, 96, False, torch.bfloat16)
+    if layer.kernel is None:
+        pytest.skip("no AVX-512 VNNI kernel on this CPU")
+    torch.manual_seed(0)
+    layer.load_weight(torch.randn(96, 256))
+    x = torch.randn(rows, 256).bfloat16()
+    got = layer.kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
+    as_float = layer.kernel.int8_matmul(x.float(), layer.weight, layer.scales, layer.rowsum)
+    assert got.dtype == torch.bfloat16 and as_float.dtype == torch.float32
+    assert torch.equal(got, as_float.bfloat16())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one vector

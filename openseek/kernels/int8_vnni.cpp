@@ -32,9 +32,19 @@ void quantise_rows(const T* x, int64_t M, int64_t K, uint8_t* xu, float* scale) 
 
 // Rows [0, R) of the activations against output blocks [nb, nb + B): B·R accumulators, each fed by its own chain of
 // vpdpbusd, so one row (decode at batch 1) still keeps several multiply-adds in flight and several weight streams open.
-template <int R, int B>
+// 16 results to y, in y's type: float32, or bf16 rounded to nearest even as PyTorch converts (with integer ops,
+// so the kernel needs no AVX512-BF16)
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(at::BFloat16* y, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+template <int R, int B, typename Out>
 void block_kernel(const uint8_t* xu, const float* sx, const int8_t* w, const float* sw, const int32_t* rowsum,
-                  float* y, int64_t K, int64_t N, int64_t nb) {
+                  Out* y, int64_t K, int64_t N, int64_t nb) {
   const int8_t* block = w + nb * K * 16;
   __m512i acc[B][R];
   for (int b = 0; b < B; ++b)
@@ -57,20 +67,41 @@ void block_kernel(const uint8_t* xu, const float* sx, const int8_t* w, const flo
     const __m512 offsets = _mm512_cvtepi32_ps(_mm512_slli_epi32(_mm512_loadu_si512(rowsum + n0), 7));
     for (int r = 0; r < R; ++r) {
       const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[b][r]), offsets);
-      _mm512_storeu_ps(y + r * N + n0, _mm512_mul_ps(_mm512_mul_ps(dot, scales), _mm512_set1_ps(sx[r])));
+      store16(y + r * N + n0, _mm512_mul_ps(_mm512_mul_ps(dot, scales), _mm512_set1_ps(sx[r])));
     }
   }
 }
 
-using Kernel = void (*)(const uint8_t*, const float*, const int8_t*, const float*, const int32_t*, float*, int64_t,
+template <typename Out>
+using Kernel = void (*)(const uint8_t*, const float*, const int8_t*, const float*, const int32_t*, Out*, int64_t,
                         int64_t, int64_t);
-template <int B>
-constexpr Kernel kKernels[kRows] = {block_kernel<1, B>, block_kernel<2, B>, block_kernel<3, B>, block_kernel<4, B>,
-                                    block_kernel<5, B>, block_kernel<6, B>, block_kernel<7, B>, block_kernel<8, B>};
+template <int B, typename Out>
+constexpr Kernel<Out> kKernels[kRows] = {block_kernel<1, B, Out>, block_kernel<2, B, Out>, block_kernel<3, B, Out>,
+                                         block_kernel<4, B, Out>, block_kernel<5, B, Out>, block_kernel<6, B, Out>,
+                                         block_kernel<7, B, Out>, block_kernel<8, B, Out>};
+
+template <typename Out>
+void run(const uint8_t* xp, const float* sxp, const int8_t* wp, const float* swp, const int32_t* rp, Out* yp,
+         int64_t M, int64_t K, int64_t N) {
+  // output blocks per pass: at one row (decode at batch 1) 8, so that 8 accumulators are in flight; with more rows
+  // the rows give that, and one block measured faster (round 4)
+  const int64_t blocks = M == 1 ? 8 : 1;
+  const Kernel<Out>* group = blocks == 8 ? kKernels<8, Out> : kKernels<1, Out>;
+  at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end;) {
+      const int64_t take = nb + blocks <= end ? blocks : 1;  // a band's last blocks go one at a time
+      const Kernel<Out>* kernels = take == blocks ? group : kKernels<1, Out>;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows)  // more rows: the next pass finds these blocks in cache
+        kernels[std::min(kRows, M - m0) - 1](xp + m0 * K, sxp + m0, wp, swp, rp, yp + m0 * N, K, N, nb);
+      nb += take;
+    }
+  });
+}
 
 }  // namespace
 
-// x [M, K] float32 or bfloat16; packed [N/16, K/4, 16, 4] int8; scales [N] float32; rowsum [N] int32 -> [M, N] fp32.
+// x [M, K] float32 or bfloat16; packed [N/16, K/4, 16, 4] int8; scales [N] float32; rowsum [N] int32 -> [M, N] in
+// bfloat16 for bfloat16 x, else float32.
 torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& rowsum) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
@@ -83,26 +114,18 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   else
     quantise_rows(x.contiguous().to(torch::kFloat32).data_ptr<float>(), M, K, xu.data_ptr<uint8_t>(),
                   sx.data_ptr<float>());
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   const uint8_t* xp = xu.data_ptr<uint8_t>();
   const float* sxp = sx.data_ptr<float>();
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* swp = scales.data_ptr<float>();
   const int32_t* rp = rowsum.data_ptr<int32_t>();
-  float* yp = y.data_ptr<float>();
-  // output blocks per pass: at one row (decode at batch 1) 8, so that 8 accumulators are in flight; with more rows
-  // the rows give that, and one block measured faster (round 4)
-  const int64_t blocks = M == 1 ? 8 : 1;
-  const Kernel* group = blocks == 8 ? kKernels<8> : kKernels<1>;
-  at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end;) {
-      const int64_t take = nb + blocks <= end ? blocks : 1;  // a band's last blocks go one at a time
-      const Kernel* kernels = take == blocks ? group : kKernels<1>;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows)  // more rows: the next pass finds these blocks in cache
-        kernels[std::min(kRows, M - m0) - 1](xp + m0 * K, sxp + m0, wp, swp, rp, yp + m0 * N, K, N, nb);
-      nb += take;
-    }
-  });
+  // bf16 activations get bf16 results straight from the kernel (no separate conversion pass); others float32
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto y = torch::empty({M, N}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  if (bf16)
+    run(xp, sxp, wp, swp, rp, y.data_ptr<at::BFloat16>(), M, K, N);
+  else
+    run(xp, sxp, wp, swp, rp, y.data_ptr<float>(), M, K, N);
   return y;
 }
 
