@@ -100,7 +100,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.kernel is not None:
-            y = self.kernel.int8_matmul(flat.contiguous(), self.weight, self.scales, self.rowsum)
+            # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
+            kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
+            y = kernel.int8_matmul(flat.contiguous(), self.weight, self.scales, self.rowsum)
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -232,13 +234,16 @@ def _tied(model) -> bool:
 
 
 def add_precision_arguments(parser) -> None:
-    """`--dtype`, `--quantize` and `--group-size`: the same precision choice on serve, chat, eval and sample."""
+    """`--dtype`, `--quantize`, `--group-size` and `--compile`: the same precision and decode choices on serve,
+    chat, eval and sample."""
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="weights and activations dtype (default: the checkpoint's; eval on GPU: bfloat16)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE,
                         help="weight-only quantisation of the linear layers: int8 per channel, int4 per group "
                              "(CPU kernels; best with --dtype bfloat16)")
     parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (fuses its small ops; compiles for a minute or two first)")
 
 
 def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", group_size: int = 32) -> nn.Module:

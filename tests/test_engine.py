@@ -485,3 +485,20 @@ def test_prefix_cache_is_bounded_and_drops_the_least_recently_used(models):
     assert store.load([1, 2, 3, 4, 5, 6], cache, 1) == 5
     store.save(list(range(11)), cache, 0)  # longer than the whole cache: not kept
     assert store.tokens == 8
+
+
+@pytest.mark.parametrize("kind, dtype, quantize", [("qwen2", "float32", "none"), ("llama", "bfloat16", "int8"),
+                                                   ("deepseek_v3", "bfloat16", "none")])
+def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(models, tmp_path, kind, dtype, quantize):
+    """Engine(compile=True): the decode forward through torch.compile, our matmul kernels held in its graph as
+    operators. Ragged rows, n = 2 (the batch size changes as rows leave), seeded sampling with log-probs."""
+    models(kind)[1].save_pretrained(tmp_path)
+    model = openseek.load(tmp_path, dtype=dtype, quantize=quantize)
+    kwargs = dict(temperature=1.0, n=2, stop_token_ids=[3], logprobs=True, seed=11)
+    eager = openseek.Engine(model).generate(PROMPTS, 10, **kwargs)
+    compiled_engine = openseek.Engine(model, compile=True)
+    compiled = compiled_engine.generate(PROMPTS, 10, **kwargs)
+    assert [[s.token_ids for s in samples] for samples in compiled] == [[s.token_ids for s in samples] for samples in eager]
+    for a, b in zip(compiled, eager):
+        for x, y in zip(a, b):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)

@@ -73,6 +73,21 @@ def test_greedy_with_speculation_is_identical_on_random_mtp_checkpoints(models, 
     assert s.mean_accepted_length == pytest.approx(1 + s.accepted / s.steps)
 
 
+def test_compiled_speculation_gives_the_eager_engine_s_greedy_tokens(models):
+    """Engine(compile=True) compiles the verify forward and the MTP module too (the routed experts stay eager)."""
+    model = models("deepseek_v3")
+    plain = openseek.Engine(model).generate(PROMPTS, 12, temperature=0, n=2, stop_token_ids=[], logprobs=True)
+    engine = openseek.Engine(model, speculative="mtp", num_speculative_tokens=2, compile=True)
+    fast = engine.generate(PROMPTS, 12, temperature=0, n=2, stop_token_ids=[], logprobs=True)
+    assert token_ids(fast) == token_ids(plain)
+    for a, b in zip(fast, plain):
+        for x, y in zip(a, b):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+    eager = openseek.Engine(model, speculative="mtp", num_speculative_tokens=2)
+    eager.generate(PROMPTS, 12, temperature=0, n=2, stop_token_ids=[], logprobs=True)
+    assert engine.stats == eager.stats  # the same drafts accepted
+
+
 def test_rows_stopping_at_different_steps_match_plain_decoding(models):
     model = models("deepseek_v3")
     prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
@@ -249,8 +264,8 @@ def test_stats_appear_on_metrics_and_serve_takes_the_flags(models):
     assert "openseek_spec_decode_acceptance_rate" in text and "openseek_spec_decode_mean_accepted_length" in text
     parser = argparse.ArgumentParser()
     app.add_arguments(parser)
-    args = parser.parse_args(["--model", "m", "--speculative", "mtp", "--num-speculative-tokens", "3"])
-    assert (args.speculative, args.num_speculative_tokens) == ("mtp", 3)
+    args = parser.parse_args(["--model", "m", "--speculative", "mtp", "--num-speculative-tokens", "3", "--compile"])
+    assert (args.speculative, args.num_speculative_tokens, args.compile) == ("mtp", 3, True)
     assert engine.kv_bytes_per_token == openseek.Engine(engine.model).kv_bytes_per_token * 4 // 3  # + MTP layer
 
 

@@ -42,6 +42,7 @@ class Cache:
         self.src = self.dest = self.slots = self.mask = self.batch_rows = self.step_rows = None
         self.length = 0
         self.layers: list = []
+        self.compiled = False  # the engine runs torch.compile'd forwards over this cache
 
     def prefill(self, src: torch.Tensor, dest: torch.Tensor) -> None:
         self.decoding, self.src, self.dest = False, src, dest
@@ -56,6 +57,8 @@ class Cache:
         self.batch_rows = torch.arange(slots.shape[0], device=self.device) if rows is None else rows
         keys = torch.arange(length, device=self.device)
         self.mask = (keys <= slots[:, :, None])[:, None]  # [B, 1, T, length]; shared by every layer
+        if self.compiled:  # its length grows every step: compile for any length at once, not first for one
+            torch._dynamo.maybe_mark_dynamic(self.mask, 3)
 
     def _write(self, buffer: torch.Tensor, x: torch.Tensor, slot_dim: int) -> None:
         """Store x (the step's values, slot dimension `slot_dim`) into buffer rows per the current step (in the

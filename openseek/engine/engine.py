@@ -57,6 +57,15 @@ copy) and never changes its weights. `engine.kv_bytes_per_token` is the cache co
 over the cache is written out in float32 (attention.py: faster than SDPA for a few queries on the CPU, and the same
 result on any thread count); CUDA graphs for decode are not implemented yet.
 
+`Engine(model, compile=True)` (`--compile` on the commands) runs the decode step's forwards (the plain step; with
+speculation the verify forward and the MTP module) through `torch.compile` with dynamic shapes: on the CPU, inductor
+fuses the step's ~1,000 small ops (norms, RoPE, residuals, dtype casts) into a few dozen C++ loops around our matmul
+kernels (which are operators for this, openseek/kernels). Each batch size compiles once (about 30–120 s for a
+Qwen2.5-0.5B, less on later runs, which reuse inductor's on-disk cache); prefill stays eager. Outputs are those of
+the eager step: bf16 roundings are kept where eager makes them (`emulate_precision_casts`, set for the whole process).
+Measured in benchmarks/RESULTS.md; it pays where those small ops are a large part of a step (batch 1 at bf16, int8
+and int4; small models).
+
 Speculative decoding with the model's own MTP module (`Engine(model, speculative="mtp", num_speculative_tokens=k)`,
 DeepSeek-V3's multi-token prediction as a draft, as vLLM and SGLang run it): the decode step becomes draft, verify,
 accept. The MTP module drafts k tokens per row — the first from the main model's last hidden state and the embedding
@@ -174,11 +183,12 @@ def _pairs(top, rows: int) -> list[TopLogprobs]:
 class Engine:
     def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None,
                  prefix_cache_tokens: int | None = None, threads: int | None = None, speculative: str | None = None,
-                 num_speculative_tokens: int = 1):
+                 num_speculative_tokens: int = 1, compile: bool = False):
         """prefix_cache_tokens: tokens the serving thread's prefix cache holds at most (default 4 × max_seq_len;
         0 = no prefix caching). threads: CPU intra-op threads for decoding; None measures the decode steps at each
         count and keeps the fastest as the machine's load changes (openseek/threads.py). speculative="mtp": draft
-        `num_speculative_tokens` tokens per step with the model's MTP module (see the module docstring)."""
+        `num_speculative_tokens` tokens per step with the model's MTP module (see the module docstring).
+        compile: run the decode step's forwards through torch.compile (see the module docstring)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if speculative not in (None, "mtp"):
@@ -192,6 +202,13 @@ class Engine:
         self.draft_tokens = k if speculative else 0  # k drafted per step; 0 = no speculation
         self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
+        self.compiles = compile
+        if compile:
+            # fused kernels keep bf16 intermediates rounded as eager rounds them, so the outputs do not change
+            torch._inductor.config.emulate_precision_casts = True
+        compiled = (lambda fn: torch.compile(fn, dynamic=True)) if compile else (lambda fn: fn)  # noqa: E731
+        self.decode_forward, self.hidden_states, self.mtp_hidden = map(
+            compiled, (model.forward, model.hidden_states, model.mtp_hidden))
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
         capacity = 4 * self.max_seq_len if prefix_cache_tokens is None else prefix_cache_tokens
@@ -545,9 +562,12 @@ class _Batch:
 
     def __init__(self, engine: Engine, capacity: int, max_len: int):
         self.model, self.device = engine.model, engine.model.device
+        self.decode_forward, self.hidden_states, self.mtp_hidden = (
+            engine.decode_forward, engine.hidden_states, engine.mtp_hidden)
         self.draft_tokens = engine.draft_tokens
         self.cache = make_cache(engine.cfg, capacity, max_len, self.model.dtype, self.device,
                                 mtp_layers=1 if self.draft_tokens else 0)
+        self.cache.compiled = engine.compiles
         self.mtp_state = torch.zeros(0, 1, engine.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
         self.owner: list = []
         self.params: list[SamplingParams] = []
@@ -684,7 +704,7 @@ class _Batch:
         if self.draft_tokens:
             return self._speculate(generator, want_logprobs, top)
         self.cache.decode(self.slots, length=max(self.positions) + 1)
-        logits = self.model(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
+        logits = self.decode_forward(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
         tokens, logprobs, top_logprobs = self._sampler(logits, generator, want_logprobs, top)
         self.tokens, self.slots = tokens, self.slots + self._advance
         self.positions = [p + (o is not None) for p, o in zip(self.positions, self.owner)]
@@ -701,20 +721,20 @@ class _Batch:
         for j in range(k):  # draft j + 1 continues from draft j, at the next position
             if j:
                 cache.decode(self.slots + j - 1, length=length + j - 1)
-                state = model.mtp_hidden(0, state, drafts[-1][:, None], (self.slots + j - 1)[:, None], cache=cache)
+                state = self.mtp_hidden(0, state, drafts[-1][:, None], (self.slots + j - 1)[:, None], cache=cache)
             token, probs = self._sampler.draft(model.mtp_head(0, state)[:, -1], generator)
             drafts.append(token)
             draft_probs.append(probs)
         drafts = torch.stack(drafts, dim=1)
         slots = self.slots[:, None] + torch.arange(k + 1, device=self.device)
         cache.decode(slots, length=length + k)
-        hidden = model.hidden_states(torch.cat((self.tokens[:, None], drafts), dim=1), slots, cache=cache)
+        hidden = self.hidden_states(torch.cat((self.tokens[:, None], drafts), dim=1), slots, cache=cache)
         tokens, counts, logprobs, top_logprobs = self._sampler.verify(
             model.lm_head(hidden), drafts, None if draft_probs[0] is None else torch.stack(draft_probs, dim=1),
             generator, want_logprobs, top)
         # the MTP module at each verified position, with the token after it; only the accepted ones are kept
         # (a row's later slots, in its layers and the main model's, are overwritten by its next step)
-        mtp = model.mtp_hidden(0, hidden, tokens, slots, cache=cache)
+        mtp = self.mtp_hidden(0, hidden, tokens, slots, cache=cache)
         last = (counts - 1)[:, None]
         self.mtp_state = mtp.gather(1, last[:, :, None].expand(-1, 1, mtp.shape[-1]))
         self.tokens = tokens.gather(1, last)[:, 0]

@@ -7,6 +7,10 @@ converts every weight to bf16 first.
 - `int8_vnni.cpp`: int8 weights by int8-quantised activations with AVX-512 VNNI, reading each weight byte once.
 - `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows.
 
+Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
+`torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind functions, whose call costs
+less.
+
 Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
 (about 40 s, then cached under ~/.cache/torch_extensions). Where it cannot be built or run (missing instructions, no
 compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
@@ -18,6 +22,8 @@ import functools
 import sys
 from pathlib import Path
 
+import torch
+
 from openseek.device import cpu_flags
 
 HERE = Path(__file__).parent
@@ -26,14 +32,29 @@ HERE = Path(__file__).parent
 @functools.cache
 def int8_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`), or None with a line on stderr saying why."""
-    return _build("int8", "int8_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's int8 kernel")
+    module = _build("int8", "int8_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's int8 kernel")
+    if module is not None:
+        torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
+    return module
 
 
 @functools.cache
 def dense_avx512():
     """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ), or None with a
     line on stderr saying why."""
-    return _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
+    module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
+    if module is not None:
+        torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
+        torch.library.register_fake("openseek::linear_fp32")(_linear_shape)
+    return module
+
+
+def _int8_matmul_shape(x, packed, scales, rowsum):
+    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32)
+
+
+def _linear_shape(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _build(what: str, name: str, needs: set[str], fallback: str):

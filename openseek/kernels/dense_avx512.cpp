@@ -128,3 +128,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear<Bf16>, "x [M, K] · w [N, K]ᵀ in bfloat16 with float32 accumulation (AVX512-BF16)");
   m.def("linear_fp32", &linear<Fp32>, "x [M, K] · w [N, K]ᵀ in float32 (AVX-512)");
 }
+
+// The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a
+// decode step that calls them in one graph (a pybind call is opaque to it and splits the graph).
+TORCH_LIBRARY_FRAGMENT(openseek, m) {
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_fp32(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(openseek, CPU, m) {
+  m.impl("linear_bf16", &linear<Bf16>);
+  m.impl("linear_fp32", &linear<Fp32>);
+}

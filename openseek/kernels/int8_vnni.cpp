@@ -132,3 +132,10 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "weight-only int8 matmul with per-row int8 activations (AVX-512 VNNI)");
 }
+
+// The same function as an operator, torch.ops.openseek.int8_matmul, so that torch.compile keeps a decode step
+// that calls it in one graph (a pybind call is opaque to it and splits the graph).
+TORCH_LIBRARY_FRAGMENT(openseek, m) {
+  m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor rowsum) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(openseek, CPU, m) { m.impl("int8_matmul", &int8_matmul); }

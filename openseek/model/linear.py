@@ -27,11 +27,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     """F.linear(x, w, bias), on our kernel where it wins (see the module docstring)."""
     rows = KERNEL_ROWS.get(w.dtype, 0)
     if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and w.is_contiguous() and (kernel := dense_avx512()) is not None):
-        matmul = kernel.linear_bf16 if w.dtype is torch.bfloat16 else kernel.linear_fp32
+            and not torch.is_grad_enabled() and w.is_contiguous() and _has_kernel()):
+        # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
+        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+        matmul = ops.linear_bf16 if w.dtype is torch.bfloat16 else ops.linear_fp32
         y = matmul(x.reshape(-1, w.shape[1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, w, bias)
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it once rather than tracing the build and its messages
+def _has_kernel() -> bool:
+    return dense_avx512() is not None
 
 
 class Linear(nn.Linear):

@@ -82,6 +82,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
+    # eager under torch.compile (Engine(compile=True)): how many rows each expert gets is data, which the decode
+    # path reads on the host to skip idle experts; compiled, each new count would be a new graph
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
         flat = ids.flatten()
