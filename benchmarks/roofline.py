@@ -6,7 +6,10 @@ best of 5), then decodes greedily with the Engine on a random Qwen2.5-0.5B-shape
 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings) at float32, bfloat16, int8 and int4
 (each in its own process, as a user runs `openseek chat`), and prints tokens/s and the fraction of the roofline.
 
-    .venv/bin/python benchmarks/roofline.py [--threads 2] [--prompt 64] [--new 128] [--precisions ...]
+    .venv/bin/python benchmarks/roofline.py [--threads 2] [--prompt 64] [--new 128] [--precisions ...] [--compile]
+
+`--compile` also measures each precision with the decode step compiled (`Engine(compile=True)`; compilation in the
+warm-up, outside the timing), right after the eager run.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def make_checkpoint(directory: Path) -> None:
     openseek.save(model, directory)
 
 
-def decode(directory: str, precision: str, threads: int, prompt: int, new: int) -> dict:
+def decode(directory: str, precision: str, threads: int, prompt: int, new: int, compile: bool) -> dict:
     """In a child process: load at `precision`, one warm-up, then the best of 3 greedy decodes, less the prefill
     (as benchmarks/vs_llamacpp.py measures llama.cpp)."""
     import openseek
@@ -65,7 +68,7 @@ def decode(directory: str, precision: str, threads: int, prompt: int, new: int) 
     torch.set_num_threads(threads)
     dtype, quantize = PRECISIONS[precision]
     model = openseek.load(directory, dtype=dtype, quantize=quantize)
-    engine = openseek.Engine(model, max_batch_size=1)
+    engine = openseek.Engine(model, max_batch_size=1, compile=compile)
     ids = [list(range(10, 10 + prompt))]
 
     def run(n: int) -> float:
@@ -84,25 +87,29 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--child", nargs=2, metavar=("DIR", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also with Engine(compile=True), alternating")
+    parser.add_argument("--child", nargs=3, metavar=("DIR", "PRECISION", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(decode(args.child[0], args.child[1], args.threads, args.prompt, args.new)))
+        print(json.dumps(decode(args.child[0], args.child[1], args.threads, args.prompt, args.new,
+                                args.child[2] == "compiled")))
         return
     bw = bandwidth(args.threads)
     print(f"read bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp))
         for precision in args.precisions:
-            out = subprocess.run([sys.executable, __file__, "--child", tmp, precision, "--threads", str(args.threads),
-                                  "--prompt", str(args.prompt), "--new", str(args.new)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{precision}: the decode process failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            roofline = bw / r["weight_bytes"]
-            print(f"{precision:9s} {r['tokens_per_s']:6.1f} tok/s   weights/step {r['weight_bytes'] / 1e6:7.1f} MB   "
-                  f"roofline {roofline:6.1f} tok/s   fraction {r['tokens_per_s'] / roofline:.2f}", flush=True)
+            for mode in ("eager", "compiled") if args.compile else ("eager",):
+                out = subprocess.run([sys.executable, __file__, "--child", tmp, precision, mode, "--threads",
+                                      str(args.threads), "--prompt", str(args.prompt), "--new", str(args.new)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{precision}: the decode process failed:\n{out.stderr[-3000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                roofline = bw / r["weight_bytes"]
+                print(f"{precision:9s} {mode:8s} {r['tokens_per_s']:6.1f} tok/s   weights/step "
+                      f"{r['weight_bytes'] / 1e6:7.1f} MB   roofline {roofline:6.1f} tok/s   "
+                      f"fraction {r['tokens_per_s'] / roofline:.2f}", flush=True)
 
 
 if __name__ == "__main__":

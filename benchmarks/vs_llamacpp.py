@@ -21,7 +21,9 @@ that sdist, fetched by `pip download`) at F32, BF16 and Q8_0; Q4_0 is quantised 
 int8). The converter refuses BPE tokenizers whose pre-tokenizer hash it does not know: this script runs it with
 `conversion.base.TextModel.get_vocab_base_pre` patched to answer "qwen2" (a copy in memory; the benchmark feeds token ids, so the
 pre-tokenizer never runs). Each measurement runs in its own process; decode time = time(prompt + 128 tokens) −
-time(prompt + 1 token), best of 3. Figures go to benchmarks/RESULTS.md.
+time(prompt + 1 token), best of 3. openseek runs twice per precision, eager and with `Engine(compile=True)` (what
+`--compile` gives on the commands; its compilation happens in the warm-up, outside the timing); `--modes` picks.
+Figures go to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -126,13 +128,14 @@ print(json.dumps({"tokens_per_s": (new - 1) / decode}))
 """
 
 
-def openseek_child(directory: str, dtype: str, quantize: str, threads: int) -> dict:
+def openseek_child(directory: str, dtype: str, quantize: str, threads: int, compile: bool) -> dict:
     import torch
 
     import openseek
 
     torch.set_num_threads(threads)
-    engine = openseek.Engine(openseek.load(directory, dtype=dtype, quantize=quantize), max_batch_size=1)
+    engine = openseek.Engine(openseek.load(directory, dtype=dtype, quantize=quantize), max_batch_size=1,
+                             compile=compile)
     tokens = [list(range(10, 10 + PROMPT))]
 
     def run(n):
@@ -151,14 +154,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "openseek-llamacpp"))
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="openseek's decode step: eager, torch.compile'd (Engine(compile=True)), or both")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--convert", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.convert:
         run_converter(*args.convert)
         return
     if args.child:
-        print(json.dumps(openseek_child(args.child[0], args.child[1], args.child[2], int(args.child[3]))))
+        print(json.dumps(openseek_child(*args.child[:3], int(args.child[3]), args.child[4] == "compiled")))
         return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -181,16 +186,18 @@ def main() -> None:
                 continue
             llama = subprocess.run([args.llama_python, "-c", LLAMA_CHILD, str(files[gguf]), str(threads),
                                     str(PROMPT), str(NEW)], capture_output=True, text=True)
-            ours = subprocess.run([sys.executable, __file__, "--child", str(directory), dtype, quantize,
-                                   str(threads)], capture_output=True, text=True, check=True)
-            b = json.loads(ours.stdout.strip().splitlines()[-1])["tokens_per_s"]
+            ours = {}
+            for mode in args.modes:
+                out = subprocess.run([sys.executable, __file__, "--child", str(directory), dtype, quantize,
+                                      str(threads), mode], capture_output=True, text=True, check=True)
+                ours[mode] = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
             if llama.returncode:  # e.g. SIGILL: a kernel built for an instruction this (virtual) CPU refuses
                 print(f"{threads} threads  llama.cpp {gguf:5s} failed (exit {llama.returncode})   openseek "
-                      f"{dtype}/{quantize:4s} {b:6.1f}", flush=True)
+                      f"{dtype}/{quantize:4s} " + "   ".join(f"{m} {b:6.1f}" for m, b in ours.items()), flush=True)
                 continue
             a = json.loads(llama.stdout.strip().splitlines()[-1])["tokens_per_s"]
-            print(f"{threads} threads  llama.cpp {gguf:5s} {a:6.1f}   openseek {dtype}/{quantize:4s} {b:6.1f}   "
-                  f"-> {b / a:.2f}x", flush=True)
+            print(f"{threads} threads  llama.cpp {gguf:5s} {a:6.1f}   openseek {dtype}/{quantize:4s} "
+                  + "   ".join(f"{m} {b:6.1f} -> {b / a:.2f}x" for m, b in ours.items()), flush=True)
 
 
 if __name__ == "__main__":
