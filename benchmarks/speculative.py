@@ -8,7 +8,7 @@ greedily until EOS or `--max-new-tokens`. Plain and speculative decoding (k = 1,
 batch 1 and batch 8; the table gives median tokens/s, the speed-up over plain at the same batch size, the acceptance
 rate, tokens gained per step, and whether every output equals plain decoding's.
 
-    .venv/bin/python benchmarks/speculative.py [--model runs/demo/model] [--runs 5] [--threads 1]
+    .venv/bin/python benchmarks/speculative.py [--model runs/demo/model] [--runs 5] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the demo's model runs fastest on one)")
+    parser.add_argument("--compile", action="store_true",
+                        help="every engine, plain and speculative, with its decode step compiled (Engine(compile=True))")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -61,9 +63,9 @@ def main() -> int:
     prompts = [tokenizer.encode(BOS + row["prompt"]) for row in heldout.problems(args.prompts, seed=0, split="test")]
     print(f"model {directory}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{model.cfg.num_nextn_predict_layers} MTP layer(s); {len(prompts)} prompts, {args.runs} runs, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s), decode step {'compiled' if args.compile else 'eager'}")
     rows = demo.compare_speculation(model, prompts, ks=[1, 2, 3], batch_sizes=[1, 8], runs=args.runs,
-                                    max_new_tokens=args.max_new_tokens, threads=args.threads)
+                                    max_new_tokens=args.max_new_tokens, threads=args.threads, compile=args.compile)
     print("| batch | draft tokens k | tokens/s | speed-up | acceptance | tokens per step | output identical |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -29,6 +29,7 @@ Figures go to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "openseek-llamacpp"))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole alternation; each round prints its own lines (the machine drifts)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                         help="openseek's decode step: eager, torch.compile'd (Engine(compile=True)), or both")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -180,7 +183,8 @@ def main() -> None:
     if not files["Q4_0"].is_file():
         quantize_q4(args.llama_python, files["F32"], files["Q4_0"])
     print(f"batch 1, {PROMPT}-token prompt, {NEW} new tokens, greedy; decode tokens/s (best of 3)")
-    for threads in args.threads:
+    for round_, threads in itertools.product(range(1, args.rounds + 1), args.threads):
+        print(f"round {round_}, {time.strftime('%H:%M:%S')}", flush=True)
         for gguf, dtype, quantize in PAIRS:  # alternating: llama.cpp then openseek at each precision
             if gguf not in args.precisions:
                 continue

@@ -343,15 +343,20 @@ class Demo:
 
 
 def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_sizes: list[int], runs: int,
-                        max_new_tokens: int, threads: int) -> list[dict]:
+                        max_new_tokens: int, threads: int, compile: bool = False) -> list[dict]:
     """Greedy decoding of `prompts`, `batch_size` at a time, without speculation and with MTP speculation of each
     k, runs alternating (so the machine's state is shared). One row per (k, batch size), k = 0 being plain: median
     tokens/s, speed-up over plain at that batch size, acceptance rate, mean accepted length, and whether every
-    output equals plain decoding's. (`benchmarks/speculative.py` and the demo's report both measure with this.)"""
+    output equals plain decoding's. `compile`: every engine, plain ones too, compiles its decode step (compiled in
+    an untimed warm-up). (`benchmarks/speculative.py` and the demo's report both measure with this.)"""
     configs = [(k, b) for b in batch_sizes for k in [0, *ks]]
     engines = {c: openseek.Engine(model, max_batch_size=c[1], threads=threads, speculative="mtp" if c[0] else None,
-                                  num_speculative_tokens=max(c[0], 1)) for c in configs}
+                                  num_speculative_tokens=max(c[0], 1), compile=compile) for c in configs}
     seconds = {c: [] for c in configs}
+    if compile:  # every batch size the runs will see (rows leave as they finish), for one token and for k + 1
+        for c in configs:
+            for size in range(1, c[1] + 1):
+                engines[c].generate(prompts[:size], 2 + c[0], temperature=0, stop_token_ids=[])
     outputs = {}
     for _ in range(runs):
         for c in configs:

@@ -85,6 +85,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import functools
 import threading
 from collections import deque
 from contextlib import contextmanager
@@ -98,6 +99,24 @@ from openseek.engine.sampling import Sampler, SamplingParams, token_logprobs
 from openseek.threads import AdaptiveThreads
 
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
+
+
+def compiled_forwards(model) -> tuple:
+    """model.forward, .hidden_states and .mtp_hidden through torch.compile, bound to `model`."""
+    return tuple(functools.partial(fn, model) for fn in _compiled_model_functions(type(model)))
+
+
+@functools.cache
+def _compiled_model_functions(model_class) -> tuple:
+    """The model class's forward, hidden_states and mtp_hidden through torch.compile, made once per process and
+    shared by every engine and model (dynamo keeps each graph with guards on the model it was traced for, and gives
+    up compiling a function after `recompile_limit` graphs)."""
+    # fused kernels keep bf16 intermediates rounded as eager rounds them, so the outputs do not change
+    torch._inductor.config.emulate_precision_casts = True
+    # graphs per function: batch 1 and any batch, one token and several, a few models in one process (tests)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return tuple(torch.compile(fn, dynamic=True)
+                 for fn in (model_class.forward, model_class.hidden_states, model_class.mtp_hidden))
 
 
 def stop_token_ids(model_cfg, tokenizer=None) -> list[int]:
@@ -203,12 +222,8 @@ class Engine:
         self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
         self.compiles = compile
-        if compile:
-            # fused kernels keep bf16 intermediates rounded as eager rounds them, so the outputs do not change
-            torch._inductor.config.emulate_precision_casts = True
-        compiled = (lambda fn: torch.compile(fn, dynamic=True)) if compile else (lambda fn: fn)  # noqa: E731
-        self.decode_forward, self.hidden_states, self.mtp_hidden = map(
-            compiled, (model.forward, model.hidden_states, model.mtp_hidden))
+        self.decode_forward, self.hidden_states, self.mtp_hidden = (
+            compiled_forwards(model) if compile else (model.forward, model.hidden_states, model.mtp_hidden))
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
         capacity = 4 * self.max_seq_len if prefix_cache_tokens is None else prefix_cache_tokens
