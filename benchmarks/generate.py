@@ -7,6 +7,7 @@ on the same batch (8 prompts of 64 tokens, 128 new tokens, no early stop). Print
 ratio, and how many generated tokens agree.
 
     .venv/bin/python benchmarks/generate.py [--runs 5] [--models qwen2 deepseek_v3] [--threads 2]
+        [--dtype bfloat16 --quantize int8] [--compile]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def matmul_floor(model) -> float:
     return time.perf_counter() - start
 
 
-def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none") -> float:
+def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none", compile: bool = False) -> float:
     import transformers
 
     torch.manual_seed(0)
@@ -71,7 +72,7 @@ def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none") 
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         ours = openseek.load(directory, dtype=dtype, quantize=quantize)
-    engine = openseek.Engine(ours)
+    engine = openseek.Engine(ours, compile=compile)
     params = sum(p.numel() for p in hf.parameters()) / 1e6
     prompts = torch.randint(0, 8192, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
 
@@ -85,7 +86,7 @@ def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none") 
         outs = engine.generate(prompts.tolist(), NEW, temperature=0, stop_token_ids=[])
         return [sample.token_ids for (sample,) in outs]
 
-    run_hf(), run_ours()  # warm up both
+    run_hf(), run_ours()  # warm up both (and compile openseek's decode step, with --compile)
     times = {"transformers": [], "openseek": [], "matmuls only": []}
     cpu = {"transformers": [], "openseek": []}  # process CPU time: less swayed by other jobs on the machine
     for i in range(runs):
@@ -131,12 +132,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="the claim is for 2; 1 is less sensitive to a busy CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="openseek's weights")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"], help="openseek's weights")
+    parser.add_argument("--compile", action="store_true", help="openseek's decode step compiled (Engine(compile=True))")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH}, prompt {PROMPT}, "
-          f"{NEW} new tokens, greedy; transformers float32, openseek {args.dtype} weights, quantize {args.quantize}")
+          f"{NEW} new tokens, greedy; transformers float32, openseek {args.dtype} weights, quantize {args.quantize}"
+          f"{', decode step compiled' if args.compile else ''}")
     for kind in args.models:
-        bench(kind, args.runs, args.dtype, args.quantize)
+        bench(kind, args.runs, args.dtype, args.quantize, args.compile)
 
 
 if __name__ == "__main__":
