@@ -41,6 +41,9 @@ from openseek.train.trainer import TrainConfig, Trainer, list_checkpoints
 SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shared, first layer dense, one MTP depth
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, moe_intermediate_size=32),
     "small": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, moe_intermediate_size=48),
+    # as deep relative to its one MTP layer as a real model (DeepSeek-V3: 61 layers + 1): what speculation's
+    # benchmark measures beside the demo's own model, where the MTP layer is a fifth of the layers
+    "deep": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=16, moe_intermediate_size=48),
 }
 
 

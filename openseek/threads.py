@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -41,7 +42,8 @@ class AdaptiveThreads:
     """Chooses torch's intra-op thread count for one kind of repeated work by timing it.
 
     Wrap each unit of work in `with threads.unit():`. The tuner alternates windows of `window` units at each
-    candidate count (all cores, then one), compares their mean times, and keeps the faster one for `hold` windows
+    candidate count (all cores, then one), compares their median times (a unit carrying a one-off cost, such as the
+    first step of a compiled decode, which compiles it, must not decide), and keeps the faster one for `hold` windows
     times how many times slower the other was, before probing again (so probing costs a few percent at most). With
     `fixed`, it just sets that count. Units should be of similar size within a few windows (decode steps,
     optimizer steps); the comparison only ever looks at adjacent windows.
@@ -87,9 +89,9 @@ class AdaptiveThreads:
         if self._probe:  # time the next candidate
             self._current = self._probe[0]
             return
-        means = {n: sum(t) / len(t) for n, t in self._times.items()}
-        self.choice = min(means, key=means.get)
+        medians = {n: statistics.median(t) for n, t in self._times.items()}
+        self.choice = min(medians, key=medians.get)
         self._current = self.choice
         # Probing the loser again costs a window at its speed: the more it lost by, the longer before the next probe.
-        loser = max(means.values()) / max(means[self.choice], 1e-12)
+        loser = max(medians.values()) / max(medians[self.choice], 1e-12)
         self._hold_units = round(self.hold * self.window * max(1.0, loser))

@@ -498,7 +498,7 @@ def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(model
     eager = openseek.Engine(model).generate(PROMPTS, 10, **kwargs)
     compiled_engine = openseek.Engine(model, compile=True)
     compiled = compiled_engine.generate(PROMPTS, 10, **kwargs)
-    assert [[s.token_ids for s in samples] for samples in compiled] == [[s.token_ids for s in samples] for samples in eager]
+    assert [[s.token_ids for s in c] for c in compiled] == [[s.token_ids for s in e] for e in eager]
     for a, b in zip(compiled, eager):
         for x, y in zip(a, b):
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)

@@ -12,6 +12,7 @@ import openseek
 from openseek import data, quantize
 from openseek.kernels import dense_avx512
 from openseek.model.linear import KERNEL_ROWS, Linear
+from openseek.model.moe import grouped_matmul
 from openseek.quantize import Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
@@ -84,6 +85,32 @@ def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
     assert relative_error(got, reference) < tolerance
     with torch.enable_grad():  # training: PyTorch's kernel, which the gradient flows through
         assert layer(x).requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
+    """MoE decode's experts (moe.grouped_matmul): rows sorted by expert, one call for all experts, empty ones
+    skipped — each group's rows equal our per-expert kernel's product with that expert's weight, bit for bit."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 40, 100).to(dtype)  # 5 experts [out 40, in 100]
+    counts = torch.tensor([3, 0, 1, 0, 9])  # two idle experts; 9 rows: more than one pass of 8
+    ends = counts.cumsum(0)
+    x = torch.randn(int(counts.sum()), 100).to(dtype)
+    with torch.no_grad():
+        got = grouped_matmul(x, w, ends)
+    kernel = dense_avx512()
+    if kernel is None:
+        pytest.skip("this CPU cannot run the decode kernel")
+    single = kernel.linear_bf16 if dtype is torch.bfloat16 else kernel.linear_fp32
+    starts = ends - counts
+    expected = torch.cat([single(x[s:e].contiguous(), w[g]) for g, (s, e) in enumerate(zip(starts.tolist(),
+                                                                                          ends.tolist())) if e > s])
+    assert torch.equal(got, expected)
+    assert relative_error(got, torch.cat([x[s:e].double() @ w[g].double().T for g, (s, e) in
+                                          enumerate(zip(starts.tolist(), ends.tolist())) if e > s])) < (
+        1e-6 if dtype is torch.float32 else 4e-3)  # bf16: one rounding of each result
+    with pytest.raises(RuntimeError, match="ends\\[-1\\] must equal the number of rows"):
+        kernel.grouped_linear_fp32(x.float(), w.float(), ends - 1)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])

@@ -40,21 +40,29 @@ def int8_vnni():
 
 @functools.cache
 def dense_avx512():
-    """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ), or None with a
+    """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ;
+    `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K]), or None with a
     line on stderr saying why."""
     module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
     if module is not None:
         torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
         torch.library.register_fake("openseek::linear_fp32")(_linear_shape)
+        torch.library.register_fake("openseek::grouped_linear_bf16")(_grouped_linear_shape)
+        torch.library.register_fake("openseek::grouped_linear_fp32")(_grouped_linear_shape)
     return module
 
 
 def _int8_matmul_shape(x, packed, scales, rowsum):
-    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32)
+    out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
+    return x.new_empty(x.shape[0], scales.shape[0], dtype=out_dtype)
 
 
 def _linear_shape(x, w):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _grouped_linear_shape(x, w, ends):
+    return x.new_empty(x.shape[0], w.shape[1])
 
 
 def _build(what: str, name: str, needs: set[str], fallback: str):

@@ -27,7 +27,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     """F.linear(x, w, bias), on our kernel where it wins (see the module docstring)."""
     rows = KERNEL_ROWS.get(w.dtype, 0)
     if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and w.is_contiguous() and _has_kernel()):
+            and not torch.is_grad_enabled() and w.is_contiguous() and has_kernel()):
         # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
         ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
         matmul = ops.linear_bf16 if w.dtype is torch.bfloat16 else ops.linear_fp32
@@ -37,7 +37,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 @torch.compiler.assume_constant_result  # torch.compile reads it once rather than tracing the build and its messages
-def _has_kernel() -> bool:
+def has_kernel() -> bool:
+    """Whether our decode matmul kernel runs on this machine."""
     return dense_avx512() is not None
 
 

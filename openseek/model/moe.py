@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openseek.config import ModelConfig
-from openseek.model.linear import KERNEL_ROWS, Linear, linear
+from openseek.kernels import dense_avx512
+from openseek.model.linear import KERNEL_ROWS, Linear, has_kernel, linear
 
 
 class SwiGLU(nn.Module):
@@ -57,10 +58,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     """x [N, in] sorted by group, w [G, out, in] (each group's weight in nn.Linear's layout), ends [G] cumulative row
     counts -> [N, out].
 
-    One grouped GEMM when the layout allows it (16-byte aligned rows). Decode's few rows go group by group through
-    `linear` instead, skipping empty groups: CPU's grouped GEMM multiplies every group, empty or not, with a small-M
-    sgemm (16 of 20 ms of a deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used
-    expert's weight once."""
+    One grouped GEMM when the layout allows it (16-byte aligned rows). Decode's few rows go to our kernel instead
+    (openseek/kernels: one call for all groups, skipping empty ones), or where it cannot run, group by group through
+    `linear`: CPU's grouped GEMM multiplies every group, empty or not, with a small-M sgemm (16 of 20 ms of a
+    deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used expert's weight once."""
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
@@ -69,6 +70,11 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     decoding = few_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
     if aligned and x.dtype == w.dtype and not decoding:
         return F.grouped_mm(x, w.transpose(1, 2), offs=ends.to(torch.int32))
+    if decoding and x.dtype == w.dtype and w.is_contiguous() and has_kernel():
+        # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
+        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+        grouped = ops.grouped_linear_bf16 if w.dtype is torch.bfloat16 else ops.grouped_linear_fp32
+        return grouped(x.contiguous(), w, ends)
     starts = torch.cat((ends.new_zeros(1), ends[:-1])).tolist()
     return torch.cat([linear(x[s:e], w[g]) for g, (s, e) in enumerate(zip(starts, ends.tolist())) if e > s])
 
@@ -82,19 +88,27 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    # eager under torch.compile (Engine(compile=True)): how many rows each expert gets is data, which the decode
-    # path reads on the host to skip idle experts; compiled, each new count would be a new graph
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        decoding_on_cpu = not torch.is_grad_enabled() and x.device.type == "cpu"
+        if torch.compiler.is_compiling() and decoding_on_cpu and not has_kernel():
+            # a compiled decode step (Engine(compile=True)) without our kernel runs the experts eagerly: how many
+            # rows each expert gets is data, which `grouped_matmul` then reads on the host to skip idle experts
+            return self._eager_forward(x, ids, weights)
+        return self._forward(x, ids, weights)
+
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token = order // k
-        ends = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).cumsum(0)
+        # rows per expert, as bincount(flat, minlength=E) counts them, in a shape torch.compile knows ahead
+        ends = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
         gate, up = grouped_matmul(x[token], self.gate_up_proj, ends).chunk(2, dim=-1)
         out = grouped_matmul(F.silu(gate) * up, self.down_proj, ends)
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+    _eager_forward = torch.compiler.disable(_forward)
 
 
 class MoE(nn.Module):
