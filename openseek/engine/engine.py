@@ -58,13 +58,14 @@ over the cache is written out in float32 (attention.py: faster than SDPA for a f
 result on any thread count); CUDA graphs for decode are not implemented yet.
 
 `Engine(model, compile=True)` (`--compile` on the commands) runs the decode step's forwards (the plain step; with
-speculation the verify forward and the MTP module) through `torch.compile` with dynamic shapes: on the CPU, inductor
-fuses the step's ~1,000 small ops (norms, RoPE, residuals, dtype casts) into a few dozen C++ loops around our matmul
-kernels (which are operators for this, openseek/kernels). Each batch size compiles once (about 30–120 s for a
-Qwen2.5-0.5B, less on later runs, which reuse inductor's on-disk cache); prefill stays eager. Outputs are those of
-the eager step: bf16 roundings are kept where eager makes them (`emulate_precision_casts`, set for the whole process).
-Measured in benchmarks/RESULTS.md; it pays where those small ops are a large part of a step (batch 1 at bf16, int8
-and int4; small models).
+speculation the verify forward with its logits, and the MTP module with its draft logits) through `torch.compile`
+with dynamic shapes: on the CPU, inductor fuses the step's ~1,000 small ops (norms, RoPE, residuals, dtype casts,
+MoE routing) into a few dozen C++ loops around our matmul kernels (which are operators for this, openseek/kernels).
+Batch 1 and larger batches compile once each (about 30–120 s for a Qwen2.5-0.5B, less on later runs, which reuse
+inductor's on-disk cache); prefill stays eager. Outputs are those of the eager step: bf16 roundings are kept where
+eager makes them (`emulate_precision_casts`, set for the whole process). Measured in benchmarks/RESULTS.md: it pays
+where those small ops are a large part of a step (int8 and int4 weights, MoE, small models), not where the matmuls
+already stream the weights at the memory bandwidth (float32 and bf16 at batch 1).
 
 Speculative decoding with the model's own MTP module (`Engine(model, speculative="mtp", num_speculative_tokens=k)`,
 DeepSeek-V3's multi-token prediction as a draft, as vLLM and SGLang run it): the decode step becomes draft, verify,
@@ -74,7 +75,8 @@ main model scores the fed token and the k drafts in one forward over the cache, 
 (sampling.py) accepts a prefix of the drafts and draws one more token, so each row gains 1..k+1 tokens per step and
 its output is distributed exactly as without speculation (greedy: identical). Then the MTP module runs over the same
 positions with the accepted tokens, filling its own cache layer (it attends over the whole sequence, as in training)
-and leaving each row's state for the next drafts; a prompt's prefill runs it over the prompt. Rejected positions need
+and leaving each row's state (and the draft logits it gives) for the next drafts; a prompt's prefill runs it over
+the prompt. Rejected positions need
 no rollback: a row's slot advances only past what it accepted, and the next step overwrites the rest. It is the same
 `_Batch.step` under `generate` and the serving thread; the step reads the accepted counts on the host (one small
 copy per step, which costs nothing on the CPU). `engine.stats` counts drafted and accepted tokens.
@@ -101,22 +103,28 @@ from openseek.threads import AdaptiveThreads
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
 
 
+def mtp_with_logits(model, hidden, next_ids, positions, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MTP module (depth 0) over the cache, and the draft logits of its outputs: [B, T, H] and [B, T, V], in one
+    function so that a compiled engine runs both in one graph."""
+    out = model.mtp_hidden(0, hidden, next_ids, positions, cache=cache)
+    return out, model.mtp_head(0, out)
+
+
 def compiled_forwards(model) -> tuple:
-    """model.forward, .hidden_states and .mtp_hidden through torch.compile, bound to `model`."""
+    """model.forward and `mtp_with_logits` through torch.compile, bound to `model`."""
     return tuple(functools.partial(fn, model) for fn in _compiled_model_functions(type(model)))
 
 
 @functools.cache
 def _compiled_model_functions(model_class) -> tuple:
-    """The model class's forward, hidden_states and mtp_hidden through torch.compile, made once per process and
-    shared by every engine and model (dynamo keeps each graph with guards on the model it was traced for, and gives
-    up compiling a function after `recompile_limit` graphs)."""
+    """The model class's forward and `mtp_with_logits` through torch.compile, made once per process and shared by
+    every engine and model (dynamo keeps each graph with guards on the model it was traced for, and gives up
+    compiling a function after `recompile_limit` graphs)."""
     # fused kernels keep bf16 intermediates rounded as eager rounds them, so the outputs do not change
     torch._inductor.config.emulate_precision_casts = True
     # graphs per function: batch 1 and any batch, one token and several, a few models in one process (tests)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return tuple(torch.compile(fn, dynamic=True)
-                 for fn in (model_class.forward, model_class.hidden_states, model_class.mtp_hidden))
+    return tuple(torch.compile(fn, dynamic=True) for fn in (model_class.forward, mtp_with_logits))
 
 
 def stop_token_ids(model_cfg, tokenizer=None) -> list[int]:
@@ -222,8 +230,8 @@ class Engine:
         self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
         self.compiles = compile
-        self.decode_forward, self.hidden_states, self.mtp_hidden = (
-            compiled_forwards(model) if compile else (model.forward, model.hidden_states, model.mtp_hidden))
+        self.decode_forward, self.mtp_forward = (
+            compiled_forwards(model) if compile else (model.forward, functools.partial(mtp_with_logits, model)))
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(self.cfg.max_position_embeddings, max_seq_len or 4096)
         capacity = 4 * self.max_seq_len if prefix_cache_tokens is None else prefix_cache_tokens
@@ -577,8 +585,7 @@ class _Batch:
 
     def __init__(self, engine: Engine, capacity: int, max_len: int):
         self.model, self.device = engine.model, engine.model.device
-        self.decode_forward, self.hidden_states, self.mtp_hidden = (
-            engine.decode_forward, engine.hidden_states, engine.mtp_hidden)
+        self.decode_forward, self.mtp_forward = engine.decode_forward, engine.mtp_forward
         self.draft_tokens = engine.draft_tokens
         self.cache = make_cache(engine.cfg, capacity, max_len, self.model.dtype, self.device,
                                 mtp_layers=1 if self.draft_tokens else 0)
@@ -590,6 +597,9 @@ class _Batch:
         self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
         self._sampler: Sampler | None = None  # built from `params` when the rows change
+        # when speculating, the next step's first draft logits [size, V] (from `mtp_state`), made by the last step's
+        # MTP pass; None after the rows change, when the step makes them itself
+        self._draft_logits: torch.Tensor | None = None
         self._advance = 1  # how far each row's slot moves per step: 1, or 0 for free rows ([size] tensor)
         self._vacated = False  # rows were freed since the device tensors were last brought up to date
 
@@ -641,6 +651,7 @@ class _Batch:
         for row, owner, p, pos in zip(rows, owners, params, position):
             self.owner[row], self.params[row], self.positions[row] = owner, p, pos
         self._sampler = None
+        self._draft_logits = None
         return logits if all_logits else None
 
     def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor, all_logits: bool):
@@ -733,25 +744,30 @@ class _Batch:
         k, model, cache = self.draft_tokens, self.model, self.cache
         length = max(self.positions) + 1
         drafts, draft_probs, state = [], [], self.mtp_state
+        draft_logits = self._draft_logits if self._draft_logits is not None else model.mtp_head(0, state)[:, -1]
         for j in range(k):  # draft j + 1 continues from draft j, at the next position
             if j:
                 cache.decode(self.slots + j - 1, length=length + j - 1)
-                state = self.mtp_hidden(0, state, drafts[-1][:, None], (self.slots + j - 1)[:, None], cache=cache)
-            token, probs = self._sampler.draft(model.mtp_head(0, state)[:, -1], generator)
+                state, draft_logits = self.mtp_forward(state, drafts[-1][:, None], (self.slots + j - 1)[:, None],
+                                                       cache)
+                draft_logits = draft_logits[:, -1]
+            token, probs = self._sampler.draft(draft_logits, generator)
             drafts.append(token)
             draft_probs.append(probs)
         drafts = torch.stack(drafts, dim=1)
         slots = self.slots[:, None] + torch.arange(k + 1, device=self.device)
         cache.decode(slots, length=length + k)
-        hidden = self.hidden_states(torch.cat((self.tokens[:, None], drafts), dim=1), slots, cache=cache)
+        logits, hidden = self.decode_forward(torch.cat((self.tokens[:, None], drafts), dim=1), positions=slots,
+                                             cache=cache, all_logits=True, return_hidden=True)
         tokens, counts, logprobs, top_logprobs = self._sampler.verify(
-            model.lm_head(hidden), drafts, None if draft_probs[0] is None else torch.stack(draft_probs, dim=1),
+            logits, drafts, None if draft_probs[0] is None else torch.stack(draft_probs, dim=1),
             generator, want_logprobs, top)
-        # the MTP module at each verified position, with the token after it; only the accepted ones are kept
-        # (a row's later slots, in its layers and the main model's, are overwritten by its next step)
-        mtp = self.mtp_hidden(0, hidden, tokens, slots, cache=cache)
+        # the MTP module at each verified position, with the token after it, and its draft logits; only the accepted
+        # ones are kept (a row's later slots, in its layers and the main model's, are overwritten by its next step)
+        mtp, mtp_logits = self.mtp_forward(hidden, tokens, slots, cache)
         last = (counts - 1)[:, None]
         self.mtp_state = mtp.gather(1, last[:, :, None].expand(-1, 1, mtp.shape[-1]))
+        self._draft_logits = mtp_logits.gather(1, last[:, :, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0]
         self.tokens = tokens.gather(1, last)[:, 0]
         # a row that finished in `generate` but is still in the batch stops at the cache's end
         end = cache.max_len - 1 - k
@@ -770,6 +786,7 @@ class _Batch:
         self.params = [self.params[i] for i in order]
         self.positions = [self.positions[i] for i in order]
         self._sampler = None
+        self._draft_logits = None
 
     def vacate(self, rows: list[int]) -> None:
         """Free `rows` for later admissions. Host bookkeeping only (no device work, so no model lock needed): the
@@ -784,7 +801,7 @@ class _Batch:
         """Bring the device tensors in line with `vacate`: drop the free rows at the end, park the others at 0."""
         if not self._vacated:
             return
-        self._vacated, self._sampler = False, None
+        self._vacated, self._sampler, self._draft_logits = False, None, None
         self.tokens, self.slots = self.tokens[: self.size], self.slots[: self.size]
         self.mtp_state = self.mtp_state[: self.size]
         free = [i for i, o in enumerate(self.owner) if o is None]
