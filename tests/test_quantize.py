@@ -224,3 +224,22 @@ def test_tied_embedding_rows_are_the_heads_dequantised_rows(vnni, monkeypatch):
     rows = Int8Embedding(head, torch.float32)(ids)
     assert rows.shape == (2, 3, 64)
     torch.testing.assert_close(rows, head.dequantized()[ids], rtol=0, atol=0)
+
+
+def test_a_lock_left_by_a_killed_kernel_build_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    """torch's extension builder waits for as long as its `lock` file exists; a process killed mid-build leaves it,
+    and every later run hung silently before this."""
+    import os
+
+    from openseek.kernels import STALE_LOCK_SECONDS, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    clear_stale_lock(tmp_path, "decode matmul")  # a build in progress right now: left alone
+    assert lock.exists() and capsys.readouterr().err == ""
+    old = lock.stat().st_mtime - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    clear_stale_lock(tmp_path, "decode matmul")
+    assert not lock.exists()
+    assert f"removing {lock}, left 11 minutes ago by a build that did not finish" in capsys.readouterr().err
+    clear_stale_lock(tmp_path, "decode matmul")  # nothing left: nothing to do

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,19 +66,39 @@ def _grouped_linear_shape(x, w, ends):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+STALE_LOCK_SECONDS = 600  # a build takes about 40 s; a lock this old was left by a process killed while building
+
+
+def clear_stale_lock(build: Path, what: str) -> None:
+    """Remove the `lock` file that torch's extension builder leaves in `build` when its process is killed mid-build
+    (Ctrl-C during the first run): the next process would otherwise wait on it forever, silently."""
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"{what}: removing {lock}, left {age / 60:.0f} minutes ago by a build that did not finish",
+              file=sys.stderr)
+        lock.unlink(missing_ok=True)
+
+
 def _build(what: str, name: str, needs: set[str], fallback: str):
     missing = needs - cpu_flags()
     if missing:
         print(f"{what}: this CPU lacks {', '.join(sorted(missing))}; using {fallback}", file=sys.stderr)
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
         print(f"{what}: loading the kernel {name}.cpp (compiled for this machine on first use, then cached)",
               file=sys.stderr)
+        build = Path(get_default_build_root()) / f"openseek_{name}"
+        build.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build, what)
         # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread
         return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
         print(f"{what}: could not build {name}.cpp ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
               f"using {fallback}", file=sys.stderr)
