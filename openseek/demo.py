@@ -356,10 +356,10 @@ def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_si
     engines = {c: openseek.Engine(model, max_batch_size=c[1], threads=threads, speculative="mtp" if c[0] else None,
                                   num_speculative_tokens=max(c[0], 1), compile=compile) for c in configs}
     seconds = {c: [] for c in configs}
-    if compile:  # every batch size the runs will see (rows leave as they finish), for one token and for k + 1
+    if compile:  # every batch size the runs will see (rows leave as they finish), with caches as long as theirs
         for c in configs:
             for size in range(1, c[1] + 1):
-                engines[c].generate(prompts[:size], 2 + c[0], temperature=0, stop_token_ids=[])
+                engines[c].generate(prompts[:size], max_new_tokens, temperature=0, stop_token_ids=[])
     outputs = {}
     for _ in range(runs):
         for c in configs:
