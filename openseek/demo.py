@@ -360,6 +360,7 @@ def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_si
         for c in configs:
             for size in range(1, c[1] + 1):
                 engines[c].generate(prompts[:size], max_new_tokens, temperature=0, stop_token_ids=[])
+            engines[c].stats = type(engines[c].stats)()  # the statistics of the timed runs only
     outputs = {}
     for _ in range(runs):
         for c in configs:
