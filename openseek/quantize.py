@@ -6,12 +6,13 @@ quantises it on the way in, one tensor at a time: a quantised model never holds 
 
 - int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); our AVX-512 VNNI kernel
   (openseek/kernels: activations quantised per row inside it) where the CPU has one, else `aten._weight_int8pack_mm`.
-- int4: per group of `group_size` input columns, asymmetric (w ≈ (q − 8)·scale + zero, q in [0, 15]);
+- int4: per group of `group_size` input columns, asymmetric (w ≈ q·scale + low, q in [0, 15]); our AVX-512 VNNI
+  kernel (activations quantised per row and group inside it) where the CPU has one, else
   `aten._weight_int4pack_mm_for_cpu` (CPU only: the CUDA op wants another packing, not implemented here).
 
-PyTorch's kernels are fast only with bf16 activations (fp32 inputs take a path 10–100× slower, measured in
-`shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them, and every result back to
-the model's dtype. What stays in `dtype`, and why:
+PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a path 10–100× slower,
+measured in `shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them; ours take
+either. Every result goes back to the model's dtype. What stays in `dtype`, and why:
 - embeddings (untied): a lookup table, read one row per token, not streamed per step (a tied embedding and head
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openseek.kernels import int8_vnni
+from openseek.kernels import quantized_vnni
 
 QUANTIZE = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -57,7 +58,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = int8_vnni() if out_features % 16 == 0 and in_features % 4 == 0 else None
+        self.kernel = quantized_vnni() if out_features % 16 == 0 and in_features % 4 == 0 else None
         if self.kernel is not None:
             shape, scale_dtype = (out_features // 16, in_features // 4, 16, 4), torch.float32
             self.register_buffer("rowsum", torch.empty(out_features, dtype=torch.int32))
@@ -127,15 +128,26 @@ class Int8Embedding(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x·Wᵀ + b with W stored as 4-bit values in groups of `group_size` input columns, each group with a bf16
-    scale and zero point, packed in the layout of `aten._weight_int4pack_mm_for_cpu`."""
+    """y = x·Wᵀ + b with W stored as 4-bit values in groups of `group_size` input columns, W ≈ q·scale + low with
+    q in [0, 15] and a bf16 scale and low per group and output row.
+
+    With the VNNI kernel (openseek/kernels) the weight is one uint8 buffer of records, [out/16, in/group, group·8 +
+    64]: a group's 4-bit values for 16 output rows, then their scales and lows (the kernel's comment has the byte
+    layout), and activations are quantised per row and group to int8 inside the kernel (as llama.cpp's Q4_0 dot
+    products do). Otherwise the weight is in the layout of `aten._weight_int4pack_mm_for_cpu`, which multiplies bf16
+    activations by the dequantised weight, with `scales_and_zeros` [in/group, out, 2] beside it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        self.kernel = quantized_vnni()
+        if self.kernel is not None:
+            shape = (out_features // 16, in_features // group_size, group_size * 8 + 64)
+            self.register_buffer("weight", torch.empty(shape, dtype=torch.uint8))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_and_zeros",
+                                 torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @staticmethod
@@ -147,26 +159,49 @@ class Int4Linear(nn.Module):
         N, K, G = self.out_features, self.in_features, self.group_size
         groups = w.float().view(N, K // G, G)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        scales = ((high - low) / 15).clamp(min=1e-8)
-        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
-        self.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        # (q - 8)·scale + zero = low + q·scale
-        self.scales_and_zeros.copy_(torch.stack((scales, low + 8 * scales), dim=-1).transpose(0, 1))
+        # q is rounded against the bf16 scale and low that are stored, so q·scale + low is the nearest level
+        scales = ((high - low) / 15).clamp(min=1e-8).bfloat16()
+        low = low.bfloat16()
+        q = torch.round((groups - low.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+        if self.kernel is None:
+            self.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).int(), 1))
+            # PyTorch's kernel computes (q − 8)·scale + zero: zero = low + 8·scale
+            zeros = low.float() + 8 * scales.float()
+            self.scales_and_zeros.copy_(torch.stack((scales.float(), zeros), dim=-1).transpose(0, 1))
+            return
+        # [N/16, 16, K/G, G/8, 2, 4] -> [N/16, K/G, G/8, 16, 4, 2]: per chunk of 8 columns, row i's bytes 4i..4i+3
+        # hold columns j (low nibble) and 4 + j (high nibble)
+        chunks = q.view(N // 16, 16, K // G, G // 8, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        nibbles = (chunks[..., 0] | (chunks[..., 1] << 4)).reshape(N // 16, K // G, G * 8)
+        params = torch.stack((scales, low), dim=-1).view(N // 16, 16, K // G, 2).permute(0, 2, 3, 1)
+        params = params.contiguous().view(torch.uint8).reshape(N // 16, K // G, 64)
+        self.weight.copy_(torch.cat((nibbles, params), dim=-1))
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight the kernel multiplies by, (q − 8)·scale + zero (for tests). The packing is the
-        kernel's own, so q is read back through the kernel on the identity (bf16 output, exact enough to round)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
-        rounded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
-                                                             self.scales_and_zeros).float().T  # [N, K]
-        scales, zeros = (t.float().T.repeat_interleave(self.group_size, dim=1)
-                         for t in self.scales_and_zeros.unbind(-1))
-        q = torch.round((rounded - zeros) / scales + 8).clamp(0, 15)
-        return (q - 8) * scales + zeros
+        """The float32 weight the kernel multiplies by, q·scale + low (for tests)."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        if self.kernel is None:  # PyTorch's packing is its own: q is read back through its kernel on the identity
+            eye = torch.eye(K, dtype=torch.bfloat16, device=self.weight.device)
+            rounded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, G,
+                                                                 self.scales_and_zeros).float().T  # [N, K]
+            scales, zeros = (t.float().T.repeat_interleave(G, dim=1) for t in self.scales_and_zeros.unbind(-1))
+            q = torch.round((rounded - zeros) / scales + 8).clamp(0, 15)
+            return (q - 8) * scales + zeros
+        nibbles = self.weight[..., :G * 8].reshape(N // 16, K // G, G // 8, 16, 4)
+        q = torch.stack((nibbles & 15, nibbles >> 4), dim=-1)  # [N/16, K/G, G/8, 16, 4, 2]
+        q = q.permute(0, 3, 1, 2, 5, 4).reshape(N, K // G, G).float()
+        params = self.weight[..., G * 8:].contiguous().view(torch.bfloat16).view(N // 16, K // G, 2, 16)
+        scales, low = params.permute(0, 3, 1, 2).reshape(N, K // G, 2).float().unbind(-1)
+        return (q * scales[..., None] + low[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel is not None:
+            kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
+            y = kernel.int4_matmul(flat.contiguous(), self.weight)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight, self.group_size,
+                                                           self.scales_and_zeros)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

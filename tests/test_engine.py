@@ -488,7 +488,7 @@ def test_prefix_cache_is_bounded_and_drops_the_least_recently_used(models):
 
 
 @pytest.mark.parametrize("kind, dtype, quantize", [("qwen2", "float32", "none"), ("llama", "bfloat16", "int8"),
-                                                   ("deepseek_v3", "bfloat16", "none")])
+                                                   ("qwen2", "bfloat16", "int4"), ("deepseek_v3", "bfloat16", "none")])
 def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(models, tmp_path, kind, dtype, quantize):
     """Engine(compile=True): the decode forward through torch.compile, our matmul kernels held in its graph as
     operators. Ragged rows, n = 2 (the batch size changes as rows leave), seeded sampling with log-probs."""

@@ -23,42 +23,50 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-@pytest.mark.parametrize("kind", ["int8", "int8_pytorch", "int4"])
-@pytest.mark.parametrize("rows", [1, 8, 33])
+@pytest.mark.parametrize("kind", ["int8", "int8_pytorch", "int4", "int4_pytorch"])
+@pytest.mark.parametrize("rows", [1, 5, 8, 33])
 def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch):
-    if kind == "int8_pytorch":  # the path taken where the VNNI kernel cannot be built
-        monkeypatch.setattr(quantize, "int8_vnni", lambda: None)
+    if kind.endswith("_pytorch"):  # the path taken where the VNNI kernel cannot be built
+        monkeypatch.setattr(quantize, "quantized_vnni", lambda: None)
     torch.manual_seed(0)
-    N, K = 96, 256
+    N, K, group = 96, 256, 64
     weight, bias, x = torch.randn(N, K), torch.randn(N), torch.randn(rows, K)
-    layer = Int4Linear(K, N, True, torch.float32, 64) if kind == "int4" else Int8Linear(K, N, True, torch.float32)
+    int4 = kind.startswith("int4")
+    layer = Int4Linear(K, N, True, torch.float32, group) if int4 else Int8Linear(K, N, True, torch.float32)
     layer.bias.data.copy_(bias)
     layer.load_weight(weight)
     got = layer(x)
-    if kind == "int8" and layer.kernel is not None:
-        # activations quantised per row (absmax / 127) like the weights, products summed exactly in int32
-        step = x.abs().amax(dim=1, keepdim=True) / 127
-        reference = (torch.round(x / step) * step) @ layer.dequantized().T + bias
+    if layer.kernel is not None:
+        # activations quantised (absmax / 127) per row for int8, per row and group for int4, as the kernels do;
+        # integer products summed exactly
+        blocks = x.view(rows, -1, group if int4 else K)
+        step = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        reference = (torch.round(blocks / step) * step).view(rows, K) @ layer.dequantized().T + bias
     else:  # bf16 activations, fp32 accumulation, PyTorch's bf16 output
         reference = (x.bfloat16().float() @ layer.dequantized().T).bfloat16().float() + bias
     assert got.dtype == torch.float32 and got.shape == (rows, N)
     assert relative_error(got, reference) < 1e-3
     # ...and the quantised weight is close to the original (int4 coarser than int8)
-    assert relative_error(layer.dequantized(), weight) < (0.01 if kind != "int4" else 0.1)
+    assert relative_error(layer.dequantized(), weight) < (0.1 if int4 else 0.01)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_int8_kernel_rounds_bf16_results_as_pytorch_does(rows):
-    """bf16 activations get bf16 results from the VNNI kernel itself: each equals its float32 result rounded by
-    PyTorch (nearest even)."""
-    layer = Int8Linear(256, 96, False, torch.bfloat16)
+def test_vnni_kernels_round_bf16_results_as_pytorch_does(kind, rows):
+    """bf16 activations get bf16 results from the VNNI kernels themselves: each equals its float32 result rounded
+    by PyTorch (nearest even)."""
+    layer = Int8Linear(256, 96, False, torch.bfloat16) if kind == "int8" else Int4Linear(256, 96, False,
+                                                                                          torch.bfloat16, 32)
     if layer.kernel is None:
         pytest.skip("no AVX-512 VNNI kernel on this CPU")
     torch.manual_seed(0)
     layer.load_weight(torch.randn(96, 256))
     x = torch.randn(rows, 256).bfloat16()
-    got = layer.kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
-    as_float = layer.kernel.int8_matmul(x.float(), layer.weight, layer.scales, layer.rowsum)
+    if kind == "int8":
+        got = layer.kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
+        as_float = layer.kernel.int8_matmul(x.float(), layer.weight, layer.scales, layer.rowsum)
+    else:
+        got, as_float = layer.kernel.int4_matmul(x, layer.weight), layer.kernel.int4_matmul(x.float(), layer.weight)
     assert got.dtype == torch.bfloat16 and as_float.dtype == torch.float32
     assert torch.equal(got, as_float.bfloat16())
 
@@ -216,7 +224,7 @@ def test_quality_on_a_model_that_learned(learned, dtype, quantize, ppl_limit):
 @pytest.mark.parametrize("vnni", [True, False])
 def test_tied_embedding_rows_are_the_heads_dequantised_rows(vnni, monkeypatch):
     if not vnni:
-        monkeypatch.setattr(quantize, "int8_vnni", lambda: None)
+        monkeypatch.setattr(quantize, "quantized_vnni", lambda: None)
     torch.manual_seed(0)
     head = Int8Linear(64, 96, False, torch.float32)
     head.load_weight(torch.randn(96, 64))

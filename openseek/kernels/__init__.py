@@ -4,7 +4,8 @@ Decode multiplies a few rows of activations by every weight once per step, so it
 at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmarks/RESULTS.md): MKL's sgemm reaches a
 third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight-only matmul (`aten._weight_int8pack_mm`)
 converts every weight to bf16 first.
-- `int8_vnni.cpp`: int8 weights by int8-quantised activations with AVX-512 VNNI, reading each weight byte once.
+- `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
+  byte once.
 - `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows.
 
 Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
@@ -31,11 +32,13 @@ HERE = Path(__file__).parent
 
 
 @functools.cache
-def int8_vnni():
-    """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`), or None with a line on stderr saying why."""
-    module = _build("int8", "int8_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's int8 kernel")
+def quantized_vnni():
+    """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`), or None with a
+    line on stderr saying why."""
+    module = _build("int8/int4", "quantized_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels")
     if module is not None:
         torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
+        torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
     return module
 
 
@@ -56,6 +59,11 @@ def dense_avx512():
 def _int8_matmul_shape(x, packed, scales, rowsum):
     out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
     return x.new_empty(x.shape[0], scales.shape[0], dtype=out_dtype)
+
+
+def _int4_matmul_shape(x, packed):
+    out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
+    return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=out_dtype)
 
 
 def _linear_shape(x, w):
