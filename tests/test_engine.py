@@ -487,6 +487,23 @@ def test_prefix_cache_is_bounded_and_drops_the_least_recently_used(models):
     assert store.tokens == 8
 
 
+def test_compiled_models_of_one_class_keep_their_own_graphs(models, tmp_path):
+    """The compiled forward skips dynamo's guards on the model (a tenth of an int4 step) and guards a tag of the
+    model object instead: two models of one class, called in turn, each get their own graph and their own output
+    (without the tag the second model's graph ran for the first and failed)."""
+    from openseek.engine.engine import compiled_forwards
+
+    models("qwen2")[1].save_pretrained(tmp_path)
+    exact, quantized = openseek.load(tmp_path), openseek.load(tmp_path, dtype=torch.bfloat16, quantize="int8")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        for model in (exact, quantized, exact, quantized):
+            got, want = compiled_forwards(model)[0](ids), model(ids)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert compiled_forwards(exact)[0].args[1] != compiled_forwards(quantized)[0].args[1]
+
+
 @pytest.mark.parametrize("kind, dtype, quantize", [("qwen2", "float32", "none"), ("llama", "bfloat16", "int8"),
                                                    ("qwen2", "bfloat16", "int4"), ("deepseek_v3", "bfloat16", "none")])
 def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(models, tmp_path, kind, dtype, quantize):
