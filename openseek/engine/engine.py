@@ -89,6 +89,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,13 +119,14 @@ def compiled_forwards(model) -> tuple:
     functions skip those guards and take instead a tag of this model object as an argument, which dynamo guards
     (one string compare), so each model gets its own graphs. Its weights may change in place (GRPO's rollout view);
     swapping its modules after compiling is not seen."""
-    tag = getattr(model, "_compile_tag", None)
-    if tag is None:
-        tag = model._compile_tag = f"model-{next(_model_tags)}"
+    tag = _model_tags.get(model)
+    if tag is None:  # kept beside the model, not on it: a deep copy of the model is another model
+        tag = _model_tags[model] = f"model-{next(_tag_numbers)}"
     return tuple(functools.partial(fn, model, tag) for fn in _compiled_model_functions())
 
 
-_model_tags = itertools.count()
+_model_tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tag_numbers = itertools.count()
 
 
 def _forward(model, tag, *args, **kwargs):
