@@ -9,7 +9,8 @@ from openseek.tokenizer import BOS, Tokenizer
 
 TINY = ["--size", "tiny", "--corpus-size", "4000", "--pretrain-steps", "400", "--batch-size", "48",
         "--grpo-steps", "12", "--grpo-rounds", "2", "--prompts-per-step", "8", "--group-size", "8",
-        "--grpo-prompts", "200", "--heldout", "24", "--samples", "2", "--max-new-tokens", "40", "--grpo-lr", "3e-4"]
+        "--grpo-prompts", "200", "--heldout", "24", "--samples", "2", "--max-new-tokens", "40", "--grpo-lr", "3e-4",
+        "--threads", "1"]
 
 
 def test_careless_solution_forgets_every_carry():
