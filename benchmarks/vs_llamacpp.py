@@ -9,11 +9,13 @@ llama.cpp runs through llama-cpp-python, built from its sdist for this machine i
     .venv/bin/python benchmarks/vs_llamacpp.py --llama-python /work/bench-venv/bin/python [--threads 1 2]
 
 On a VM that lists AMX flags but does not let a process use AMX, the native build's Q8_0/Q4_0 kernels die with
-SIGILL; build with the instruction sets named and AMX off instead (what benchmarks/RESULTS.md round 3 used):
+SIGILL (or SIGSEGV, exit -11); build with the instruction sets named and AMX off instead (what benchmarks/RESULTS.md
+rounds 3 and 7 used). `--no-cache-dir` matters: pip's wheel cache ignores CMAKE_ARGS and would hand back the native
+build (llama.cpp's load log then still lists `AMX_INT8 = 1`):
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
       -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
-      -DGGML_AMX_BF16=OFF" /work/bench-venv-noamx/bin/pip install "llama-cpp-python==0.3.36"
+      -DGGML_AMX_BF16=OFF" /work/bench-venv-noamx/bin/pip install --no-cache-dir "llama-cpp-python==0.3.36"
 
 The checkpoint is saved by transformers and converted with llama.cpp's own `convert_hf_to_gguf.py` (vendored in
 that sdist, fetched by `pip download`) at F32, BF16 and Q8_0; Q4_0 is quantised from the F32 file with
