@@ -313,3 +313,28 @@ def test_the_rollout_view_follows_the_policy():
     refresh_view(view, policy)
     torch.testing.assert_close(view(ids), policy(ids), rtol=0, atol=0)
     assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], view.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the_kernel(precision, tmp_path):
+    from openseek.config import ModelConfig
+    from openseek.kernels import quantized_vnni
+    from openseek.model import Model
+    from openseek.quantize import Int8Linear
+    from openseek.train.grpo import rollout_policy
+    from openseek.train.trainer import Trainer, TrainConfig
+
+    model = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
+    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False, precision=precision))
+    view = rollout_policy(trainer, GRPOConfig())  # rollout_dtype and rollout_quantize: auto
+    if precision == "float32":
+        assert view is trainer.model  # the trained weights themselves: nothing to quantise
+        return
+    int8 = [n for n, m in view.named_modules() if isinstance(m, Int8Linear)]
+    if quantized_vnni() is None:  # no VNNI: PyTorch's int8 matmul would be no faster than bf16
+        assert int8 == []
+    else:
+        assert "layers.0.self_attn.q_proj" in int8 and "layers.0.mlp.down_proj" in int8
+    explicit = rollout_policy(trainer, GRPOConfig(rollout_quantize="none"))
+    assert not any(isinstance(m, Int8Linear) for m in explicit.modules())

@@ -61,6 +61,7 @@ import torch
 
 import openseek
 from openseek.engine import Completion, Engine, stop_token_ids
+from openseek.kernels import quantized_vnni
 from openseek.quantize import QUANTIZE, refresh_view, rollout_view
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
@@ -284,23 +285,27 @@ def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatur
     for start in range(0, flat.shape[0], chunk):
         h, t = flat[start : start + chunk], flat_targets[start : start + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
-            logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, use_reentrant=False)
+            logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, entropy,
+                                                          use_reentrant=False)
         else:
-            logp, ent = _chunk(head, h, t, temperature)
+            logp, ent = _chunk(head, h, t, temperature, entropy)
         logprobs.append(logp)
         entropies.append(ent)
     logprobs = torch.cat(logprobs).view(targets.shape)
     return logprobs, torch.cat(entropies).view(targets.shape) if entropy else None
 
 
-def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk: (log-prob of each target, entropy of each distribution, detached)."""
+def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+    """One chunk: (log-prob of each target, entropy of each distribution, detached, or None without `entropy`:
+    two more passes over the chunk's logits, which the reference pass does not need)."""
     logits = head(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
     logp_all = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+    per_token_entropy = None
+    if entropy:
+        with torch.no_grad():
+            per_token_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), per_token_entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +333,7 @@ class GRPOConfig:
     overlong_penalty: float = 1.0
     template: str = "r1-zero"  # r1-zero | chat | plain
     rollout_dtype: str = "auto"  # auto | float32 | bfloat16: the Engine's view of the policy (see rollout_policy)
-    rollout_quantize: str = "none"  # none | int8 | int4: weight-only quantised rollouts (CPU)
+    rollout_quantize: str = "auto"  # auto | none | int8 | int4: weight-only quantised rollouts (see rollout_policy)
     rollout_correction: str = "auto"  # none | token_tis | sequence_mask | auto: token_tis with a rollout view
     rollout_correction_cap: float = 3.0  # TRL's default truncation
 
@@ -341,8 +346,8 @@ class GRPOConfig:
                              f"{self.advantage!r}")
         if self.rollout_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"rollout_dtype must be auto, float32 or bfloat16, got {self.rollout_dtype!r}")
-        if self.rollout_quantize not in QUANTIZE:
-            raise ValueError(f"rollout_quantize must be one of {QUANTIZE}, got {self.rollout_quantize!r}")
+        if self.rollout_quantize not in ("auto", *QUANTIZE):
+            raise ValueError(f"rollout_quantize must be one of {('auto', *QUANTIZE)}, got {self.rollout_quantize!r}")
         if self.rollout_correction not in CORRECTIONS:
             raise ValueError(f"rollout_correction must be one of {CORRECTIONS}, got {self.rollout_correction!r}")
         if not self.rollout_correction_cap > 0:
@@ -674,12 +679,25 @@ def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
         dtype = torch.bfloat16 if bf16_view else trainer.model.dtype
     else:
         dtype = getattr(torch, grpo.rollout_dtype)
-    if dtype == trainer.model.dtype and grpo.rollout_quantize == "none":
+    quantize = grpo.rollout_quantize
+    if quantize == "auto":
+        quantize = "int8" if int8_rollouts_pay(trainer, dtype) else "none"
+    if dtype == trainer.model.dtype and quantize == "none":
         return trainer.model
     if trainer.world_size > 1 and trainer.cfg.parallel == "fsdp":
         raise ValueError("--rollout-dtype/--rollout-quantize read whole weights; with --parallel fsdp roll out in the "
                          "trainer's precision (or use --parallel ddp)")
-    return rollout_view(trainer.model, dtype, grpo.rollout_quantize)
+    return rollout_view(trainer.model, dtype, quantize)
+
+
+def int8_rollouts_pay(trainer: Trainer, view_dtype: torch.dtype) -> bool:
+    """`--rollout-quantize auto`: int8 weights for a bf16 rollout view on a CPU that runs our VNNI kernel. A decode
+    step at 16 rows reads every weight, and bf16 matmuls at those rows ran at 6–7 GB/s against the int8 kernel's
+    (half the bytes) — GRPO's rollout 1.6–1.8 s against 2.1–3.0 s on the 31M benchmark model, with learning parity
+    over 3 seeds (benchmarks/RESULTS.md). Never on GPUs (bf16 there is the fast path) nor with a full-precision view."""
+    if view_dtype != torch.bfloat16 or trainer.device.type != "cpu":
+        return False
+    return quantized_vnni() is not None
 
 
 # Shown on the progress bar next to the loss: {short name: metric key}.
@@ -798,7 +816,8 @@ GRPO_HELP = {
                  "(default: mean for dr_grpo, else std)",
     "rollout_dtype": "the Engine samples with a view of the policy in this dtype, refreshed after every rollout's "
                      "updates (auto: bfloat16 when the update runs in bf16 without LoRA, else the trained weights)",
-    "rollout_quantize": "weight-only quantised rollouts (int8 per channel, int4 per group; CPU kernels)",
+    "rollout_quantize": "weight-only quantised rollouts (int8 per channel, int4 per group; CPU kernels) (auto: int8 "
+                        "with a bf16 rollout view on a CPU with AVX-512 VNNI, else none)",
     "rollout_correction": "for rollouts sampled by another view of the policy: token_tis truncates each token's "
                           "π_old/π_rollout at the cap; sequence_mask drops sequences whose geometric-mean ratio "
                           "leaves [1/cap, cap]; auto: token_tis with a rollout view, none without",
