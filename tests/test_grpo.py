@@ -378,8 +378,8 @@ def test_a_non_positive_correction_cap_is_refused():
         GRPOConfig(rollout_correction="token_tis", rollout_correction_cap=0.0)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_chunked_logprobs_equal_the_full_logits_computation(chunk):
+@pytest.mark.parametrize("chunk,recompute_above", [(1, 0), (5, 0), (1000, 0), (5, 10**9)])
+def test_chunked_logprobs_equal_the_full_logits_computation(chunk, recompute_above):
     """Log-probs, entropies and gradients through the head a chunk at a time equal the full [B, T, V] path."""
     from openseek.train.grpo import token_logprobs
 
@@ -394,7 +394,7 @@ def test_chunked_logprobs_equal_the_full_logits_computation(chunk):
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     hidden = model.hidden_states(ids, padding_mask=padding)[:, 2:-1]
-    got, entropy = token_logprobs(model.lm_head, hidden, targets, 0.7, chunk=chunk)
+    got, entropy = token_logprobs(model.lm_head, hidden, targets, 0.7, chunk=chunk, recompute_above=recompute_above)
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-5)

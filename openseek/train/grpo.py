@@ -259,6 +259,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> MeanOf:
 
 
 LOGPROB_CHUNK = 2**24  # logits per lm_head chunk (64 MiB in float32): tokens per chunk = this / vocabulary
+# Below this many logits in a whole pass (256 MiB in float32, about as much again for the log-softmax the backward
+# keeps) the chunks' logits are kept for the backward pass instead of recomputed: recomputing cost a GRPO update at
+# the benchmark's shape (2,048 tokens × 8,192) a second head matmul, log-softmax and entropy (benchmarks/RESULTS.md).
+LOGPROB_RECOMPUTE_ABOVE = 2**26
 
 
 def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
@@ -274,17 +278,19 @@ def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, tempera
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   entropy: bool = True, chunk: int | None = None):
+                   entropy: bool = True, chunk: int | None = None,
+                   recompute_above: int = LOGPROB_RECOMPUTE_ABOVE):
     """log softmax(head(hidden) / T) at `targets` ([B, L] from hidden [B, L, H]), and the entropy of each
     distribution, computed `chunk` tokens at a time (default: LOGPROB_CHUNK logits' worth) in float32 (float64
-    stays). Each chunk's logits are recomputed in the backward pass instead of being kept (activation
-    checkpointing), so memory holds one chunk's logits at a time."""
+    stays). When the pass has more than `recompute_above` logits, each chunk's logits are recomputed in the backward
+    pass instead of being kept (activation checkpointing), so memory holds one chunk's logits at a time."""
     chunk = chunk or max(16, LOGPROB_CHUNK // head.out_features)
     flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    recompute = torch.is_grad_enabled() and flat.requires_grad and flat.shape[0] * head.out_features > recompute_above
     logprobs, entropies = [], []
     for start in range(0, flat.shape[0], chunk):
         h, t = flat[start : start + chunk], flat_targets[start : start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, entropy,
                                                           use_reentrant=False)
         else:
