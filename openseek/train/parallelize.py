@@ -13,6 +13,8 @@ after the model is on its device and before the first step.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -21,8 +23,12 @@ from openseek.train.muon import Muon
 
 
 def compile_blocks(model: Model, device: torch.device) -> None:
-    """Compile each block in place (GPU only: on CPU compile time dwarfs what it saves for our sizes)."""
+    """Compile each block in place (GPU only; on a CPU it says so and leaves the blocks eager)."""
     if device.type != "cuda":
+        # measured (benchmarks/RESULTS.md, round 8): on the 31M GRPO benchmark model a compiled update was no faster
+        # (1.67-2.25 s against 1.77 s) and recompiled for new sequence lengths at 16-31 s a time
+        print("--compile: the blocks stay eager on the CPU (compiled, they measured no faster in a GRPO update and "
+              "recompiled for new sequence lengths)", file=sys.stderr)
         return
     for block in [*model.layers, *model.mtp]:
         block.compile()
