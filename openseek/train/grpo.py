@@ -3,8 +3,9 @@
 Each step: P prompts, G completions each from the Engine, rewards, group advantages, then μ clipped
 policy-gradient updates through `Trainer.step` against the rollout log-probs. The Engine samples the module the
 trainer updates or, under a bf16 update (`rollout_policy`), a bf16 view of it (int8 on a CPU with VNNI) refreshed
-after every update, with the mismatch corrected per token. To follow one step read `train()` top to bottom; it calls `roll_out` (which calls
-`generate_and_score` → `Engine.generate`), `Trainer.step` (which calls `GRPOObjective`) and `Trainer.log`.
+after every update, with the mismatch corrected per token. To follow one step read `train()` top to bottom; it
+calls `roll_out` (which calls `generate_and_score` → `Engine.generate`), `Trainer.step` (which calls
+`GRPOObjective`) and `Trainer.log`.
 
 The loss modes, named as users know them:
 
