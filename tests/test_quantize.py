@@ -71,6 +71,27 @@ def test_vnni_kernels_round_bf16_results_as_pytorch_does(kind, rows):
     assert torch.equal(got, as_float.bfloat16())
 
 
+@pytest.mark.parametrize("rows", [16, 17, 40])
+def test_int8_kernel_on_amx_tiles_equals_its_vnni_loop_bit_for_bit(rows):
+    """From 16 rows the int8 kernel multiplies on AMX tiles where the CPU has them: the same integer sums and the
+    same float epilogue as the VNNI loop, so the same bits (96 outputs: a pass of 4 blocks and one of 2)."""
+    layer = Int8Linear(512, 96, False, torch.bfloat16)
+    if layer.kernel is None or not layer.kernel.use_amx(True):
+        pytest.skip("no AMX on this CPU (or no VNNI kernel)")
+    torch.manual_seed(0)
+    layer.load_weight(torch.randn(96, 512))
+    kernel = layer.kernel
+    try:
+        for x in (torch.randn(rows, 512).bfloat16(), 3 * torch.randn(rows, 512)):
+            kernel.use_amx(False)
+            on_vnni = kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
+            kernel.use_amx(True)
+            on_amx = kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
+            assert on_amx.dtype == x.dtype and torch.equal(on_amx, on_vnni)
+    finally:
+        kernel.use_amx(True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one vector

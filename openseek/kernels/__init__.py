@@ -5,7 +5,7 @@ at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmar
 third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight-only matmul (`aten._weight_int8pack_mm`)
 converts every weight to bf16 first.
 - `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
-  byte once.
+  byte once; int8 from 16 rows on AMX tiles where the CPU has them (same results, bit for bit).
 - `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows.
 
 Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a

@@ -2,6 +2,8 @@
 //
 // Decode multiplies a few rows of activations by every weight once per step, so it is bound by how fast the
 // weights stream in; both kernels read each weight byte once and multiply integers with vpdpbusd.
+// On CPUs with AMX (Xeons from Sapphire Rapids) the int8 kernel multiplies 16 rows and more with tile instructions
+// instead, which give the same integer sums.
 //
 // int8: y = x · (q · scale)ᵀ with activations quantised per row. The weights are packed as [N/16][K/4][16][4] int8: one 64-byte load holds 4 input columns of
 // 16 output rows, exactly what `vpdpbusd` multiplies against 4 broadcast activation bytes, accumulating 16 outputs
@@ -13,21 +15,42 @@
 #include <immintrin.h>
 #include <cmath>
 #include <vector>
+#ifdef __AMX_INT8__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
 constexpr int64_t kRows = 8;  // activation rows per pass over the weights (accumulators held in registers)
 
 // Per-row absmax quantisation: xu[m, k] = round(x[m, k] / scale[m]) + 128, scale[m] = max|x[m]| / 127.
+// 16 values at a time (K % 16 == 0 here; a scalar tail otherwise), with the same float32 arithmetic and rounding
+// (to nearest even) as one value at a time: at 16 rows this pass was a fifth of a small projection's time.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 template <typename T>
 void quantise_rows(const T* x, int64_t M, int64_t K, uint8_t* xu, float* scale) {
+  const int64_t K16 = K - K % 16;
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * K;
-    float absmax = 0.f;
-    for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(static_cast<float>(row[k])));
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K16; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row + k)));
+    float absmax = _mm512_reduce_max_ps(vmax);
+    for (int64_t k = K16; k < K; ++k) absmax = std::max(absmax, std::fabs(static_cast<float>(row[k])));
     const float s = absmax > 0.f ? absmax / 127.f : 1.f;
     const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k)
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i shift = _mm512_set1_epi32(128);
+    for (int64_t k = 0; k < K16; k += 16) {
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k), vinv)), shift);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xu + m * K + k), _mm512_cvtepi32_epi8(q));
+    }
+    for (int64_t k = K16; k < K; ++k)
       xu[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(static_cast<float>(row[k]) * inv)) + 128);
     scale[m] = s;
   }
@@ -101,6 +124,83 @@ void run(const uint8_t* xp, const float* sxp, const int8_t* wp, const float* swp
     }
   });
 }
+
+#ifdef __AMX_INT8__
+// ---- int8 on AMX (Xeons from Sapphire Rapids): the same integer sums, 16 rows × 16 outputs × 64 inputs a step ----
+// The packed layout above is already what TDPBUSD takes as its second operand: 16 quads of inputs for 16 outputs,
+// 64 bytes a row, so 64 inputs of one block are one contiguous 1 KB tile. The activations (uint8, +128 as above) are
+// the first, up to 16 rows by 64 inputs. TDPBUSD multiplies unsigned by signed bytes and adds in int32 without
+// saturating, as vpdpbusd does, and the epilogue is the VNNI kernel's, so the results are bitwise the same. From 16
+// rows VNNI spends its time multiplying, not reading (GRPO's 16-row rollouts, benchmarks/RESULTS.md round 9); one
+// AMX instruction does 16 times the work of one vpdpbusd.
+struct TileConfig {  // the 64-byte layout LDTILECFG reads
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out AMX's 8 KB of tile state only to a process that asks for it (arch_prctl, once per process)
+bool amx_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+constexpr int64_t kAmxBlocks = 4;  // output blocks per pass: tiles 0-3 accumulate, 4 holds activations, 5-6 weights
+
+inline void store_tile(int64_t tile, int32_t* sums) {  // tile numbers are part of the instruction, not operands
+  switch (tile) {
+    case 0: _tile_stored(0, sums, 64); break;
+    case 1: _tile_stored(1, sums, 64); break;
+    case 2: _tile_stored(2, sums, 64); break;
+    default: _tile_stored(3, sums, 64); break;
+  }
+}
+
+template <typename Out>
+void run_amx(const uint8_t* xp, const float* sxp, const int8_t* wp, const float* swp, const int32_t* rp, Out* yp,
+             int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N / 16, kAmxBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t sums[16 * 16];
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+      TileConfig config;  // per thread and per row count: each thread has its own tile registers
+      for (int t = 0; t < 7; ++t) {
+        config.rows[t] = t < 5 ? rows : 16;  // weights: 16 quads of inputs
+        config.bytes_per_row[t] = 64;
+      }
+      _tile_loadconfig(&config);
+      const uint8_t* x = xp + m0 * K;
+      for (int64_t nb = begin; nb < end; nb += kAmxBlocks) {
+        const int64_t take = std::min(kAmxBlocks, end - nb);
+        const int8_t* block = wp + nb * K * 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < K; k += 64) {
+          _tile_loadd(4, x + k, K);
+          _tile_loadd(5, block + k * 16, 64);
+          _tile_dpbusd(0, 4, 5);
+          if (take > 1) { _tile_loadd(6, block + K * 16 + k * 16, 64); _tile_dpbusd(1, 4, 6); }
+          if (take > 2) { _tile_loadd(5, block + 2 * K * 16 + k * 16, 64); _tile_dpbusd(2, 4, 5); }
+          if (take > 3) { _tile_loadd(6, block + 3 * K * 16 + k * 16, 64); _tile_dpbusd(3, 4, 6); }
+        }
+        for (int64_t b = 0; b < take; ++b) {
+          store_tile(b, sums);
+          const int64_t n0 = (nb + b) * 16;
+          const __m512 scales = _mm512_loadu_ps(swp + n0);
+          const __m512 offsets = _mm512_cvtepi32_ps(_mm512_slli_epi32(_mm512_loadu_si512(rp + n0), 7));
+          for (int r = 0; r < rows; ++r) {
+            const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + r * 16)), offsets);
+            store16(yp + (m0 + r) * N + n0, _mm512_mul_ps(_mm512_mul_ps(dot, scales), _mm512_set1_ps(sxp[m0 + r])));
+          }
+        }
+      }
+      _tile_release();
+    }
+  });
+}
+#endif
 
 
 // ---- int4: y = x · Wᵀ with W = q · scale + low per group of G input columns, q in [0, 15] ----
@@ -228,6 +328,19 @@ void run_int4(const int8_t* xq, const float* sx, const float* xsum, const uint8_
 
 }  // namespace
 
+// AMX where the CPU and the kernel allow it, from 16 rows (at 8 rows it measured no faster than VNNI); use_amx(false)
+// turns it off, for comparisons and tests, and returns whether this build and this machine can use it at all.
+constexpr int64_t kAmxMinRows = 16;
+bool amx_enabled = true;
+bool use_amx(bool enable) {
+  amx_enabled = enable;
+#ifdef __AMX_INT8__
+  return amx_granted();
+#else
+  return false;
+#endif
+}
+
 // x [M, K] float32 or bfloat16; packed [N/16, K/4, 16, 4] int8; scales [N] float32; rowsum [N] int32 -> [M, N] in
 // bfloat16 for bfloat16 x, else float32.
 torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
@@ -253,6 +366,15 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   // bf16 activations get bf16 results straight from the kernel (no separate conversion pass); others float32
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   auto y = torch::empty({M, N}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+#ifdef __AMX_INT8__
+  if (amx_enabled && M >= kAmxMinRows && K % 64 == 0 && amx_granted()) {
+    if (bf16)
+      run_amx(xp, sxp, wp, swp, rp, y.data_ptr<at::BFloat16>(), M, K, N);
+    else
+      run_amx(xp, sxp, wp, swp, rp, y.data_ptr<float>(), M, K, N);
+    return y;
+  }
+#endif
   if (bf16)
     run(xp, sxp, wp, swp, rp, y.data_ptr<at::BFloat16>(), M, K, N);
   else
@@ -290,6 +412,7 @@ torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "weight-only int8 matmul with per-row int8 activations (AVX-512 VNNI)");
+  m.def("use_amx", &use_amx, "int8_matmul on AMX from 16 rows (default on); returns whether AMX is available");
   m.def("int4_matmul", &int4_matmul, "weight-only int4 matmul with per-group int8 activations (AVX-512 VNNI)");
 }
 
