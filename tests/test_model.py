@@ -98,3 +98,30 @@ def test_mtp_logits_shape_and_dependence_on_next_token():
     # Position 2 of the MTP depth sees h_2 and the embedding of token 3: it must change; position 0 must not.
     assert (mtp2[:, 2] - mtp[:, 2]).abs().max() > 1e-4
     assert (mtp2[:, 0] - mtp[:, 0]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("q_dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("B, H, KV, T, S, D", [(3, 8, 2, 1, 41, 64), (2, 4, 4, 3, 17, 32), (1, 6, 1, 2, 5, 128)])
+def test_decode_attention_kernel_equals_the_float64_attention(q_dtype, cache_dtype, B, H, KV, T, S, D):
+    """Decode's attention over the cache (attention.attend_cache) on our kernel: keys and values sliced from larger
+    cache buffers, as the cache hands them out, each row's tokens masked to the slots up to their own; the result
+    is float32 attention rounded once to q's dtype."""
+    from openseek.kernels import dense_avx512
+    from openseek.model.attention import attend_cache
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 decode kernels on this CPU")
+    torch.manual_seed(0)
+    q = torch.randn(B, H, T, D).to(q_dtype)
+    k, v = (torch.randn(B + 1, KV, S + 7, D).to(cache_dtype)[:B, :, :S] for _ in range(2))
+    slots = torch.randint(T - 1, S - T + 1, (B, 1)) + torch.arange(T)  # each row's own slots: the last T it attends
+    mask = (torch.arange(S) <= slots[:, :, None])[:, None]
+    with torch.no_grad():
+        got = attend_cache(q, k, v, mask, D**-0.5)
+    scores = (q.double().view(B, KV, H // KV, T, D) @ k.double()[:, :, None].transpose(-1, -2)) * D**-0.5
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    want = (probs @ v.double()[:, :, None]).view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    assert got.dtype == q_dtype and got.shape == (B, T, H * D)
+    error = float((got.double() - want).norm() / want.norm())
+    assert error < (1e-6 if q_dtype is torch.float32 else 3e-3)  # float32 sums; one rounding to bf16

@@ -6,7 +6,8 @@ third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight
 converts every weight to bf16 first.
 - `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
   byte once; int8 from 16 rows on AMX tiles where the CPU has them (same results, bit for bit).
-- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows.
+- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; and decode's
+  grouped-query attention over the cache in one pass.
 
 Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
 `torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind functions, whose call costs
@@ -45,14 +46,16 @@ def quantized_vnni():
 @functools.cache
 def dense_avx512():
     """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ;
-    `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K]), or None with a
-    line on stderr saying why."""
+    `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K];
+    `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache), or None with a line on stderr saying
+    why."""
     module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
     if module is not None:
         torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
         torch.library.register_fake("openseek::linear_fp32")(_linear_shape)
         torch.library.register_fake("openseek::grouped_linear_bf16")(_grouped_linear_shape)
         torch.library.register_fake("openseek::grouped_linear_fp32")(_grouped_linear_shape)
+        torch.library.register_fake("openseek::attend_cache")(_attend_cache_shape)
     return module
 
 
@@ -72,6 +75,11 @@ def _linear_shape(x, w):
 
 def _grouped_linear_shape(x, w, ends):
     return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _attend_cache_shape(q, k, v, mask, scale):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H * D)
 
 
 STALE_LOCK_SECONDS = 600  # a build takes about 40 s; a lock this old was left by a process killed while building

@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
+#include <vector>
 
 namespace {
 
@@ -157,6 +159,130 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
   return y;
 }
 
+
+// ---- Decode's attention over the cache ----
+// out[b, t, h·D + d] = Σ_s p_s · v[b, h / group, s, d], p = softmax over the slots s the mask allows of
+// scale · q[b, h, t] · k[b, h / group, s]: grouped-query attention for a few new tokens per row against the keys and
+// values cached so far. Written out in PyTorch it was a third of a 16-row decode step (two batched matmuls, a softmax,
+// a mask, and the conversion of the whole bf16 cache to float32 in every layer); here each (row, key head) is one
+// task that reads its keys and values once for all the query heads sharing them, in float32 arithmetic whatever q and
+// the cache hold. Tasks are split among threads whole, so a result does not depend on the thread count.
+inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f32(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store_f32(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_f32(at::BFloat16* p, __m512 v) {  // round to nearest even, as PyTorch converts
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// e^x for x ≤ 0: 2^n · e^r with n = round(x / ln 2) and |r| ≤ ln 2 / 2 (ln 2 in two parts, so r is exact), e^r by
+// its Taylor series to r^7 (truncation below 1e-8 relative); x below -104 gives 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename QT, typename CT>
+void attend_task(const QT* q, const CT* k, const CT* v, const bool* mask, QT* out, int64_t group, int64_t T,
+                 int64_t S, int64_t D, float scale, int64_t q_head, int64_t q_t, int64_t k_s, int64_t v_s,
+                 int64_t mask_t, int64_t out_t, float* scores, __m512* acc) {
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t t = 0; t < T; ++t) {
+      const QT* qr = q + h * q_head + t * q_t;
+      const bool* allowed = mask + t * mask_t;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!allowed[s]) {
+          scores[s] = -INFINITY;
+          continue;
+        }
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(load_f32(qr + d), load_f32(k + s * k_s + d), dot);
+        scores[s] = _mm512_reduce_add_ps(dot) * scale;
+        top = std::max(top, scores[s]);
+      }
+      __m512 total = _mm512_setzero_ps();
+      const __m512 shift = _mm512_set1_ps(top);
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
+        const __m512 x = _mm512_mask_loadu_ps(minus_inf, lanes, scores + s);
+        const __mmask16 open = _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(open, exp16(_mm512_sub_ps(x, shift)));
+        _mm512_mask_storeu_ps(scores + s, lanes, e);
+        total = _mm512_add_ps(total, e);
+      }
+      const float inverse = 1.f / _mm512_reduce_add_ps(total);
+      for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        if (scores[s] == 0.f) continue;  // masked, or too small to count
+        const __m512 p = _mm512_set1_ps(scores[s] * inverse);
+        for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_fmadd_ps(p, load_f32(v + s * v_s + d), acc[d / 16]);
+      }
+      QT* o = out + t * out_t + h * D;
+      for (int64_t d = 0; d < D; d += 16) store_f32(o + d, acc[d / 16]);
+    }
+}
+
+template <typename QT, typename CT>
+void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& mask,
+                torch::Tensor& out, float scale) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+  const int64_t group = H / KV;
+  const QT* qp = q.data_ptr<QT>();
+  const CT* kp = k.data_ptr<CT>();
+  const CT* vp = v.data_ptr<CT>();
+  const bool* mp = mask.data_ptr<bool>();
+  QT* op = out.data_ptr<QT>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    std::vector<__m512> acc(D / 16);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, g = task % KV;
+      attend_task<QT, CT>(qp + b * q.stride(0) + g * group * q.stride(1), kp + b * k.stride(0) + g * k.stride(1),
+                          vp + b * v.stride(0) + g * v.stride(1), mp + b * mask.stride(0), op + b * T * H * D + g * group * D,
+                          group, T, S, D, scale, q.stride(1), q.stride(2), k.stride(2), v.stride(2), mask.stride(2),
+                          H * D, scores.data(), acc.data());
+    }
+  });
+}
+
+// q [B, H, T, D], k and v [B, KV, S, D] (strided, as sliced from the cache; the last dimension contiguous),
+// mask [B, 1, T, S] bool (True = may attend) -> [B, T, H·D] in q's dtype.
+torch::Tensor attend_cache(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && mask.dim() == 4, "q [B, H, T, D], k and v "
+              "[B, KV, S, D], mask [B, 1, T, S] expected");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && KV > 0 && H % KV == 0 && D % 16 == 0,
+              "k/v do not match q, or the head size is not a multiple of 16");
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.size(0) == B && mask.size(2) == T && mask.size(3) == S &&
+              mask.stride(3) == 1, "mask must be [B, 1, T, S] bool, contiguous in its last dimension");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type(),
+              "q, k, v must be contiguous in their last dimension; k and v of one dtype");
+  auto out = torch::empty({B, T, H * D}, q.options());
+  const bool q_bf16 = q.scalar_type() == torch::kBFloat16, c_bf16 = k.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((q_bf16 || q.scalar_type() == torch::kFloat) && (c_bf16 || k.scalar_type() == torch::kFloat),
+              "q and the cache must be float32 or bfloat16");
+  const float s = static_cast<float>(scale);
+  if (q_bf16 && c_bf16) attend_all<at::BFloat16, at::BFloat16>(q, k, v, mask, out, s);
+  else if (q_bf16) attend_all<at::BFloat16, float>(q, k, v, mask, out, s);
+  else if (c_bf16) attend_all<float, at::BFloat16>(q, k, v, mask, out, s);
+  else attend_all<float, float>(q, k, v, mask, out, s);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -164,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_fp32", &linear<Fp32>, "x [M, K] · w [N, K]ᵀ in float32 (AVX-512)");
   m.def("grouped_linear_bf16", &grouped_linear<Bf16>, "rows of x by group g times w[g]ᵀ, bfloat16");
   m.def("grouped_linear_fp32", &grouped_linear<Fp32>, "rows of x by group g times w[g]ᵀ, float32");
+  m.def("attend_cache", &attend_cache, "decode's grouped-query attention over the cache, float32 arithmetic");
 }
 
 // The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a
@@ -173,10 +300,12 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("linear_fp32(Tensor x, Tensor w) -> Tensor");
   m.def("grouped_linear_bf16(Tensor x, Tensor w, Tensor ends) -> Tensor");
   m.def("grouped_linear_fp32(Tensor x, Tensor w, Tensor ends) -> Tensor");
+  m.def("attend_cache(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(openseek, CPU, m) {
   m.impl("linear_bf16", &linear<Bf16>);
   m.impl("linear_fp32", &linear<Fp32>);
   m.impl("grouped_linear_bf16", &grouped_linear<Bf16>);
   m.impl("grouped_linear_fp32", &grouped_linear<Fp32>);
+  m.impl("attend_cache", &attend_cache);
 }

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openseek.config import ModelConfig
-from openseek.model.linear import Linear
+from openseek.kernels import dense_avx512
+from openseek.model.linear import Linear, has_kernel
 from openseek.model.rope import apply_rope, softmax_scale_multiplier
 
 
@@ -71,6 +72,21 @@ def attend_grouped(q, k, v, mask, scale, dtype=torch.float32):
     return out.view(B, H, T, v.shape[-1]).to(q.dtype)
 
 
+def attend_cache(q, k, v, mask, scale):
+    """Decode's attention of q [B, H, T, D] over the cached k, v [B, KV, S, D] under mask [B, 1, T, S]: [B, T, H·D].
+
+    On the CPU (inference, float32 or bf16, D a multiple of 16) our kernel (kernels/dense_avx512.cpp) does it in one
+    pass per row and key head, in float32 arithmetic as `attend_grouped` does; written out in PyTorch it was a third
+    of a 16-row int8 decode step (benchmarks/RESULTS.md, round 9). Elsewhere, `attend_grouped`."""
+    B, H, T, D = q.shape
+    if (q.device.type == "cpu" and D % 16 == 0 and not torch.is_grad_enabled() and has_kernel()
+            and {q.dtype, k.dtype} <= {torch.float32, torch.bfloat16}):
+        # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
+        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+        return ops.attend_cache(q, k, v, mask, scale)
+    return attend_grouped(q, k, v, mask, scale).transpose(1, 2).reshape(B, T, -1)
+
+
 class GQAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,7 +106,7 @@ class GQAttention(nn.Module):
         if cache is not None:
             cache.store(k, v)
             if cache.decoding:
-                return self.o_proj(attend_grouped(q, *cache.read(), self.scale).transpose(1, 2).reshape(B, T, -1))
+                return self.o_proj(attend_cache(q, *cache.read(), self.scale))
         out = attend(q, k, v, mask, self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
