@@ -193,46 +193,113 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// scores[r, s] = scale · q[r] · k[s] for R query rows (float32, [R, D]) against keys s < S: each key is read and
+// converted once for all R rows.
+template <int R, typename CT>
+void score_rows(const float* q, const CT* k, int64_t k_s, int64_t S, int64_t D, float scale, float* scores) {
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 key = load_f32(k + s * k_s + d);
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + d), key, dot[r]);
+    }
+    for (int r = 0; r < R; ++r) scores[r * S + s] = _mm512_reduce_add_ps(dot[r]) * scale;
+  }
+}
+
+// out[r, d0 : d0 + 16·J] = Σ_s p[r, s] · v[s, d0 : d0 + 16·J] for R rows: each value vector is read once for all rows.
+template <int R, int J, typename CT>
+void weigh_rows(const float* p, const CT* v, int64_t v_s, int64_t S, int64_t d0, float* out, int64_t D) {
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 value[J];
+    for (int j = 0; j < J; ++j) value[j] = load_f32(v + s * v_s + d0 + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 weight = _mm512_set1_ps(p[r * S + s]);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(weight, value[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) _mm512_storeu_ps(out + r * D + d0 + 16 * j, acc[r][j]);
+}
+
+template <int R, typename CT>
+void weigh_all(const float* p, const CT* v, int64_t v_s, int64_t S, float* out, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weigh_rows<R, 4>(p, v, v_s, S, d0, out, D);
+  switch ((D - d0) / 16) {
+    case 3: return weigh_rows<R, 3>(p, v, v_s, S, d0, out, D);
+    case 2: return weigh_rows<R, 2>(p, v, v_s, S, d0, out, D);
+    case 1: return weigh_rows<R, 1>(p, v, v_s, S, d0, out, D);
+    default: return;
+  }
+}
+
+// softmax of each row's scores over the slots its mask allows, in place (0 where it does not)
+inline void softmax_rows(float* scores, const bool* const* allowed, int R, int64_t S) {
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int r = 0; r < R; ++r) {
+    float* row = scores + r * S;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!allowed[r][s]) row[s] = -INFINITY;
+      top = std::max(top, row[s]);
+    }
+    __m512 total = _mm512_setzero_ps();
+    const __m512 shift = _mm512_set1_ps(top);
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __m512 x = _mm512_mask_loadu_ps(minus_inf, lanes, row + s);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, shift)));
+      _mm512_mask_storeu_ps(row + s, lanes, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
+      _mm512_mask_storeu_ps(row + s, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + s), inverse));
+    }
+  }
+}
+
+constexpr int kQueryRows = 4;  // query rows per pass over the keys and values: accumulators in registers
+
+// One (row, key head): its group·T query rows (head h, token t) against the head's keys and values, kQueryRows at a
+// time. q_rows: the rows as float32 [R, D]; the rest of the buffers are scratch of the calling thread.
 template <typename QT, typename CT>
 void attend_task(const QT* q, const CT* k, const CT* v, const bool* mask, QT* out, int64_t group, int64_t T,
                  int64_t S, int64_t D, float scale, int64_t q_head, int64_t q_t, int64_t k_s, int64_t v_s,
-                 int64_t mask_t, int64_t out_t, float* scores, __m512* acc) {
-  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-  for (int64_t h = 0; h < group; ++h)
-    for (int64_t t = 0; t < T; ++t) {
-      const QT* qr = q + h * q_head + t * q_t;
-      const bool* allowed = mask + t * mask_t;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        if (!allowed[s]) {
-          scores[s] = -INFINITY;
-          continue;
-        }
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(load_f32(qr + d), load_f32(k + s * k_s + d), dot);
-        scores[s] = _mm512_reduce_add_ps(dot) * scale;
-        top = std::max(top, scores[s]);
-      }
-      __m512 total = _mm512_setzero_ps();
-      const __m512 shift = _mm512_set1_ps(top);
-      for (int64_t s = 0; s < S; s += 16) {
-        const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
-        const __m512 x = _mm512_mask_loadu_ps(minus_inf, lanes, scores + s);
-        const __mmask16 open = _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(open, exp16(_mm512_sub_ps(x, shift)));
-        _mm512_mask_storeu_ps(scores + s, lanes, e);
-        total = _mm512_add_ps(total, e);
-      }
-      const float inverse = 1.f / _mm512_reduce_add_ps(total);
-      for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) {
-        if (scores[s] == 0.f) continue;  // masked, or too small to count
-        const __m512 p = _mm512_set1_ps(scores[s] * inverse);
-        for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_fmadd_ps(p, load_f32(v + s * v_s + d), acc[d / 16]);
-      }
-      QT* o = out + t * out_t + h * D;
-      for (int64_t d = 0; d < D; d += 16) store_f32(o + d, acc[d / 16]);
+                 int64_t mask_t, int64_t out_t, std::vector<float>& q_rows, std::vector<float>& scores,
+                 std::vector<float>& results) {
+  for (int64_t first = 0; first < group * T; first += kQueryRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kQueryRows, group * T - first));
+    const bool* allowed[kQueryRows];
+    for (int r = 0; r < R; ++r) {
+      const int64_t h = (first + r) / T, t = (first + r) % T;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(q_rows.data() + r * D + d, load_f32(q + h * q_head + t * q_t + d));
+      allowed[r] = mask + t * mask_t;
     }
+    switch (R) {
+      case 1: score_rows<1>(q_rows.data(), k, k_s, S, D, scale, scores.data()); break;
+      case 2: score_rows<2>(q_rows.data(), k, k_s, S, D, scale, scores.data()); break;
+      case 3: score_rows<3>(q_rows.data(), k, k_s, S, D, scale, scores.data()); break;
+      default: score_rows<4>(q_rows.data(), k, k_s, S, D, scale, scores.data()); break;
+    }
+    softmax_rows(scores.data(), allowed, R, S);
+    switch (R) {
+      case 1: weigh_all<1>(scores.data(), v, v_s, S, results.data(), D); break;
+      case 2: weigh_all<2>(scores.data(), v, v_s, S, results.data(), D); break;
+      case 3: weigh_all<3>(scores.data(), v, v_s, S, results.data(), D); break;
+      default: weigh_all<4>(scores.data(), v, v_s, S, results.data(), D); break;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t h = (first + r) / T, t = (first + r) % T;
+      for (int64_t d = 0; d < D; d += 16) store_f32(out + t * out_t + h * D + d, _mm512_loadu_ps(results.data() + r * D + d));
+    }
+  }
 }
 
 template <typename QT, typename CT>
@@ -246,14 +313,13 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const bool* mp = mask.data_ptr<bool>();
   QT* op = out.data_ptr<QT>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(S);
-    std::vector<__m512> acc(D / 16);
+    std::vector<float> q_rows(kQueryRows * D), scores(kQueryRows * S), results(kQueryRows * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, g = task % KV;
       attend_task<QT, CT>(qp + b * q.stride(0) + g * group * q.stride(1), kp + b * k.stride(0) + g * k.stride(1),
-                          vp + b * v.stride(0) + g * v.stride(1), mp + b * mask.stride(0), op + b * T * H * D + g * group * D,
-                          group, T, S, D, scale, q.stride(1), q.stride(2), k.stride(2), v.stride(2), mask.stride(2),
-                          H * D, scores.data(), acc.data());
+                          vp + b * v.stride(0) + g * v.stride(1), mp + b * mask.stride(0),
+                          op + b * T * H * D + g * group * D, group, T, S, D, scale, q.stride(1), q.stride(2),
+                          k.stride(2), v.stride(2), mask.stride(2), H * D, q_rows, scores, results);
     }
   });
 }
