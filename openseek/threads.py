@@ -38,12 +38,16 @@ def add_threads_argument(parser) -> None:
                              "again and again as the machine's load changes")
 
 
+ABANDON_AT = 1.25  # a probed count whose first unit is this much slower than the window before it is not timed on
+
+
 class AdaptiveThreads:
     """Chooses torch's intra-op thread count for one kind of repeated work by timing it.
 
     Wrap each unit of work in `with threads.unit():`. The tuner alternates windows of `window` units at each
     candidate count (all cores, then one), compares their median times (a unit carrying a one-off cost, such as the
-    first step of a compiled decode, which compiles it, must not decide), and keeps the faster one for `hold` windows
+    first step of a compiled decode, which compiles it, must not decide), stops timing a later count after its first
+    unit if that unit is clearly slower than all of the window before it, and keeps the faster one for `hold` windows
     times how many times slower the other was, before probing again (so probing costs a few percent at most). With
     `fixed`, it just sets that count. Units should be of similar size within a few windows (decode steps,
     optimizer steps); the comparison only ever looks at adjacent windows.
@@ -83,7 +87,7 @@ class AdaptiveThreads:
             return
         times = self._times.setdefault(self._current, [])
         times.append(seconds)
-        if len(times) < self.window:
+        if len(times) < self.window and not self._clearly_slower(times):
             return
         self._probe.pop(0)
         if self._probe:  # time the next candidate
@@ -95,3 +99,10 @@ class AdaptiveThreads:
         # Probing the loser again costs a window at its speed: the more it lost by, the longer before the next probe.
         loser = max(medians.values()) / max(medians[self.choice], 1e-12)
         self._hold_units = round(self.hold * self.window * max(1.0, loser))
+
+    def _clearly_slower(self, times: list[float]) -> bool:
+        """Whether a later candidate's first unit already lost: slower by ABANDON_AT than every unit of the window
+        timed before it. On a quiet 2-core machine one thread took 1.7× as long per GRPO optimizer step; timing it for
+        a whole window cost three more such steps each time it was probed."""
+        timed = [t for n, t in self._times.items() if n != self._current]
+        return len(times) == 1 and bool(timed) and times[0] > ABANDON_AT * max(max(t) for t in timed)

@@ -42,9 +42,16 @@ def test_a_busy_machine_moves_to_one_thread_and_a_quiet_one_back():
     held = [work.run(tuner) for _ in range(10)]  # hold × window × (1.0 / 0.6) units at the choice
     assert held == [1] * 10
     work.costs = {2: 0.5, 1: 0.9}  # the other process ended
-    probe = [work.run(tuner) for _ in range(4)]
-    assert probe == [2, 2, 1, 1] and tuner.choice == 2
+    probe = [work.run(tuner) for _ in range(3)]
+    assert probe == [2, 2, 1] and tuner.choice == 2  # one unit at 1 thread, 1.8x slower than both at 2, is enough
     assert work.run(tuner) == 2
+
+
+def test_a_probe_close_to_the_window_before_it_is_timed_for_a_whole_window():
+    work = FakeWork({2: 1.0, 1: 1.2})  # within ABANDON_AT of the two-thread window: one unit does not decide
+    tuner = AdaptiveThreads(window=3, hold=1, clock=work.clock, cores=2)
+    assert [work.run(tuner) for _ in range(6)] == [2, 2, 2, 1, 1, 1]
+    assert tuner.choice == 2 and work.run(tuner) == 2
 
 
 def test_a_fixed_count_is_kept():
