@@ -71,6 +71,22 @@ def test_vnni_kernels_round_bf16_results_as_pytorch_does(kind, rows):
     assert torch.equal(got, as_float.bfloat16())
 
 
+@pytest.mark.parametrize("out_features, in_features", [(96, 256), (32, 100)])  # 100: PyTorch's ops pack it
+def test_int8_weights_are_quantised_per_channel_exactly_as_specified(out_features, in_features):
+    """q = round(w / scale) within ±127, scale = max|w[n]| / 127 (at least 1e-12), and the row sums: computed here
+    in PyTorch, and by `load_weight` (in one pass of the kernel's `int8_pack` where the layer has the kernel)."""
+    torch.manual_seed(0)
+    w = torch.randn(out_features, in_features) * torch.rand(out_features, 1) * 3
+    w[3] = 0  # an all-zero row: the smallest scale
+    layer = Int8Linear(in_features, out_features, False, torch.bfloat16)
+    layer.load_weight(w)
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(layer.quantized(), q) and torch.equal(layer.scales.float(), scales)
+    if layer.kernel is not None:
+        assert torch.equal(layer.rowsum, q.sum(dim=1, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("rows", [16, 17, 40])
 def test_int8_kernel_on_amx_tiles_equals_its_vnni_loop_bit_for_bit(rows):
     """From 16 rows the int8 kernel multiplies on AMX tiles where the CPU has them: the same integer sums and the
