@@ -378,6 +378,40 @@ def test_a_non_positive_correction_cap_is_refused():
         GRPOConfig(rollout_correction="token_tis", rollout_correction_cap=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature):
+    """The head's log-probs on our kernel (grpo._chunk): log softmax(logits / T) at each target, the entropy, and
+    the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that is not a
+    multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by name."""
+    from openseek.kernels import dense_avx512
+    from openseek.train.grpo import _chunk
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 kernels on this CPU")
+    torch.manual_seed(0)
+    N, V, H = 40, 1003, 24
+    head = torch.nn.Linear(H, V, bias=False).to(dtype)
+    hidden = torch.randn(N, H).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    targets[:3] = torch.tensor([0, V - 1, V - 2])
+    logp, entropy = _chunk(head, hidden, targets, temperature, True)
+    weights = torch.randn(N)
+    (logp * weights).sum().backward()
+    logits = head(hidden).detach().double().requires_grad_()
+    all64 = torch.log_softmax(logits / temperature, dim=-1)
+    want = all64.gather(-1, targets[:, None]).squeeze(-1)
+    (want * weights.double()).sum().backward()
+    want_hidden_grad = (logits.grad.to(dtype) @ head.weight).double()
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32 and not entropy.requires_grad
+    assert float((logp.double() - want).abs().max()) < 1e-5
+    assert float((entropy.double() + (all64.exp() * all64).sum(-1)).abs().max()) < 1e-5
+    tolerance = 1e-6 if dtype is torch.float32 else 1e-2  # the hidden gradient is a bf16 matmul of bf16 logit grads
+    assert float((hidden.grad.double() - want_hidden_grad).norm() / want_hidden_grad.norm()) < tolerance
+    with pytest.raises(RuntimeError, match="outside the vocabulary of 1003"):
+        _chunk(head, hidden, torch.full((N,), V), temperature, False)
+
+
 @pytest.mark.parametrize("chunk,recompute_above", [(1, 0), (5, 0), (1000, 0), (5, 10**9)])
 def test_chunked_logprobs_equal_the_full_logits_computation(chunk, recompute_above):
     """Log-probs, entropies and gradients through the head a chunk at a time equal the full [B, T, V] path."""

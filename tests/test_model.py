@@ -100,6 +100,39 @@ def test_mtp_logits_shape_and_dependence_on_next_token():
     assert (mtp2[:, 0] - mtp[:, 0]).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, T", [(3, 8, 37), (1, 2, 16), (2, 4, 5)])
+def test_masked_softmax_kernel_equals_the_float64_softmax(dtype, B, H, T):
+    """Attention's scaled, masked softmax (attention.masked_softmax) on our kernel, forward and backward, under a
+    causal mask with left- and right-padded rows (a query row sees itself, as causal_padding_mask builds it): the
+    float32 results rounded once to the scores' dtype. A row the mask allows nowhere gives probabilities 0."""
+    from openseek.kernels import dense_avx512
+    from openseek.model.attention import masked_softmax
+    from openseek.model.transformer import causal_padding_mask
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 kernels on this CPU")
+    torch.manual_seed(0)
+    padding = torch.ones(B, T, dtype=torch.bool)
+    padding[0, : T // 3] = False
+    padding[-1, T - T // 4 :] = False
+    mask = causal_padding_mask(padding)
+    scores = (torch.randn(B, H, T, T) * 4).to(dtype).requires_grad_()
+    grad = torch.randn(B, H, T, T).to(dtype)
+    probs = masked_softmax(scores, mask, 0.125)
+    probs.backward(grad)
+    scores64 = scores.detach().double().requires_grad_()
+    want = (scores64 * 0.125).masked_fill(~mask, float("-inf")).softmax(-1)
+    want.backward(grad.double())
+    assert probs.dtype == dtype and scores.grad.dtype == dtype
+    tolerance = 1e-6 if dtype is torch.float32 else 4e-3  # float32 sums; one rounding to bf16
+    assert float((probs.double() - want).abs().max()) < tolerance
+    assert float((scores.grad.double() - scores64.grad).norm() / scores64.grad.norm()) < tolerance
+    assert bool((probs[~mask.expand_as(probs)] == 0).all()) and bool((scores.grad[~mask.expand_as(probs)] == 0).all())
+    nowhere = torch.zeros(1, 1, 3, 5, dtype=torch.bool)
+    assert bool((masked_softmax(torch.randn(1, 2, 3, 5).to(dtype), nowhere, 1.0) == 0).all())
+
+
 @pytest.mark.parametrize("q_dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                   (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("B, H, KV, T, S, D", [(3, 8, 2, 1, 41, 64), (2, 4, 4, 3, 17, 32), (1, 6, 1, 2, 5, 128)])

@@ -11,7 +11,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -349,6 +351,280 @@ torch::Tensor attend_cache(const torch::Tensor& q, const torch::Tensor& k, const
   return out;
 }
 
+
+// ---- The training pass's softmaxes ----
+// Attention's probabilities and the log-probs of sampled tokens are softmaxes over rows that PyTorch computes in
+// several passes over memory, each its own kernel: a cast of bf16 scores to float32, the scale, the mask, the softmax,
+// the cast back, and as many again in the backward pass (a seventh of a GRPO step at the benchmark's shape,
+// benchmarks/RESULTS.md). Here each row is one pass in float32 arithmetic: it is read, reduced and written once, and
+// per row the forward keeps only its maximum and the sum of exponentials, from which the backward recomputes exactly
+// the probabilities the forward used. Rows are split among threads whole: results do not depend on the thread count.
+
+inline __mmask16 lanes_left(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_f32(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_f32(at::BFloat16* p, __m512 v, __mmask16 m) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+// which of 16 slots a bool mask allows (bytes 0 or 1)
+inline __mmask16 allowed16(const bool* m, __mmask16 lanes) {
+  return _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, m), _mm_setzero_si128());
+}
+
+// Scaled, masked softmax of one row: x = scale · score where the mask allows, probabilities p = e^(x - top) / total.
+// Returns (top, total); `exps` gets e^(x - top) (0 where masked).
+template <typename T>
+std::pair<float, float> softmax_row(const T* row, const bool* allowed, int64_t S, float scale, float* exps) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 m = allowed16(allowed + s, lanes_left(S - s));
+    top = _mm512_mask_max_ps(top, m, top, _mm512_mul_ps(load_f32(row + s, m), _mm512_set1_ps(scale)));
+  }
+  const float top_value = _mm512_reduce_max_ps(top);
+  if (top_value == -INFINITY) {  // nothing allowed: the row's probabilities are all 0
+    std::fill(exps, exps + S, 0.f);
+    return {0.f, 0.f};
+  }
+  const __m512 shift = _mm512_set1_ps(top_value);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 lanes = lanes_left(S - s), m = allowed16(allowed + s, lanes);
+    const __m512 x = _mm512_mul_ps(load_f32(row + s, lanes), _mm512_set1_ps(scale));
+    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(x, shift)));
+    _mm512_mask_storeu_ps(exps + s, lanes, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return {top_value, _mm512_reduce_add_ps(total)};
+}
+
+// scores [B, X, T, S] (contiguous), mask [B or 1, 1, T, S] bool -> (probs [B, X, T, S] in scores' dtype, stats
+// [B, X, T, 2] float32: each row's top and total, for the backward)
+template <typename T>
+void masked_softmax_all(const torch::Tensor& scores, const torch::Tensor& mask, double scale, torch::Tensor& probs,
+                        torch::Tensor& stats) {
+  const int64_t B = scores.size(0), X = scores.size(1), Tq = scores.size(2), S = scores.size(3);
+  const int64_t mask_b = mask.size(0) == 1 ? 0 : mask.stride(0), mask_t = mask.stride(2);
+  const T* sp = scores.data_ptr<T>();
+  const bool* mp = mask.data_ptr<bool>();
+  T* pp = probs.data_ptr<T>();
+  float* st = stats.data_ptr<float>();
+  at::parallel_for(0, B * X * Tq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> exps(S);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (X * Tq), t = r % Tq;
+      const auto [top, total] = softmax_row(sp + r * S, mp + b * mask_b + t * mask_t, S, scale, exps.data());
+      st[2 * r] = top;
+      st[2 * r + 1] = total;
+      const __m512 inverse = _mm512_set1_ps(total > 0 ? 1.f / total : 0.f);
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 lanes = lanes_left(S - s);
+        store_f32(pp + r * S + s, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, exps.data() + s), inverse), lanes);
+      }
+    }
+  });
+}
+
+void check_scores(const torch::Tensor& scores, const torch::Tensor& mask) {
+  TORCH_CHECK(scores.dim() == 4 && scores.is_contiguous(), "scores must be contiguous [B, X, T, S]");
+  TORCH_CHECK(scores.scalar_type() == torch::kFloat || scores.scalar_type() == torch::kBFloat16,
+              "scores must be float32 or bfloat16");
+  TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == torch::kBool && mask.size(1) == 1 &&
+              (mask.size(0) == 1 || mask.size(0) == scores.size(0)) && mask.size(2) == scores.size(2) &&
+              mask.size(3) == scores.size(3) && mask.stride(3) == 1,
+              "mask must be [B or 1, 1, T, S] bool, contiguous in its last dimension");
+}
+
+std::vector<torch::Tensor> masked_softmax(const torch::Tensor& scores, const torch::Tensor& mask, double scale) {
+  check_scores(scores, mask);
+  auto probs = torch::empty_like(scores);
+  auto stats = torch::empty({scores.size(0), scores.size(1), scores.size(2), 2}, scores.options().dtype(torch::kFloat));
+  if (scores.scalar_type() == torch::kBFloat16) masked_softmax_all<at::BFloat16>(scores, mask, scale, probs, stats);
+  else masked_softmax_all<float>(scores, mask, scale, probs, stats);
+  return {probs, stats};
+}
+
+// d scores = scale · p ⊙ (d p - Σ p ⊙ d p), p recomputed from the scores and the forward's stats exactly as the forward
+// computed it.
+template <typename T>
+void masked_softmax_backward_all(const torch::Tensor& grad, const torch::Tensor& scores, const torch::Tensor& mask,
+                                 const torch::Tensor& stats, double scale, torch::Tensor& out) {
+  const int64_t B = scores.size(0), X = scores.size(1), Tq = scores.size(2), S = scores.size(3);
+  const int64_t mask_b = mask.size(0) == 1 ? 0 : mask.stride(0), mask_t = mask.stride(2);
+  const T* sp = scores.data_ptr<T>();
+  const T* gp = grad.data_ptr<T>();
+  const bool* mp = mask.data_ptr<bool>();
+  const float* st = stats.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  const __m512 sc = _mm512_set1_ps(static_cast<float>(scale));
+  at::parallel_for(0, B * X * Tq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> probs(S);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (X * Tq), t = r % Tq;
+      const bool* allowed = mp + b * mask_b + t * mask_t;
+      const __m512 shift = _mm512_set1_ps(st[2 * r]);
+      const __m512 inverse = _mm512_set1_ps(st[2 * r + 1] > 0 ? 1.f / st[2 * r + 1] : 0.f);
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 lanes = lanes_left(S - s), m = allowed16(allowed + s, lanes);
+        const __m512 x = _mm512_mul_ps(load_f32(sp + r * S + s, lanes), sc);
+        const __m512 p = _mm512_mul_ps(_mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(x, shift))), inverse);
+        _mm512_mask_storeu_ps(probs.data() + s, lanes, p);
+        dot = _mm512_fmadd_ps(p, load_f32(gp + r * S + s, lanes), dot);
+      }
+      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+      for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 lanes = lanes_left(S - s);
+        const __m512 p = _mm512_maskz_loadu_ps(lanes, probs.data() + s);
+        const __m512 d = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(load_f32(gp + r * S + s, lanes), total)), sc);
+        store_f32(op + r * S + s, d, lanes);
+      }
+    }
+  });
+}
+
+torch::Tensor masked_softmax_backward(const torch::Tensor& grad, const torch::Tensor& scores, const torch::Tensor& mask,
+                                      const torch::Tensor& stats, double scale) {
+  check_scores(scores, mask);
+  TORCH_CHECK(grad.sizes() == scores.sizes() && grad.scalar_type() == scores.scalar_type() && grad.is_contiguous(),
+              "grad must be contiguous, shaped and typed as scores");
+  TORCH_CHECK(stats.scalar_type() == torch::kFloat && stats.is_contiguous() && stats.numel() == 2 * scores.numel() / scores.size(3),
+              "stats must be the forward's [B, X, T, 2] float32");
+  auto out = torch::empty_like(scores);
+  if (scores.scalar_type() == torch::kBFloat16) masked_softmax_backward_all<at::BFloat16>(grad, scores, mask, stats, scale, out);
+  else masked_softmax_backward_all<float>(grad, scores, mask, stats, scale, out);
+  return out;
+}
+
+// logits / temperature, skipped at temperature 1; a division, as PyTorch's `logits / T` rounds
+struct Temperature {
+  explicit Temperature(double t) : value(static_cast<float>(t)), divide(t != 1.0), vec(_mm512_set1_ps(value)) {}
+  __m512 apply(__m512 x) const { return divide ? _mm512_div_ps(x, vec) : x; }
+  float apply(float x) const { return divide ? x / value : x; }
+  float value;
+  bool divide;
+  __m512 vec;
+};
+
+// Log-probs of sampled tokens: for logits [N, V] and targets [N], log softmax(logits / temperature) at each target and
+// (optionally) the entropy of each row's distribution, without a [N, V] float32 copy, log-softmax or exp of it.
+// stats [N, 2] keeps each row's top and total for the backward.
+template <typename T>
+void token_logprobs_all(const torch::Tensor& logits, const torch::Tensor& targets, double temperature, bool entropy,
+                        torch::Tensor& logp, torch::Tensor& entropies, torch::Tensor& stats) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const T* lp = logits.data_ptr<T>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float* out = logp.data_ptr<float>();
+  float* ent = entropy ? entropies.data_ptr<float>() : nullptr;
+  float* st = stats.data_ptr<float>();
+  const Temperature temp(temperature);
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = lp + n * V;
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int64_t v = 0; v < V; v += 16) {
+        const __mmask16 lanes = lanes_left(V - v);
+        const __m512 x = load_f32(row + v, lanes);
+        top = _mm512_mask_max_ps(top, lanes, top, temp.apply(x));
+      }
+      const float top_value = _mm512_reduce_max_ps(top);
+      const __m512 shift = _mm512_set1_ps(top_value);
+      __m512 total = _mm512_setzero_ps(), weighted = _mm512_setzero_ps();
+      for (int64_t v = 0; v < V; v += 16) {
+        const __mmask16 lanes = lanes_left(V - v);
+        const __m512 x = load_f32(row + v, lanes);
+        const __m512 centred = _mm512_sub_ps(temp.apply(x), shift);
+        const __m512 e = _mm512_maskz_mov_ps(lanes, exp16(centred));
+        total = _mm512_add_ps(total, e);
+        if (entropy) weighted = _mm512_fmadd_ps(e, centred, weighted);
+      }
+      const float sum = _mm512_reduce_add_ps(total), log_sum = std::log(sum);
+      const float target = static_cast<float>(row[tp[n]]);
+      out[n] = temp.apply(target) - top_value - log_sum;
+      // H = -Σ p log p with p = e / sum, log p = centred - log sum
+      if (entropy) ent[n] = log_sum - _mm512_reduce_add_ps(weighted) / sum;
+      st[2 * n] = top_value;
+      st[2 * n + 1] = sum;
+    }
+  });
+}
+
+std::vector<torch::Tensor> token_logprobs(const torch::Tensor& logits, const torch::Tensor& targets,
+                                          double temperature, bool entropy) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be contiguous [N, V]");
+  TORCH_CHECK(logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16,
+              "logits must be float32 or bfloat16");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == torch::kLong &&
+              targets.is_contiguous(), "targets must be [N] int64");
+  TORCH_CHECK(temperature > 0, "temperature must be positive");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(N == 0 || (targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < V),
+              "a target token id is outside the vocabulary of ", V);
+  auto options = logits.options().dtype(torch::kFloat);
+  auto logp = torch::empty({N}, options), entropies = torch::empty({entropy ? N : 0}, options);
+  auto stats = torch::empty({N, 2}, options);
+  if (logits.scalar_type() == torch::kBFloat16)
+    token_logprobs_all<at::BFloat16>(logits, targets, temperature, entropy, logp, entropies, stats);
+  else token_logprobs_all<float>(logits, targets, temperature, entropy, logp, entropies, stats);
+  return {logp, entropies, stats};
+}
+
+// d logits[n] = grad[n] · (onehot(target) - p) / temperature, in the logits' dtype
+template <typename T>
+void token_logprobs_backward_all(const torch::Tensor& grad, const torch::Tensor& logits, const torch::Tensor& targets,
+                                 const torch::Tensor& stats, double temperature, torch::Tensor& out) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const T* lp = logits.data_ptr<T>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const float* gp = grad.data_ptr<float>();
+  const float* st = stats.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  const Temperature temp(temperature);
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = lp + n * V;
+      T* drow = op + n * V;
+      const float g = gp[n];
+      const __m512 shift = _mm512_set1_ps(st[2 * n]);
+      // -grad · p / T for every token; the target then gets grad / T added
+      const __m512 coeff = _mm512_set1_ps(temp.apply(-g / st[2 * n + 1]));
+      for (int64_t v = 0; v < V; v += 16) {
+        const __mmask16 lanes = lanes_left(V - v);
+        const __m512 x = load_f32(row + v, lanes);
+        const __m512 e = exp16(_mm512_sub_ps(temp.apply(x), shift));
+        __m512 d = _mm512_mul_ps(e, coeff);
+        const int64_t target = tp[n] - v;
+        if (target >= 0 && target < 16) {
+          alignas(64) float lane[16];
+          _mm512_store_ps(lane, d);
+          lane[target] += temp.apply(g);
+          d = _mm512_load_ps(lane);
+        }
+        store_f32(drow + v, d, lanes);
+      }
+    }
+  });
+}
+
+torch::Tensor token_logprobs_backward(const torch::Tensor& grad, const torch::Tensor& logits,
+                                      const torch::Tensor& targets, const torch::Tensor& stats, double temperature) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0) && grad.scalar_type() == torch::kFloat &&
+              grad.is_contiguous(), "grad must be [N] float32");
+  TORCH_CHECK(stats.scalar_type() == torch::kFloat && stats.is_contiguous() && stats.numel() == 2 * logits.size(0),
+              "stats must be the forward's [N, 2] float32");
+  auto out = torch::empty_like(logits);
+  if (logits.scalar_type() == torch::kBFloat16)
+    token_logprobs_backward_all<at::BFloat16>(grad, logits, targets, stats, temperature, out);
+  else token_logprobs_backward_all<float>(grad, logits, targets, stats, temperature, out);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -357,6 +633,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear_bf16", &grouped_linear<Bf16>, "rows of x by group g times w[g]ᵀ, bfloat16");
   m.def("grouped_linear_fp32", &grouped_linear<Fp32>, "rows of x by group g times w[g]ᵀ, float32");
   m.def("attend_cache", &attend_cache, "decode's grouped-query attention over the cache, float32 arithmetic");
+  m.def("masked_softmax", &masked_softmax, "softmax(scale · scores) where the mask allows -> (probs, stats)");
+  m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
+  m.def("token_logprobs", &token_logprobs, "log softmax(logits / T) at the targets, entropy, stats");
+  m.def("token_logprobs_backward", &token_logprobs_backward, "(grad, logits, targets, stats, T) -> grad logits");
 }
 
 // The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a

@@ -66,10 +66,41 @@ def attend_grouped(q, k, v, mask, scale, dtype=torch.float32):
     B, H, T, D = q.shape
     kv_heads, group = k.shape[1], H // k.shape[1]
     grouped = q.to(dtype).reshape(B, kv_heads, group * T, D)
-    scores = torch.matmul(grouped, k.to(dtype).transpose(-1, -2)).view(B, kv_heads, group, T, -1).float() * scale
-    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1).to(dtype)
+    scores = torch.matmul(grouped, k.to(dtype).transpose(-1, -2)).view(B, H, T, -1)
+    probs = masked_softmax(scores, mask, scale)
     out = torch.matmul(probs.view(B, kv_heads, group * T, -1), v.to(dtype))
     return out.view(B, H, T, v.shape[-1]).to(q.dtype)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale · scores) over the last dimension where `mask` [B or 1, 1, T, S] allows, in float32 arithmetic,
+    returned in the scores' dtype [B, H, T, S].
+
+    On the CPU (float32 or bf16, eager) our kernel (kernels/dense_avx512.cpp) does it in one pass over each row,
+    forward and backward, keeping two floats a row for the backward instead of a float32 copy of the probabilities;
+    written out (cast, scale, mask, softmax, cast back) it was a seventh of a GRPO update and a quarter of its
+    reference pass (benchmarks/RESULTS.md, round 10). Elsewhere — and under torch.compile, which fuses the ops
+    itself — the same arithmetic in PyTorch ops (a row the mask allows nowhere gives NaN there, 0 in the kernel)."""
+    if (scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling() and has_kernel()):
+        return _MaskedSoftmax.apply(scores.contiguous(), mask.contiguous(), scale)
+    probs = (scores.float() * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return probs.to(scores.dtype)
+
+
+class _MaskedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, mask, scale):
+        probs, stats = dense_avx512().masked_softmax(scores, mask, scale)
+        ctx.save_for_backward(scores, mask, stats)
+        ctx.scale = scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        scores, mask, stats = ctx.saved_tensors
+        grad = dense_avx512().masked_softmax_backward(grad_probs.contiguous(), scores, mask, stats, ctx.scale)
+        return grad, None, None
 
 
 def attend_cache(q, k, v, mask, scale):
