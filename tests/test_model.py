@@ -101,6 +101,50 @@ def test_mtp_logits_shape_and_dependence_on_next_token():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [512, 40])
+def test_rmsnorm_and_swiglu_kernels_equal_float64(dtype, D):
+    """RMSNorm and SwiGLU's silu(gate)·up on our kernel, forward and backward (input and weight gradients), against
+    float64; with bf16 inputs the results are the float64 ones rounded (silu's result, as PyTorch rounds it: the
+    SwiGLU output is then bitwise PyTorch's)."""
+    from openseek.kernels import dense_avx512
+    from openseek.model.attention import RMSNorm
+    from openseek.model.moe import silu_mul
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 kernels on this CPU")
+    torch.manual_seed(0)
+    tolerance = 1e-6 if dtype is torch.float32 else 4e-3
+
+    def error(got, want):
+        return float((got.double() - want).norm() / want.norm())
+
+    norm = RMSNorm(D, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D) * 0.5 + 1)
+    x = (torch.randn(3, 37, D) * 2).to(dtype).requires_grad_()
+    y = norm(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y64.backward(grad.double())
+    assert y.dtype == x.grad.dtype == norm.weight.grad.dtype == dtype
+    assert max(error(y, y64), error(x.grad, x64.grad), error(norm.weight.grad, w64.grad)) < tolerance
+
+    gate, up = (torch.randn(5, 3 * D + 1) * 3).to(dtype).requires_grad_(), torch.randn(5, 3 * D + 1).to(dtype)
+    up.requires_grad_()
+    out = silu_mul(gate, up)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    gate64, up64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    out64 = torch.nn.functional.silu(gate64) * up64
+    out64.backward(grad.double())
+    assert max(error(out, out64), error(gate.grad, gate64.grad), error(up.grad, up64.grad)) < tolerance
+    if dtype is torch.bfloat16:
+        assert torch.equal(out.detach(), torch.nn.functional.silu(gate.detach()) * up.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, H, T", [(3, 8, 37), (1, 2, 16), (2, 4, 5)])
 def test_masked_softmax_kernel_equals_the_float64_softmax(dtype, B, H, T):
     """Attention's scaled, masked softmax (attention.masked_softmax) on our kernel, forward and backward, under a

@@ -175,11 +175,14 @@ inline __m512 load_f32(const at::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 inline void store_f32(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store_f32(at::BFloat16* p, __m512 v) {  // round to nearest even, as PyTorch converts
+// v rounded to bf16 (nearest even, as PyTorch converts): the bf16 bits in the low half of each 32-bit lane
+inline __m512i bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+}
+inline void store_f32(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // e^x for x ≤ 0: 2^n · e^r with n = round(x / ln 2) and |r| ≤ ln 2 / 2 (ln 2 in two parts, so r is exact), e^r by
@@ -367,10 +370,7 @@ inline __m512 load_f32(const at::BFloat16* p, __mmask16 m) {
 }
 inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store_f32(at::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 // which of 16 slots a bool mask allows (bytes 0 or 1)
 inline __mmask16 allowed16(const bool* m, __mmask16 lanes) {
@@ -625,6 +625,186 @@ torch::Tensor token_logprobs_backward(const torch::Tensor& grad, const torch::Te
   return out;
 }
 
+
+// ---- RMSNorm and SwiGLU, forward and backward ----
+// Each is a handful of elementwise PyTorch ops (RMSNorm: square, mean, rsqrt, two products, casts; SwiGLU: silu and a
+// product), every one a trip through memory, and as many again backward. Here a row is read and written once, in
+// float32 arithmetic, with results rounded to the inputs' dtype where PyTorch rounds them.
+
+inline __m512 round_to(const float*, __m512 v) { return v; }
+inline __m512 round_to(const at::BFloat16*, __m512 v) {  // v rounded to bf16, back in float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+}
+
+// y = w · (x / rms(x)) for x [R, D] (rms over each row, + eps), rounded as RMSNorm rounds: the normalised row to x's
+// dtype, then the product. rstd [R] keeps 1 / rms for the backward.
+template <typename T>
+void rms_norm_all(const T* x, const T* w, T* y, float* rstd, int64_t R, int64_t D, float eps) {
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * D;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = load_f32(row + d, lanes_left(D - d));
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const float inverse = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / D + eps);
+      rstd[r] = inverse;
+      const __m512 scale = _mm512_set1_ps(inverse);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 lanes = lanes_left(D - d);
+        const __m512 normed = round_to(row, _mm512_mul_ps(load_f32(row + d, lanes), scale));
+        store_f32(y + r * D + d, _mm512_mul_ps(load_f32(w + d, lanes), normed), lanes);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous() &&
+              x.scalar_type() == w.scalar_type(), "x [R, D] and w [D] of one dtype, contiguous, expected");
+  auto y = torch::empty_like(x);
+  auto rstd = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat));
+  if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_all(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+                 rstd.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps));
+  else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "x must be float32 or bfloat16");
+    rms_norm_all(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rstd.data_ptr<float>(), x.size(0),
+                 x.size(1), static_cast<float>(eps));
+  }
+  return {y, rstd};
+}
+
+constexpr int64_t kNormRowsPerPart = 32;  // dw sums rows in fixed parts, then the parts in order: thread-independent
+
+// With u = x · rstd and dy the incoming gradient: dw = Σ_rows dy ⊙ u, and
+// dx = rstd · (dy ⊙ w) - x · rstd³ · mean(dy ⊙ w ⊙ x).
+template <typename T>
+void rms_norm_backward_all(const T* dy, const T* x, const T* w, const float* rstd, T* dx, float* dw, int64_t R,
+                           int64_t D) {
+  const int64_t parts = (R + kNormRowsPerPart - 1) / kNormRowsPerPart;
+  std::vector<float> partial(parts * D, 0.f);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      float* acc = partial.data() + part * D;
+      for (int64_t r = part * kNormRowsPerPart; r < std::min(R, (part + 1) * kNormRowsPerPart); ++r) {
+        const T* g = dy + r * D;
+        const T* row = x + r * D;
+        const __m512 inverse = _mm512_set1_ps(rstd[r]);
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 lanes = lanes_left(D - d);
+          const __m512 gv = load_f32(g + d, lanes), xv = load_f32(row + d, lanes);
+          dot = _mm512_fmadd_ps(_mm512_mul_ps(gv, load_f32(w + d, lanes)), xv, dot);
+          const __m512 normed = round_to(row, _mm512_mul_ps(xv, inverse));
+          _mm512_mask_storeu_ps(acc + d, lanes, _mm512_fmadd_ps(gv, normed, _mm512_maskz_loadu_ps(lanes, acc + d)));
+        }
+        const float r3 = rstd[r] * rstd[r] * rstd[r];
+        const __m512 correction = _mm512_set1_ps(r3 * _mm512_reduce_add_ps(dot) / D);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 lanes = lanes_left(D - d);
+          const __m512 gw = _mm512_mul_ps(load_f32(g + d, lanes), load_f32(w + d, lanes));
+          const __m512 v = _mm512_fnmadd_ps(load_f32(row + d, lanes), correction, _mm512_mul_ps(gw, inverse));
+          store_f32(dx + r * D + d, v, lanes);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, (D + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin * 16; d < std::min(D, end * 16); d += 16) {
+      const __mmask16 lanes = lanes_left(D - d);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t part = 0; part < parts; ++part)
+        total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes, partial.data() + part * D + d));
+      _mm512_mask_storeu_ps(dw + d, lanes, total);
+    }
+  });
+}
+
+// -> (dx in x's dtype, dw in float32)
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& w,
+                                             const torch::Tensor& rstd) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() &&
+              x.is_contiguous() && rstd.numel() == x.size(0) && rstd.scalar_type() == torch::kFloat,
+              "dy like x [R, D], rstd [R] float32 expected");
+  auto dx = torch::empty_like(x);
+  auto dw = torch::empty({x.size(1)}, x.options().dtype(torch::kFloat));
+  if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_backward_all(dy.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(),
+                          rstd.data_ptr<float>(), dx.data_ptr<at::BFloat16>(), dw.data_ptr<float>(), x.size(0),
+                          x.size(1));
+  else
+    rms_norm_backward_all(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                          dx.data_ptr<float>(), dw.data_ptr<float>(), x.size(0), x.size(1));
+  return {dx, dw};
+}
+
+// σ(x) for any x: e = e^-|x|, σ = 1 / (1 + e) for x ≥ 0 and e / (1 + e) below
+inline __m512 sigmoid16(__m512 x) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_mask_mul_ps(inverse, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), inverse, e);
+}
+
+// silu(gate) · up, elementwise over [n] values; silu's result is rounded to the dtype before the product (as
+// F.silu(gate) * up rounds)
+template <typename T>
+void swiglu_all(const T* gate, const T* up, T* out, int64_t n) {
+  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
+      const __mmask16 lanes = lanes_left(n - i);
+      const __m512 g = load_f32(gate + i, lanes);
+      const __m512 silu = round_to(gate, _mm512_mul_ps(g, sigmoid16(g)));
+      store_f32(out + i, _mm512_mul_ps(silu, load_f32(up + i, lanes)), lanes);
+    }
+  });
+}
+
+// d up = dy · silu(gate), d gate = dy · up · σ(gate) · (1 + gate · (1 - σ(gate)))
+template <typename T>
+void swiglu_backward_all(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
+      const __mmask16 lanes = lanes_left(n - i);
+      const __m512 g = load_f32(gate + i, lanes), grad = load_f32(dy + i, lanes);
+      const __m512 sig = sigmoid16(g);
+      const __m512 silu = round_to(gate, _mm512_mul_ps(g, sig));
+      store_f32(dup + i, _mm512_mul_ps(grad, silu), lanes);
+      const __m512 slope = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
+      store_f32(dgate + i, _mm512_mul_ps(_mm512_mul_ps(grad, load_f32(up + i, lanes)), slope), lanes);
+    }
+  });
+}
+
+void check_swiglu(const torch::Tensor& a, const torch::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous(),
+              "gate and up must be contiguous, of one shape and dtype");
+  TORCH_CHECK(a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16, "float32 or bfloat16 expected");
+}
+
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
+  check_swiglu(gate, up);
+  auto out = torch::empty_like(gate);
+  if (gate.scalar_type() == torch::kBFloat16)
+    swiglu_all(gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), gate.numel());
+  else swiglu_all(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), gate.numel());
+  return out;
+}
+
+std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& dy, const torch::Tensor& gate, const torch::Tensor& up) {
+  check_swiglu(gate, up);
+  check_swiglu(dy, gate);
+  auto dgate = torch::empty_like(gate), dup = torch::empty_like(up);
+  if (gate.scalar_type() == torch::kBFloat16)
+    swiglu_backward_all(dy.data_ptr<at::BFloat16>(), gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(),
+                        dgate.data_ptr<at::BFloat16>(), dup.data_ptr<at::BFloat16>(), gate.numel());
+  else swiglu_backward_all(dy.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(), dgate.data_ptr<float>(),
+                           dup.data_ptr<float>(), gate.numel());
+  return {dgate, dup};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -637,6 +817,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
   m.def("token_logprobs", &token_logprobs, "log softmax(logits / T) at the targets, entropy, stats");
   m.def("token_logprobs_backward", &token_logprobs_backward, "(grad, logits, targets, stats, T) -> grad logits");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [R, D] by w [D] -> (y, rstd)");
+  m.def("rms_norm_backward", &rms_norm_backward, "(dy, x, w, rstd) -> (dx, dw float32)");
+  m.def("swiglu", &swiglu, "silu(gate) * up");
+  m.def("swiglu_backward", &swiglu_backward, "(dy, gate, up) -> (d gate, d up)");
 }
 
 // The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a
