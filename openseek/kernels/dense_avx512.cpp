@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -805,6 +806,72 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& dy, const torch:
   return {dgate, dup};
 }
 
+
+// ---- Rotary position embedding ----
+// out = [x1·cos - x2·sin | x2·cos + x1·sin] for x = [x1 | x2] [B, H, T, D] (any strides, the last dimension
+// contiguous) and cos, sin [B or 1, 1, T, D/2]: PyTorch's chunk, four products, two sums and a cat in one pass.
+// Products and sums are rounded to the dtype PyTorch computes them in (x's and cos's promoted), the result to `out`'s
+// dtype. `inverse` rotates the other way (sin negated): the backward pass.
+template <typename XT, typename CT, typename OT>
+void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out,
+              bool inverse) {
+  using Compute = std::conditional_t<std::is_same_v<XT, float> || std::is_same_v<CT, float>, float, at::BFloat16>;
+  const Compute* rounding = nullptr;  // round_to's tag: the dtype the products are rounded to
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), half = x.size(3) / 2;
+  const int64_t cos_b = cos.size(0) == 1 ? 0 : cos.stride(0);
+  const XT* xp = x.data_ptr<XT>();
+  const CT* cp = cos.data_ptr<CT>();
+  const CT* sp = sin.data_ptr<CT>();
+  OT* op = out.data_ptr<OT>();
+  const __m512 sign = _mm512_set1_ps(inverse ? -1.f : 1.f);
+  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * T), h = r / T % H, t = r % T;
+      const XT* row = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+      const CT* c = cp + b * cos_b + t * cos.stride(2);
+      const CT* si = sp + b * cos_b + t * sin.stride(2);
+      OT* o = op + r * 2 * half;
+      for (int64_t i = 0; i < half; i += 16) {
+        const __mmask16 lanes = lanes_left(half - i);
+        const __m512 x1 = load_f32(row + i, lanes), x2 = load_f32(row + half + i, lanes);
+        const __m512 cv = load_f32(c + i, lanes), sv = _mm512_mul_ps(load_f32(si + i, lanes), sign);
+        const __m512 first = _mm512_sub_ps(round_to(rounding, _mm512_mul_ps(x1, cv)),
+                                           round_to(rounding, _mm512_mul_ps(x2, sv)));
+        const __m512 second = _mm512_add_ps(round_to(rounding, _mm512_mul_ps(x2, cv)),
+                                            round_to(rounding, _mm512_mul_ps(x1, sv)));
+        store_f32(o + i, round_to(rounding, first), lanes);
+        store_f32(o + half + i, round_to(rounding, second), lanes);
+      }
+    }
+  });
+}
+
+template <typename XT, typename CT>
+void rope_to(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out,
+             bool inverse) {
+  if (out.scalar_type() == torch::kBFloat16) rope_all<XT, CT, at::BFloat16>(x, cos, sin, out, inverse);
+  else rope_all<XT, CT, float>(x, cos, sin, out, inverse);
+}
+
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                   torch::ScalarType out_dtype, bool inverse) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "x [B, H, T, D] with a contiguous last "
+              "dimension of even size expected");
+  TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
+              (cos.size(0) == 1 || cos.size(0) == x.size(0)) && cos.size(2) == x.size(2) &&
+              cos.size(3) == x.size(3) / 2 && cos.stride(3) == 1 && sin.stride(3) == 1 && cos.strides() == sin.strides(),
+              "cos and sin [B or 1, 1, T, D/2] alike, contiguous in their last dimension, expected");
+  for (const auto dtype : {x.scalar_type(), cos.scalar_type(), out_dtype})
+    TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "float32 or bfloat16 expected");
+  auto out = torch::empty(x.sizes(), x.options().dtype(out_dtype));
+  const bool x_bf16 = x.scalar_type() == torch::kBFloat16, c_bf16 = cos.scalar_type() == torch::kBFloat16;
+  if (x_bf16 && c_bf16) rope_to<at::BFloat16, at::BFloat16>(x, cos, sin, out, inverse);
+  else if (x_bf16) rope_to<at::BFloat16, float>(x, cos, sin, out, inverse);
+  else if (c_bf16) rope_to<float, at::BFloat16>(x, cos, sin, out, inverse);
+  else rope_to<float, float>(x, cos, sin, out, inverse);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -821,6 +888,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "(dy, x, w, rstd) -> (dx, dw float32)");
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "(dy, gate, up) -> (d gate, d up)");
+  m.def("rope", &rope, "rotate x [B, H, T, D] by cos, sin [B or 1, 1, T, D/2] (inverse: the other way)");
 }
 
 // The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a

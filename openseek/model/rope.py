@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from openseek.config import ModelConfig
+from openseek.kernels import dense_avx512
+from openseek.model.linear import has_kernel
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -88,9 +90,31 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, H, T, D]. Interleaved input pairs (2i, 2i+1) come out as [evens | odds]."""
+    """Rotate x [B, H, T, D]. Interleaved input pairs (2i, 2i+1) come out as [evens | odds].
+
+    Halves (not interleaved) on the CPU in float32/bf16, eager, run on our kernel (kernels/dense_avx512.cpp),
+    forward and backward: one pass with PyTorch's roundings instead of six ops and a cat."""
+    if (not interleaved and x.device.type == "cpu" and {x.dtype, cos.dtype, sin.dtype} <= FLOAT_TYPES
+            and cos.dtype is sin.dtype and x.stride(-1) == 1 and not torch.compiler.is_compiling() and has_kernel()):
+        return _Rope.apply(x, cos, sin)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+FLOAT_TYPES = {torch.float32, torch.bfloat16}
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return dense_avx512().rope(grad.contiguous(), cos, sin, ctx.x_dtype, True), None, None
