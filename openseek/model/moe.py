@@ -32,7 +32,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     their backwards were three passes each."""
     if (gate.device.type == "cpu" and gate.dtype is up.dtype and gate.dtype in (torch.float32, torch.bfloat16)
             and not torch.compiler.is_compiling() and has_kernel()):
-        return _SiluMul.apply(gate.contiguous(), up.contiguous())
+        if torch.is_grad_enabled():
+            return _SiluMul.apply(gate.contiguous(), up.contiguous())
+        return dense_avx512().swiglu(gate.contiguous(), up.contiguous())  # no autograd bookkeeping in decode
     return F.silu(gate) * up
 
 

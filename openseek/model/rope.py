@@ -96,7 +96,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     forward and backward: one pass with PyTorch's roundings instead of six ops and a cat."""
     if (not interleaved and x.device.type == "cpu" and {x.dtype, cos.dtype, sin.dtype} <= FLOAT_TYPES
             and cos.dtype is sin.dtype and x.stride(-1) == 1 and not torch.compiler.is_compiling() and has_kernel()):
-        return _Rope.apply(x, cos, sin)
+        if torch.is_grad_enabled():
+            return _Rope.apply(x, cos, sin)
+        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False)  # decode: no autograd
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
