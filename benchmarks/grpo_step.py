@@ -10,9 +10,12 @@ its defaults (`--precision auto`, `--threads auto`), and again with `--precision
 The runs alternate (TRL, openseek, openseek-float32, then the next round in reverse order), each a fresh process; a
 step is everything: generation, rewards, reference log-probs, forward, backward and the optimizer; the first step of
 each run is a warm-up, not counted. Prints each run's median step and split (generation / scoring / update) and the
-ratios. `--busy` adds one competing CPU-bound process for the whole measurement.
+ratios, over all runs and round by round (this VM's speed drifts by up to 2× within minutes as neighbours load
+its memory system; each run's line gives the read bandwidth measured just before it, so a reader can see the phase).
+`--busy` adds one competing CPU-bound process for the whole measurement; `--skip-float32` leaves out the equal-math
+run.
 
-    .venv/bin/python benchmarks/grpo_step.py [--steps 6] [--rounds 2] [--busy]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 6] [--rounds 2] [--busy] [--skip-float32]
 """
 
 from __future__ import annotations
@@ -120,6 +123,17 @@ def trl_child(directory: Path, prompts_file: Path, steps: int, out: Path) -> lis
     return steps_out
 
 
+def read_bandwidth() -> float:
+    """GB/s of a 2-thread sum over 256 MiB (best of 3): the machine's phase just before a run."""
+    x = torch.ones(2**26)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
 def run_trl(directory: Path, prompts_file: Path, steps: int, out: Path) -> list[dict]:
     result = subprocess.run([sys.executable, __file__, "--trl-child", str(directory), str(prompts_file), str(steps),
                              str(out)], check=True, capture_output=True, text=True)
@@ -139,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is a warm-up, not counted)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--busy", action="store_true", help="one competing CPU-bound process throughout")
+    parser.add_argument("--skip-float32", action="store_true", help="only TRL and openseek's defaults")
     parser.add_argument("--trl-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -152,13 +167,18 @@ def main() -> None:
             prompts = make_checkpoint(tmp / "model")
             prompts_file = tmp / "prompts.jsonl"
             prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-            steps = {name: [] for name in SIDES}
+            sides = [name for name in SIDES if not (args.skip_float32 and "float32" in name)]
+            steps, per_round = {name: [] for name in sides}, []
+            torch.set_num_threads(2)
             for r in range(args.rounds):
-                for name in SIDES if r % 2 == 0 else reversed(SIDES):
+                per_round.append({})
+                for name in sides if r % 2 == 0 else reversed(sides):
+                    bandwidth = read_bandwidth()
                     run = SIDES[name](tmp / "model", prompts_file, args.steps, tmp / f"run-{r}-{len(steps[name])}")
                     steps[name] += run[1:]
-                    print(f"round {r + 1} {name}: median step {statistics.median(s['step'] for s in run[1:]):.2f}s",
-                          flush=True)
+                    per_round[r][name] = statistics.median(s["step"] for s in run[1:])
+                    print(f"round {r + 1} {name}: median step {per_round[r][name]:.2f}s (read bandwidth before: "
+                          f"{bandwidth:.1f} GB/s)", flush=True)
     finally:
         if hog is not None:
             hog.kill()
@@ -170,9 +190,11 @@ def main() -> None:
                                                                                        "update") if k in rows[0])
         print(f"{name:48s} step {medians[name]:6.2f}s   ({split})")
     trl = medians["TRL GRPOTrainer"]
-    for name in list(SIDES)[1:]:
+    for name in sides[1:]:
         ratio = trl / medians[name]
-        print(f"{name}: {ratio:.2f}x TRL's speed (floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'})")
+        rounds = [f"{r['TRL GRPOTrainer'] / r[name]:.2f}x" for r in per_round]
+        print(f"{name}: {ratio:.2f}x TRL's speed (floor {FLOOR}x: {'PASS' if ratio >= FLOOR else 'FAIL'}); "
+              f"round by round {', '.join(rounds)}")
 
 
 if __name__ == "__main__":
