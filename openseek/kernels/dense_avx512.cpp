@@ -364,6 +364,11 @@ torch::Tensor attend_cache(const torch::Tensor& q, const torch::Tensor& k, const
 // per row the forward keeps only its maximum and the sum of exponentials, from which the backward recomputes exactly
 // the probabilities the forward used. Rows are split among threads whole: results do not depend on the thread count.
 
+// Items per parallel task: at least kTaskValues values each, since below that OpenMP's fork and join (~10 µs) costs
+// more than the work (a decode step's RMSNorm of 16 × 512 took 17 µs split over two threads, 2 µs on one).
+constexpr int64_t kTaskValues = 1 << 15;
+inline int64_t grain(int64_t values_per_item) { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, values_per_item)); }
+
 inline __mmask16 lanes_left(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_f32(const at::BFloat16* p, __mmask16 m) {
@@ -415,7 +420,7 @@ void masked_softmax_all(const torch::Tensor& scores, const torch::Tensor& mask, 
   const bool* mp = mask.data_ptr<bool>();
   T* pp = probs.data_ptr<T>();
   float* st = stats.data_ptr<float>();
-  at::parallel_for(0, B * X * Tq, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * X * Tq, grain(S), [&](int64_t begin, int64_t end) {
     std::vector<float> exps(S);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (X * Tq), t = r % Tq;
@@ -463,7 +468,7 @@ void masked_softmax_backward_all(const torch::Tensor& grad, const torch::Tensor&
   const float* st = stats.data_ptr<float>();
   T* op = out.data_ptr<T>();
   const __m512 sc = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, B * X * Tq, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * X * Tq, grain(S), [&](int64_t begin, int64_t end) {
     std::vector<float> probs(S);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (X * Tq), t = r % Tq;
@@ -525,7 +530,7 @@ void token_logprobs_all(const torch::Tensor& logits, const torch::Tensor& target
   float* ent = entropy ? entropies.data_ptr<float>() : nullptr;
   float* st = stats.data_ptr<float>();
   const Temperature temp(temperature);
-  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = lp + n * V;
       __m512 top = _mm512_set1_ps(-INFINITY);
@@ -587,7 +592,7 @@ void token_logprobs_backward_all(const torch::Tensor& grad, const torch::Tensor&
   const float* st = stats.data_ptr<float>();
   T* op = out.data_ptr<T>();
   const Temperature temp(temperature);
-  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = lp + n * V;
       T* drow = op + n * V;
@@ -641,7 +646,7 @@ inline __m512 round_to(const at::BFloat16*, __m512 v) {  // v rounded to bf16, b
 // dtype, then the product. rstd [R] keeps 1 / rms for the backward.
 template <typename T>
 void rms_norm_all(const T* x, const T* w, T* y, float* rstd, int64_t R, int64_t D, float eps) {
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * D;
       __m512 squares = _mm512_setzero_ps();
@@ -686,7 +691,7 @@ void rms_norm_backward_all(const T* dy, const T* x, const T* w, const float* rst
                            int64_t D) {
   const int64_t parts = (R + kNormRowsPerPart - 1) / kNormRowsPerPart;
   std::vector<float> partial(parts * D, 0.f);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts, grain(kNormRowsPerPart * D), [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       float* acc = partial.data() + part * D;
       for (int64_t r = part * kNormRowsPerPart; r < std::min(R, (part + 1) * kNormRowsPerPart); ++r) {
@@ -712,7 +717,7 @@ void rms_norm_backward_all(const T* dy, const T* x, const T* w, const float* rst
       }
     }
   });
-  at::parallel_for(0, (D + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (D + 15) / 16, grain(16 * parts), [&](int64_t begin, int64_t end) {
     for (int64_t d = begin * 16; d < std::min(D, end * 16); d += 16) {
       const __mmask16 lanes = lanes_left(D - d);
       __m512 total = _mm512_setzero_ps();
@@ -752,7 +757,7 @@ inline __m512 sigmoid16(__m512 x) {
 // F.silu(gate) * up rounds)
 template <typename T>
 void swiglu_all(const T* gate, const T* up, T* out, int64_t n) {
-  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + 15) / 16, grain(16), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
       const __mmask16 lanes = lanes_left(n - i);
       const __m512 g = load_f32(gate + i, lanes);
@@ -766,7 +771,7 @@ void swiglu_all(const T* gate, const T* up, T* out, int64_t n) {
 template <typename T>
 void swiglu_backward_all(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);
-  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + 15) / 16, grain(16), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
       const __mmask16 lanes = lanes_left(n - i);
       const __m512 g = load_f32(gate + i, lanes), grad = load_f32(dy + i, lanes);
@@ -824,7 +829,7 @@ void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Ten
   const CT* sp = sin.data_ptr<CT>();
   OT* op = out.data_ptr<OT>();
   const __m512 sign = _mm512_set1_ps(inverse ? -1.f : 1.f);
-  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * T, grain(2 * half), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * T), h = r / T % H, t = r % T;
       const XT* row = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
