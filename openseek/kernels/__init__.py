@@ -1,4 +1,5 @@
-"""Small CPU kernels of our own for decode's matmuls, built on first use for the machine they run on.
+"""Small CPU kernels of our own for decode's matmuls and the training pass's elementwise work, built on first use for
+the machine they run on.
 
 Decode multiplies a few rows of activations by every weight once per step, so its matmuls should stream the weights
 at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmarks/RESULTS.md): MKL's sgemm reaches a
@@ -6,8 +7,10 @@ third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight
 converts every weight to bf16 first.
 - `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
   byte once; int8 from 16 rows on AMX tiles where the CPU has them (same results, bit for bit).
-- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; and decode's
-  grouped-query attention over the cache in one pass.
+- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
+  grouped-query attention over the cache in one pass; and, forward and backward, attention's masked softmax, the
+  head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
+  PyTorch makes several (the model's modules call them through `autograd.Function`s).
 
 Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
 `torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind functions, whose call costs
@@ -47,8 +50,8 @@ def quantized_vnni():
 def dense_avx512():
     """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ;
     `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K];
-    `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache), or None with a line on stderr saying
-    why."""
+    `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache; `.masked_softmax`, `.token_logprobs`,
+    `.rms_norm`, `.swiglu`, `.rope` and their backwards), or None with a line on stderr saying why."""
     module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
     if module is not None:
         torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
