@@ -284,6 +284,30 @@ def add_precision_arguments(parser) -> None:
                         help="torch.compile the decode step (fuses its small ops; compiles for a minute or two first)")
 
 
+# A sampling view's projections that read the same input, fused: {fused module: its parts, in order}
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Make q/k/v and gate/up one `Int8Linear` each (on the meta device, before loading; filled by `refresh_view`).
+
+    Each output row has its own scale and the activations are quantised per row whatever the width, so the fused
+    matmul's outputs are bitwise the separate ones' (a test checks the logits); a decode step makes three kernel
+    calls a layer instead of five, each quantising the activations once, over wider weights."""
+    for module in list(model.modules()):
+        for fused, parts in FUSED.items():
+            linears = [getattr(module, part, None) for part in parts]
+            if getattr(module, fused, False) is not None or not all(
+                    isinstance(linear, Int8Linear) and linear.kernel is not None for linear in linears):
+                continue
+            bias = linears[0].bias
+            with torch.device("meta"):
+                setattr(module, fused, Int8Linear(linears[0].in_features, sum(l.out_features for l in linears),
+                                                  bias is not None, bias.dtype if bias is not None else torch.float32))
+            for part in parts:
+                delattr(module, part)
+
+
 def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", group_size: int = 32) -> nn.Module:
     """A copy of `policy` for sampling only, in `dtype` and maybe quantised (GRPO's fast rollouts): built on the
     meta device like `load`, then filled from the policy's weights by `refresh_view`, in place, after each update.
@@ -298,6 +322,8 @@ def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", 
         router.float()
     view.rotary.float()
     quantize_modules(view, quantize, group_size)
+    if quantize == "int8":
+        fuse_projections(view)
     view.to_empty(device=policy.device)
     view.tie_weights()
     view.rotary.reset_parameters()
@@ -311,6 +337,13 @@ def refresh_view(view: nn.Module, policy: nn.Module) -> None:
     for name, module in view.named_modules():
         if isinstance(module, Int8Embedding):
             continue  # its rows are the tied head's, refreshed with it
+        parent, _, leaf = name.rpartition(".")
+        if leaf in FUSED:  # the parts' weights (and biases) stacked, in order
+            parts = [policy.get_submodule(parent).get_submodule(part) for part in FUSED[leaf]]
+            module.load_weight(torch.cat([part.weight for part in parts]))
+            if module.bias is not None:
+                module.bias.copy_(torch.cat([part.bias for part in parts]))
+            continue
         source = policy.get_submodule(name) if name else policy
         if isinstance(module, (Int8Linear, Int4Linear)):
             tied = name == "lm_head" and isinstance(view.embed_tokens, Int8Embedding)

@@ -315,6 +315,36 @@ def test_the_rollout_view_follows_the_policy():
     assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], view.layers[0].self_attn.q_proj.weight)
 
 
+def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(monkeypatch):
+    """q/k/v and gate/up are one int8 matmul each in an int8 rollout view: per-row scales, activations quantised once
+    per row either way, so the logits equal the unfused view's bit for bit, before and after a refresh."""
+    import openseek.quantize as quantize
+    from openseek.config import ModelConfig
+    from openseek.kernels import quantized_vnni
+    from openseek.model import Model
+
+    if quantized_vnni() is None:
+        pytest.skip("no VNNI kernel on this CPU: the view stays unfused")
+    torch.manual_seed(0)
+    policy = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
+    fused = quantize.rollout_view(policy, torch.bfloat16, "int8")
+    monkeypatch.setattr(quantize, "fuse_projections", lambda model: None)
+    separate = quantize.rollout_view(policy, torch.bfloat16, "int8")
+    assert fused.layers[0].self_attn.qkv_proj.out_features == 128 and not hasattr(fused.layers[0].self_attn, "q_proj")
+    assert fused.layers[1].mlp.gate_up_proj.out_features == 256 and separate.layers[1].mlp.gate_up_proj is None
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.inference_mode():
+        assert torch.equal(fused(ids), separate(ids))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.1)
+    quantize.refresh_view(fused, policy)
+    quantize.refresh_view(separate, policy)
+    with torch.inference_mode():
+        assert torch.equal(fused(ids), separate(ids))
+
+
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the_kernel(precision, tmp_path):
     from openseek.config import ModelConfig
@@ -335,6 +365,6 @@ def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the
     if quantized_vnni() is None:  # no VNNI: PyTorch's int8 matmul would be no faster than bf16
         assert int8 == []
     else:
-        assert "layers.0.self_attn.q_proj" in int8 and "layers.0.mlp.down_proj" in int8
+        assert {"layers.0.self_attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj"} <= set(int8)
     explicit = rollout_policy(trainer, GRPOConfig(rollout_quantize="none"))
     assert not any(isinstance(m, Int8Linear) for m in explicit.modules())

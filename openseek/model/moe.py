@@ -21,8 +21,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = None  # gate and up as one matmul, in a sampling view (quantize.fuse_projections)
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(silu_mul(gate, up))
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
