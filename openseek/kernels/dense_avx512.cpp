@@ -1,4 +1,7 @@
-// Decode's matmul on AVX-512: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's own layout (no
+// AVX-512 kernels in float32 arithmetic, one section each: decode's matmul, decode's attention over the cache, and the
+// training pass's softmaxes, RMSNorm, SwiGLU and rotary embedding (forward and backward).
+//
+// Decode's matmul: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's own layout (no
 // packed copy, so the weights are read as they are), in float32 or in bfloat16 (AVX512-BF16).
 //
 // At decode's few rows the matmul is bound by how fast the weight streams in; MKL's float32 sgemm and oneDNN's bf16
