@@ -14,6 +14,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .[test]
+	$(PY) -m openseek.kernels  # compile our CPU kernels for this machine now, not inside the first run
 	touch $(STAMP)
 
 test: $(STAMP)

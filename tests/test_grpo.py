@@ -20,6 +20,7 @@ from openseek.train.grpo import (
     k3_kl,
     overlong_penalty,
     per_token_loss,
+    refill_size,
 )
 
 # A fixed example: P = 2 prompts, G = 2 completions each, up to L = 3 tokens.
@@ -157,6 +158,15 @@ def test_group_size_one_is_refused_with_the_reason():
 def test_dynamic_sampling_keeps_informative_groups():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.2]])
     assert informative_groups(rewards).tolist() == [False, True, False, True]
+
+
+def test_dynamic_sampling_refills_at_the_observed_keep_rate():
+    assert refill_size(16, kept=0, drawn=0) == 16  # the first round draws the whole step
+    assert refill_size(16, kept=0, drawn=16) == 16  # nothing kept yet: no rate to go by
+    assert refill_size(16, kept=8, drawn=16) == 16  # half kept: 8 missing need 16 more
+    assert refill_size(16, kept=12, drawn=16) == 6  # 4 missing at 3/4 -> 5.33, rounded up
+    assert refill_size(16, kept=15, drawn=48) == 4  # 1 missing at 15/48 -> 3.2
+    assert refill_size(16, kept=2, drawn=16) == 16  # never more than a whole step's prompts
 
 
 def test_overlong_penalty_dapo_ramp():

@@ -17,13 +17,16 @@ Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake
 less.
 
 Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
-(about 40 s, then cached under ~/.cache/torch_extensions). Where it cannot be built or run (missing instructions, no
-compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
+(about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
+`python -m openseek.kernels`, which `make` runs at install, builds both side by side, so that the first run does
+not pay for it. Where an extension cannot be built or run (missing instructions, no compiler), its function returns
+None after saying why in one line, and callers use PyTorch's kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,7 +115,7 @@ def _build(what: str, name: str, needs: set[str], fallback: str):
 
         print(f"{what}: loading the kernel {name}.cpp (compiled for this machine on first use, then cached)",
               file=sys.stderr)
-        build = Path(get_default_build_root()) / f"openseek_{name}"
+        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"openseek_{name}"
         build.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(build, what)
         # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread
