@@ -100,12 +100,14 @@ def test_mtp_logits_shape_and_dependence_on_next_token():
     assert (mtp2[:, 0] - mtp[:, 0]).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("x_dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16)])
-def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype):
-    """Rotary embedding on our kernel (rope.apply_rope, halves layout) against the written-out PyTorch rotation, on a
-    strided view as attention passes it: bitwise where the dtypes round (bf16 products and sums, as PyTorch rounds
-    them), within float32 rounding otherwise; the gradient is the inverse rotation of the incoming one."""
+def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype, interleaved):
+    """Rotary embedding on our kernel (rope.apply_rope, halves and DeepSeek's interleaved layout) against the
+    written-out PyTorch rotation, on a strided view as attention passes it: bitwise where the dtypes round (bf16
+    products and sums, as PyTorch rounds them), within float32 rounding otherwise; the gradient is the inverse
+    rotation of the incoming one, written back in the input's layout."""
     from openseek.kernels import dense_avx512
     from openseek.model.rope import apply_rope
 
@@ -116,8 +118,8 @@ def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype):
     x = torch.randn(B, T, H, D).to(x_dtype).transpose(1, 2).requires_grad_()  # [B, H, T, D], strided
     angles = torch.randn(B, 1, T, D // 2)
     cos, sin = angles.cos().to(cos_dtype), angles.sin().to(cos_dtype)
-    got = apply_rope(x, cos, sin, interleaved=False)
-    x1, x2 = x.detach().chunk(2, dim=-1)
+    got = apply_rope(x, cos, sin, interleaved=interleaved)
+    x1, x2 = (x.detach()[..., 0::2], x.detach()[..., 1::2]) if interleaved else x.detach().chunk(2, dim=-1)
     want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     assert got.dtype == want.dtype and got.shape == want.shape
     if want.dtype is torch.bfloat16:
@@ -128,7 +130,8 @@ def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype):
     got.backward(grad)
     g1, g2 = grad.double().chunk(2, dim=-1)
     c, s = cos.double(), sin.double()
-    want_grad = torch.cat((g1 * c + g2 * s, g2 * c - g1 * s), dim=-1)
+    first, second = g1 * c + g2 * s, g2 * c - g1 * s
+    want_grad = torch.stack((first, second), dim=-1).flatten(-2) if interleaved else torch.cat((first, second), -1)
     assert x.grad.dtype == x_dtype
     error = float((x.grad.double() - want_grad).norm() / want_grad.norm())
     assert error < (1e-6 if x_dtype is torch.float32 else 4e-3)  # float32 rounding; bf16 roundings

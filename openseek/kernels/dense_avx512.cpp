@@ -819,26 +819,37 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& dy, const torch:
 // out = [x1·cos - x2·sin | x2·cos + x1·sin] for x = [x1 | x2] [B, H, T, D] (any strides, the last dimension
 // contiguous) and cos, sin [B or 1, 1, T, D/2]: PyTorch's chunk, four products, two sums and a cat in one pass.
 // Products and sums are rounded to the dtype PyTorch computes them in (x's and cos's promoted), the result to `out`'s
-// dtype. `inverse` rotates the other way (sin negated): the backward pass.
+// dtype. `inverse` rotates the other way (sin negated): the backward pass. `interleaved` (DeepSeek's layout) pairs
+// x's elements (2i, 2i+1) instead of (i, D/2 + i), and the result is still [first | second]; its backward
+// (`inverse`) takes that halves layout and writes the pairs back interleaved.
+constexpr int64_t ROPE_MAX_HALF = 256;
+
 template <typename XT, typename CT, typename OT>
 void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out,
-              bool inverse) {
+              bool inverse, bool interleaved) {
   using Compute = std::conditional_t<std::is_same_v<XT, float> || std::is_same_v<CT, float>, float, at::BFloat16>;
   const Compute* rounding = nullptr;  // round_to's tag: the dtype the products are rounded to
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), half = x.size(3) / 2;
   const int64_t cos_b = cos.size(0) == 1 ? 0 : cos.stride(0);
+  const bool pairs_in = interleaved && !inverse, pairs_out = interleaved && inverse;
   const XT* xp = x.data_ptr<XT>();
   const CT* cp = cos.data_ptr<CT>();
   const CT* sp = sin.data_ptr<CT>();
   OT* op = out.data_ptr<OT>();
   const __m512 sign = _mm512_set1_ps(inverse ? -1.f : 1.f);
   at::parallel_for(0, B * H * T, grain(2 * half), [&](int64_t begin, int64_t end) {
+    XT split[2 * ROPE_MAX_HALF];  // an interleaved row as [evens | odds]
+    OT halves[2 * ROPE_MAX_HALF];  // a result to be written back interleaved
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * T), h = r / T % H, t = r % T;
       const XT* row = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+      if (pairs_in) {
+        for (int64_t i = 0; i < half; ++i) split[i] = row[2 * i], split[half + i] = row[2 * i + 1];
+        row = split;
+      }
       const CT* c = cp + b * cos_b + t * cos.stride(2);
       const CT* si = sp + b * cos_b + t * sin.stride(2);
-      OT* o = op + r * 2 * half;
+      OT* o = pairs_out ? halves : op + r * 2 * half;
       for (int64_t i = 0; i < half; i += 16) {
         const __mmask16 lanes = lanes_left(half - i);
         const __m512 x1 = load_f32(row + i, lanes), x2 = load_f32(row + half + i, lanes);
@@ -850,21 +861,27 @@ void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Ten
         store_f32(o + i, round_to(rounding, first), lanes);
         store_f32(o + half + i, round_to(rounding, second), lanes);
       }
+      if (pairs_out) {
+        OT* dst = op + r * 2 * half;
+        for (int64_t i = 0; i < half; ++i) dst[2 * i] = halves[i], dst[2 * i + 1] = halves[half + i];
+      }
     }
   });
 }
 
 template <typename XT, typename CT>
 void rope_to(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out,
-             bool inverse) {
-  if (out.scalar_type() == torch::kBFloat16) rope_all<XT, CT, at::BFloat16>(x, cos, sin, out, inverse);
-  else rope_all<XT, CT, float>(x, cos, sin, out, inverse);
+             bool inverse, bool interleaved) {
+  if (out.scalar_type() == torch::kBFloat16) rope_all<XT, CT, at::BFloat16>(x, cos, sin, out, inverse, interleaved);
+  else rope_all<XT, CT, float>(x, cos, sin, out, inverse, interleaved);
 }
 
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                   torch::ScalarType out_dtype, bool inverse) {
+                   torch::ScalarType out_dtype, bool inverse, bool interleaved) {
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "x [B, H, T, D] with a contiguous last "
               "dimension of even size expected");
+  TORCH_CHECK(!interleaved || x.size(3) <= 2 * ROPE_MAX_HALF, "interleaved rotary dimensions up to ",
+              2 * ROPE_MAX_HALF, " expected, got ", x.size(3));
   TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
               (cos.size(0) == 1 || cos.size(0) == x.size(0)) && cos.size(2) == x.size(2) &&
               cos.size(3) == x.size(3) / 2 && cos.stride(3) == 1 && sin.stride(3) == 1 && cos.strides() == sin.strides(),
@@ -873,10 +890,10 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
     TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "float32 or bfloat16 expected");
   auto out = torch::empty(x.sizes(), x.options().dtype(out_dtype));
   const bool x_bf16 = x.scalar_type() == torch::kBFloat16, c_bf16 = cos.scalar_type() == torch::kBFloat16;
-  if (x_bf16 && c_bf16) rope_to<at::BFloat16, at::BFloat16>(x, cos, sin, out, inverse);
-  else if (x_bf16) rope_to<at::BFloat16, float>(x, cos, sin, out, inverse);
-  else if (c_bf16) rope_to<float, at::BFloat16>(x, cos, sin, out, inverse);
-  else rope_to<float, float>(x, cos, sin, out, inverse);
+  if (x_bf16 && c_bf16) rope_to<at::BFloat16, at::BFloat16>(x, cos, sin, out, inverse, interleaved);
+  else if (x_bf16) rope_to<at::BFloat16, float>(x, cos, sin, out, inverse, interleaved);
+  else if (c_bf16) rope_to<float, at::BFloat16>(x, cos, sin, out, inverse, interleaved);
+  else rope_to<float, float>(x, cos, sin, out, inverse, interleaved);
   return out;
 }
 
@@ -896,7 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "(dy, x, w, rstd) -> (dx, dw float32)");
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "(dy, gate, up) -> (d gate, d up)");
-  m.def("rope", &rope, "rotate x [B, H, T, D] by cos, sin [B or 1, 1, T, D/2] (inverse: the other way)");
+  m.def("rope", &rope, "rotate x [B, H, T, D] by cos, sin [B or 1, 1, T, D/2] (inverse: the other way; interleaved: pairs (2i, 2i+1))");
 }
 
 // The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a

@@ -92,13 +92,14 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x [B, H, T, D]. Interleaved input pairs (2i, 2i+1) come out as [evens | odds].
 
-    Halves (not interleaved) on the CPU in float32/bf16, eager, run on our kernel (kernels/dense_avx512.cpp),
-    forward and backward: one pass with PyTorch's roundings instead of six ops and a cat."""
-    if (not interleaved and x.device.type == "cpu" and {x.dtype, cos.dtype, sin.dtype} <= FLOAT_TYPES
-            and cos.dtype is sin.dtype and x.stride(-1) == 1 and not torch.compiler.is_compiling() and has_kernel()):
+    On the CPU in float32/bf16, eager, this runs on our kernel (kernels/dense_avx512.cpp), forward and backward, either
+    layout: one pass with PyTorch's roundings instead of six ops, strided slices and a cat."""
+    if (x.device.type == "cpu" and {x.dtype, cos.dtype, sin.dtype} <= FLOAT_TYPES and cos.dtype is sin.dtype
+            and x.stride(-1) == 1 and not torch.compiler.is_compiling() and has_kernel()):
         if torch.is_grad_enabled():
-            return _Rope.apply(x, cos, sin)
-        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False)  # decode: no autograd
+            return _Rope.apply(x, cos, sin, interleaved)
+        # decode: no autograd
+        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False, interleaved)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
@@ -111,12 +112,12 @@ FLOAT_TYPES = {torch.float32, torch.bfloat16}
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, interleaved):
         ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False)
+        ctx.x_dtype, ctx.interleaved = x.dtype, interleaved
+        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False, interleaved)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return dense_avx512().rope(grad.contiguous(), cos, sin, ctx.x_dtype, True), None, None
+        return dense_avx512().rope(grad.contiguous(), cos, sin, ctx.x_dtype, True, ctx.interleaved), None, None, None
