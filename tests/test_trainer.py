@@ -50,6 +50,32 @@ def _eval_loss(model, tokenizer, docs, seq_len=64):
     return loss, unigram_entropy(batch["labels"].tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_on_the_kernel_equals_pytorchs_cross_entropy(dtype):
+    """The pretraining loss (summed over labelled tokens, ignored labels skipped) and its gradient into the logits, on
+    our log-prob kernel where it runs, against F.cross_entropy in float64."""
+    from openseek import data
+
+    torch.manual_seed(0)
+    B, T, V = 3, 9, 301
+    logits = (3 * torch.randn(B, T, V)).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T))
+    labels[0, -3:] = data.IGNORE
+    labels[2, 0] = data.IGNORE
+    labels[1, :2] = torch.tensor([0, V - 1])
+    loss = cross_entropy_sum(logits, labels)
+    loss.backward()
+    wanted = logits.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(wanted.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE,
+                                             reduction="sum")
+    want.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-5)
+    rounding = 1e-6 if dtype is torch.float32 else 8e-3  # the gradient is rounded once to the logits' dtype
+    torch.testing.assert_close(logits.grad.double(), wanted.grad, rtol=rounding, atol=rounding)
+    assert not logits.grad[0, -3:].any() and not logits.grad[2, 0].any()  # ignored tokens get no gradient
+
+
 def test_pretraining_drives_loss_far_below_unigram_entropy(tmp_path):
     """A tiny DeepSeek-V3 (MLA, MoE, MTP) learns the successor corpus: held-out loss << unigram entropy."""
     model, batches, tokenizer, _ = pretrain_setup(tmp_path, seq_len=64, batch_size=4)

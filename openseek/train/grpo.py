@@ -64,8 +64,7 @@ import torch
 
 import openseek
 from openseek.engine import Completion, Engine, stop_token_ids
-from openseek.kernels import dense_avx512, quantized_vnni
-from openseek.model.linear import has_kernel
+from openseek.kernels import quantized_vnni
 from openseek.quantize import QUANTIZE, refresh_view, rollout_view
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
@@ -81,6 +80,7 @@ from openseek.rewards import (
 )
 from openseek.tasks import TEMPLATES, format_prompt, get_task
 from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
+from openseek.train.logprobs import target_logprobs
 from openseek.train.pretrain import load_tokenizer
 from openseek.train.trainer import (
     MeanOf,
@@ -307,40 +307,8 @@ def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatur
 
 def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
     """One chunk: (log-prob of each target, entropy of each distribution, detached, or None without `entropy`,
-    which the reference pass does not need).
-
-    On the CPU (float32 or bf16 logits) our kernel (kernels/dense_avx512.cpp) reads each row of logits once forward
-    and once backward, in float32 arithmetic, and keeps only the logits for the backward; written out (a float32
-    copy, log-softmax, exp, entropy, gather, and their backwards) it was an eighth of a GRPO update at the
-    benchmark's 2,048 tokens × 8,192 (benchmarks/RESULTS.md, round 10)."""
-    logits = head(h)
-    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and has_kernel():
-        logp, per_token_entropy = _TokenLogprobs.apply(logits.contiguous(), targets.contiguous(), temperature, entropy)
-        return logp, per_token_entropy if entropy else None
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    logp_all = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-    per_token_entropy = None
-    if entropy:
-        with torch.no_grad():
-            per_token_entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), per_token_entropy
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, entropy):
-        logp, per_token_entropy, stats = dense_avx512().token_logprobs(logits, targets, temperature, entropy)
-        ctx.save_for_backward(logits, targets, stats)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(per_token_entropy)
-        return logp, per_token_entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, targets, stats = ctx.saved_tensors
-        grad = dense_avx512().token_logprobs_backward(grad_logp.float().contiguous(), logits, targets, stats,
-                                                      ctx.temperature)
-        return grad, None, None, None
+    which the reference pass does not need), on our kernel where it runs (train/logprobs.py)."""
+    return target_logprobs(head(h), targets, temperature, entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from openseek.config import ModelConfig
 from openseek.model import Model
 from openseek.report import flops_per_token
 from openseek.tokenizer import Tokenizer, TokenizerError
+from openseek.train.logprobs import on_kernel, target_logprobs
 from openseek.train.routing import RoutingLog, sequence_balance_loss
 from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
 
@@ -80,8 +81,14 @@ class NextTokenLoss:
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss in float32 over labelled tokens ([B, T, V] logits, [B, T] labels)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
+    """Summed next-token loss in float32 over labelled tokens ([B, T, V] logits, [B, T] labels), on our log-prob
+    kernel where it runs (train/logprobs.py)."""
+    logits, labels = logits.flatten(0, 1), labels.flatten()
+    if on_kernel(logits):
+        ignored = labels == data.IGNORE
+        logp, _ = target_logprobs(logits, labels.masked_fill(ignored, 0))
+        return -logp.masked_fill(ignored, 0.0).sum()
+    return F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE, reduction="sum")
 
 
 def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int, dtype: torch.dtype = torch.float32) -> Model:
