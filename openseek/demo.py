@@ -415,7 +415,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining documents per step")
     parser.add_argument("--grpo-steps", type=int, default=30,
-                        help="GRPO steps (held-out accuracy levels off by about step 20: benchmarks/RESULTS.md)")
+                        help="GRPO steps (most of the held-out gain comes in the first 20: benchmarks/RESULTS.md)")
     parser.add_argument("--grpo-rounds", type=int, default=3, help="held-out checks during GRPO")
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
