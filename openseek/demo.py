@@ -76,14 +76,23 @@ def careless_solution(row: dict) -> str:
 
 class DocumentBatches:
     """Pretraining batches of whole documents, each starting at position 0 and right-padded (padding carries no
-    loss): every problem is seen exactly as it is asked at evaluation time. Resumable by batch count."""
+    loss): every problem is seen exactly as it is asked at evaluation time. Resumable by batch count.
+
+    The corpus is padded into one table of inputs and one of labels up front, so that a batch is two row gathers (built
+    row by row, batches took 2% of the pretraining stage)."""
 
     def __init__(self, tokenizer: Tokenizer, docs: list[str], batch_size: int, seed: int):
         from openseek.data import IGNORE
 
-        self.ignore, self.batch_size, self.seed, self.count = IGNORE, batch_size, seed, 0
-        self.docs = [ids + [tokenizer.eos_token_id] for ids in tokenizer.encode_batch(docs)]
-        self.pad = tokenizer.pad_token_id or 0
+        self.batch_size, self.seed, self.count = batch_size, seed, 0
+        rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer.encode_batch(docs)]
+        self.lengths = torch.tensor([len(row) for row in rows])
+        width, pad = int(self.lengths.max()), tokenizer.pad_token_id or 0
+        self.ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        # the label at position j is token j + 1 of the same document, while there is one
+        self.labels = torch.full_like(self.ids, IGNORE)
+        self.labels[:, :-1] = self.ids[:, 1:]
+        self.labels[torch.arange(self.ids.shape[1]) >= self.lengths[:, None] - 1] = IGNORE
 
     def __iter__(self):
         return self
@@ -91,14 +100,9 @@ class DocumentBatches:
     def __next__(self) -> dict:
         rng = random.Random(f"{self.seed}:{self.count}")
         self.count += 1
-        rows = [self.docs[rng.randrange(len(self.docs))] for _ in range(self.batch_size)]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad)
-        labels = torch.full((len(rows), width), self.ignore)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, : len(row) - 1] = torch.tensor(row[1:])
-        return {"input_ids": ids[:, :-1], "labels": labels[:, :-1]}
+        picks = torch.tensor([rng.randrange(len(self.ids)) for _ in range(self.batch_size)])
+        width = int(self.lengths[picks].max()) - 1  # the last token of the longest document is only a label
+        return {"input_ids": self.ids[picks, :width], "labels": self.labels[picks, :width]}
 
     def state_dict(self) -> dict:
         return {"count": self.count}

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from openseek.cli import main
 from openseek.demo import careless_solution
 from openseek.tasks import get_task
@@ -19,6 +21,36 @@ def test_careless_solution_forgets_every_carry():
     assert task.solution(row) == "<think> 8+5=13 , 7+9+1=17 , 4+3+1=8 </think><answer> 873 </answer>"
     assert careless_solution(row) == "<think> 8+5=13 , 7+9=16 , 4+3=7 </think><answer> 763 </answer>"
     assert careless_solution(task.row(12, "+", 5)) == "<think> 2+5=7 , 1+0=1 </think><answer> 17 </answer>"
+
+
+def test_document_batches_are_whole_documents_with_shifted_labels():
+    """Each row of a batch is one document from position 0, right-padded; its labels are the next tokens, IGNORE past
+    the document's last; the batch is as wide as its longest document less one; a seed and a count fix the batch."""
+    from openseek.data import IGNORE
+    from openseek.demo import DocumentBatches
+    from openseek.tokenizer import train_bpe
+
+    task = get_task("arithmetic:digits=3,ops=+")
+    docs = [task.row(a, "+", b)["prompt"] + task.solution(task.row(a, "+", b))
+            for a, b in [(1, 2), (478, 395), (12, 5), (999, 999), (7, 30)]]
+    tokenizer = train_bpe(docs, vocab_size=60, split_digits=True)
+    batches = DocumentBatches(tokenizer, docs, batch_size=8, seed=3)
+    encoded = [ids + [tokenizer.eos_token_id] for ids in tokenizer.encode_batch(docs)]
+    for _ in range(3):
+        batch = next(batches)
+        ids, labels = batch["input_ids"], batch["labels"]
+        rows = []
+        for i in range(ids.shape[0]):  # which document is row i: the one whose tokens it starts with
+            matches = [d for d in encoded if ids[i, : len(d) - 1].tolist() == d[:-1][: ids.shape[1]]]
+            assert matches, ids[i]
+            doc = matches[0]
+            n = len(doc) - 1
+            assert labels[i, :n].tolist() == doc[1:] and (labels[i, n:] == IGNORE).all()
+            rows.append(doc)
+        assert ids.shape[1] == max(len(d) for d in rows) - 1
+    again = DocumentBatches(tokenizer, docs, batch_size=8, seed=3)
+    again.load_state_dict({"count": 2})
+    assert torch.equal(next(again)["labels"], labels)
 
 
 def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
