@@ -48,6 +48,7 @@ SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shar
 }
 
 EVAL_BATCH = 128  # completions per decode step in the evaluations
+SPECULATION_PROMPTS = 8  # held-out prompts decoded at batch 1, with and without MTP, three times each
 
 
 def model_config(size: str, tokenizer: Tokenizer) -> dict:
@@ -170,7 +171,7 @@ class Demo:
         model = build_model(model_config(a.size, tokenizer), tokenizer, seed=a.seed)
         docs = [json.loads(line)["text"] for line in open(self.run / "data" / "corpus.jsonl")]
         cfg = TrainConfig(
-            run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=3e-3, warmup_steps=30, weight_decay=0.0,
+            run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=a.pretrain_lr, warmup_steps=30, weight_decay=0.0,
             balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
             device=self.device, log_every=5, threads=self.trainer_threads, precision=a.precision,
         )
@@ -250,7 +251,7 @@ class Demo:
     def measure_speculation(self) -> None:
         model = openseek.load(self.run / "model", device=self.device)
         tokenizer = Tokenizer.from_dir(self.run / "model")
-        prompts = [tokenizer.encode(BOS + row["prompt"]) for row in self.heldout()[:16]]
+        prompts = [tokenizer.encode(BOS + row["prompt"]) for row in self.heldout()[:SPECULATION_PROMPTS]]
         rows = compare_speculation(model, prompts, ks=[1], batch_sizes=[1], runs=3,
                                    max_new_tokens=self.args.max_new_tokens, threads=self.args.threads)
         (self.run / "speculation.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -416,18 +417,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")
     parser.add_argument("--correct-fraction", type=float, default=0.3,
                         help="share of corpus solutions that carry correctly (the rest forget carries)")
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-steps", type=int, default=800,
+                        help="pretraining steps (700 still learns the method, 600 does not: benchmarks/RESULTS.md)")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of pretraining (cosine)")
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining documents per step")
-    parser.add_argument("--grpo-steps", type=int, default=30,
-                        help="GRPO steps (most of the held-out gain comes in the first 20: benchmarks/RESULTS.md)")
-    parser.add_argument("--grpo-rounds", type=int, default=3, help="held-out checks during GRPO")
+    parser.add_argument("--grpo-steps", type=int, default=20,
+                        help="GRPO steps (most of the held-out gain comes in the first 10: benchmarks/RESULTS.md)")
+    parser.add_argument("--grpo-rounds", type=int, default=2, help="held-out checks during GRPO")
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--grpo-prompts", type=int, default=4000, help="training problems for GRPO")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems for evaluation")
-    parser.add_argument("--samples", type=int, default=8, help="samples per problem for pass@k")
+    parser.add_argument("--samples", type=int, default=4, help="samples per problem for pass@k")
     parser.add_argument("--price-per-device-hour", type=float, default=0.10,
                         help="for the cost estimate (a laptop CPU by default)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")

@@ -70,8 +70,10 @@ def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
     rl = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rl] == list(range(1, 13))
     first, last = rl[:4], rl[-4:]
-    # GRPO raises the reward (this tiny budget mostly teaches the format; the full demo moves accuracy).
-    assert sum(m["reward"] for m in last) > sum(m["reward"] for m in first)
+    # GRPO raises the format reward: this tiny budget mostly teaches the format (its accuracy is a few correct answers
+    # in 64, noise that can outweigh it in the total reward); the full demo moves accuracy.
+    format_reward = "rewards/format_reward/mean"
+    assert sum(m[format_reward] for m in last) > sum(m[format_reward] for m in first) + 0.1
     capsys.readouterr()
 
     assert main(["demo", "--run-dir", str(run), *TINY]) == 0  # run again: every stage is reused

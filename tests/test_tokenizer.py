@@ -73,6 +73,19 @@ def test_round_trip_and_special_tokens(tokenizer):
     assert tokenizer.decode(tokenizer.encode(text + EOS), skip_special_tokens=True) == text
 
 
+def test_split_digits_keeps_each_digit_apart_with_its_leading_space():
+    """Digits never merge with each other (a column-by-column method needs them one by one); a space before a digit
+    merges with it when the corpus makes that frequent, as in the demo's documents; unicode digits split too."""
+    text = "What is 478 + 395? 7+9=16 , 4+3=7 ١٢"
+    split = train_bpe([text] * 200, vocab_size=300, split_digits=True)
+    pieces = [split.decode([i]) for i in split.encode(text)]
+    assert "".join(pieces) == text
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == [
+        " 4", "7", "8", " 3", "9", "5", " 7", "9", "1", "6", " 4", "3", "7", " ١", "٢"]
+    merged = train_bpe([text] * 200, vocab_size=300)  # without the option, frequent numbers become single tokens
+    assert " 478" in [merged.decode([i]) for i in merged.encode(text)]
+
+
 def test_save_load_round_trip(tokenizer, tmp_path):
     tokenizer.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
