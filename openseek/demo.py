@@ -80,13 +80,19 @@ class DocumentBatches:
     loss): every problem is seen exactly as it is asked at evaluation time. Resumable by batch count.
 
     The corpus is padded into one table of inputs and one of labels up front, so that a batch is two row gathers (built
-    row by row, batches took 2% of the pretraining stage)."""
+    row by row, batches took 2% of the pretraining stage). Given `batches`, the stream ends after that many and only
+    the documents they draw are tokenized: 800 batches of 64 draw 57% of the demo's 60,000, and tokenizing all of them
+    took 5.6 s, 6% of the pretraining stage."""
 
-    def __init__(self, tokenizer: Tokenizer, docs: list[str], batch_size: int, seed: int):
+    def __init__(self, tokenizer: Tokenizer, docs: list[str], batch_size: int, seed: int, batches: int | None = None):
         from openseek.data import IGNORE
 
-        self.batch_size, self.seed, self.count = batch_size, seed, 0
-        rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer.encode_batch(docs)]
+        self.batch_size, self.seed, self.count, self.corpus_size, self.batches = batch_size, seed, 0, len(docs), batches
+        drawn = (sorted({i for count in range(batches) for i in self._draw(count)}) if batches is not None
+                 else range(len(docs)))
+        self.row_of_document = torch.full((len(docs),), -1)  # the table row holding each drawn document
+        self.row_of_document[list(drawn)] = torch.arange(len(drawn))
+        rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer.encode_batch([docs[i] for i in drawn])]
         self.lengths = torch.tensor([len(row) for row in rows])
         width, pad = int(self.lengths.max()), tokenizer.pad_token_id or 0
         self.ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
@@ -95,13 +101,20 @@ class DocumentBatches:
         self.labels[:, :-1] = self.ids[:, 1:]
         self.labels[torch.arange(self.ids.shape[1]) >= self.lengths[:, None] - 1] = IGNORE
 
+    def _draw(self, count: int) -> list[int]:
+        """The documents of batch `count`: a function of the seed and the count alone, so a resumed run draws the
+        same batches."""
+        rng = random.Random(f"{self.seed}:{count}")
+        return [rng.randrange(self.corpus_size) for _ in range(self.batch_size)]
+
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        rng = random.Random(f"{self.seed}:{self.count}")
+        if self.batches is not None and self.count >= self.batches:
+            raise StopIteration
+        picks = self.row_of_document[self._draw(self.count)]
         self.count += 1
-        picks = torch.tensor([rng.randrange(len(self.ids)) for _ in range(self.batch_size)])
         width = int(self.lengths[picks].max()) - 1  # the last token of the longest document is only a label
         return {"input_ids": self.ids[picks, :width], "labels": self.labels[picks, :width]}
 
@@ -175,7 +188,7 @@ class Demo:
             balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
             device=self.device, log_every=5, threads=self.trainer_threads, precision=a.precision,
         )
-        batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed)
+        batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed, batches=a.pretrain_steps)
         objective = NextTokenLoss(mtp_weight=0.3, mtp_depths=model.cfg.num_nextn_predict_layers)
         Trainer(model, cfg, tokenizer).fit(batches, objective)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from openseek.cli import main
@@ -51,6 +52,16 @@ def test_document_batches_are_whole_documents_with_shifted_labels():
     again = DocumentBatches(tokenizer, docs, batch_size=8, seed=3)
     again.load_state_dict({"count": 2})
     assert torch.equal(next(again)["labels"], labels)
+    # a stream of 2 batches: the same first two, then it ends; only the documents they draw were tokenized
+    whole, limited = DocumentBatches(tokenizer, docs, batch_size=2, seed=3), DocumentBatches(
+        tokenizer, docs, batch_size=2, seed=3, batches=2)
+    for _ in range(2):
+        a, b = next(whole), next(limited)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    with pytest.raises(StopIteration):
+        next(limited)
+    drawn = {i for count in range(2) for i in limited._draw(count)}
+    assert len(limited.ids) == len(drawn) < len(docs)
 
 
 def test_demo_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, capsys):
