@@ -246,6 +246,25 @@ def test_mtp_loss_targets_and_sequence_balance_loss():
     assert sequence_balance_loss(collapsed, 1).item() == pytest.approx(layers * (E / K) * (2 / E))
 
 
+def test_mtp_loss_on_the_first_rows_only():
+    """`mtp_rows`: the main loss over every row, the MTP loss (term and count) over the first rows alone."""
+    torch.manual_seed(0)
+    model = openseek.Model(openseek.ModelConfig.from_hf(dict(TINY_DEEPSEEK, vocab_size=50, num_nextn_predict_layers=1)))
+    tokens = torch.randint(0, 50, (4, 13))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:].clone()}
+    batch["labels"][3, 7:] = data.IGNORE
+    first = {k: v[:2] for k, v in batch.items()}
+    loss, metrics = NextTokenLoss(mtp_weight=0.3, mtp_depths=1, mtp_rows=2)(model, batch)
+    lm_all, _ = NextTokenLoss()(model, batch)
+    both_first, first_metrics = NextTokenLoss(mtp_weight=0.3, mtp_depths=1)(model, first)
+    lm_first, _ = NextTokenLoss()(model, first)
+    assert loss.item() == pytest.approx((lm_all + both_first - lm_first).item(), rel=1e-6)
+    assert metrics["loss/mtp"] == pytest.approx(first_metrics["loss/mtp"], rel=1e-6)
+    assert NextTokenLoss(mtp_weight=0.3, mtp_depths=1, mtp_rows=2).counts(batch) == {"lm": 43.0, "mtp1": 22.0}
+    with pytest.raises(ValueError, match="mtp_rows=0"):
+        NextTokenLoss(mtp_weight=0.3, mtp_depths=1, mtp_rows=0)
+
+
 def test_bf16_autocast_path_runs_moe_in_bf16():
     """The trainer's GPU path wraps the objective in bf16 autocast; grouped expert matmuls must follow it (they are
     not autocast-aware by themselves) and the result stay close to float32. Checked with CPU autocast."""
