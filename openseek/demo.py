@@ -184,8 +184,8 @@ class Demo:
         model = build_model(model_config(a.size, tokenizer), tokenizer, seed=a.seed)
         docs = [json.loads(line)["text"] for line in open(self.run / "data" / "corpus.jsonl")]
         cfg = TrainConfig(
-            run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=a.pretrain_lr, warmup_steps=30, weight_decay=0.0,
-            balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
+            run_dir=str(self.run / "pretrain"), steps=a.pretrain_steps, lr=a.pretrain_lr, warmup_steps=30,
+            weight_decay=0.0, balance_gamma=1e-3, checkpoint_every=100, keep_checkpoints=1, resume=True, seed=a.seed,
             device=self.device, log_every=5, threads=self.trainer_threads, precision=a.precision,
         )
         batches = DocumentBatches(tokenizer, docs, a.batch_size, seed=a.seed, batches=a.pretrain_steps)
