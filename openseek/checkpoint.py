@@ -219,7 +219,11 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
                 for name, target in entries:
                     entry = header[name]
                     if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
-                        quantized[target.param].load_weight(_read_full(handle, data_start, name, entry, files, block))
+                        tensor = _read_full(handle, data_start, name, entry, files, block)
+                        if target.expert is None:
+                            quantized[target.param].load_weight(tensor)
+                        else:  # one expert's weight (or its gate or up half) into the int8 stack
+                            quantized[target.param].load_expert(target.expert, target.rows, tensor)
                         continue
                     dest = expected[target.param].detach()
                     if target.expert is not None:

@@ -17,7 +17,8 @@ either. Every result goes back to the model's dtype. What stays in `dtype`, and 
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
 - the router gate: routing decisions stay float32, as in DeepSeek's code;
-- routed experts (3-D stacks): there is no grouped int8/int4 kernel; they stay in `dtype`;
+- routed experts (3-D stacks) are int8 per output channel with int8 and with int4 (`GroupedInt8`: all experts in one
+  kernel call; there is no grouped int4 kernel), or stay in `dtype` where our int8 kernel cannot run;
 - a layer whose shape a kernel cannot take (int4: out_features % 16, in_features % group_size).
 `quantize_modules` returns one line per such tensor group, which `load` prints.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from openseek.kernels import quantized_vnni
+from openseek.model.moe import Experts
 
 QUANTIZE = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -209,6 +211,52 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class GroupedInt8(nn.Module):
+    """A stack of int8 weights, one per routed expert: [E, out, in] as E `Int8Linear` weights side by side (each
+    expert's rows packed for the VNNI kernel, per-output-channel scales), multiplied by `grouped_int8_matmul` in one
+    call for all experts. It takes the place of an `Experts` weight parameter (`gate_up_proj`, `down_proj`), which
+    `moe.grouped_matmul` then hands it to."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = quantized_vnni()
+        self.register_buffer("weight", torch.empty(experts, out_features // 16, in_features // 4, 16, 4,
+                                                   dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(experts, out_features, dtype=torch.float32))
+        self.register_buffer("rowsum", torch.empty(experts, out_features, dtype=torch.int32))
+
+    @staticmethod
+    def fits(in_features: int, out_features: int, rows: int) -> bool:
+        """Whether the kernel takes the shape: whole blocks of 16 outputs (also within the checkpoint's row slices:
+        gate and up of an expert arrive as two tensors) and of 16 inputs (`int8_pack`)."""
+        return quantized_vnni() is not None and out_features % 16 == 0 and rows % 16 == 0 and in_features % 16 == 0
+
+    @torch.no_grad()
+    def load_weight(self, w: torch.Tensor) -> None:
+        """All experts at once, w [E, out, in]."""
+        for expert, rows in enumerate(w):
+            self.load_expert(expert, None, rows)
+
+    @torch.no_grad()
+    def load_expert(self, expert: int, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
+        """Expert `expert`'s output rows `rows` (all when None) from w [rows, in], quantised and packed in place."""
+        start, end = rows or (0, self.out_features)
+        self.kernel.int8_pack(w.float().contiguous(), self.weight[expert, start // 16 : end // 16],
+                              self.scales[expert, start:end], self.rowsum[expert, start:end])
+
+    def dequantized(self) -> torch.Tensor:
+        """[E, out, in] float32, q·scale (for tests)."""
+        E, N, K = self.weight.shape[0], self.out_features, self.in_features
+        q = self.weight.permute(0, 1, 3, 2, 4).reshape(E, N, K)
+        return q.float() * self.scales[..., None]
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """x [M, in] sorted by expert, ends [E] cumulative row counts -> [M, out] in x's dtype."""
+        kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
+        return kernel.grouped_int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum, ends).to(x.dtype)
+
+
 def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> tuple[dict[str, nn.Module], list[str]]:
     """Swap the model's eligible `nn.Linear`s (on the meta device, before loading) for quantised ones.
 
@@ -249,9 +297,22 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
     if any(leaf in n for n, _ in model.named_modules() for leaf in KEPT_IN_DTYPE):
         kept.append("MLA kv_b_proj stays in the model's dtype: the absorbed decode folds its halves into the query "
                     "and the output")
-    if any(n.endswith("experts") for n, _ in model.named_modules()):
-        kept.append("routed experts stay in the model's dtype (no grouped int8/int4 kernel); router gates in "
-                    "float32 (routing decisions)")
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+    for name, module in experts:
+        E, two_i, H = module.gate_up_proj.shape
+        if not (GroupedInt8.fits(H, two_i, two_i // 2) and GroupedInt8.fits(two_i // 2, H, H)):
+            kept.append(f"{name} [{E}, {two_i}, {H}] stays in {module.gate_up_proj.dtype}: the grouped int8 kernel "
+                        f"needs the AVX-512 VNNI kernel and sizes that are multiples of 16")
+            continue
+        for leaf in ("gate_up_proj", "down_proj"):
+            E, N, K = getattr(module, leaf).shape
+            delattr(module, leaf)
+            with torch.device("meta"):
+                setattr(module, leaf, GroupedInt8(E, N, K))
+            swapped[f"{name}.{leaf}"] = getattr(module, leaf)
+    if experts:
+        kept.append("routed experts are int8 per channel (the grouped kernel has no int4 form)" if quantize == "int4"
+                    else "router gates stay float32 (routing decisions)")
     return swapped, kept
 
 
@@ -343,6 +404,9 @@ def refresh_view(view: nn.Module, policy: nn.Module) -> None:
             module.load_weight(torch.cat([part.weight for part in parts]))
             if module.bias is not None:
                 module.bias.copy_(torch.cat([part.bias for part in parts]))
+            continue
+        if isinstance(module, GroupedInt8):  # the policy's stacked expert parameter
+            module.load_weight(policy.get_parameter(name))
             continue
         source = policy.get_submodule(name) if name else policy
         if isinstance(module, (Int8Linear, Int4Linear)):

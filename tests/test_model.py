@@ -239,3 +239,36 @@ def test_decode_attention_kernel_equals_the_float64_attention(q_dtype, cache_dty
     assert got.dtype == q_dtype and got.shape == (B, T, H * D)
     error = float((got.double() - want).norm() / want.norm())
     assert error < (1e-6 if q_dtype is torch.float32 else 3e-3)  # float32 sums; one rounding to bf16
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("B, T, S", [(3, 1, 41), (2, 3, 17)])
+def test_absorbed_mla_kernel_equals_its_pytorch_form(dtype, cache_dtype, B, T, S):
+    """MLA's absorbed decode (MLAttention.attend_absorbed) on our kernel — the query folded through kv_b_proj's key
+    half, attention over the cached [latent | rope key] slots sliced from a larger buffer, the output through its
+    value half — equals the same arithmetic written out in PyTorch ops (the path taken with autograd on)."""
+    from openseek.config import ModelConfig
+    from openseek.kernels import dense_avx512
+    from openseek.model.attention import MLAttention
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 decode kernels on this CPU")
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                      qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24)
+    attention = MLAttention(cfg).to(dtype)
+    attention.kv_b_proj.weight.data.normal_(0, 0.2)
+    q_nope = torch.randn(B, 4, T, 32).to(dtype)[..., :16]  # a strided view, as split from the projection
+    q_pe = torch.randn(B, 4, T, 16)  # float32: RoPE's result
+    kv = torch.randn(B, 1, S + 5, 48).to(cache_dtype)[:, :, :S]
+    slots = torch.randint(T - 1, S - T + 1, (B, 1)) + torch.arange(T)
+    mask = (torch.arange(S) <= slots[:, :, None])[:, None]
+    with torch.no_grad():
+        got = attention.attend_absorbed(q_nope, q_pe, kv, mask)
+    with torch.enable_grad():
+        want = attention.attend_absorbed(q_nope, q_pe, kv, mask)
+    assert got.dtype == dtype and got.shape == (B, T, 4 * 24)
+    error = float((got.double() - want.double()).norm() / want.double().norm())
+    assert error < (1e-6 if dtype is torch.float32 else 4e-3)  # float32 sums in another order; bf16: one rounding

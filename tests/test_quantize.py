@@ -10,10 +10,10 @@ import torch
 
 import openseek
 from openseek import data, quantize
-from openseek.kernels import dense_avx512
+from openseek.kernels import dense_avx512, quantized_vnni
 from openseek.model.linear import KERNEL_ROWS, Linear
 from openseek.model.moe import grouped_matmul
-from openseek.quantize import Int4Linear, Int8Embedding, Int8Linear
+from openseek.quantize import GroupedInt8, Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
 from helpers_train import TINY_QWEN, pretrain_setup, successor_documents, write_corpus
@@ -158,6 +158,76 @@ def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
         kernel.grouped_linear_fp32(x.float(), w.float(), ends - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype):
+    """MoE's routed experts in int8 (quantize.GroupedInt8): all experts in one call, idle ones skipped — each
+    expert's rows equal the int8 kernel's product with that expert's weight (same packing, same activation
+    quantisation per row), bit for bit; packing an expert in two row slices (a checkpoint's gate and up) equals
+    packing it whole."""
+    kernel = quantized_vnni()
+    if kernel is None:
+        pytest.skip("this CPU cannot run the int8 kernel")
+    torch.manual_seed(0)
+    w = torch.randn(4, 48, 64)
+    counts = torch.tensor([2, 0, 11, 1])  # an idle expert; 11 rows: more than one pass of 8
+    ends = counts.cumsum(0)
+    x = torch.randn(int(counts.sum()), 64).to(dtype)
+    stack = GroupedInt8(4, 48, 64)
+    stack.load_weight(w)
+    halves = GroupedInt8(4, 48, 64)
+    for expert in range(4):
+        halves.load_expert(expert, (0, 16), w[expert, :16])
+        halves.load_expert(expert, (16, 48), w[expert, 16:])
+    assert all(torch.equal(a, b) for a, b in zip(stack.buffers(), halves.buffers()))
+    got = grouped_matmul(x, stack, ends)
+    assert got.dtype == dtype and got.shape == (14, 48)
+    starts = (ends - counts).tolist()
+    for expert, (s, e) in enumerate(zip(starts, ends.tolist())):
+        single = Int8Linear(64, 48, False, dtype)
+        single.load_weight(w[expert])
+        if e > s:
+            assert torch.equal(got[s:e], single(x[s:e]))
+        assert torch.equal(stack.dequantized()[expert], single.dequantized())
+    with pytest.raises(RuntimeError, match="ends\\[-1\\] must equal the number of rows"):
+        kernel.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends - 1)
+
+
+@pytest.mark.parametrize("n_group, topk_group, normalise", [(1, 1, True), (4, 2, True), (4, 2, False)])
+def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise):
+    """MoE decode's routing (Router.dispatch, our kernel): the router's choice and weights, sorted by expert with
+    tokens in order, and the weighted sum (combine_experts) equal the PyTorch path's (Router.forward, then
+    Experts' stable sort and index_add)."""
+    from openseek.config import ModelConfig
+    from openseek.model.moe import Router
+
+    kernel = dense_avx512()
+    if kernel is None:
+        pytest.skip("this CPU cannot run the decode kernel")
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16,
+                      num_experts_per_tok=4, n_group=n_group, topk_group=topk_group, moe_intermediate_size=16,
+                      norm_topk_prob=normalise, routed_scaling_factor=2.5)
+    router = Router(cfg)
+    router.weight.data.normal_()
+    router.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        _, ids, weights = router(x)
+        token, ends, sorted_weights = router.dispatch(x)
+    order = ids.flatten().argsort(stable=True)
+    assert torch.equal(token, order // 4)
+    assert torch.equal(ends, torch.bincount(ids.flatten(), minlength=16).cumsum(0))
+    torch.testing.assert_close(sorted_weights, weights.flatten()[order], rtol=1e-6, atol=0)
+    out = torch.randn(36, 32)
+    want = torch.zeros(9, 32).index_add_(0, token, out * sorted_weights[:, None])
+    torch.testing.assert_close(kernel.combine_experts(out, token, sorted_weights, 9), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="token 9 out of range for 9"):
+        kernel.combine_experts(out, token + 1, sorted_weights, 9)
+    with pytest.raises(RuntimeError, match="do not fit 16 experts"):
+        kernel.route_experts(torch.rand(9, 16), router.e_score_correction_bias, 4, 3, 2, True, 1.0)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys):
@@ -169,6 +239,11 @@ def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys
     if family == "deepseek_v3":  # read as a matrix by the absorbed decode: must stay a plain weight
         assert all(type(layer.self_attn.kv_b_proj) is Linear for layer in model.layers)
     err = capsys.readouterr().err
+    if family == "deepseek_v3" and quantized_vnni() is not None:
+        stacks = [m for m in model.modules() if isinstance(m, GroupedInt8)]
+        moe_layers = model.cfg.num_hidden_layers - model.cfg.first_k_dense_replace
+        assert len(stacks) == 2 * moe_layers  # every MoE layer's experts, int8 even with int4
+        assert ("routed experts are int8 per channel" in err) == (quantize == "int4")
     if model.cfg.tie_word_embeddings:  # one int8 copy serves the head and the embedding lookups
         assert type(model.embed_tokens) is Int8Embedding and model.embed_tokens.head is model.lm_head
         assert f"{quantize}: the tied embedding and lm_head are int8" in err

@@ -40,12 +40,13 @@ HERE = Path(__file__).parent
 
 @functools.cache
 def quantized_vnni():
-    """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`), or None with a
-    line on stderr saying why."""
+    """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`,
+    `.grouped_int8_matmul(x, packed, scales, rowsum, ends)`: MoE's experts), or None with a line on stderr saying why."""
     module = _build("int8/int4", "quantized_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels")
     if module is not None:
         torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
         torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
+        torch.library.register_fake("openseek::grouped_int8_matmul")(_grouped_int8_matmul_shape)
     return module
 
 
@@ -53,7 +54,8 @@ def quantized_vnni():
 def dense_avx512():
     """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ;
     `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K];
-    `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache; `.masked_softmax`, `.token_logprobs`,
+    `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache; `.attend_latent`: MLA's absorbed
+    decode; `.route_experts`, `.combine_experts`: MoE's routing and weighted sum in decode; `.masked_softmax`, `.token_logprobs`,
     `.rms_norm`, `.swiglu`, `.rope` and their backwards), or None with a line on stderr saying why."""
     module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
     if module is not None:
@@ -62,6 +64,9 @@ def dense_avx512():
         torch.library.register_fake("openseek::grouped_linear_bf16")(_grouped_linear_shape)
         torch.library.register_fake("openseek::grouped_linear_fp32")(_grouped_linear_shape)
         torch.library.register_fake("openseek::attend_cache")(_attend_cache_shape)
+        torch.library.register_fake("openseek::attend_latent")(_attend_latent_shape)
+        torch.library.register_fake("openseek::route_experts")(_route_experts_shape)
+        torch.library.register_fake("openseek::combine_experts")(_combine_experts_shape)
     return module
 
 
@@ -75,6 +80,11 @@ def _int4_matmul_shape(x, packed):
     return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=out_dtype)
 
 
+def _grouped_int8_matmul_shape(x, packed, scales, rowsum, ends):
+    out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
+    return x.new_empty(x.shape[0], scales.shape[1], dtype=out_dtype)
+
+
 def _linear_shape(x, w):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -86,6 +96,21 @@ def _grouped_linear_shape(x, w, ends):
 def _attend_cache_shape(q, k, v, mask, scale):
     B, H, T, D = q.shape
     return q.new_empty(B, T, H * D)
+
+
+def _attend_latent_shape(q_nope, q_pe, kv, mask, w, scale):
+    B, H, T, nope = q_nope.shape
+    return q_nope.new_empty(B, T, w.shape[0] - H * nope)
+
+
+def _route_experts_shape(scores, bias, top_k, n_group, topk_group, normalise, scaling):
+    pairs = scores.shape[0] * top_k
+    return [scores.new_empty(pairs, dtype=torch.long), scores.new_empty(scores.shape[1], dtype=torch.long),
+            scores.new_empty(pairs)]
+
+
+def _combine_experts_shape(out, token, weight, N):
+    return out.new_empty(N, out.shape[1])
 
 
 STALE_LOCK_SECONDS = 600  # a build takes about 40 s; a lock this old was left by a process killed while building

@@ -359,6 +359,223 @@ torch::Tensor attend_cache(const torch::Tensor& q, const torch::Tensor& k, const
 }
 
 
+// ---- MLA's absorbed decode over the latent cache ----
+// With kv_b_proj viewed per head h as w[h] = [W_UK (nope rows) | W_UV (v rows)], each [·, r]: the query's latent part
+// is q_nope · W_UK, every head attends over the one cached [latent | rope key] per slot, and the head's output is
+// W_UV · (P · latent). Written out in PyTorch that was some twenty small ops a layer (four batched matmuls, casts of
+// the weight and the whole cache to float32, transposes), a quarter of a deepseek_v3 decode step at batch 8
+// (benchmarks/RESULTS.md, round 12); here each batch row is one task that reads its cached slots once for all heads,
+// in float32 arithmetic whatever the weights and cache hold.
+template <typename QT, typename CT>
+void attend_latent_row(const QT* q_nope, const float* q_pe, const CT* kv, const bool* mask, const QT* w, QT* out,
+                       int64_t H, int64_t T, int64_t S, int64_t nope, int64_t rope, int64_t r, int64_t v_dim,
+                       int64_t qn_h, int64_t qn_t, int64_t qp_h, int64_t qp_t, int64_t kv_s, int64_t mask_t,
+                       float scale, std::vector<float>& q_rows, std::vector<float>& scores,
+                       std::vector<float>& results) {
+  const int64_t D = r + rope, w_h = (nope + v_dim) * r;
+  for (int64_t first = 0; first < H * T; first += kQueryRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kQueryRows, H * T - first));
+    const bool* allowed[kQueryRows];
+    for (int i = 0; i < R; ++i) {
+      const int64_t h = (first + i) / T, t = (first + i) % T;
+      float* row = q_rows.data() + i * D;
+      for (int64_t c = 0; c < r; c += 16) _mm512_storeu_ps(row + c, _mm512_setzero_ps());
+      for (int64_t n = 0; n < nope; ++n) {  // row[:r] = Σ_n q_nope[n] · W_UK[n, :]
+        const __m512 qn = _mm512_set1_ps(static_cast<float>(q_nope[h * qn_h + t * qn_t + n]));
+        const QT* wn = w + h * w_h + n * r;
+        for (int64_t c = 0; c < r; c += 16)
+          _mm512_storeu_ps(row + c, _mm512_fmadd_ps(qn, load_f32(wn + c), _mm512_loadu_ps(row + c)));
+      }
+      for (int64_t d = 0; d < rope; d += 16) _mm512_storeu_ps(row + r + d, load_f32(q_pe + h * qp_h + t * qp_t + d));
+      allowed[i] = mask + t * mask_t;
+    }
+    switch (R) {
+      case 1: score_rows<1>(q_rows.data(), kv, kv_s, S, D, scale, scores.data()); break;
+      case 2: score_rows<2>(q_rows.data(), kv, kv_s, S, D, scale, scores.data()); break;
+      case 3: score_rows<3>(q_rows.data(), kv, kv_s, S, D, scale, scores.data()); break;
+      default: score_rows<4>(q_rows.data(), kv, kv_s, S, D, scale, scores.data()); break;
+    }
+    softmax_rows(scores.data(), allowed, R, S);
+    switch (R) {  // the values are the latents: the first r columns of each slot
+      case 1: weigh_all<1>(scores.data(), kv, kv_s, S, results.data(), r); break;
+      case 2: weigh_all<2>(scores.data(), kv, kv_s, S, results.data(), r); break;
+      case 3: weigh_all<3>(scores.data(), kv, kv_s, S, results.data(), r); break;
+      default: weigh_all<4>(scores.data(), kv, kv_s, S, results.data(), r); break;
+    }
+    for (int i = 0; i < R; ++i) {  // out[t, h·v + j] = W_UV[j, :] · (P · latent)
+      const int64_t h = (first + i) / T, t = (first + i) % T;
+      const float* latent = results.data() + i * r;
+      for (int64_t j = 0; j < v_dim; ++j) {
+        const QT* wj = w + h * w_h + (nope + j) * r;
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t c = 0; c < r; c += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(latent + c), load_f32(wj + c), dot);
+        out[t * H * v_dim + h * v_dim + j] = static_cast<QT>(_mm512_reduce_add_ps(dot));
+      }
+    }
+  }
+}
+
+template <typename QT, typename CT>
+void attend_latent_all(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
+                       const torch::Tensor& mask, const torch::Tensor& w, torch::Tensor& out, float scale) {
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), T = q_nope.size(2), nope = q_nope.size(3);
+  const int64_t rope = q_pe.size(3), S = kv.size(2), r = kv.size(3) - rope, v_dim = w.size(0) / H - nope;
+  const QT* qn = q_nope.data_ptr<QT>();
+  const float* qp = q_pe.data_ptr<float>();
+  const CT* kvp = kv.data_ptr<CT>();
+  const bool* mp = mask.data_ptr<bool>();
+  const QT* wp = w.data_ptr<QT>();
+  QT* op = out.data_ptr<QT>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_rows(kQueryRows * (r + rope)), scores(kQueryRows * S), results(kQueryRows * r);
+    for (int64_t b = begin; b < end; ++b)
+      attend_latent_row<QT, CT>(qn + b * q_nope.stride(0), qp + b * q_pe.stride(0), kvp + b * kv.stride(0),
+                                mp + b * mask.stride(0), wp, op + b * T * H * v_dim, H, T, S, nope, rope, r, v_dim,
+                                q_nope.stride(1), q_nope.stride(2), q_pe.stride(1), q_pe.stride(2), kv.stride(2),
+                                mask.stride(2), scale, q_rows, scores, results);
+  });
+}
+
+// q_nope [B, H, T, nope] and q_pe [B, H, T, rope] float32 (strided, last dimension contiguous), kv [B, 1, S, r + rope] (the
+// cache: normalised latent, then rotated rope key), mask [B, 1, T, S] bool, w = kv_b_proj's weight [H·(nope + v), r]
+// in q's dtype -> [B, T, H·v] in q's dtype.
+torch::Tensor attend_latent(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
+                            const torch::Tensor& mask, const torch::Tensor& w, double scale) {
+  TORCH_CHECK(q_nope.dim() == 4 && q_pe.dim() == 4 && kv.dim() == 4 && mask.dim() == 4 && w.dim() == 2,
+              "q_nope, q_pe [B, H, T, ·], kv [B, 1, S, r + rope], mask [B, 1, T, S], w [H·(nope + v), r] expected");
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), T = q_nope.size(2), nope = q_nope.size(3);
+  const int64_t rope = q_pe.size(3), S = kv.size(2), r = kv.size(3) - rope;
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == H && q_pe.size(2) == T && kv.size(0) == B && kv.size(1) == 1 &&
+              r > 0 && r % 16 == 0 && rope % 16 == 0 && w.size(1) == r && w.size(0) % H == 0 && w.size(0) / H > nope,
+              "q_nope, q_pe, kv and w do not match, or the latent or rope width is not a multiple of 16");
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.size(0) == B && mask.size(2) == T && mask.size(3) == S &&
+              mask.stride(3) == 1, "mask must be [B, 1, T, S] bool, contiguous in its last dimension");
+  TORCH_CHECK(q_nope.stride(3) == 1 && q_pe.stride(3) == 1 && kv.stride(3) == 1 && w.is_contiguous(),
+              "q_nope, q_pe, kv must be contiguous in their last dimension, w contiguous");
+  const bool q_bf16 = q_nope.scalar_type() == torch::kBFloat16, c_bf16 = kv.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(q_pe.scalar_type() == torch::kFloat && w.scalar_type() == q_nope.scalar_type() &&
+              (q_bf16 || q_nope.scalar_type() == torch::kFloat) && (c_bf16 || kv.scalar_type() == torch::kFloat),
+              "q_nope and w must share one dtype, float32 or bfloat16; q_pe float32; the cache float32 or bfloat16");
+  auto out = torch::empty({B, T, H * (w.size(0) / H - nope)}, q_nope.options());
+  const float s = static_cast<float>(scale);
+  if (q_bf16 && c_bf16) attend_latent_all<at::BFloat16, at::BFloat16>(q_nope, q_pe, kv, mask, w, out, s);
+  else if (q_bf16) attend_latent_all<at::BFloat16, float>(q_nope, q_pe, kv, mask, w, out, s);
+  else if (c_bf16) attend_latent_all<float, at::BFloat16>(q_nope, q_pe, kv, mask, w, out, s);
+  else attend_latent_all<float, float>(q_nope, q_pe, kv, mask, w, out, s);
+  return out;
+}
+
+// ---- MoE routing and combining in decode ----
+// DeepSeekMoE's router after its matmul and sigmoid, and the dispatch that sorts the chosen (token, expert) pairs by
+// expert: in PyTorch some twenty small ops a layer (group scores, two top-ks, masks, gathers, a sort, counts), each
+// costing more to launch than its few hundred values take to compute; at decode's batch of 8 they and the combine
+// below were a fifth of a deepseek_v3 step (benchmarks/RESULTS.md, round 12). The arithmetic is the router's in
+// float32: choice = score + bias picks the experts (within the topk_group groups whose two best choices sum highest,
+// when n_group > 1), their scores are the weights, normalised to sum 1 if asked, times `scaling`. Ties go to the
+// lower index.
+std::vector<torch::Tensor> route_experts(const torch::Tensor& scores, const torch::Tensor& bias, int64_t top_k,
+                                         int64_t n_group, int64_t topk_group, bool normalise, double scaling) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
+              "scores must be a contiguous [N, E] float32 tensor");
+  const int64_t N = scores.size(0), E = scores.size(1);
+  TORCH_CHECK(bias.numel() == E && bias.scalar_type() == torch::kFloat && bias.is_contiguous(),
+              "bias must be [E] float32");
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group && top_k >= 1 &&
+              top_k <= topk_group * (E / n_group) && (n_group == 1 || E / n_group >= 2),
+              "top_k, n_group and topk_group do not fit ", E, " experts");
+  const float* sp = scores.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  std::vector<int64_t> ids(N * top_k), count(E, 0);
+  std::vector<float> weights(N * top_k), choice(E);
+  std::vector<char> allowed(E);
+  const int64_t per_group = E / n_group;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = sp + n * E;
+    for (int64_t e = 0; e < E; ++e) choice[e] = row[e] + bp[e];
+    std::fill(allowed.begin(), allowed.end(), n_group == 1);
+    if (n_group > 1) {
+      std::vector<float> group_score(n_group);
+      for (int64_t g = 0; g < n_group; ++g) {
+        float first = -INFINITY, second = -INFINITY;
+        for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e) {
+          if (choice[e] > first) second = first, first = choice[e];
+          else if (choice[e] > second) second = choice[e];
+        }
+        group_score[g] = first + second;
+      }
+      std::vector<char> kept(n_group, 0);
+      for (int64_t i = 0; i < topk_group; ++i) {
+        int64_t best = -1;
+        for (int64_t g = 0; g < n_group; ++g)
+          if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+        kept[best] = 1;
+        std::fill(allowed.begin() + best * per_group, allowed.begin() + (best + 1) * per_group, 1);
+      }
+    }
+    float total = 0.f;
+    for (int64_t i = 0; i < top_k; ++i) {  // in order of choice, as topk returns them
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (allowed[e] && (best < 0 || choice[e] > choice[best])) best = e;
+      allowed[best] = 0;
+      ids[n * top_k + i] = best;
+      weights[n * top_k + i] = row[best];
+      total += row[best];
+      ++count[best];
+    }
+    for (int64_t i = 0; normalise && i < top_k; ++i) weights[n * top_k + i] /= total + 1e-20f;
+    for (int64_t i = 0; i < top_k; ++i) weights[n * top_k + i] *= static_cast<float>(scaling);
+  }
+  // (token, weight) pairs sorted by expert, tokens in order within an expert; ends: cumulative counts per expert
+  auto token = torch::empty({N * top_k}, torch::kLong);
+  auto ends = torch::empty({E}, torch::kLong);
+  auto sorted_weights = torch::empty({N * top_k}, torch::kFloat);
+  int64_t* tp = token.data_ptr<int64_t>();
+  int64_t* ep = ends.data_ptr<int64_t>();
+  float* wp = sorted_weights.data_ptr<float>();
+  std::vector<int64_t> next(E);
+  for (int64_t e = 0, start = 0; e < E; ++e) next[e] = start, start += count[e], ep[e] = start;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < top_k; ++i) {
+      const int64_t at = next[ids[n * top_k + i]]++;
+      tp[at] = n;
+      wp[at] = weights[n * top_k + i];
+    }
+  return {token, ends, sorted_weights};
+}
+
+// y[token[m]] += weight[m] · out[m] over the experts' output rows out [M, H] -> y [N, H] in out's dtype: the
+// weighted sum of each token's experts, in float32, rounded once.
+template <typename T>
+void combine_rows(const T* out, const int64_t* token, const float* weight, float* sums, int64_t M, int64_t H) {
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 w = _mm512_set1_ps(weight[m]);
+    float* row = sums + token[m] * H;
+    for (int64_t c = 0; c < H; c += 16)
+      _mm512_storeu_ps(row + c, _mm512_fmadd_ps(load_f32(out + m * H + c), w, _mm512_loadu_ps(row + c)));
+  }
+}
+
+torch::Tensor combine_experts(const torch::Tensor& out, const torch::Tensor& token, const torch::Tensor& weight,
+                              int64_t N) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(1) % 16 == 0, "out must be a contiguous [M, H] "
+              "tensor with H a multiple of 16");
+  const int64_t M = out.size(0), H = out.size(1);
+  TORCH_CHECK(token.numel() == M && token.scalar_type() == torch::kLong && weight.numel() == M &&
+              weight.scalar_type() == torch::kFloat && token.is_contiguous() && weight.is_contiguous(),
+              "token [M] int64 and weight [M] float32 expected");
+  const int64_t* tp = token.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(tp[m] >= 0 && tp[m] < N, "token ", tp[m], " out of range for ", N);
+  auto sums = torch::zeros({N, H}, torch::kFloat);
+  if (out.scalar_type() == torch::kBFloat16)
+    combine_rows(out.data_ptr<at::BFloat16>(), tp, weight.data_ptr<float>(), sums.data_ptr<float>(), M, H);
+  else if (out.scalar_type() == torch::kFloat)
+    combine_rows(out.data_ptr<float>(), tp, weight.data_ptr<float>(), sums.data_ptr<float>(), M, H);
+  else
+    TORCH_CHECK(false, "out must be float32 or bfloat16");
+  return out.scalar_type() == torch::kFloat ? sums : sums.to(out.scalar_type());
+}
+
 // ---- The training pass's softmaxes ----
 // Attention's probabilities and the log-probs of sampled tokens are softmaxes over rows that PyTorch computes in
 // several passes over memory, each its own kernel: a cast of bf16 scores to float32, the scale, the mask, the softmax,
@@ -905,6 +1122,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear_bf16", &grouped_linear<Bf16>, "rows of x by group g times w[g]ᵀ, bfloat16");
   m.def("grouped_linear_fp32", &grouped_linear<Fp32>, "rows of x by group g times w[g]ᵀ, float32");
   m.def("attend_cache", &attend_cache, "decode's grouped-query attention over the cache, float32 arithmetic");
+  m.def("attend_latent", &attend_latent, "MLA's absorbed decode over the latent cache, float32 arithmetic");
+  m.def("route_experts", &route_experts, "DeepSeekMoE routing from sigmoid scores -> (token, ends, weight) by expert");
+  m.def("combine_experts", &combine_experts, "y[token[m]] += weight[m] · out[m] -> [N, H]");
   m.def("masked_softmax", &masked_softmax, "softmax(scale · scores) where the mask allows -> (probs, stats)");
   m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
   m.def("token_logprobs", &token_logprobs, "log softmax(logits / T) at the targets, entropy, stats");
@@ -924,6 +1144,10 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("grouped_linear_bf16(Tensor x, Tensor w, Tensor ends) -> Tensor");
   m.def("grouped_linear_fp32(Tensor x, Tensor w, Tensor ends) -> Tensor");
   m.def("attend_cache(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("attend_latent(Tensor q_nope, Tensor q_pe, Tensor kv, Tensor mask, Tensor w, float scale) -> Tensor");
+  m.def("route_experts(Tensor scores, Tensor bias, int top_k, int n_group, int topk_group, bool normalise, "
+        "float scaling) -> Tensor[]");
+  m.def("combine_experts(Tensor out, Tensor token, Tensor weight, int N) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(openseek, CPU, m) {
   m.impl("linear_bf16", &linear<Bf16>);
@@ -931,4 +1155,7 @@ TORCH_LIBRARY_IMPL(openseek, CPU, m) {
   m.impl("grouped_linear_bf16", &grouped_linear<Bf16>);
   m.impl("grouped_linear_fp32", &grouped_linear<Fp32>);
   m.impl("attend_cache", &attend_cache);
+  m.impl("attend_latent", &attend_latent);
+  m.impl("route_experts", &route_experts);
+  m.impl("combine_experts", &combine_experts);
 }

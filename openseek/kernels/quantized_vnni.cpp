@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #ifdef __AMX_INT8__
 #include <sys/syscall.h>
@@ -422,6 +423,55 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
 }
 
 
+// Grouped: rows [ends[g-1], ends[g]) of x (sorted by group) times the int8 weight of group g — MoE's routed
+// experts in decode, all experts of a projection in one call. packed [G, N/16, K/4, 16, 4], scales and rowsum [G, N]:
+// each group packed as `int8_pack` packs one weight. Each thread takes the same band of output blocks in every group
+// that has rows, so every expert's weight is read once.
+torch::Tensor grouped_int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                                  const torch::Tensor& rowsum, const torch::Tensor& ends) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat && rowsum.sizes() == scales.sizes() &&
+              rowsum.scalar_type() == torch::kInt && packed.scalar_type() == torch::kChar && packed.is_contiguous() &&
+              scales.is_contiguous() && rowsum.is_contiguous(), "scales, rowsum [G, N] and packed int8 expected");
+  const int64_t M = x.size(0), K = x.size(1), G = scales.size(0), N = scales.size(1);
+  TORCH_CHECK(K % 4 == 0 && N % 16 == 0 && packed.numel() == G * N * K, "packed weight does not match x and scales");
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == G && ends.scalar_type() == torch::kLong,
+              "ends must be [G] int64 (cumulative row counts)");
+  auto ends_c = ends.contiguous();
+  const int64_t* ep = ends_c.data_ptr<int64_t>();
+  TORCH_CHECK(G == 0 || ep[G - 1] == M, "ends[-1] must equal the number of rows of x");
+  thread_local std::vector<uint8_t> xu;  // as int8_matmul's
+  thread_local std::vector<float> sx;
+  xu.resize(M * K);
+  sx.resize(M);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  if (bf16)
+    quantise_rows(x.data_ptr<at::BFloat16>(), M, K, xu.data(), sx.data());
+  else
+    quantise_rows(x.to(torch::kFloat32).data_ptr<float>(), M, K, xu.data(), sx.data());
+  auto y = torch::empty({M, N}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* xp = xu.data();
+  const float* sxp = sx.data();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* swp = scales.data_ptr<float>();
+  const int32_t* rp = rowsum.data_ptr<int32_t>();
+  auto body = [&](auto* yp) {
+    using Out = std::remove_pointer_t<decltype(yp)>;
+    at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g) {
+        const int64_t rows = ep[g] - start;
+        for (int64_t nb = begin; rows > 0 && nb < end; ++nb)
+          for (int64_t m0 = start; m0 < start + rows; m0 += kRows)
+            kKernels<1, Out>[std::min(kRows, start + rows - m0) - 1](
+                xp + m0 * K, sxp + m0, wp + g * N * K, swp + g * N, rp + g * N, yp + m0 * N, K, N, nb);
+      }
+    });
+  };
+  if (bf16) body(y.data_ptr<at::BFloat16>());
+  else body(y.data_ptr<float>());
+  return y;
+}
+
 // x [M, K] float32 or bfloat16; packed [N/16, K/G, G·8 + 64] uint8 (records as above) -> [M, N] in bfloat16 for
 // bfloat16 x, else float32.
 torch::Tensor int4_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
@@ -454,6 +504,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_pack", &int8_pack, "quantise a float32 [N, K] weight into the int8 kernel's layout, in place");
   m.def("use_amx", &use_amx, "int8_matmul on AMX from 16 rows (default on); returns whether AMX is available");
   m.def("int4_matmul", &int4_matmul, "weight-only int4 matmul with per-group int8 activations (AVX-512 VNNI)");
+  m.def("grouped_int8_matmul", &grouped_int8_matmul, "rows of x by group g times group g's int8 weight");
 }
 
 // The same functions as operators, torch.ops.openseek.int8_matmul and int4_matmul, so that torch.compile keeps a decode step
@@ -461,8 +512,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor rowsum) -> Tensor");
   m.def("int4_matmul(Tensor x, Tensor packed) -> Tensor");
+  m.def("grouped_int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor rowsum, Tensor ends) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(openseek, CPU, m) {
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_matmul", &int4_matmul);
+  m.impl("grouped_int8_matmul", &grouped_int8_matmul);
 }

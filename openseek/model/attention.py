@@ -236,10 +236,19 @@ class MLAttention(nn.Module):
         multi-query attention in the latent space, at the same softmax scale as the naive path.
         mask [B, 1, T or 1, S] (True = may attend). The arithmetic is float32 whatever the weights and cache hold:
         as in `attend_grouped`, CPU's bf16 batched matmuls at these shapes are slower (120 µs against 38 µs each
-        for a deepseek_v3 of hidden 512 at 8 rows, round 4) as well as less exact.
+        for a deepseek_v3 of hidden 512 at 8 rows, round 4) as well as less exact. On the CPU in inference, our kernel
+        does all of it in one call (written out, it was a quarter of a deepseek_v3 decode step at batch 8, round 12).
         """
         B, H, T, _ = q_nope.shape
-        w = self.kv_b_proj.weight.float().view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if (q_nope.device.type == "cpu" and not torch.is_grad_enabled() and has_kernel() and weight.dtype is q_nope.dtype
+                and {q_nope.dtype, kv.dtype} <= {torch.float32, torch.bfloat16}
+                and self.kv_lora_rank % 16 == 0 and self.rope_dim % 16 == 0):
+            # our kernel (kernels/dense_avx512.cpp): the same float32 arithmetic in one call, one pass over the cache
+            # per row; under torch.compile, its operator (kernels/__init__.py), which the compiled graph can hold
+            ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+            return ops.attend_latent(q_nope, q_pe.float(), kv, mask, weight.contiguous(), self.scale)
+        w = weight.float().view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         heads_first = q_nope.float().transpose(0, 1).reshape(H, B * T, self.nope_dim)
         q_latent = torch.bmm(heads_first, w[:, : self.nope_dim]).view(H, B, T, -1).transpose(0, 1)  # [B, H, T, r]
         q = torch.cat((q_latent, q_pe.float()), dim=-1).reshape(B, H * T, -1)

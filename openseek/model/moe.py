@@ -81,6 +81,15 @@ class Router(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return scores, ids, weights * self.scaling
 
+    def dispatch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> the chosen (token, expert) pairs sorted by expert: token [N·k], ends [E] (cumulative counts),
+        weight [N·k] float32. `forward`'s choice and weights, then `Experts`'s sort, in one call of our kernel
+        (kernels/dense_avx512.cpp: written out they were some twenty small ops a layer); CPU inference only."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+        return ops.route_experts(scores, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                 self.topk_group, self.normalise, self.scaling)
+
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """x [N, in] sorted by group, w [G, out, in] (each group's weight in nn.Linear's layout), ends [G] cumulative row
@@ -89,7 +98,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     One grouped GEMM when the layout allows it (16-byte aligned rows). Decode's few rows go to our kernel instead
     (openseek/kernels: one call for all groups, skipping empty ones), or where it cannot run, group by group through
     `linear`: CPU's grouped GEMM multiplies every group, empty or not, with a small-M sgemm (16 of 20 ms of a
-    deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used expert's weight once."""
+    deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used expert's weight once.
+    `w` may also be an int8 stack (quantize.GroupedInt8, a module), which multiplies by itself."""
+    if isinstance(w, nn.Module):
+        return w(x, ends)
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
@@ -108,13 +120,22 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
 
 
 class Experts(nn.Module):
-    """All routed experts' weights as stacked tensors: gate and up fused, [E, 2I, H]; down [E, H, I]."""
+    """All routed experts' weights as stacked tensors: gate and up fused, [E, 2I, H]; down [E, H, I] (each an int8
+    stack, quantize.GroupedInt8, in a model loaded with `quantize`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def decode(self, x: torch.Tensor, token: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inference on the CPU with our kernels, from `Router.dispatch`'s (token, ends, weight) sorted by expert."""
+        gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
+        out = grouped_matmul(silu_mul(gate, up), self.down_proj, ends)
+        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
+        return ops.combine_experts(out.contiguous(), token, weights, x.shape[0]).to(x.dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         decoding_on_cpu = not torch.is_grad_enabled() and x.device.type == "cpu"
@@ -130,7 +151,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k
         # rows per expert, as bincount(flat, minlength=E) counts them, in a shape torch.compile knows ahead
-        ends = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
+        ends = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
         # index_select, not x[token]: its backward is index_add_, where indexing's (index_put_ accumulating) took
         # a twentieth of the demo's pretraining step
         gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
@@ -153,8 +174,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        _, ids, weights = self.gate(flat)
-        y = self.experts(flat, ids, weights).view(shape)
+        # inference on the CPU: routing, sort and weighted sum on our kernels, unless a hook watches the router
+        # (train/routing.py's RoutingLog reads its forward's output)
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and has_kernel() and not self.gate._forward_hooks
+                and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 16 == 0):
+            y = self.experts.decode(flat, *self.gate.dispatch(flat)).view(shape)
+        else:
+            _, ids, weights = self.gate(flat)
+            y = self.experts(flat, ids, weights).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
