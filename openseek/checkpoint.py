@@ -25,7 +25,7 @@ from openseek.config import ConfigError, ModelConfig
 from openseek.lora import load_adapter
 from openseek.model import Model
 from openseek.model.moe import Router
-from openseek.quantize import check_options, quantize_modules
+from openseek.quantize import check_options, fold_shared_experts, fuse_projections, quantize_modules
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -171,7 +171,9 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     """Load an HF-format checkpoint (directory or hub id) into a `Model`, in `dtype` (default: the config's).
 
     `quantize="int8"` or `"int4"` (with `group_size` 32, 64 or 128) makes the eligible linear layers weight-only
-    quantised as they load (see quantize.py, which says what stays in `dtype` and why; a line on stderr says it too).
+    quantised as they load (see quantize.py, which says what stays in `dtype` and why; a line on stderr says it too);
+    with int8, the projections that read the same input are then fused into one (`quantize.fuse_projections`), and
+    a shared expert joins the routed experts' int8 stacks (`quantize.fold_shared_experts`).
     `adapter` (a directory or hub id) adds a PEFT LoRA adapter on top (see lora.py). `model.name_or_path` records
     where the base came from: a saved adapter names it as its `base_model_name_or_path`.
     """
@@ -239,6 +241,9 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(path_or_repo_id)
     if adapter is not None:
         load_adapter(model, resolve(adapter))
+    if quantize == "int8":  # projections that read one input become one matmul (an adapted one stays apart)
+        fuse_projections(model)
+        fold_shared_experts(model)
     model.eval()
     return model
 

@@ -104,14 +104,15 @@ class Int8Linear(nn.Module):
         return q.to(dtype) * self.scales[ids, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
         if self.kernel is not None:
-            # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
+            # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold; it takes
+            # x [..., in] as it is (a reshape costs as much as a small projection's matmul here)
             kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
-            y = kernel.int8_matmul(flat.contiguous(), self.weight, self.scales, self.rowsum)
+            y = kernel.int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).view(*x.shape[:-1], -1)
+        y = y if y.dtype is x.dtype else y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -345,16 +346,20 @@ def add_precision_arguments(parser) -> None:
                         help="torch.compile the decode step (fuses its small ops; compiles for a minute or two first)")
 
 
-# A sampling view's projections that read the same input, fused: {fused module: its parts, in order}
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Projections that read the same input, fused: {fused module: its parts, in order}
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+         "q_kv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa")}
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Make q/k/v and gate/up one `Int8Linear` each (on the meta device, before loading; filled by `refresh_view`).
+    """Make q/k/v, gate/up and MLA's two down-projections one `Int8Linear` each: the parts' packed rows, scales,
+    row sums and biases stacked (on the meta device for a sampling view, whose `refresh_view` then fills them; on a
+    loaded model, the loaded buffers, with no re-quantisation).
 
     Each output row has its own scale and the activations are quantised per row whatever the width, so the fused
-    matmul's outputs are bitwise the separate ones' (a test checks the logits); a decode step makes three kernel
-    calls a layer instead of five, each quantising the activations once, over wider weights."""
+    matmul's outputs are bitwise the separate ones' (a test checks the logits); a decode step makes one kernel call
+    where it made two or three, each quantising the activations once, over wider weights (a call costs ~20 µs of
+    framework time on this project's CPUs, more than a small projection's matmul)."""
     for module in list(model.modules()):
         for fused, parts in FUSED.items():
             linears = [getattr(module, part, None) for part in parts]
@@ -363,10 +368,39 @@ def fuse_projections(model: nn.Module) -> None:
                 continue
             bias = linears[0].bias
             with torch.device("meta"):
-                setattr(module, fused, Int8Linear(linears[0].in_features, sum(l.out_features for l in linears),
-                                                  bias is not None, bias.dtype if bias is not None else torch.float32))
+                new = Int8Linear(linears[0].in_features, sum(l.out_features for l in linears), bias is not None,
+                                 bias.dtype if bias is not None else torch.float32)
+            for buffer in ("weight", "scales", "rowsum"):  # whole blocks of 16 rows each (the kernel's packing)
+                setattr(new, buffer, torch.cat([getattr(linear, buffer) for linear in linears]))
+            if bias is not None:
+                new.bias = nn.Parameter(torch.cat([linear.bias for linear in linears]), requires_grad=False)
+            setattr(module, fused, new)
             for part in parts:
                 delattr(module, part)
+
+
+def fold_shared_experts(model: nn.Module) -> None:
+    """In a loaded int8 model, make each MoE layer's shared expert one more expert of its int8 stacks, one that every
+    token uses with weight 1 (`Experts.always_on`), when it has a routed expert's shape (DeepSeek-V3: one shared
+    expert as wide as a routed one): its fused gate/up and down rows are already packed as a stacked expert's are,
+    so this stacks them, with no re-quantisation. A decode step then runs all of a layer's experts in two kernel
+    calls instead of four, and sums the shared expert's output with the routed ones' in float32 (SGLang folds
+    DeepSeek's shared expert into the routed ones in the same way)."""
+    for moe in (m for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)):
+        experts, shared = moe.experts, moe.shared_experts
+        if shared is None or not isinstance(experts.gate_up_proj, GroupedInt8):
+            continue
+        gate_up, down = shared.gate_up_proj, shared.down_proj
+        if not (isinstance(gate_up, Int8Linear) and isinstance(down, Int8Linear) and gate_up.kernel is not None
+                and down.kernel is not None and gate_up.bias is None and down.bias is None
+                and gate_up.out_features == experts.gate_up_proj.out_features
+                and down.out_features == experts.down_proj.out_features):
+            continue
+        for stack, linear in ((experts.gate_up_proj, gate_up), (experts.down_proj, down)):
+            for buffer in ("weight", "scales", "rowsum"):
+                setattr(stack, buffer, torch.cat((getattr(stack, buffer), getattr(linear, buffer)[None])))
+        experts.always_on += 1
+        moe.shared_experts = None
 
 
 def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", group_size: int = 32) -> nn.Module:

@@ -35,6 +35,8 @@ def hf_config(kind: str, **overrides):
                                           original_max_position_embeddings=64)
         if kind == "deepseek_v3_lite":
             cfg.update(q_lora_rank=None)
+        if kind == "deepseek_v3_wide":  # latent and rope widths our absorbed-decode kernel takes (multiples of 16)
+            cfg.update(kv_lora_rank=32, qk_rope_head_dim=16)
         return transformers.DeepseekV3Config(**(cfg | overrides))
     raise ValueError(kind)
 

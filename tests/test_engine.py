@@ -16,7 +16,7 @@ from openseek.engine.sampling import Sampler, SamplingParams
 
 from conftest import build_hf_model
 
-KINDS = ["qwen2", "llama", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v3_lite"]
+KINDS = ["qwen2", "llama", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v3_lite", "deepseek_v3_wide"]
 PROMPTS = [[5, 17, 33, 2, 60, 71, 8], [40, 3], [11], [90, 12, 45, 45, 7, 1, 2, 3, 4, 5, 6, 70]]  # ragged, one of 1
 
 

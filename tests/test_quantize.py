@@ -224,8 +224,48 @@ def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_grou
     torch.testing.assert_close(kernel.combine_experts(out, token, sorted_weights, 9), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="token 9 out of range for 9"):
         kernel.combine_experts(out, token + 1, sorted_weights, 9)
+    with torch.no_grad():  # a shared expert folded into the stack: every token, weight 1, after the routed ones
+        token1, ends1, weights1 = router.dispatch(x, always_on=1)
+    assert torch.equal(token1, torch.cat((token, torch.arange(9)))) and torch.equal(ends1[:16], ends)
+    assert int(ends1[16]) == 45 and torch.equal(weights1[36:], torch.ones(9))
     with pytest.raises(RuntimeError, match="do not fit 16 experts"):
-        kernel.route_experts(torch.rand(9, 16), router.e_score_correction_bias, 4, 3, 2, True, 1.0)
+        kernel.route_experts(torch.rand(9, 16), router.e_score_correction_bias, 4, 3, 2, True, 1.0, 0)
+
+
+def test_an_int8_model_fuses_its_projections_bitwise_and_folds_its_shared_expert(hf_model_dir, monkeypatch):
+    """`load(quantize="int8")` makes MLA's q_a/kv_a (and gate/up) one matmul each — the same logits bit for bit —
+    and stacks DeepSeek's shared expert with the routed ones (every token, weight 1), which only changes where the
+    sums are rounded; the stacked model's kernel path (inference) and PyTorch path (autograd on) agree."""
+    import openseek.checkpoint as checkpoint
+
+    if quantized_vnni() is None or dense_avx512() is None:
+        pytest.skip("no VNNI kernel on this CPU: nothing is fused")
+    directory, _ = hf_model_dir("deepseek_v3_wide")
+    folded = openseek.load(directory, dtype=torch.float32, quantize="int8")
+    monkeypatch.setattr(checkpoint, "fold_shared_experts", lambda model: None)
+    fused = openseek.load(directory, dtype=torch.float32, quantize="int8")
+    monkeypatch.setattr(checkpoint, "fuse_projections", lambda model: None)
+    separate = openseek.load(directory, dtype=torch.float32, quantize="int8")
+    attention = fused.layers[1].self_attn
+    assert attention.q_kv_a_proj.out_features == 32 + 32 + 16 and not hasattr(attention, "q_a_proj")
+    assert separate.layers[1].self_attn.q_kv_a_proj is None and fused.layers[1].mlp.shared_experts is not None
+    moe = folded.layers[1].mlp
+    assert moe.shared_experts is None and moe.experts.always_on == 1 and moe.experts.gate_up_proj.weight.shape[0] == 9
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = separate(ids)
+        assert torch.equal(fused(ids), want)
+        got = folded(ids)
+    with torch.enable_grad():
+        reference = folded(ids)
+    assert relative_error(got, want) < 1e-5
+    # autograd's path (attention written out, experts through Experts._forward) differs from inference's in float32
+    # rounding, which int8's per-row rounding of each layer's input then magnifies: 7e-3 for the unfolded model too
+    assert relative_error(reference, want) < 2e-2
+    prompt = [[5, 17, 33, 2, 60], [40, 3]]
+    engine, plain = openseek.Engine(folded), openseek.Engine(separate)
+    assert ([c.token_ids for (c,) in engine.generate(prompt, 8, temperature=0, stop_token_ids=[])] ==
+            [c.token_ids for (c,) in plain.generate(prompt, 8, temperature=0, stop_token_ids=[])])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])

@@ -72,7 +72,7 @@ def dense_avx512():
 
 def _int8_matmul_shape(x, packed, scales, rowsum):
     out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
-    return x.new_empty(x.shape[0], scales.shape[0], dtype=out_dtype)
+    return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
 def _int4_matmul_shape(x, packed):
@@ -103,9 +103,9 @@ def _attend_latent_shape(q_nope, q_pe, kv, mask, w, scale):
     return q_nope.new_empty(B, T, w.shape[0] - H * nope)
 
 
-def _route_experts_shape(scores, bias, top_k, n_group, topk_group, normalise, scaling):
-    pairs = scores.shape[0] * top_k
-    return [scores.new_empty(pairs, dtype=torch.long), scores.new_empty(scores.shape[1], dtype=torch.long),
+def _route_experts_shape(scores, bias, top_k, n_group, topk_group, normalise, scaling, always_on):
+    pairs = scores.shape[0] * (top_k + always_on)
+    return [scores.new_empty(pairs, dtype=torch.long), scores.new_empty(scores.shape[1] + always_on, dtype=torch.long),
             scores.new_empty(pairs)]
 
 

@@ -472,9 +472,11 @@ torch::Tensor attend_latent(const torch::Tensor& q_nope, const torch::Tensor& q_
 // below were a fifth of a deepseek_v3 step (benchmarks/RESULTS.md, round 12). The arithmetic is the router's in
 // float32: choice = score + bias picks the experts (within the topk_group groups whose two best choices sum highest,
 // when n_group > 1), their scores are the weights, normalised to sum 1 if asked, times `scaling`. Ties go to the
-// lower index.
+// lower index. `always_on` experts after the E routed ones (a shared expert folded into the stack) take every token
+// with weight 1.
 std::vector<torch::Tensor> route_experts(const torch::Tensor& scores, const torch::Tensor& bias, int64_t top_k,
-                                         int64_t n_group, int64_t topk_group, bool normalise, double scaling) {
+                                         int64_t n_group, int64_t topk_group, bool normalise, double scaling,
+                                         int64_t always_on) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
               "scores must be a contiguous [N, E] float32 tensor");
   const int64_t N = scores.size(0), E = scores.size(1);
@@ -485,7 +487,8 @@ std::vector<torch::Tensor> route_experts(const torch::Tensor& scores, const torc
               "top_k, n_group and topk_group do not fit ", E, " experts");
   const float* sp = scores.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  std::vector<int64_t> ids(N * top_k), count(E, 0);
+  TORCH_CHECK(always_on >= 0, "always_on must be >= 0");
+  std::vector<int64_t> ids(N * top_k), count(E + always_on, 0);
   std::vector<float> weights(N * top_k), choice(E);
   std::vector<char> allowed(E);
   const int64_t per_group = E / n_group;
@@ -526,21 +529,25 @@ std::vector<torch::Tensor> route_experts(const torch::Tensor& scores, const torc
     for (int64_t i = 0; normalise && i < top_k; ++i) weights[n * top_k + i] /= total + 1e-20f;
     for (int64_t i = 0; i < top_k; ++i) weights[n * top_k + i] *= static_cast<float>(scaling);
   }
+  for (int64_t j = 0; j < always_on; ++j) count[E + j] = N;
   // (token, weight) pairs sorted by expert, tokens in order within an expert; ends: cumulative counts per expert
-  auto token = torch::empty({N * top_k}, torch::kLong);
-  auto ends = torch::empty({E}, torch::kLong);
-  auto sorted_weights = torch::empty({N * top_k}, torch::kFloat);
+  const int64_t pairs = N * (top_k + always_on);
+  auto token = torch::empty({pairs}, torch::kLong);
+  auto ends = torch::empty({E + always_on}, torch::kLong);
+  auto sorted_weights = torch::empty({pairs}, torch::kFloat);
   int64_t* tp = token.data_ptr<int64_t>();
   int64_t* ep = ends.data_ptr<int64_t>();
   float* wp = sorted_weights.data_ptr<float>();
-  std::vector<int64_t> next(E);
-  for (int64_t e = 0, start = 0; e < E; ++e) next[e] = start, start += count[e], ep[e] = start;
+  std::vector<int64_t> next(E + always_on);
+  for (int64_t e = 0, start = 0; e < E + always_on; ++e) next[e] = start, start += count[e], ep[e] = start;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t i = 0; i < top_k; ++i) {
       const int64_t at = next[ids[n * top_k + i]]++;
       tp[at] = n;
       wp[at] = weights[n * top_k + i];
     }
+  for (int64_t j = 0; j < always_on; ++j)
+    for (int64_t n = 0; n < N; ++n) tp[next[E + j] + n] = n, wp[next[E + j] + n] = 1.f;
   return {token, ends, sorted_weights};
 }
 
@@ -887,17 +894,19 @@ void rms_norm_all(const T* x, const T* w, T* y, float* rstd, int64_t R, int64_t 
 }
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous() &&
-              x.scalar_type() == w.scalar_type(), "x [R, D] and w [D] of one dtype, contiguous, expected");
+  // x [..., D]: any leading shape, so that decode's callers need no reshape (each op costs microseconds there)
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && w.dim() == 1 && w.size(0) == x.size(-1) && w.is_contiguous() &&
+              x.scalar_type() == w.scalar_type(), "x [..., D] and w [D] of one dtype, contiguous, expected");
+  const int64_t D = x.size(-1), R = D > 0 ? x.numel() / D : 0;
   auto y = torch::empty_like(x);
-  auto rstd = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat));
+  auto rstd = torch::empty({R}, x.options().dtype(torch::kFloat));
   if (x.scalar_type() == torch::kBFloat16)
     rms_norm_all(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
-                 rstd.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps));
+                 rstd.data_ptr<float>(), R, D, static_cast<float>(eps));
   else {
     TORCH_CHECK(x.scalar_type() == torch::kFloat, "x must be float32 or bfloat16");
-    rms_norm_all(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rstd.data_ptr<float>(), x.size(0),
-                 x.size(1), static_cast<float>(eps));
+    rms_norm_all(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rstd.data_ptr<float>(), R, D,
+                 static_cast<float>(eps));
   }
   return {y, rstd};
 }
@@ -1129,7 +1138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
   m.def("token_logprobs", &token_logprobs, "log softmax(logits / T) at the targets, entropy, stats");
   m.def("token_logprobs_backward", &token_logprobs_backward, "(grad, logits, targets, stats, T) -> grad logits");
-  m.def("rms_norm", &rms_norm, "RMSNorm of x [R, D] by w [D] -> (y, rstd)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [..., D] by w [D] -> (y, rstd)");
   m.def("rms_norm_backward", &rms_norm_backward, "(dy, x, w, rstd) -> (dx, dw float32)");
   m.def("swiglu", &swiglu, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "(dy, gate, up) -> (d gate, d up)");
@@ -1146,7 +1155,7 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("attend_cache(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("attend_latent(Tensor q_nope, Tensor q_pe, Tensor kv, Tensor mask, Tensor w, float scale) -> Tensor");
   m.def("route_experts(Tensor scores, Tensor bias, int top_k, int n_group, int topk_group, bool normalise, "
-        "float scaling) -> Tensor[]");
+        "float scaling, int always_on) -> Tensor[]");
   m.def("combine_experts(Tensor out, Tensor token, Tensor weight, int N) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(openseek, CPU, m) {

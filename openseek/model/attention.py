@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
             # without autograd, called directly (autograd.Function's bookkeeping costs ~15 µs, a decode step has 17)
             if torch.is_grad_enabled():
                 return _RMSNorm.apply(x, self.weight, self.eps)
-            return dense_avx512().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps)[0].view(x.shape)
+            return dense_avx512().rms_norm(x.contiguous(), self.weight, self.eps)[0]
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -197,25 +197,23 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.qk_head_dim**-0.5 * softmax_scale_multiplier(cfg)
-
-    def project_q(self, x):
-        """Queries [B, H, T, nope + rope], before RoPE."""
-        B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(B, T, self.n_heads, -1).transpose(1, 2)
-
-    def project_latent(self, x, cos, sin):
-        """The per-token cache content: normalised latent [B, T, r] and rotated shared key [B, 1, T, rope]."""
-        B, T, _ = x.shape
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = apply_rope(k_pe.view(B, 1, T, self.rope_dim), cos, sin, self.interleaved)
-        return self.kv_a_layernorm(latent), k_pe
+        self.q_lora_rank = cfg.q_lora_rank
+        self.q_kv_a_proj = None  # q_a and kv_a as one matmul, in an int8 model (quantize.fuse_projections)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q_nope, q_pe = self.project_q(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        if self.q_kv_a_proj is not None:
+            q_a, kv_a = self.q_kv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
-        latent, k_pe = self.project_latent(x, cos, sin)
+        # the per-token cache content: the normalised latent [B, T, r] and the rotated shared key [B, 1, T, rope]
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.view(B, 1, T, self.rope_dim), cos, sin, self.interleaved)
+        latent = self.kv_a_layernorm(latent)
         if cache is not None:
             cache.store(latent, k_pe)
             if cache.decoding:

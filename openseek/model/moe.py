@@ -81,14 +81,15 @@ class Router(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return scores, ids, weights * self.scaling
 
-    def dispatch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H] -> the chosen (token, expert) pairs sorted by expert: token [N·k], ends [E] (cumulative counts),
-        weight [N·k] float32. `forward`'s choice and weights, then `Experts`'s sort, in one call of our kernel
-        (kernels/dense_avx512.cpp: written out they were some twenty small ops a layer); CPU inference only."""
+    def dispatch(self, x: torch.Tensor, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> the chosen (token, expert) pairs sorted by expert: token [N·(k + always_on)], ends [E +
+        always_on] (cumulative counts), weight float32. `forward`'s choice and weights, then `Experts`'s sort, in one
+        call of our kernel (kernels/dense_avx512.cpp: written out they were some twenty small ops a layer); CPU
+        inference only. `always_on` experts after the routed ones take every token with weight 1."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
         return ops.route_experts(scores, self.e_score_correction_bias.float(), self.top_k, self.n_group,
-                                 self.topk_group, self.normalise, self.scaling)
+                                 self.topk_group, self.normalise, self.scaling, always_on)
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -121,12 +122,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
 
 class Experts(nn.Module):
     """All routed experts' weights as stacked tensors: gate and up fused, [E, 2I, H]; down [E, H, I] (each an int8
-    stack, quantize.GroupedInt8, in a model loaded with `quantize`)."""
+    stack, quantize.GroupedInt8, in a model loaded with `quantize`). An int8 model may also carry its shared expert
+    as one more stacked expert that every token uses with weight 1 (`always_on`; quantize.fold_shared_experts)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.num_experts = E
+        self.num_experts, self.always_on = E, 0
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
@@ -146,12 +148,16 @@ class Experts(nn.Module):
         return self._forward(x, ids, weights)
 
     def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.always_on:  # the folded shared expert(s): every token, weight 1
+            extra = torch.arange(self.num_experts, self.num_experts + self.always_on, device=ids.device)
+            ids = torch.cat((ids, extra.expand(ids.shape[0], -1)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(ids.shape[0], self.always_on)), dim=1)
         N, k = ids.shape
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token = order // k
         # rows per expert, as bincount(flat, minlength=E) counts them, in a shape torch.compile knows ahead
-        ends = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
+        ends = flat.new_zeros(self.num_experts + self.always_on).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
         # index_select, not x[token]: its backward is index_add_, where indexing's (index_put_ accumulating) took
         # a twentieth of the demo's pretraining step
         gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
@@ -178,7 +184,7 @@ class MoE(nn.Module):
         # (train/routing.py's RoutingLog reads its forward's output)
         if (x.device.type == "cpu" and not torch.is_grad_enabled() and has_kernel() and not self.gate._forward_hooks
                 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 16 == 0):
-            y = self.experts.decode(flat, *self.gate.dispatch(flat)).view(shape)
+            y = self.experts.decode(flat, *self.gate.dispatch(flat, self.experts.always_on)).view(shape)
         else:
             _, ids, weights = self.gate(flat)
             y = self.experts(flat, ids, weights).view(shape)
