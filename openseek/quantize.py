@@ -252,6 +252,14 @@ class GroupedInt8(nn.Module):
         q = self.weight.permute(0, 1, 3, 2, 4).reshape(E, N, K)
         return q.float() * self.scales[..., None]
 
+    def experts(self, x: torch.Tensor, token: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor,
+                down: GroupedInt8) -> torch.Tensor:
+        """The experts' weighted SwiGLU sum [N, H] over x [N, H], this stack being their gate/up and `down` their
+        down projection, for `Router.dispatch`'s pairs: one kernel call (inference on the CPU)."""
+        kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
+        return kernel.int8_experts(x.contiguous(), token, ends, weights, self.weight, self.scales, self.rowsum,
+                                   down.weight, down.scales, down.rowsum)
+
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """x [M, in] sorted by expert, ends [E] cumulative row counts -> [M, out] in x's dtype."""
         kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel

@@ -192,6 +192,32 @@ def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype):
         kernel.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends - 1)
 
 
+def test_the_whole_int8_experts_kernel_equals_its_parts():
+    """MoE decode's experts in one call (GroupedInt8.experts: gather, gate/up, SwiGLU, down, weighted sum) equals
+    the same steps as separate calls — the grouped int8 matmuls, our SwiGLU, our weighted sum — bit for bit in
+    float32, including an idle expert and an expert with more rows than one pass takes."""
+    from openseek.model.moe import silu_mul
+
+    if quantized_vnni() is None or dense_avx512() is None:
+        pytest.skip("no VNNI kernel on this CPU")
+    torch.manual_seed(0)
+    E, H, I, N = 5, 64, 32, 11
+    gate_up, down = GroupedInt8(E, 2 * I, H), GroupedInt8(E, H, I)
+    gate_up.load_weight(torch.randn(E, 2 * I, H))
+    down.load_weight(torch.randn(E, H, I))
+    token = torch.tensor([0, 3, 7, 1, 2, 4, 5, 6, 8, 9, 10, 0, 5])  # sorted by expert: counts 3, 0, 9, 1, 0
+    ends = torch.tensor([3, 3, 12, 13, 13])
+    weights, x = torch.rand(13), torch.randn(N, H)
+    with torch.no_grad():
+        got = gate_up.experts(x, token, ends, weights, down)
+        gate, up = gate_up(x.index_select(0, token), ends).chunk(2, dim=-1)
+        out = down(silu_mul(gate.contiguous(), up.contiguous()), ends)
+    assert torch.equal(got, dense_avx512().combine_experts(out, token, weights, N))
+    assert gate_up.experts(x.bfloat16(), token, ends, weights, down).dtype is torch.bfloat16
+    with pytest.raises(RuntimeError, match="token 11 out of range for 11"):
+        gate_up.experts(x, token + 1, ends, weights, down)
+
+
 @pytest.mark.parametrize("n_group, topk_group, normalise", [(1, 1, True), (4, 2, True), (4, 2, False)])
 def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise):
     """MoE decode's routing (Router.dispatch, our kernel): the router's choice and weights, sorted by expert with

@@ -41,12 +41,14 @@ HERE = Path(__file__).parent
 @functools.cache
 def quantized_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`,
-    `.grouped_int8_matmul(x, packed, scales, rowsum, ends)`: MoE's experts), or None with a line on stderr saying why."""
+    `.grouped_int8_matmul(x, packed, scales, rowsum, ends)` and `.int8_experts(...)`: MoE's experts), or None with a
+    line on stderr saying why."""
     module = _build("int8/int4", "quantized_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels")
     if module is not None:
         torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
         torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
         torch.library.register_fake("openseek::grouped_int8_matmul")(_grouped_int8_matmul_shape)
+        torch.library.register_fake("openseek::int8_experts")(_int8_experts_shape)
     return module
 
 
@@ -83,6 +85,10 @@ def _int4_matmul_shape(x, packed):
 def _grouped_int8_matmul_shape(x, packed, scales, rowsum, ends):
     out_dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
     return x.new_empty(x.shape[0], scales.shape[1], dtype=out_dtype)
+
+
+def _int8_experts_shape(x, token, ends, weight, *stacks):
+    return torch.empty_like(x)
 
 
 def _linear_shape(x, w):

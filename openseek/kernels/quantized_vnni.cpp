@@ -16,6 +16,8 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#include "avx512_math.h"
 #ifdef __AMX_INT8__
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -427,6 +429,25 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
 }
 
 
+// Rows [start, start + rows) of the quantised activations against output blocks [begin, end) of one expert's packed
+// weight w [N/16, K/4, 16, 4], into y (float32, row stride N): several blocks per pass when the expert has few rows,
+// so that enough weight loads are in flight to stream from memory (one block at a time read 13 GB/s here, eight 21;
+// measured on the benchmark's experts).
+template <typename Out>
+void expert_band(const uint8_t* xu, const float* sx, const int8_t* w, const float* sw, const int32_t* rowsum, Out* y,
+                 int64_t K, int64_t N, int64_t start, int64_t rows, int64_t begin, int64_t end) {
+  const int64_t blocks = rows <= 2 ? 8 : rows <= 4 ? 4 : 2;
+  const Kernel<Out>* group = blocks == 8 ? kKernels<8, Out> : blocks == 4 ? kKernels<4, Out> : kKernels<2, Out>;
+  for (int64_t nb = begin; nb < end;) {
+    const int64_t take = nb + blocks <= end ? blocks : 1;
+    const Kernel<Out>* kernels = take == blocks ? group : kKernels<1, Out>;
+    for (int64_t m0 = start; m0 < start + rows; m0 += kRows)
+      kernels[std::min(kRows, start + rows - m0) - 1](xu + m0 * K, sx + m0, w, sw, rowsum, y + m0 * N, K, N, nb);
+    nb += take;
+  }
+}
+
+
 // Grouped: rows [ends[g-1], ends[g]) of x (sorted by group) times the int8 weight of group g — MoE's routed
 // experts in decode, all experts of a projection in one call. packed [G, N/16, K/4, 16, 4], scales and rowsum [G, N]:
 // each group packed as `int8_pack` packs one weight. Each thread takes the same band of output blocks in every group
@@ -462,26 +483,93 @@ torch::Tensor grouped_int8_matmul(const torch::Tensor& x, const torch::Tensor& p
   auto body = [&](auto* yp) {
     using Out = std::remove_pointer_t<decltype(yp)>;
     at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g) {
-        const int64_t rows = ep[g] - start;
-        // an expert gets a few rows: several output blocks per pass keep enough weight loads in flight to stream
-        // from memory (one block at a time read 13 GB/s here, four 20; measured on the benchmark's experts)
-        const int64_t blocks = rows <= 2 ? 8 : rows <= 4 ? 4 : 2;
-        const Kernel<Out>* group = blocks == 8 ? kKernels<8, Out> : blocks == 4 ? kKernels<4, Out> : kKernels<2, Out>;
-        for (int64_t nb = begin; rows > 0 && nb < end;) {
-          const int64_t take = nb + blocks <= end ? blocks : 1;
-          const Kernel<Out>* kernels = take == blocks ? group : kKernels<1, Out>;
-          for (int64_t m0 = start; m0 < start + rows; m0 += kRows)
-            kernels[std::min(kRows, start + rows - m0) - 1](xp + m0 * K, sxp + m0, wp + g * N * K, swp + g * N,
-                                                            rp + g * N, yp + m0 * N, K, N, nb);
-          nb += take;
-        }
-      }
+      for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g)
+        if (ep[g] > start)
+          expert_band(xp, sxp, wp + g * N * K, swp + g * N, rp + g * N, yp, K, N, start, ep[g] - start, begin, end);
     });
   };
   if (bf16) body(y.data_ptr<at::BFloat16>());
   else body(y.data_ptr<float>());
   return y;
+}
+
+// MoE's routed experts in decode, whole, over the (token, expert) pairs sorted by expert (token [M], ends [G],
+// weight [M] float32, as the router's `route_experts` gives them): y[token[m]] += weight[m] · down(silu(gate(x)) ·
+// up(x)) at x = x[token[m]], every expert's gate/up [G, 2I/16, H/4, 16, 4] and down [G, H/16, I/4, 16, 4] packed as
+// `int8_pack` packs one weight, with their scales and row sums [G, 2I] and [G, H]. Around `grouped_int8_matmul` this
+// was a gather, two calls, a split, SwiGLU with two copies and the weighted sum: seven ops a layer, each costing more
+// to launch than its work here. In one call: activations quantised per row as `int8_matmul` does them (the gathered
+// rows, then the SwiGLU rows), gate, up and SwiGLU in float32 with no rounding between, the weighted sum in float32,
+// rounded once to x's dtype. Each thread takes a band of SwiGLU columns (the gate and the up rows that make them),
+// then a band of output columns (so that its weighted sums touch only its own columns).
+torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& token, const torch::Tensor& ends,
+                           const torch::Tensor& weight, const torch::Tensor& gate_up, const torch::Tensor& gate_up_scales,
+                           const torch::Tensor& gate_up_rowsum, const torch::Tensor& down,
+                           const torch::Tensor& down_scales, const torch::Tensor& down_rowsum) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [N, H] matrix");
+  const int64_t N = x.size(0), H = x.size(1), M = token.numel(), G = ends.numel();
+  TORCH_CHECK(token.scalar_type() == torch::kLong && token.is_contiguous() && weight.numel() == M &&
+              weight.scalar_type() == torch::kFloat && weight.is_contiguous() && ends.scalar_type() == torch::kLong &&
+              ends.is_contiguous(), "token [M] int64, ends [G] int64 and weight [M] float32 expected");
+  TORCH_CHECK(gate_up_scales.dim() == 2 && gate_up_scales.size(0) == G && down_scales.dim() == 2 &&
+              down_scales.size(0) == G && down_scales.size(1) == H, "scales must be [G, 2I] and [G, H]");
+  const int64_t I2 = gate_up_scales.size(1), I = I2 / 2;
+  TORCH_CHECK(I % 16 == 0 && H % 16 == 0 && gate_up.numel() == G * I2 * H && down.numel() == G * H * I &&
+              gate_up.scalar_type() == torch::kChar && down.scalar_type() == torch::kChar && gate_up.is_contiguous() &&
+              down.is_contiguous() && gate_up_rowsum.sizes() == gate_up_scales.sizes() &&
+              down_rowsum.sizes() == down_scales.sizes(), "packed gate/up and down do not match x and the scales");
+  const int64_t* tp = token.data_ptr<int64_t>();
+  const int64_t* ep = ends.data_ptr<int64_t>();
+  TORCH_CHECK(G == 0 || ep[G - 1] == M, "ends[-1] must equal the number of (token, expert) pairs");
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(tp[m] >= 0 && tp[m] < N, "token ", tp[m], " out of range for ", N);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == torch::kFloat, "x must be float32 or bfloat16");
+  std::vector<uint8_t> xu(M * H), au(M * I);
+  std::vector<float> sx(M), sa(M), projected(M * I2), act(M * I), out(M * H);
+  for (int64_t m = 0; m < M; ++m) {
+    if (bf16) quantise_rows(x.data_ptr<at::BFloat16>() + tp[m] * H, 1, H, xu.data() + m * H, sx.data() + m);
+    else quantise_rows(x.data_ptr<float>() + tp[m] * H, 1, H, xu.data() + m * H, sx.data() + m);
+  }
+  const int8_t* gw = gate_up.data_ptr<int8_t>();
+  const float* gs = gate_up_scales.data_ptr<float>();
+  const int32_t* gr = gate_up_rowsum.data_ptr<int32_t>();
+  at::parallel_for(0, I / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g) {
+      const int64_t rows = ep[g] - start;
+      if (rows <= 0) continue;
+      for (const int64_t half : {int64_t{0}, I / 16})  // the gate rows' blocks, then the up rows' blocks
+        expert_band(xu.data(), sx.data(), gw + g * I2 * H, gs + g * I2, gr + g * I2, projected.data(), H, I2, start,
+                    rows, begin + half, end + half);
+      for (int64_t m = start; m < start + rows; ++m)
+        for (int64_t c = begin * 16; c < end * 16; c += 16) {
+          const __m512 gate = _mm512_loadu_ps(projected.data() + m * I2 + c);
+          const __m512 up = _mm512_loadu_ps(projected.data() + m * I2 + I + c);
+          _mm512_storeu_ps(act.data() + m * I + c, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid16(gate)), up));
+        }
+    }
+  });
+  quantise_rows(act.data(), M, I, au.data(), sa.data());
+  auto y = torch::zeros({N, H}, torch::kFloat);
+  float* yp = y.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int8_t* dw = down.data_ptr<int8_t>();
+  const float* ds = down_scales.data_ptr<float>();
+  const int32_t* dr = down_rowsum.data_ptr<int32_t>();
+  at::parallel_for(0, H / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g) {
+      const int64_t rows = ep[g] - start;
+      if (rows <= 0) continue;
+      expert_band(au.data(), sa.data(), dw + g * H * I, ds + g * H, dr + g * H, out.data(), I, H, start, rows, begin,
+                  end);
+      for (int64_t m = start; m < start + rows; ++m) {
+        const __m512 w = _mm512_set1_ps(wp[m]);
+        float* row = yp + tp[m] * H;
+        for (int64_t c = begin * 16; c < end * 16; c += 16)
+          _mm512_storeu_ps(row + c, _mm512_fmadd_ps(_mm512_loadu_ps(out.data() + m * H + c), w, _mm512_loadu_ps(row + c)));
+      }
+    }
+  });
+  return bf16 ? y.to(torch::kBFloat16) : y;
 }
 
 // x [M, K] float32 or bfloat16; packed [N/16, K/G, G·8 + 64] uint8 (records as above) -> [M, N] in bfloat16 for
@@ -517,6 +605,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_amx", &use_amx, "int8_matmul on AMX from 16 rows (default on); returns whether AMX is available");
   m.def("int4_matmul", &int4_matmul, "weight-only int4 matmul with per-group int8 activations (AVX-512 VNNI)");
   m.def("grouped_int8_matmul", &grouped_int8_matmul, "rows of x by group g times group g's int8 weight");
+  m.def("int8_experts", &int8_experts, "MoE decode: the int8 experts' SwiGLU over sorted (token, expert) pairs, summed");
 }
 
 // The same functions as operators, torch.ops.openseek.int8_matmul and int4_matmul, so that torch.compile keeps a decode step
@@ -525,9 +614,12 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor rowsum) -> Tensor");
   m.def("int4_matmul(Tensor x, Tensor packed) -> Tensor");
   m.def("grouped_int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor rowsum, Tensor ends) -> Tensor");
+  m.def("int8_experts(Tensor x, Tensor token, Tensor ends, Tensor weight, Tensor gate_up, Tensor gate_up_scales, "
+        "Tensor gate_up_rowsum, Tensor down, Tensor down_scales, Tensor down_rowsum) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(openseek, CPU, m) {
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_matmul", &int4_matmul);
   m.impl("grouped_int8_matmul", &grouped_int8_matmul);
+  m.impl("int8_experts", &int8_experts);
 }

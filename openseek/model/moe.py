@@ -134,6 +134,8 @@ class Experts(nn.Module):
 
     def decode(self, x: torch.Tensor, token: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Inference on the CPU with our kernels, from `Router.dispatch`'s (token, ends, weight) sorted by expert."""
+        if isinstance(self.gate_up_proj, nn.Module):  # int8 stacks (quantize.GroupedInt8): one call for it all
+            return self.gate_up_proj.experts(x, token, ends, weights, self.down_proj)
         gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
         out = grouped_matmul(silu_mul(gate, up), self.down_proj, ends)
         ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
