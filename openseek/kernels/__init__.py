@@ -109,10 +109,10 @@ def _attend_latent_shape(q_nope, q_pe, kv, mask, w, scale):
     return q_nope.new_empty(B, T, w.shape[0] - H * nope)
 
 
-def _route_experts_shape(scores, bias, top_k, n_group, topk_group, normalise, scaling, always_on):
-    pairs = scores.shape[0] * (top_k + always_on)
-    return [scores.new_empty(pairs, dtype=torch.long), scores.new_empty(scores.shape[1] + always_on, dtype=torch.long),
-            scores.new_empty(pairs)]
+def _route_experts_shape(x, w, bias, top_k, n_group, topk_group, normalise, scaling, always_on):
+    pairs = x.shape[0] * (top_k + always_on)
+    return [x.new_empty(pairs, dtype=torch.long), x.new_empty(w.shape[0] + always_on, dtype=torch.long),
+            x.new_empty(pairs, dtype=torch.float32)]
 
 
 def _combine_experts_shape(out, token, weight, N):

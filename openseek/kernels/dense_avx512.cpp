@@ -456,26 +456,44 @@ torch::Tensor attend_latent(const torch::Tensor& q_nope, const torch::Tensor& q_
 }
 
 // ---- MoE routing and combining in decode ----
-// DeepSeekMoE's router after its matmul and sigmoid, and the dispatch that sorts the chosen (token, expert) pairs by
-// expert: in PyTorch some twenty small ops a layer (group scores, two top-ks, masks, gathers, a sort, counts), each
+// DeepSeekMoE's router and the dispatch that sorts the chosen (token, expert) pairs by expert: in PyTorch some twenty
+// small ops a layer (the scores' matmul and sigmoid, group scores, two top-ks, masks, gathers, a sort, counts), each
 // costing more to launch than its few hundred values take to compute; at decode's batch of 8 they and the combine
 // below were a fifth of a deepseek_v3 step (benchmarks/RESULTS.md, round 12). The arithmetic is the router's in
-// float32: choice = score + bias picks the experts (within the topk_group groups whose two best choices sum highest,
-// when n_group > 1), their scores are the weights, normalised to sum 1 if asked, times `scaling`. Ties go to the
-// lower index. `always_on` experts after the E routed ones (a shared expert folded into the stack) take every token
-// with weight 1.
-std::vector<torch::Tensor> route_experts(const torch::Tensor& scores, const torch::Tensor& bias, int64_t top_k,
-                                         int64_t n_group, int64_t topk_group, bool normalise, double scaling,
-                                         int64_t always_on) {
-  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
-              "scores must be a contiguous [N, E] float32 tensor");
-  const int64_t N = scores.size(0), E = scores.size(1);
+// float32: score = sigmoid(x · w), choice = score + bias picks the experts (within the topk_group groups whose two
+// best choices sum highest, when n_group > 1), their scores are the weights, normalised to sum 1 if asked, times
+// `scaling`. Ties go to the lower index. `always_on` experts after the E routed ones (a shared expert folded into
+// the stack) take every token with weight 1.
+template <typename T>
+void router_scores(const T* x, const float* w, float* scores, int64_t N, int64_t E, int64_t H) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < E; ++e) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t c = 0; c < H; c += 16) dot = _mm512_fmadd_ps(load_f32(x + n * H + c), _mm512_loadu_ps(w + e * H + c), dot);
+      scores[n * E + e] = 1.f / (1.f + std::exp(-_mm512_reduce_add_ps(dot)));
+    }
+}
+
+// x [N, H] float32 or bfloat16 (H a multiple of 16), w [E, H] and bias [E] float32 -> token [N·(k + always_on)],
+// ends [E + always_on] (cumulative counts), weight [N·(k + always_on)] float32, sorted by expert.
+std::vector<torch::Tensor> route_experts(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
+                                         int64_t top_k, int64_t n_group, int64_t topk_group, bool normalise,
+                                         double scaling, int64_t always_on) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 16 == 0 &&
+              (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x must be a contiguous [N, H] float32 or bfloat16 tensor, H a multiple of 16");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == torch::kFloat && w.is_contiguous(),
+              "the router weight must be [E, H] float32");
+  const int64_t N = x.size(0), E = w.size(0), H = x.size(1);
   TORCH_CHECK(bias.numel() == E && bias.scalar_type() == torch::kFloat && bias.is_contiguous(),
               "bias must be [E] float32");
   TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group && top_k >= 1 &&
               top_k <= topk_group * (E / n_group) && (n_group == 1 || E / n_group >= 2),
               "top_k, n_group and topk_group do not fit ", E, " experts");
-  const float* sp = scores.data_ptr<float>();
+  std::vector<float> scores(N * E);
+  if (x.scalar_type() == torch::kBFloat16) router_scores(x.data_ptr<at::BFloat16>(), w.data_ptr<float>(), scores.data(), N, E, H);
+  else router_scores(x.data_ptr<float>(), w.data_ptr<float>(), scores.data(), N, E, H);
+  const float* sp = scores.data();
   const float* bp = bias.data_ptr<float>();
   TORCH_CHECK(always_on >= 0, "always_on must be >= 0");
   std::vector<int64_t> ids(N * top_k), count(E + always_on, 0);
@@ -1116,7 +1134,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear_fp32", &grouped_linear<Fp32>, "rows of x by group g times w[g]ᵀ, float32");
   m.def("attend_cache", &attend_cache, "decode's grouped-query attention over the cache, float32 arithmetic");
   m.def("attend_latent", &attend_latent, "MLA's absorbed decode over the latent cache, float32 arithmetic");
-  m.def("route_experts", &route_experts, "DeepSeekMoE routing from sigmoid scores -> (token, ends, weight) by expert");
+  m.def("route_experts", &route_experts, "DeepSeekMoE routing of x -> (token, ends, weight) sorted by expert");
   m.def("combine_experts", &combine_experts, "y[token[m]] += weight[m] · out[m] -> [N, H]");
   m.def("masked_softmax", &masked_softmax, "softmax(scale · scores) where the mask allows -> (probs, stats)");
   m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
@@ -1138,7 +1156,7 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
   m.def("grouped_linear_fp32(Tensor x, Tensor w, Tensor ends) -> Tensor");
   m.def("attend_cache(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("attend_latent(Tensor q_nope, Tensor q_pe, Tensor kv, Tensor mask, Tensor w, float scale) -> Tensor");
-  m.def("route_experts(Tensor scores, Tensor bias, int top_k, int n_group, int topk_group, bool normalise, "
+  m.def("route_experts(Tensor x, Tensor w, Tensor bias, int top_k, int n_group, int topk_group, bool normalise, "
         "float scaling, int always_on) -> Tensor[]");
   m.def("combine_experts(Tensor out, Tensor token, Tensor weight, int N) -> Tensor");
 }

@@ -83,12 +83,12 @@ class Router(nn.Module):
 
     def dispatch(self, x: torch.Tensor, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> the chosen (token, expert) pairs sorted by expert: token [N·(k + always_on)], ends [E +
-        always_on] (cumulative counts), weight float32. `forward`'s choice and weights, then `Experts`'s sort, in one
-        call of our kernel (kernels/dense_avx512.cpp: written out they were some twenty small ops a layer); CPU
-        inference only. `always_on` experts after the routed ones take every token with weight 1."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        always_on] (cumulative counts), weight float32. `forward`'s scores, choice and weights, then `Experts`'s
+        sort, in one call of our kernel (kernels/dense_avx512.cpp: written out they were some twenty small ops a
+        layer); CPU inference with the router in float32 (as `load` keeps it). `always_on` experts after the routed
+        ones take every token with weight 1."""
         ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
-        return ops.route_experts(scores, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+        return ops.route_experts(x.contiguous(), self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
                                  self.topk_group, self.normalise, self.scaling, always_on)
 
 
@@ -185,7 +185,8 @@ class MoE(nn.Module):
         # inference on the CPU: routing, sort and weighted sum on our kernels, unless a hook watches the router
         # (train/routing.py's RoutingLog reads its forward's output)
         if (x.device.type == "cpu" and not torch.is_grad_enabled() and has_kernel() and not self.gate._forward_hooks
-                and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 16 == 0):
+                and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 16 == 0
+                and self.gate.weight.dtype is self.gate.e_score_correction_bias.dtype is torch.float32):
             y = self.experts.decode(flat, *self.gate.dispatch(flat, self.experts.always_on)).view(shape)
         else:
             _, ids, weights = self.gate(flat)
