@@ -507,10 +507,11 @@ def test_compiled_models_of_one_class_keep_their_own_graphs(models, tmp_path):
 
 
 @pytest.mark.parametrize("kind, dtype, quantize", [("qwen2", "float32", "none"), ("llama", "bfloat16", "int8"),
-                                                   ("qwen2", "bfloat16", "int4"), ("deepseek_v3", "bfloat16", "none")])
+                                                   ("qwen2", "bfloat16", "int4"), ("deepseek_v3", "bfloat16", "none"),
+                                                   ("deepseek_v3_wide", "bfloat16", "int8")])
 def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(models, tmp_path, kind, dtype, quantize):
-    """Engine(compile=True): the decode forward through torch.compile, our matmul kernels held in its graph as
-    operators. Ragged rows, n = 2 (the batch size changes as rows leave), seeded sampling with log-probs."""
+    """Engine(compile=True): the decode forward through torch.compile, our kernels held in its graph as operators
+    (deepseek_v3_wide int8: MLA's absorbed attention, the routing and the whole experts kernel). Ragged rows, n = 2 (the batch size changes as rows leave), seeded sampling with log-probs."""
     models(kind)[1].save_pretrained(tmp_path)
     model = openseek.load(tmp_path, dtype=dtype, quantize=quantize)
     kwargs = dict(temperature=1.0, n=2, stop_token_ids=[3], logprobs=True, seed=11)
