@@ -522,3 +522,23 @@ def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(model
     for a, b in zip(compiled, eager):
         for x, y in zip(a, b):
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, dtype):
+    """MLA decode on our kernel (the cache's `store_projected`: the new tokens' latent normalised and rope key
+    rotated straight into the cache) gives the tokens and log-probs of the written-out path, bit for bit."""
+    from openseek.engine.cache import _LatentLayer
+    from openseek.kernels import dense_avx512
+
+    if dense_avx512() is None:
+        pytest.skip("no AVX-512 decode kernels on this CPU")
+    models("deepseek_v3_wide")[1].save_pretrained(tmp_path)
+    model = openseek.load(tmp_path, dtype=dtype)
+    kwargs = dict(temperature=1.0, n=2, stop_token_ids=[], logprobs=True, seed=3)
+    fused = openseek.Engine(model).generate(PROMPTS, 8, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_LatentLayer, "store_projected", lambda self, *args: False)
+        written_out = openseek.Engine(model).generate(PROMPTS, 8, **kwargs)
+    assert [[(s.token_ids, s.logprobs) for s in c] for c in fused] == [
+        [(s.token_ids, s.logprobs) for s in c] for c in written_out]

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from openseek.config import ModelConfig
+from openseek.kernels import dense_avx512
+from openseek.model.linear import has_kernel
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp_layers: int = 0) -> int:
@@ -145,6 +147,20 @@ class _LatentLayer:
     def store(self, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
         """latent [B, T, kv_lora_rank] (normalised), k_pe [B, 1, T, rope] (rotated)."""
         self.cache._write(self.kv, torch.cat((latent, k_pe.squeeze(1)), dim=-1), self.slot_dim)
+
+    def store_projected(self, kv_a: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool) -> bool:
+        """While decoding on the CPU in eager mode: normalise (`norm`, the layer's RMSNorm) and rotate the new tokens'
+        latent and rope key straight from kv_a [B, T, r + rope] into the cache, in one call of our kernel, with the
+        results `store` would get; False (nothing stored) where the kernel does not apply."""
+        c = self.cache
+        if not (c.decoding and kv_a.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and has_kernel()
+                and kv_a.dtype is norm.weight.dtype is self.kv.dtype and kv_a.dtype in (torch.float32, torch.bfloat16)
+                and cos.dtype in (torch.float32, torch.bfloat16) and cos.stride(-1) == 1):
+            return False
+        dense_avx512().store_latent(kv_a, norm.weight, norm.eps, cos, sin, interleaved, self.kv, c.batch_rows, c.slots)
+        return True
 
     def read(self):
         """[latent | k_pe] as one shared key [B, 1, length, r + rope] and the mask [B, 1, T, length]."""

@@ -1125,6 +1125,61 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return out;
 }
 
+// ---- MLA decode's cache write ----
+// The new tokens' cache content from kv_a [B, T, r + rope] (kv_a_proj's output, rows strided, the last dimension
+// contiguous): the latent RMS-normalised by w [r] (RMSNorm's rounding: normalised in float32, rounded to the dtype,
+// then scaled), the rope key rotated by cos, sin [B or 1, 1, T, rope/2] (as `rope` rotates it, interleaved pairs
+// coming out as [evens | odds]), both written into buffer [rows, S, r + rope] at (batch_rows[b], slots[b, t]).
+// Written out in PyTorch this was a split, a view, the rotation, a copy and the norm, a cat, a cast and an indexed
+// write: ten ops a layer, each costing more to launch than its few hundred values take.
+void store_latent(const torch::Tensor& kv_a, const torch::Tensor& w, double eps, const torch::Tensor& cos,
+                  const torch::Tensor& sin, bool interleaved, const torch::Tensor& buffer, const torch::Tensor& batch_rows,
+                  const torch::Tensor& slots) {
+  TORCH_CHECK(kv_a.dim() == 3 && kv_a.stride(2) == 1 && w.dim() == 1 && w.is_contiguous() && buffer.dim() == 3 &&
+              buffer.is_contiguous() && buffer.size(2) == kv_a.size(2) && w.size(0) < kv_a.size(2),
+              "kv_a [B, T, r + rope] (last dimension contiguous), w [r], buffer [rows, S, r + rope] expected");
+  TORCH_CHECK(kv_a.scalar_type() == w.scalar_type() && kv_a.scalar_type() == buffer.scalar_type() &&
+              (kv_a.scalar_type() == torch::kFloat || kv_a.scalar_type() == torch::kBFloat16),
+              "kv_a, w and the cache must share one dtype, float32 or bfloat16");
+  const int64_t B = kv_a.size(0), T = kv_a.size(1), D = kv_a.size(2), r = w.size(0), S = buffer.size(1);
+  TORCH_CHECK(batch_rows.numel() == B && batch_rows.scalar_type() == torch::kLong && slots.dim() == 2 &&
+              slots.size(0) == B && slots.size(1) == T && slots.scalar_type() == torch::kLong,
+              "batch_rows [B] and slots [B, T] int64 expected");
+  auto key = rope(kv_a.narrow(2, r, D - r).unsqueeze(1), cos, sin,
+                  c10::promoteTypes(kv_a.scalar_type(), cos.scalar_type()), false, interleaved).contiguous();
+  auto rows_c = batch_rows.contiguous();
+  auto slots_c = slots.contiguous();
+  const int64_t* rp = rows_c.data_ptr<int64_t>();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(rp[b] >= 0 && rp[b] < buffer.size(0) && sp[b * T + t] >= 0 && sp[b * T + t] < S,
+                  "cache row ", rp[b], " or slot ", sp[b * T + t], " out of range");
+  auto write = [&](auto* kind, auto* key_kind) {
+    using T_ = std::remove_pointer_t<decltype(kind)>;
+    using K_ = std::remove_pointer_t<decltype(key_kind)>;
+    const T_* xp = kv_a.data_ptr<T_>();
+    const T_* wp = w.data_ptr<T_>();
+    const K_* kp = key.data_ptr<K_>();
+    T_* bp = buffer.data_ptr<T_>();
+    float rstd;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        T_* dest = bp + (rp[b] * S + sp[b * T + t]) * D;
+        rms_norm_all(xp + b * kv_a.stride(0) + t * kv_a.stride(1), wp, dest, &rstd, 1, r, static_cast<float>(eps));
+        const K_* rotated = kp + (b * T + t) * (D - r);
+        for (int64_t d = 0; d < D - r; d += 16) {
+          const __mmask16 lanes = lanes_left(D - r - d);
+          store_f32(dest + r + d, load_f32(rotated + d, lanes), lanes);
+        }
+      }
+  };
+  const bool bf16 = kv_a.scalar_type() == torch::kBFloat16, key_bf16 = key.scalar_type() == torch::kBFloat16;
+  if (bf16 && key_bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<at::BFloat16*>(nullptr));
+  else if (bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<float*>(nullptr));
+  else write(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1136,6 +1191,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_latent", &attend_latent, "MLA's absorbed decode over the latent cache, float32 arithmetic");
   m.def("route_experts", &route_experts, "DeepSeekMoE routing of x -> (token, ends, weight) sorted by expert");
   m.def("combine_experts", &combine_experts, "y[token[m]] += weight[m] · out[m] -> [N, H]");
+  m.def("store_latent", &store_latent, "MLA decode: normalise and rotate kv_a's new tokens into the latent cache");
   m.def("masked_softmax", &masked_softmax, "softmax(scale · scores) where the mask allows -> (probs, stats)");
   m.def("masked_softmax_backward", &masked_softmax_backward, "(grad probs, scores, mask, stats, scale) -> grad scores");
   m.def("token_logprobs", &token_logprobs, "log softmax(logits / T) at the targets, entropy, stats");

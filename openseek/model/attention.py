@@ -210,6 +210,9 @@ class MLAttention(nn.Module):
             kv_a = self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+        if cache is not None and cache.store_projected(kv_a, self.kv_a_layernorm, cos, sin, self.interleaved):
+            # decoding on our kernels: the cache normalised, rotated and stored the new tokens' latent and key itself
+            return self.o_proj(self.attend_absorbed(q_nope, q_pe, *cache.read()))
         # the per-token cache content: the normalised latent [B, T, r] and the rotated shared key [B, 1, T, rope]
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = apply_rope(k_pe.view(B, 1, T, self.rope_dim), cos, sin, self.interleaved)
