@@ -112,17 +112,20 @@ constexpr Kernel<Out> kKernels[kRows] = {block_kernel<1, B, Out>, block_kernel<2
 template <typename Out>
 void run(const uint8_t* xp, const float* sxp, const int8_t* wp, const float* swp, const int32_t* rp, Out* yp,
          int64_t M, int64_t K, int64_t N) {
-  // output blocks per pass: at one row (decode at batch 1) 8, so that 8 accumulators are in flight; with 2-7 rows
-  // the rows give that, and one block measured faster (round 4); from 8 rows two blocks share each broadcast row,
-  // 10 loads per 16 multiply-adds instead of 9 per 8 (GRPO's 16-row rollouts: 5-15% faster per call, round 8)
-  const int64_t blocks = M == 1 ? 8 : M >= kRows ? 2 : 1;
-  const Kernel<Out>* group = blocks == 8 ? kKernels<8, Out> : blocks == 2 ? kKernels<2, Out> : kKernels<1, Out>;
+  // output blocks per pass: at one row (decode at batch 1) 8, so that 8 accumulators are in flight; with 2-8 rows
+  // 4 blocks by up to 4 rows a pass (the second pass finds the blocks in cache): four weight streams in flight, which
+  // a 4.4 MB projection read from memory needs (2 and 4 rows: 15-30% faster than one block by all rows, measured on
+  // the Xeon VM, round 13); beyond 8 rows two blocks share each broadcast row, 10 loads per 16 multiply-adds instead
+  // of 9 per 8 (GRPO's 16-row rollouts: 5-15% faster per call, round 8)
+  const int64_t blocks = M == 1 ? 8 : M <= kRows ? 4 : 2;
+  const int64_t pass = M <= kRows ? 4 : kRows;  // rows per pass
+  const Kernel<Out>* group = blocks == 8 ? kKernels<8, Out> : blocks == 4 ? kKernels<4, Out> : kKernels<2, Out>;
   at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end;) {
       const int64_t take = nb + blocks <= end ? blocks : 1;  // a band's last blocks go one at a time
       const Kernel<Out>* kernels = take == blocks ? group : kKernels<1, Out>;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows)  // more rows: the next pass finds these blocks in cache
-        kernels[std::min(kRows, M - m0) - 1](xp + m0 * K, sxp + m0, wp, swp, rp, yp + m0 * N, K, N, nb);
+      for (int64_t m0 = 0; m0 < M; m0 += pass)  // more rows: the next pass finds these blocks in cache
+        kernels[std::min(pass, M - m0) - 1](xp + m0 * K, sxp + m0, wp, swp, rp, yp + m0 * N, K, N, nb);
       nb += take;
     }
   });
