@@ -9,6 +9,8 @@ quantises it on the way in, one tensor at a time: a quantised model never holds 
 - int4: per group of `group_size` input columns, asymmetric (w ≈ q·scale + low, q in [0, 15]); our AVX-512 VNNI
   kernel (activations quantised per row and group inside it) where the CPU has one, else
   `aten._weight_int4pack_mm_for_cpu` (CPU only: the CUDA op wants another packing, not implemented here).
+- MoE's routed experts (3-D stacks): int8 per output channel with either option (`GroupedInt8`: all experts of a
+  layer in one kernel call; there is no grouped int4 kernel), where our int8 kernel runs.
 
 PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a path 10–100× slower,
 measured in `shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them; ours take
@@ -17,8 +19,7 @@ either. Every result goes back to the model's dtype. What stays in `dtype`, and 
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
 - the router gate: routing decisions stay float32, as in DeepSeek's code;
-- routed experts (3-D stacks) are int8 per output channel with int8 and with int4 (`GroupedInt8`: all experts in one
-  kernel call; there is no grouped int4 kernel), or stay in `dtype` where our int8 kernel cannot run;
+- routed experts where our int8 kernel cannot run (no AVX-512 VNNI, or sizes not multiples of 16);
 - a layer whose shape a kernel cannot take (int4: out_features % 16, in_features % group_size).
 `quantize_modules` returns one line per such tensor group, which `load` prints.
 """
@@ -440,15 +441,15 @@ def refresh_view(view: nn.Module, policy: nn.Module) -> None:
     for name, module in view.named_modules():
         if isinstance(module, Int8Embedding):
             continue  # its rows are the tied head's, refreshed with it
+        if isinstance(module, GroupedInt8):  # the policy's stacked expert parameter (named like a fused projection)
+            module.load_weight(policy.get_parameter(name))
+            continue
         parent, _, leaf = name.rpartition(".")
         if leaf in FUSED:  # the parts' weights (and biases) stacked, in order
             parts = [policy.get_submodule(parent).get_submodule(part) for part in FUSED[leaf]]
             module.load_weight(torch.cat([part.weight for part in parts]))
             if module.bias is not None:
                 module.bias.copy_(torch.cat([part.bias for part in parts]))
-            continue
-        if isinstance(module, GroupedInt8):  # the policy's stacked expert parameter
-            module.load_weight(policy.get_parameter(name))
             continue
         source = policy.get_submodule(name) if name else policy
         if isinstance(module, (Int8Linear, Int4Linear)):

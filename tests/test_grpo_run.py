@@ -315,6 +315,43 @@ def test_the_rollout_view_follows_the_policy():
     assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], view.layers[0].self_attn.q_proj.weight)
 
 
+def test_an_int8_view_of_a_moe_policy_follows_it():
+    """An int8 rollout view of a DeepSeek-style policy: MLA's q_a/kv_a fused, the routed experts int8 stacks — after
+    the policy changes, `refresh_view` re-quantises both, and the view's logits stay those of the policy within int8's
+    rounding."""
+    from openseek.config import ModelConfig
+    from openseek.kernels import quantized_vnni
+    from openseek.model import Model
+    from openseek.quantize import GroupedInt8, refresh_view, rollout_view
+
+    if quantized_vnni() is None:
+        pytest.skip("no VNNI kernel on this CPU: the view keeps its experts in bf16")
+    torch.manual_seed(0)
+    policy = Model(ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                               n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                               first_k_dense_replace=1, eos_token_id=[1]))
+    policy.init_weights()
+    view = rollout_view(policy, torch.bfloat16, "int8")
+    assert isinstance(view.layers[1].mlp.experts.gate_up_proj, GroupedInt8)
+    assert view.layers[1].self_attn.q_kv_a_proj is not None
+    ids = torch.randint(0, 64, (2, 9))
+
+    def gap():
+        with torch.no_grad():
+            want = policy(ids)
+            return float((view(ids).float() - want).norm() / want.norm())
+
+    assert gap() < 0.05
+    stack = view.layers[1].mlp.experts.gate_up_proj.weight.clone()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(-1.0)
+    refresh_view(view, policy)
+    assert not torch.equal(stack, view.layers[1].mlp.experts.gate_up_proj.weight) and gap() < 0.05
+
+
 def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(monkeypatch):
     """q/k/v and gate/up are one int8 matmul each in an int8 rollout view: per-row scales, activations quantised once
     per row either way, so the logits equal the unfused view's bit for bit, before and after a refresh."""
