@@ -55,20 +55,22 @@ class Int8Linear(nn.Module):
 
     With the VNNI kernel (openseek/kernels) the weight is stored packed for it, [out/16, in/4, 16, 4], with float32
     scales and the row sums the kernel needs, and activations are quantised per row to int8 inside the kernel (as
-    llama.cpp's Q8_0 dot products do). Otherwise it stays [out, in] with bf16 scales for PyTorch's kernel, which
-    multiplies bf16 activations by the dequantised weight."""
+    llama.cpp's Q8_0 dot products do). Otherwise it stays [out, in] for PyTorch's kernel, which multiplies bf16
+    activations by the dequantised weight and takes its scales in bf16: a copy of `scales` (float32 on both paths,
+    so that a layer quantises the same weight to the same numbers on every CPU) rounded once at load."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel = quantized_vnni() if out_features % 16 == 0 and in_features % 4 == 0 else None
         if self.kernel is not None:
-            shape, scale_dtype = (out_features // 16, in_features // 4, 16, 4), torch.float32
+            shape = (out_features // 16, in_features // 4, 16, 4)
             self.register_buffer("rowsum", torch.empty(out_features, dtype=torch.int32))
         else:
-            shape, scale_dtype = (out_features, in_features), torch.bfloat16
+            shape = (out_features, in_features)
+            self.register_buffer("bf16_scales", torch.empty(out_features, dtype=torch.bfloat16), persistent=False)
         self.register_buffer("weight", torch.empty(shape, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @torch.no_grad()
@@ -82,6 +84,7 @@ class Int8Linear(nn.Module):
         self.scales.copy_(scales)
         if self.kernel is None:
             self.weight.copy_(q)
+            self.bf16_scales.copy_(scales)
             return
         N, K = q.shape
         self.weight.copy_(q.view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3))
@@ -112,7 +115,7 @@ class Int8Linear(nn.Module):
             y = kernel.int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum)
         else:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).view(*x.shape[:-1], -1)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.bf16_scales).view(*x.shape[:-1], -1)
         y = y if y.dtype is x.dtype else y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 

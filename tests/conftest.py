@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+import openseek.device
+import openseek.kernels
+
+if os.environ.get("OPENSEEK_TEST_AS_AVX2") == "1":
+    # This process sees the CPU as an AVX2-only one (AMD Zen 2/3, Intel Core without AVX-512): no AVX-512 or AMX
+    # flags, so no kernel of ours and no native bf16, as `make test` finds there. Tests that start another Python
+    # process see the real CPU.
+    AVX2_VIEW = frozenset(f for f in openseek.device.cpu_flags() if not f.startswith(("avx512", "amx")))
+    openseek.device.cpu_flags = openseek.kernels.cpu_flags = lambda: AVX2_VIEW
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 

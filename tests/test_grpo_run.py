@@ -385,6 +385,7 @@ def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(mo
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the_kernel(precision, tmp_path):
     from openseek.config import ModelConfig
+    from openseek.device import native_bf16
     from openseek.kernels import quantized_vnni
     from openseek.model import Model
     from openseek.quantize import Int8Linear
@@ -393,7 +394,12 @@ def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the
 
     model = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
-    trainer = Trainer(model, TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False, precision=precision))
+    cfg = TrainConfig(run_dir=str(tmp_path), device="cpu", progress=False, precision=precision)
+    if precision == "bf16" and not native_bf16(torch.device("cpu")):  # an AVX2 CPU: bf16 would be emulated
+        with pytest.raises(ValueError, match="--precision bf16: this cpu has no native bf16 matmuls"):
+            Trainer(model, cfg)
+        return
+    trainer = Trainer(model, cfg)
     view = rollout_policy(trainer, GRPOConfig())  # rollout_dtype and rollout_quantize: auto
     if precision == "float32":
         assert view is trainer.model  # the trained weights themselves: nothing to quantise

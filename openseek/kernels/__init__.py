@@ -19,13 +19,20 @@ less.
 Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
 (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
 `python -m openseek.kernels`, which `make` runs at install, builds both side by side, so that the first run does
-not pay for it. Where an extension cannot be built or run (missing instructions, no compiler), its function returns
+not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel this CPU supports does not build.
+Inside a run, where an extension cannot be built or run (missing instructions, no compiler), its function returns
 None after saying why in one line, and callers use PyTorch's kernel.
+
+`OPENSEEK_KERNELS=0` turns every kernel off, so that everything runs on PyTorch alone: the path of a CPU without
+AVX-512, testable on one with it. The build directory is named after the CPU's flags as well as the extension:
+`-march=native` makes a binary for this CPU only, and a cache shared between machines (a home directory on NFS, a
+copied ~/.cache) must never hand it to another CPU, where it would die of SIGILL.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import time
@@ -43,7 +50,7 @@ def quantized_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`,
     `.grouped_int8_matmul(x, packed, scales, rowsum, ends)` and `.int8_experts(...)`: MoE's experts), or None with a
     line on stderr saying why."""
-    module = _build("int8/int4", "quantized_vnni", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels")
+    module = build("quantized_vnni")
     if module is not None:
         torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
         torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
@@ -59,7 +66,7 @@ def dense_avx512():
     `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache; `.attend_latent`: MLA's absorbed
     decode; `.route_experts`, `.combine_experts`: MoE's routing and weighted sum in decode; `.masked_softmax`, `.token_logprobs`,
     `.rms_norm`, `.swiglu`, `.rope` and their backwards), or None with a line on stderr saying why."""
-    module = _build("decode matmul", "dense_avx512", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul")
+    module = build("dense_avx512")
     if module is not None:
         torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
         torch.library.register_fake("openseek::linear_fp32")(_linear_shape)
@@ -136,24 +143,67 @@ def clear_stale_lock(build: Path, what: str) -> None:
         lock.unlink(missing_ok=True)
 
 
-def _build(what: str, name: str, needs: set[str], fallback: str):
+KERNELS_ENV = "OPENSEEK_KERNELS"
+
+
+def kernels_enabled() -> bool:
+    """False when the user set OPENSEEK_KERNELS=0: PyTorch's kernels only."""
+    return os.environ.get(KERNELS_ENV, "auto").strip().lower() not in ("0", "off", "none", "false")
+
+
+def build_directory(name: str) -> Path:
+    """Where extension `name` is built and cached: one folder per extension and CPU (its flags' hash)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or _default_build_root())
+    cpu = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return root / f"openseek_{name}_cpu{cpu}"
+
+
+def _default_build_root() -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return get_default_build_root()
+
+
+# each extension: what it is for, the CPU flags it needs, what runs without it
+EXTENSIONS = {
+    "dense_avx512": ("decode matmul", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul"),
+    "quantized_vnni": ("int8/int4", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels"),
+}
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel that this CPU supports did not compile; the message holds the compiler's output."""
+
+
+def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
+    """The compiled extension `name` (of EXTENSIONS) from `source_dir`, or None after one line on stderr saying why
+    (kernels turned off, the CPU lacks what it needs, the build failed). With `strict`, a failed build raises
+    KernelBuildError with the compiler's message instead."""
+    what, needs, fallback = EXTENSIONS[name]
+    if not kernels_enabled():
+        print(f"{what}: {KERNELS_ENV}=0; using {fallback}", file=sys.stderr)
+        return None
     missing = needs - cpu_flags()
     if missing:
         print(f"{what}: this CPU lacks {', '.join(sorted(missing))}; using {fallback}", file=sys.stderr)
         return None
     try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+        from torch.utils.cpp_extension import load
 
         print(f"{what}: loading the kernel {name}.cpp (compiled for this machine on first use, then cached)",
               file=sys.stderr)
-        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"openseek_{name}"
+        build = build_directory(name)
         build.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(build, what)
-        # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread
-        return load(f"openseek_{name}", [str(HERE / f"{name}.cpp")], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread.
+        # -Wfatal-errors: a broken kernel reports its first error in a second, not after parsing all of torch's headers
+        return load(f"openseek_{name}", [str(source_dir / f"{name}.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-Wfatal-errors"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
+        if strict:
+            raise KernelBuildError(f"{what}: {name}.cpp did not build on this CPU, which supports it:\n{error}") \
+                from error
         print(f"{what}: could not build {name}.cpp ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
               f"using {fallback}", file=sys.stderr)
         return None
-

@@ -1,0 +1,79 @@
+"""Building our kernels: a broken kernel stops the install with the compiler's message, a CPU without the
+instructions gets one line and the PyTorch path, OPENSEEK_KERNELS=0 turns every kernel off, and a build is never
+shared between CPUs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import openseek.kernels as kernels
+
+
+def build_command(source_dir, build_root, **env):
+    return subprocess.run([sys.executable, "-m", "openseek.kernels", "--source-dir", str(source_dir)],
+                          env=os.environ | {"TORCH_EXTENSIONS_DIR": str(build_root)} | env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def broken_sources(tmp_path):
+    """A copy of the kernel sources in which every .cpp starts with a syntax error."""
+    source = tmp_path / "src"
+    shutil.copytree(kernels.HERE, source, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    for cpp in source.glob("*.cpp"):
+        cpp.write_text("int broken_on_purpose = ;\n" + cpp.read_text())
+    return source
+
+
+def test_a_kernel_that_fails_to_build_stops_the_build_command_with_the_compilers_message(tmp_path):
+    supported = [name for name, (_, needs, _) in kernels.EXTENSIONS.items() if needs <= kernels.cpu_flags()]
+    if not supported or not kernels.kernels_enabled():
+        pytest.skip("this CPU runs none of our kernels (or OPENSEEK_KERNELS=0): nothing it supports can fail")
+    result = build_command(broken_sources(tmp_path), tmp_path / "build")
+    assert result.returncode == 1, result.stderr
+    for name in supported:
+        assert f"{name}.cpp did not build on this CPU, which supports it" in result.stderr
+        assert f"{name}.cpp:1:" in result.stderr and "error" in result.stderr  # the compiler's own line
+        assert f"{name} FAILED to build" in result.stderr
+
+
+def test_with_kernels_off_the_build_command_builds_nothing_and_says_so(tmp_path):
+    result = build_command(broken_sources(tmp_path), tmp_path / "build", OPENSEEK_KERNELS="0")
+    assert result.returncode == 0, result.stderr
+    assert "decode matmul: OPENSEEK_KERNELS=0; using PyTorch's matmul" in result.stderr
+    assert "int8/int4: OPENSEEK_KERNELS=0; using PyTorch's kernels" in result.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_cpu_without_the_instructions_gets_one_line_and_no_build(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx", "avx2", "fma", "f16c"}))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.build("dense_avx512", source_dir=broken_sources(tmp_path), strict=True) is None
+    assert kernels.build("quantized_vnni", strict=True) is None
+    assert capsys.readouterr().err.splitlines() == [
+        "decode matmul: this CPU lacks avx512_bf16, avx512bw, avx512f; using PyTorch's matmul",
+        "int8/int4: this CPU lacks avx512_vnni, avx512bw, avx512f; using PyTorch's kernels",
+    ]
+
+
+@pytest.mark.parametrize("value, enabled", [("auto", True), ("", True), ("1", True), ("0", False), ("off", False)])
+def test_the_kernels_switch(value, enabled, monkeypatch):
+    monkeypatch.setenv("OPENSEEK_KERNELS", value)
+    assert kernels.kernels_enabled() is enabled
+
+
+def test_the_build_cache_is_one_folder_per_cpu(tmp_path, monkeypatch):
+    """-march=native code for one CPU dies of SIGILL on another: a shared cache must not hand it over."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw", "avx512_bf16"}))
+    with_avx512 = kernels.build_directory("dense_avx512")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "avx512_bf16", "avx2"}))
+    assert kernels.build_directory("dense_avx512") == with_avx512  # the flags' order does not matter
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2"}))
+    avx2_only = kernels.build_directory("dense_avx512")
+    assert avx2_only != with_avx512 and avx2_only.parent == with_avx512.parent == tmp_path
+    assert with_avx512.name.startswith("openseek_dense_avx512_cpu")
