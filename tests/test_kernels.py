@@ -5,11 +5,13 @@ shared between CPUs."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import openseek.kernels as kernels
 
@@ -78,3 +80,65 @@ def test_the_build_cache_is_one_folder_per_cpu(tmp_path, monkeypatch):
     avx2_only = kernels.build_directory("dense_avx512")
     assert avx2_only != with_avx512 and avx2_only.parent == with_avx512.parent == tmp_path
     assert with_avx512.name.startswith("openseek_dense_avx512_cpu")
+
+
+def int8_layer_tensors(N=32, K=64):
+    from openseek.quantize import Int8Linear
+
+    layer = Int8Linear(K, N, False, torch.float32)
+    layer.load_weight(torch.randn(N, K))
+    return layer
+
+
+@pytest.fixture
+def quantized():
+    if kernels.quantized_vnni() is None:
+        pytest.skip("no AVX-512 VNNI kernel on this CPU (or OPENSEEK_KERNELS=0): nothing to call")
+    return torch.ops.openseek
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("short scales", "scales must be a contiguous [32] float vector"),
+    ("bf16 scales", "scales must be a contiguous [32] float vector"),
+    ("short rowsum", "rowsum must be a contiguous [32] int vector"),
+    ("wide x", "packed must be a contiguous [N/16, K/4, 16, 4] int8 tensor for x [..., 128]"),
+    ("int x", "x must be float32, bfloat16 or float16"),
+])
+def test_the_int8_kernel_refuses_tensors_that_do_not_match(quantized, bad, message):
+    """Called as an operator, the kernel gets whatever tensors it is handed: each length and layout is checked
+    before a byte is read (a short `scales` was read past its end before)."""
+    layer = int8_layer_tensors()
+    x, packed, scales, rowsum = torch.randn(3, 64), layer.weight, layer.scales, layer.rowsum
+    if bad == "short scales":
+        scales = scales[:16].clone()
+    elif bad == "bf16 scales":
+        scales = scales.bfloat16()
+    elif bad == "short rowsum":
+        rowsum = rowsum[:16].clone()
+    elif bad == "wide x":
+        x = torch.randn(3, 128)
+    elif bad == "int x":
+        x = torch.ones(3, 64, dtype=torch.int64)
+    with pytest.raises(RuntimeError) as error:
+        quantized.int8_matmul(x, packed, scales, rowsum)
+    assert message in str(error.value).replace("Float", "float").replace("Int", "int")
+
+
+@pytest.mark.parametrize("ends, message", [
+    ([2, 1, 3], "ends[1] = 1 is below 2: ends must be non-decreasing"),
+    ([-1, 0, 3], "ends[0] = -1 is below 0"),
+    ([1, 2, 2], "ends[-1] must equal the number of rows of x (3), got 2"),
+])
+def test_grouped_kernels_refuse_group_ends_that_are_not_cumulative_counts(quantized, ends, message):
+    """ends [G] are cumulative row counts: out of order, a group's rows would start before the previous group's
+    ended (or before row 0) and the kernel would read and write outside x and y."""
+    from openseek.quantize import GroupedInt8
+
+    stack = GroupedInt8(3, 32, 64)  # 3 experts [out 32, in 64]
+    stack.load_weight(torch.randn(3, 32, 64))
+    x, ends = torch.randn(3, 64), torch.tensor(ends)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        quantized.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends)
+    if kernels.dense_avx512() is not None:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.openseek.grouped_linear_fp32(x, torch.randn(3, 32, 64), ends)

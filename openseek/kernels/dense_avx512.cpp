@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "avx512_math.h"
+#include "kernel_checks.h"
 
 namespace {
 
@@ -145,7 +146,7 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
   const int64_t M = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
   auto ends_c = ends.contiguous();
   const int64_t* ep = ends_c.data_ptr<int64_t>();
-  TORCH_CHECK(G == 0 || ep[G - 1] == M, "ends[-1] must equal the number of rows of x");
+  check_group_ends(ep, G, M, "rows of x");
   auto y = torch::empty({M, N}, x.options());
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();

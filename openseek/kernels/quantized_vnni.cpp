@@ -11,6 +11,7 @@
 // Q8_0 does for its dot products) and shifted to uint8 (+128), because vpdpbusd multiplies unsigned by signed
 // bytes; the shift is undone with the precomputed row sums of the weights: Σ(x+128)·w = Σx·w + 128·Σw.
 #include <torch/extension.h>
+#include "kernel_checks.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
@@ -393,8 +394,16 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& packed, c
   // x [..., K]: any leading shape, kept in the result, so that decode's layers need no reshape (each op costs
   // microseconds there, a step has dozens of projections)
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && x.size(-1) > 0, "x must be a contiguous [..., K] tensor");
-  const int64_t K = x.size(-1), M = x.numel() / K, N = scales.size(0);
-  TORCH_CHECK(K % 4 == 0 && N % 16 == 0 && packed.numel() == N * K, "packed weight does not match x and scales");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16 ||
+              x.scalar_type() == torch::kHalf, "x must be float32, bfloat16 or float16");
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  TORCH_CHECK(K % 4 == 0, "x [..., K]: K = ", K, " must be a multiple of 4");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) == K / 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
+              packed.scalar_type() == torch::kChar && packed.is_contiguous(), "packed must be a contiguous "
+              "[N/16, K/4, 16, 4] int8 tensor for x [..., ", K, "], got ", packed.sizes(), " ", packed.scalar_type());
+  const int64_t N = packed.size(0) * 16;  // the weight says how many outputs; its scales and row sums must agree
+  check_channel_vector(scales, N, torch::kFloat, "scales");
+  check_channel_vector(rowsum, N, torch::kInt, "rowsum");
   // the quantised activations live in buffers kept by the calling thread: at decode's sizes a tensor allocation
   // for each costs as much as the quantisation (a 128-row projection takes a few microseconds in all)
   thread_local std::vector<uint8_t> xu;
@@ -467,7 +476,7 @@ torch::Tensor grouped_int8_matmul(const torch::Tensor& x, const torch::Tensor& p
               "ends must be [G] int64 (cumulative row counts)");
   auto ends_c = ends.contiguous();
   const int64_t* ep = ends_c.data_ptr<int64_t>();
-  TORCH_CHECK(G == 0 || ep[G - 1] == M, "ends[-1] must equal the number of rows of x");
+  check_group_ends(ep, G, M, "rows of x");
   thread_local std::vector<uint8_t> xu;  // as int8_matmul's
   thread_local std::vector<float> sx;
   xu.resize(M * K);
@@ -521,9 +530,13 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& token, c
               gate_up.scalar_type() == torch::kChar && down.scalar_type() == torch::kChar && gate_up.is_contiguous() &&
               down.is_contiguous() && gate_up_rowsum.sizes() == gate_up_scales.sizes() &&
               down_rowsum.sizes() == down_scales.sizes(), "packed gate/up and down do not match x and the scales");
+  TORCH_CHECK(gate_up_scales.scalar_type() == torch::kFloat && down_scales.scalar_type() == torch::kFloat &&
+              gate_up_rowsum.scalar_type() == torch::kInt && down_rowsum.scalar_type() == torch::kInt &&
+              gate_up_scales.is_contiguous() && down_scales.is_contiguous() && gate_up_rowsum.is_contiguous() &&
+              down_rowsum.is_contiguous(), "scales must be contiguous float32 and row sums contiguous int32");
   const int64_t* tp = token.data_ptr<int64_t>();
   const int64_t* ep = ends.data_ptr<int64_t>();
-  TORCH_CHECK(G == 0 || ep[G - 1] == M, "ends[-1] must equal the number of (token, expert) pairs");
+  check_group_ends(ep, G, M, "(token, expert) pairs");
   for (int64_t m = 0; m < M; ++m) TORCH_CHECK(tp[m] >= 0 && tp[m] < N, "token ", tp[m], " out of range for ", N);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == torch::kFloat, "x must be float32 or bfloat16");
