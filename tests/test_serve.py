@@ -15,6 +15,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers_serve import ANSWER, CONTEXT, COIN_PROMPT, LOOP_PROMPT, REASONING, LiveServer, save_model_dir
 
@@ -282,6 +284,122 @@ def test_bad_logprob_and_prompt_fields_are_named(server, path, body, param):
     response = httpx.post(server.url + path, json=body, headers=AUTH, timeout=30)
     assert 400 <= response.status_code < 500
     assert response.json()["error"]["param"] == param, response.text
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The app in this process, through Starlette's test client: fast enough for many requests."""
+    from starlette.testclient import TestClient
+
+    app = in_process_app(model_dir)
+    yield TestClient(app.state.asgi, base_url="http://127.0.0.1")
+    app.state.server.close()
+
+
+def post_json(http, path: str, body) -> httpx.Response:
+    """Sent as Python's json.dumps writes it: a lone surrogate goes out as its \\u escape (still valid JSON)."""
+    return http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+SURROGATES = [
+    ("/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": "\udcff\udcff\udcff"}]},
+     "messages[0].content: not valid Unicode (a lone surrogate at position 0)"),
+    ("/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                  "text": "ok\ud800"}]}]},
+     "messages[0].content[0].text: not valid Unicode (a lone surrogate at position 2)"),
+    ("/v1/chat/completions", {**GOOD, "stop": ["fine", "x\udfff"]}, "stop[1]: not valid Unicode (a lone surrogate at "
+                                                                     "position 1)"),
+    ("/v1/chat/completions", {**GOOD, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"\udcff": {"type": "string"}}}}}]},
+     "tools[0].function.parameters.properties: a key is not valid Unicode (a lone surrogate at position 0)"),
+    ("/v1/chat/completions", {**GOOD, "user": "\udcff"}, "user: not valid Unicode (a lone surrogate at position 0)"),
+    ("/v1/completions", {"model": "tiny", "prompt": "\udcff\udcff\udcff"},
+     "prompt: not valid Unicode (a lone surrogate at position 0)"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["Hi", "Hi \udcff"]},
+     "prompt[1]: not valid Unicode (a lone surrogate at position 3)"),
+    ("/v1/completions", {"model": "tiny\udcff", "prompt": "Hi"}, "model: not valid Unicode (a lone surrogate at "
+                                                                  "position 4)"),
+    ("/tokenize", {"prompt": "\udcff"}, "prompt: not valid Unicode (a lone surrogate at position 0)"),
+]
+
+
+@pytest.mark.parametrize("path, body, message", SURROGATES, ids=[m.split(":")[0] for _, _, m in SURROGATES])
+def test_a_lone_surrogate_is_refused_naming_the_field(local, path, body, message):
+    response = post_json(local, path, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                        "param": message.split(":")[0], "code": "invalid_unicode"}
+
+
+def test_a_lone_surrogate_spelled_inside_tool_arguments_is_refused_naming_them(local):
+    arguments = json.dumps({"city": "Paris\udcff"})  # the arguments text is ASCII; the JSON it holds is not Unicode
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": arguments}}
+    response = post_json(local, "/v1/chat/completions", {**GOOD, "messages": HELLO + [
+        {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "3"}]})
+    assert response.status_code == 422, response.text
+    param = "messages.1.tool_calls.0.function.arguments"
+    assert response.json()["error"] == {
+        "message": f"{param}: Value error, arguments.city: not valid Unicode (a lone surrogate at position 5)",
+        "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+
+
+def test_nul_characters_are_text_like_any_other(local, tokenizer):
+    body = {**GOOD, "messages": [{"role": "user", "content": "a\x00b"}], "stop": ["\x00"]}
+    assert post_json(local, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"] == ANSWER
+    echoed = post_json(local, "/v1/completions", {"model": "tiny", "prompt": "\x00Hi", "max_tokens": 1, "echo": True})
+    assert echoed.json()["choices"][0]["text"].startswith("\x00Hi")
+    tokens = post_json(local, "/tokenize", {"prompt": "x\x00y", "add_special_tokens": False}).json()["tokens"]
+    assert tokens == tokenizer.encode("x\x00y")
+    assert post_json(local, "/detokenize", {"tokens": tokens}).json()["prompt"] == "x\x00y"
+
+
+# What a client may put in a string: any character, lone surrogates (JSON can escape them) and NUL included.
+CLIENT_STRINGS = st.text(st.characters() | st.integers(0xD800, 0xDFFF).map(chr) | st.just("\x00"), max_size=12)
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+
+
+def string_fields(text: str) -> list[tuple[str, str, dict, str, int]]:
+    """Every place a string goes in a POST body: (path, param, body, the string as sent there, status when the
+    string is Unicode)."""
+    arguments = json.dumps({"a": text}, ensure_ascii=False)  # written raw: a lone surrogate stays one in the body
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": arguments}}
+    chat = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+    return [
+        ("/v1/chat/completions", "messages[0].content", {**chat, "messages": [{"role": "user", "content": text}]},
+         text, 200),
+        ("/v1/chat/completions", "messages[0].content[0].text",
+         {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}, text, 200),
+        ("/v1/chat/completions", "stop", {**chat, "stop": text}, text, 200 if text else 422),
+        ("/v1/chat/completions", "stop[1]", {**chat, "stop": ["zz", text]}, text, 200 if text else 422),
+        ("/v1/chat/completions", "messages[1].tool_calls[0].function.arguments", {**chat, "messages": HELLO + [
+            {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "3"}]},
+         arguments, 200),
+        ("/v1/chat/completions", "tool_choice.function.name",  # not among the tools, and quoted in the refusal
+         {**chat, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": text}}}, text, 400),
+        ("/v1/completions", "prompt", {"model": "tiny", "prompt": text, "max_tokens": 2}, text, 200 if text else 422),
+        ("/v1/completions", "prompt[1]", {"model": "tiny", "prompt": ["Hi", text], "max_tokens": 2}, text,
+         200 if text else 422),
+        ("/v1/completions", "stop", {"model": "tiny", "prompt": "Hi", "stop": text, "max_tokens": 2}, text,
+         200 if text else 422),
+        ("/tokenize", "prompt", {"prompt": text}, text, 200),
+        ("/detokenize", "model", {"model": text, "tokens": [1]}, text, 200 if text == "tiny" else 404),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=CLIENT_STRINGS, field=st.integers(0, len(string_fields("")) - 1))
+def test_any_client_string_anywhere_is_accepted_or_refused_never_a_server_error(local, text, field):
+    path, param, body, sent, status = string_fields(text)[field]
+    received = json.loads(json.dumps(sent))  # escaped surrogate pairs arrive as the one character they spell
+    lone = next((i for i, c in enumerate(received) if "\ud800" <= c <= "\udfff"), None)
+    response = post_json(local, path, body)
+    if lone is None:
+        assert response.status_code == status, (param, response.text)
+    else:
+        assert response.status_code == 400, (param, response.text)
+        error = response.json()["error"]
+        assert (error["message"], error["param"]) == (
+            f"{param}: not valid Unicode (a lone surrogate at position {lone})", param)
 
 
 def test_echo_with_n_and_several_prompts(client):

@@ -241,6 +241,8 @@ def _validation_error(error: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                         code="invalid_json")
+    if first.get("type") == "invalid_unicode":  # a lone surrogate: the body is not text (protocol.Body)
+        return APIError(400, first["msg"], param=first["ctx"]["param"], code="invalid_unicode")
     if first.get("type") == "model_attributes_type" and not where:
         return APIError(400, "the request body must be a JSON object sent with Content-Type: application/json",
                         code="invalid_json")

@@ -6,6 +6,10 @@ honour (`UNHONOURED`: penalties, logit_bias, best_of, vLLM's guided_* ...) is re
 holds its neutral value (presence_penalty: 0 is fine). Limits that depend on the loaded model or on the server's
 flags (context length, `n` cap, message count) and the schemas inside tools and response_format are checked by the
 server, not here.
+
+Every string of a request body, in any field (known or not) and in dict keys, must be Unicode: JSON's `\\u` escapes
+can spell a lone surrogate, which no tokenizer, template or UTF-8 response can take, so a body holding one is refused
+with a 400 naming the field (`invalid_unicode`) before any model reads it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -47,6 +52,42 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, why) of the first string in a parsed JSON `value` that is not Unicode (it holds a lone surrogate), or
+    None. Keys are checked before what they hold, so a path never shows a bad key; the walk keeps its own stack, as
+    a body nested as deep as the JSON parser allows must not exhaust Python's."""
+    pending = [(path, False, value)]
+    while pending:
+        where, is_key, item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as e:
+                why = f"not valid Unicode (a lone surrogate at position {e.start})"
+                return where, f"a key is {why}" if is_key else why
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                inside = f"{where}.{key}" if where else str(key)
+                pending += [(inside, False, inner), (where, True, key)]
+        elif isinstance(item, list):
+            pending += [(f"{where}[{i}]", False, inner) for i, inner in reversed(list(enumerate(item)))]
+    return None
+
+
+class Body(Request):
+    """A whole request body: its strings are checked before any field is (see the module docstring)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, body):
+        found = lone_surrogate(body)
+        if found is None:
+            return body
+        where, why = found
+        raise PydanticCustomError("invalid_unicode", "{message}",
+                                  {"message": f"{where or 'body'}: {why}", "param": where or None})
+
+
 class TextPart(Request):
     type: Literal["text"]
     text: str
@@ -61,10 +102,15 @@ class FunctionCall(Request):
     def _json_object(cls, arguments: str) -> str:
         try:
             value = json.loads(arguments)
-        except json.JSONDecodeError as e:
+        except RecursionError:
+            raise ValueError("nested deeper than this server reads JSON") from None
+        except ValueError as e:  # not JSON, or an integer too long to convert
             raise ValueError(f"not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object")
+        found = lone_surrogate(value, "arguments")  # an escape in the JSON text can spell one
+        if found is not None:
+            raise ValueError(": ".join(found))
         return arguments
 
 
@@ -98,7 +144,7 @@ class StreamOptions(Request):
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-class SamplingParams(Request):
+class SamplingParams(Body):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -388,7 +434,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(Body):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
@@ -400,7 +446,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(Body):
     model: str | None = None
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
 

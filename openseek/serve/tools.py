@@ -13,8 +13,9 @@ built-in format instead: a system section listing the tools and the call format,
 assistant's text in that format, and tool results as user turns in `<tool_response>` tags (Hermes's convention).
 
 Parsing is forgiving and never loses text: a block that is not a JSON object with a known tool's `name` and an
-object of `arguments` stays in `content` as the model wrote it. Under `tool_choice: "required"` or a named function
-the answer is generated under `call_rule`'s grammar, so every reply is a valid call.
+object of `arguments` (strict JSON in UTF-8: no NaN, no lone surrogate) stays in `content` as the model wrote it.
+Under `tool_choice: "required"` or a named function the answer is generated under `call_rule`'s grammar, so every
+reply is a valid call.
 """
 
 from __future__ import annotations
@@ -158,13 +159,21 @@ class ToolCallParser:
         return "", [call]
 
     def _parse(self, block: str) -> ToolCall | None:
+        """The call a block holds, or None: the block is the model's text, so anything may come here (not JSON,
+        nesting deeper than json.loads goes, a `name` that is a list) and anything but a call stays text."""
         body = block.removeprefix(CALL_OPEN).removesuffix(CALL_CLOSE).strip()
         try:
             value = json.loads(body)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
-        if not (isinstance(value, dict) and value.get("name") in self.tool_names
-                and isinstance(value.get("arguments", {}), dict)):
+        if not isinstance(value, dict):
             return None
-        return ToolCall(len(self.calls), new_call_id(), value["name"],
-                        json.dumps(value.get("arguments", {}), ensure_ascii=False))
+        name, arguments = value.get("name"), value.get("arguments", {})
+        if not (isinstance(name, str) and name in self.tool_names and isinstance(arguments, dict)):
+            return None
+        try:  # they go out as JSON in a UTF-8 response, which NaN, 1e999 or an escaped lone surrogate would break
+            text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+            text.encode()
+        except ValueError:  # UnicodeEncodeError is one
+            return None
+        return ToolCall(len(self.calls), new_call_id(), name, text)
