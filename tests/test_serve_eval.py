@@ -265,3 +265,61 @@ def test_prefix_cache_second_turn_prefills_only_new_tokens_and_changes_no_output
         plain.stop()
     assert with_cache == without and any(with_cache)
     assert prefix_metrics(server.url)[1] > hit2  # the streams did share cached prefixes
+
+
+def test_scoring_32_long_prompts_in_one_request_keeps_memory_bounded(tmp_path):
+    """lm-evaluation-harness scores log-likelihoods with `echo` + `logprobs` over many prompts per request. The
+    prefill keeps hidden states, not [T, V] float32 logits per prompt (32 × 1,000 × 32k would be 4.2 GB), and the
+    head runs a chunk of positions at a time: the server grows by well under 1 GB, and each prompt's log-probs are
+    those it gets alone."""
+    import threading
+
+    import openseek
+    from openseek import Model, ModelConfig
+    from helpers_serve import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=32768, hidden_size=64, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=1100, eos_token_id=[tokenizer.eos_token_id],
+                      bos_token_id=tokenizer.bos_token_id)
+    model = Model(cfg).eval()
+    with torch.no_grad():  # the ids the tokenizer has win every position, so each top-1 can be written as text
+        model.lm_head.weight[tokenizer.vocab_size:] = 0
+        model.lm_head.weight[: tokenizer.vocab_size] *= 30
+    directory = tmp_path / "wide-vocab"
+    openseek.save(model, directory)
+    tokenizer.save(directory)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tokenizer.vocab_size, (1000,), generator=generator).tolist() for _ in range(32)]
+    body = dict(model="tiny", max_tokens=0, echo=True, logprobs=1)
+    server = LiveServer(directory)
+    try:
+        httpx.post(server.url + "/v1/completions", json=body | {"prompt": prompts[:1]}, timeout=120)  # warm-up
+        before, peak, done = server.rss_bytes(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], server.rss_bytes())
+                done.wait(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            together = httpx.post(server.url + "/v1/completions", json=body | {"prompt": prompts}, timeout=300)
+        finally:
+            done.set()
+            sampler.join()
+        alone = [httpx.post(server.url + "/v1/completions", json=body | {"prompt": [p]}, timeout=120)
+                 for p in prompts[:3]]
+    finally:
+        server.stop()
+    assert together.status_code == 200, together.text
+    assert peak[0] - before < 2**30, f"the server grew by {(peak[0] - before) / 2**20:.0f} MB"
+    choices = sorted(together.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 32
+    for response, choice in zip(alone, choices):
+        single = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert single[0] is None and len(single) == 1000
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(single[1:], abs=1e-5)

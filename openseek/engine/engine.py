@@ -234,6 +234,10 @@ class _Decoded:
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
 
 
+# Prompt positions scored at once: their float32 logits, [256, V], are 156 MB at a 152k vocabulary.
+PROMPT_SCORE_CHUNK = 256
+
+
 def _pairs(top, rows: int) -> list[TopLogprobs]:
     """(log-probs [N, k], ids [N, k]) from `token_logprobs` as one list of (id, log-prob) pairs per row."""
     if top is None:
@@ -558,13 +562,13 @@ class Engine:
         if self.draft_tokens:  # the MTP layer's last cached slot saw the token after it, which may differ here
             starts = [max(0, start - 1) for start in starts]
         scoring = any(r.prompt_logprobs is not None for r in new)
-        logits = batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new,
-                             starts, all_logits=scoring)
+        hidden = batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new,
+                             starts, all_hidden=scoring)
         for i, (request, row) in enumerate(zip(new, rows)):
             if prefix is not None:
                 prefix.save(request.prompt[:-1], batch.cache, row)
             if request.prompt_logprobs is not None:
-                request._score_prompt(logits[i])
+                request._score_prompt(hidden[i], self.model.lm_head)
         done = [row for request, row in zip(new, rows) if request.max_new_tokens == 0]
         for row in done:
             batch.owner[row]._finish("length")
@@ -648,12 +652,14 @@ class _Batch:
         return (free + list(range(self.size, self.cache.rows)))[:count]
 
     def admit(self, prompts: list[list[int]], src: list[int], rows: list[int], params, owners,
-              starts: list[int] | None = None, all_logits: bool = False) -> list[torch.Tensor] | None:
+              starts: list[int] | None = None, all_hidden: bool = False) -> list[torch.Tensor] | None:
         """Row rows[i] starts prompts[src[i]] for owners[i] with params[i]. One prefill per prompt (n samples of a
         prompt are n rows with the same src) stores each prompt but its last token; the first step feeds that.
         starts[i] (default 0): tokens of the prompt already in row rows[i] (a cached prefix); only the rest is
-        prefilled. With `all_logits`, returns per row the prefill's logits [len(prompt) - 1 - starts[i], V]: those
-        of positions starts[i].. (each predicts the token after it)."""
+        prefilled. With `all_hidden`, returns per row the prefill's final hidden states [len(prompt) - 1 - starts[i],
+        H]: those of positions starts[i].. (each predicts the token after it), for scoring the prompt. Hidden states,
+        not logits: [T, V] float32 logits for every admitted prompt would be rows × length × vocabulary (tens of GB
+        for 30 long prompts at V = 152k); the scorer applies the head a chunk at a time to the rows that asked."""
         self._update()
         grow = max(rows) + 1 - self.size
         if grow > 0:
@@ -665,20 +671,20 @@ class _Batch:
             self.mtp_state = torch.cat((self.mtp_state, self.mtp_state.new_zeros(grow, *self.mtp_state.shape[1:])))
         index = torch.tensor(rows, device=self.device)
         starts = starts or [0] * len(rows)
-        logits = [None] * len(rows)
+        hidden = [None] * len(rows)
         fresh = [i for i, start in enumerate(starts) if start == 0]
         if fresh:
             used = sorted({src[i] for i in fresh})
             out = self._prefill([prompts[p] for p in used], torch.tensor([used.index(src[i]) for i in fresh],
-                                device=self.device), index[fresh], all_logits)
-            for i in fresh if all_logits else ():
-                logits[i] = out[used.index(src[i]), : len(prompts[src[i]]) - 1]
+                                device=self.device), index[fresh], all_hidden)
+            for i in fresh if all_hidden else ():
+                hidden[i] = out[used.index(src[i]), : len(prompts[src[i]]) - 1]
         continuing = [i for i, start in enumerate(starts) if start > 0]
         if continuing:
             out = self._extend([prompts[src[i]] for i in continuing], [starts[i] for i in continuing],
-                               index[continuing], all_logits)
-            for j, i in enumerate(continuing if all_logits else ()):
-                logits[i] = out[j, : len(prompts[src[i]]) - 1 - starts[i]]
+                               index[continuing], all_hidden)
+            for j, i in enumerate(continuing if all_hidden else ()):
+                hidden[i] = out[j, : len(prompts[src[i]]) - 1 - starts[i]]
         last = torch.tensor([prompts[s][-1] for s in src], device=self.device)
         position = [len(prompts[s]) - 1 for s in src]
         self.tokens = self.tokens.index_copy(0, index, last)
@@ -687,17 +693,17 @@ class _Batch:
             self.owner[row], self.params[row], self.positions[row] = owner, p, pos
         self._sampler = None
         self._draft_logits = None
-        return logits if all_logits else None
+        return hidden if all_hidden else None
 
-    def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor, all_logits: bool):
+    def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor, all_hidden: bool):
         """Store each prompt but its last token into its cache rows: prompts[src[i]] goes to cache row dest[i].
-        Prompts are right-padded, so each starts at slot/position 0. Returns the logits [P, T, V] (only the last
-        position's unless `all_logits`)."""
+        Prompts are right-padded, so each starts at slot/position 0. Returns the final hidden states [P, T, H] with
+        `all_hidden`, else None."""
         heads = [p[:-1] for p in prompts]
         T = max(len(h) for h in heads)
         if T == 0:
             self._set_mtp_state(dest, None, src, [])
-            return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
+            return torch.zeros(len(prompts), 0, self.model.cfg.hidden_size, device=self.device)
         ids = torch.zeros(len(heads), T + 1, dtype=torch.long)  # the prompt; column t + 1 is the token after t
         real = torch.zeros(len(heads), T, dtype=torch.bool)
         for i, (p, h) in enumerate(zip(prompts, heads)):
@@ -706,16 +712,17 @@ class _Batch:
         self.cache.prefill(src, dest)
         padding = None if bool(real.all()) else real.to(self.device)
         positions = (real.long().cumsum(-1) - 1).clamp(min=0).to(self.device)  # pads repeat the last position
-        return self._forward(ids.to(self.device), positions, padding, all_logits, dest, src,
+        return self._forward(ids.to(self.device), positions, padding, all_hidden, dest, src,
                              [len(h) - 1 for h in heads])
 
-    def _extend(self, prompts: list[list[int]], starts: list[int], dest: torch.Tensor, all_logits: bool):
+    def _extend(self, prompts: list[list[int]], starts: list[int], dest: torch.Tensor, all_hidden: bool):
         """Store prompts[i][starts[i]:-1] into cache row dest[i], which holds the prompt's first starts[i] tokens
         already: each token attends to those and to the ones before it. Rows are right-padded; a pad goes to the
-        slot of its prompt's last token, which the first decode step overwrites. Returns the logits [P, T, V]."""
+        slot of its prompt's last token, which the first decode step overwrites. Returns the final hidden states
+        [P, T, H] with `all_hidden`, else None."""
         T = max(len(p) - 1 - start for p, start in zip(prompts, starts))
         if T == 0:
-            return torch.zeros(len(prompts), 0, self.model.cfg.vocab_size, device=self.device)
+            return torch.zeros(len(prompts), 0, self.model.cfg.hidden_size, device=self.device)
         ids = torch.zeros(len(prompts), T + 1, dtype=torch.long)  # column t + 1 is the token after t
         slots = torch.zeros(len(prompts), T, dtype=torch.long)
         for i, (p, start) in enumerate(zip(prompts, starts)):
@@ -724,22 +731,21 @@ class _Batch:
         slots = slots.to(self.device)
         self.cache.decode(slots, length=int(slots.max()) + 1, rows=dest)
         rows = torch.arange(len(prompts), device=self.device)
-        return self._forward(ids.to(self.device), slots, None, all_logits, dest, rows,
+        return self._forward(ids.to(self.device), slots, None, all_hidden, dest, rows,
                              [len(p) - 2 - start for p, start in zip(prompts, starts)])
 
-    def _forward(self, ids, positions, padding_mask, all_logits: bool, dest, src, last: list[int]):
-        """The prefill forward over the cache of ids[:, :-1] (at `positions`); returns its logits [P, T, V] (only
-        the last position's unless `all_logits`). When speculating, the MTP module then runs over the same
+    def _forward(self, ids, positions, padding_mask, all_hidden: bool, dest, src, last: list[int]):
+        """The prefill forward over the cache of ids[:, :-1] (at `positions`), without the head: generation reads no
+        prefill logits (the first decode step feeds the prompt's last token). Returns the final hidden states
+        [P, T, H] with `all_hidden`, else None. When speculating, the MTP module then runs over the same
         positions, each seeing the token after it (ids[:, 1:]), which fills its cache layer, and its output at
         index last[src[i]] becomes the state of cache row dest[i] (the position before the prompt's last token)."""
-        if not self.draft_tokens:
-            return self.model(ids[:, :-1], positions=positions, padding_mask=padding_mask, cache=self.cache,
-                              all_logits=all_logits)
-        hidden = self.model.hidden_states(ids[:, :-1], positions, padding_mask, self.cache)
-        logits = self.model.lm_head(hidden if all_logits else hidden[:, -1:])
-        mtp = self.model.mtp_hidden(0, hidden, ids[:, 1:], positions, padding_mask, self.cache)
-        self._set_mtp_state(dest, mtp, src, last)
-        return logits
+        last_only = not (all_hidden or self.draft_tokens)
+        hidden = self.model.hidden_states(ids[:, :-1], positions, padding_mask, self.cache, last_only)
+        if self.draft_tokens:
+            mtp = self.model.mtp_hidden(0, hidden, ids[:, 1:], positions, padding_mask, self.cache)
+            self._set_mtp_state(dest, mtp, src, last)
+        return hidden if all_hidden else None
 
     def _set_mtp_state(self, dest: torch.Tensor, mtp: torch.Tensor | None, src, last: list[int]) -> None:
         """Row dest[i] drafts next from mtp[src[i], last[src[i]]] (zeros where that index is -1: no state)."""
@@ -918,13 +924,21 @@ class Request:
                 self._listeners.remove((loop, event))
 
     # engine thread side
-    def _score_prompt(self, logits: torch.Tensor) -> None:
-        """Prompt log-probs from the prefill's logits [len(prompt) - 1, V], as the sampler defines them."""
+    def _score_prompt(self, hidden: torch.Tensor, head) -> None:
+        """Prompt log-probs from the prefill's final hidden states [len(prompt) - 1, H], as the sampler defines
+        them. The head runs PROMPT_SCORE_CHUNK positions at a time and only each chunk's targets and top-k are
+        kept, so scoring holds at most [PROMPT_SCORE_CHUNK, V] float32 logits whatever the prompt's length."""
         temperature = self.params.temperature or 1.0  # 0 (greedy): plain log_softmax
-        targets = torch.tensor(self.prompt[1:], dtype=torch.long, device=logits.device)
-        chosen, top = token_logprobs(logits.float() / temperature, targets, self.top_logprobs_k)
-        self.prompt_logprobs[:] = [None, *chosen.tolist()]
-        self.prompt_top_logprobs[:] = [None, *_pairs(top, len(targets))]
+        targets = torch.tensor(self.prompt[1:], dtype=torch.long, device=hidden.device)
+        chosen, top = [], []
+        for start in range(0, len(targets), PROMPT_SCORE_CHUNK):
+            end = start + PROMPT_SCORE_CHUNK
+            logits = head(hidden[start:end]).float() / temperature
+            chunk_chosen, chunk_top = token_logprobs(logits, targets[start:end], self.top_logprobs_k)
+            chosen += chunk_chosen.tolist()
+            top += _pairs(chunk_top, len(chunk_chosen))
+        self.prompt_logprobs[:] = [None, *chosen]
+        self.prompt_top_logprobs[:] = [None, *top]
 
     def _emit(self, token: int, logprob: float | None, top: TopLogprobs) -> None:
         with self._lock:
