@@ -300,6 +300,13 @@ BAD = [
     ({"frequency_penalty": -1}, 422, "frequency_penalty"),
     ({"logit_bias": {"5": 10}}, 422, "logit_bias"),
     ({"best_of": 3}, 422, "best_of"),
+    # vLLM's extensions that would change the answer, refused until honoured (README: request fields)
+    ({"ignore_eos": True}, 422, "ignore_eos"),
+    ({"stop_token_ids": [5]}, 422, "stop_token_ids"),
+    ({"include_stop_str_in_output": True}, 422, "include_stop_str_in_output"),
+    ({"skip_special_tokens": False}, 422, "skip_special_tokens"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, 422, "chat_template_kwargs"),
+    ({"use_beam_search": True}, 422, "use_beam_search"),
     ({"messages": ASK + [{"role": "tool", "content": "3"}]}, 400, "messages[1].tool_call_id"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "add", "arguments": "{not json"}}]}]}, 422, "messages.1.tool_calls.0.function.arguments"),
@@ -322,6 +329,7 @@ def test_budget_on_a_model_that_does_not_reason_is_refused(random_server):
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(reasoning_client):
-    response = reasoning_client.chat.completions.create(model="tiny", messages=ASK, presence_penalty=0,
-                                                        frequency_penalty=0.0, logit_bias={})
+    response = reasoning_client.chat.completions.create(
+        model="tiny", messages=ASK, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="someone",
+        extra_body={"ignore_eos": False, "skip_special_tokens": True, "chat_template_kwargs": {}, "metadata": {}})
     assert response.choices[0].message.content == ANSWER

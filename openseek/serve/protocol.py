@@ -44,6 +44,20 @@ UNHONOURED = {
     "guided_choice": (None,),
     "guided_grammar": (None,),
     "structured_outputs": (None,),
+    # vLLM's sampling extensions; each is refused until the server honours it
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "chat_template_kwargs": (None, {}),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "logits_processors": (None, []),
 }
 UNHONOURED_HINTS = {"functions": "use `tools`", "function_call": "use `tool_choice`"}
 
@@ -172,13 +186,26 @@ class SamplingParams(Body):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    chat_template_kwargs: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    logits_processors: Any = None
 
     @field_validator(*UNHONOURED)
     @classmethod
     def _neutral_only(cls, value, info):
         """A field this server cannot honour is refused unless it leaves the answer unchanged."""
         neutral = UNHONOURED[info.field_name]
-        if any(value == n and type(value) is not bool for n in neutral):
+        if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):  # True is not 1
             return value
         hint = UNHONOURED_HINTS.get(info.field_name, f"send {neutral[-1]!r} or leave it out")
         raise ValueError(f"{info.field_name}={value!r} is not supported by this server ({hint})")
