@@ -10,6 +10,7 @@ temporary buffer of its own size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -113,25 +114,72 @@ def local_to_hf(model: Model) -> dict[str, torch.Tensor]:
 # ---- loading --------------------------------------------------------------------------------------------------
 
 
+_HUB_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_HUB_ID = re.compile(f"{_HUB_NAME}/{_HUB_NAME}")  # owner/name, the form every repo this project loads has
+_ENV_ON = {"1", "ON", "YES", "TRUE"}  # the values huggingface_hub reads as "on" in HF_HUB_OFFLINE
+
+
 def resolve(path_or_repo_id: str | os.PathLike) -> Path:
-    """A local model directory, or a hub repo id downloaded (or found in the cache) with huggingface_hub."""
+    """A local model directory, or a hub repo id found in the Hugging Face cache or downloaded with huggingface_hub.
+
+    Only a string of the form `owner/name` that cannot be a local path reaches the hub, so a mistyped or not yet
+    written local directory (`models/mine`, `runs/out`) fails here, naming it, instead of sending its name to
+    huggingface.co: the project opens no connection unless asked. HF_HUB_OFFLINE keeps a hub id to the local cache.
+    """
+    text = str(path_or_repo_id)
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
-    text = str(path_or_repo_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(f"{text}: no such model directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError
+    if path.exists():
+        raise FileNotFoundError(f"{text}: not a model directory (a file; pass the directory holding config.json)")
+    reason = _meant_as_local_path(path_or_repo_id)
+    if reason:
+        raise FileNotFoundError(f"{text}: no such model directory (looked for {path.absolute()}; {reason})")
+    return _from_hub(text)
 
+
+def _meant_as_local_path(path_or_repo_id: str | os.PathLike) -> str | None:
+    """Why an argument that names nothing on disk must have meant a local directory; None for a hub id."""
+    text = str(path_or_repo_id)
+    if isinstance(path_or_repo_id, os.PathLike):
+        return "given as a path, so not looked up on the Hugging Face hub"
+    if not _HUB_ID.fullmatch(text) or "--" in text or ".." in text or len(text) > 96:
+        return "not a Hugging Face hub id either, which has the form owner/name"
+    owner = text.split("/")[0]
+    if Path(owner).is_dir():  # transformers would ask the hub for it; a local `owner` says a path was meant
+        return (f"{owner}/ is a local directory, so this names a path in it and was not looked up on the Hugging "
+                f"Face hub; to use the hub repo {text}, run `hf download {text}` and pass the directory it prints")
+    return None
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported: a variable set since (a notebook, a test) still counts
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _ENV_ON
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{text}: not a local directory, and no such repository on the Hugging Face hub")
-    except Exception as e:  # offline, no cache, network down: say so plainly
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        if not offline:
+            raise FileNotFoundError(
+                f"{repo_id}: not a local directory, and not in the local Hugging Face cache, and the hub could not "
+                f"be reached to download it: {e}"
+            ) from e
         raise FileNotFoundError(
-            f"{text}: not a local directory, and downloading it from the Hugging Face hub failed "
-            f"(offline, or HF_HUB_OFFLINE set, and not in the local cache?): {type(e).__name__}: {e}"
+            f"{repo_id}: not a local directory, and not in the local Hugging Face cache; HF_HUB_OFFLINE is set "
+            f"(offline), so it was not downloaded: unset HF_HUB_OFFLINE, or run `hf download {repo_id}` where the "
+            f"network is allowed"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local directory, and no such repository on the Hugging Face hub (or a private or "
+            f"gated one: log in with `hf auth login`)"
+        ) from None
+    except Exception as e:  # network down, hub unavailable: say so plainly
+        raise FileNotFoundError(
+            f"{repo_id}: not a local directory, and downloading it from the Hugging Face hub failed: "
+            f"{type(e).__name__}: {e}"
         ) from e
 
 
@@ -139,21 +187,32 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict]:
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (every model directory needs a config.json)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    hf = _read_json_object(path, ConfigError)
     return ModelConfig.from_hf(hf, source=str(path)), hf
+
+
+def _read_json_object(path: Path, error: type[ValueError]) -> dict:
+    """A JSON file's top-level object; a malformed file raises `error` naming it (and the line, where there is one)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found a JSON {type(value).__name__}")
+    return value
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = directory / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = _read_json_object(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
-        files = {name: directory / file for name, file in weight_map.items()}
+        roots = _weight_roots(directory)
+        files = {name: _shard_path(index, roots, name, shard) for name, shard in weight_map.items()}
         for file in set(files.values()):
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: missing (listed in {index})")
@@ -164,6 +223,35 @@ def weight_files(directory: Path) -> dict[str, Path]:
     pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
     hint = f" (found {', '.join(pickled)}: pickle files are never read; convert them to safetensors)" if pickled else ""
     raise FileNotFoundError(f"{directory}: missing {WEIGHTS} or {INDEX}{hint}")
+
+
+def _weight_roots(directory: Path) -> list[Path]:
+    """Where a shard may really lie: inside the model directory, or, for a snapshot in the huggingface_hub cache
+    (whose files are symlinks to ../../blobs), in that repository's blob store."""
+    real = directory.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _shard_path(index: Path, roots: list[Path], tensor: str, shard) -> Path:
+    """The file that `weight_map[tensor] = shard` names, refused unless it lies inside the model directory.
+
+    The index is part of the checkpoint, written by whoever published it: an absolute name, a `..` or a symlink
+    would otherwise make loading open any file this user can read."""
+    entry = f"{index}: weight_map[{json.dumps(tensor, ensure_ascii=False)}] = {json.dumps(shard, ensure_ascii=False)}"
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{entry}: not a file name")
+    relative = Path(shard)
+    if relative.anchor or ".." in relative.parts:
+        raise CheckpointError(f"{entry} points outside the model directory")
+    path = index.parent / relative
+    if path.exists():  # a missing shard is reported, with its index, once all of them are known
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise CheckpointError(f"{entry} points outside the model directory (it resolves to {real})")
+    return path
 
 
 def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
@@ -259,7 +347,7 @@ def _read_full(handle, data_start: int, name: str, entry, files, block) -> torch
 def _eos_ids(cfg: ModelConfig, directory: Path) -> list[int]:
     """config.json's EOS ids plus generation_config.json's (instruct checkpoints often list extra ones there)."""
     path = directory / "generation_config.json"
-    extra = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    extra = _read_json_object(path, ConfigError).get("eos_token_id") if path.is_file() else None
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
     return list(dict.fromkeys([*cfg.eos_token_id, *extra]))
 
@@ -273,16 +361,13 @@ def _fp8_block(hf: dict) -> tuple[int, int] | None:
 
 def _plan(files, cfg, expected, block) -> list[tuple[str, Target, Path]]:
     """Validate names and shapes from the headers alone; return (checkpoint name, target, file) to copy."""
-    headers = {}  # name -> (shape, dtype), read from the safetensors headers only
-    for path in set(files.values()):
-        for name, entry in read_header(path)[0].items():
-            headers[name] = (entry.shape, entry.dtype)
+    headers = {path: read_header(path)[0] for path in set(files.values())}  # file -> its tensor table
     plan, filled = [], {}
     for name, path in files.items():
+        if name not in headers[path]:  # FP8 scales too: they are read from the file the index names
+            raise CheckpointError(f"{name}: listed in {INDEX} as in {path}, which does not hold it")
         if name.endswith("_scale_inv") and block is not None:
             continue
-        if name not in headers:
-            raise CheckpointError(f"{name}: listed in the index but not present in {path.name}")
         target = hf_to_local(name, cfg)
         if target is None or (cfg.tie_word_embeddings and target.param == "lm_head.weight"):
             continue
@@ -298,10 +383,10 @@ def _plan(files, cfg, expected, block) -> list[tuple[str, Target, Path]]:
                 want = (target.rows[1] - target.rows[0],) + want[1:]
             if target.expert >= param.shape[0]:
                 raise CheckpointError(f"{name} (in {path.name}): expert {target.expert} but n_routed_experts={param.shape[0]}")
-        found = headers[name][0]
+        found = headers[path][name].shape
         if found != want:
             raise CheckpointError(f"{name} (in {path.name}): shape {list(found)}, expected {list(want)}")
-        if headers[name][1] == torch.float8_e4m3fn and name + "_scale_inv" not in files:
+        if headers[path][name].dtype == torch.float8_e4m3fn and name + "_scale_inv" not in files:
             raise CheckpointError(f"{name} (in {path.name}): float8 weight without {name}_scale_inv")
         plan.append((name, target, path))
         filled.setdefault(target.param, []).append(target)
@@ -355,31 +440,62 @@ class Entry:
 
 
 def read_header(path: Path) -> tuple[dict[str, Entry], int]:
-    """The tensor table of a safetensors file and the offset where its data begins; checks it fits the file."""
+    """The tensor table of a safetensors file and the offset where its data begins.
+
+    This is where every weight file's header is read, so every field is checked here, against the format and the
+    file's size: a truncated or malformed file fails as a CheckpointError naming it (and the tensor), before any
+    weight is read, never as a KeyError midway, and no entry can send a read outside its own bytes of the file.
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 2 or 8 + length > size:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        length = int.from_bytes(prefix, "little")
+        if 8 + length > size:
+            raise CheckpointError(f"{path}: its header of {length} bytes runs past the end of the {size}-byte file "
+                                  f"(truncated file, or not a safetensors file)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # invalid JSON, invalid UTF-8, nesting too deep for the parser
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, "
+                              f"not an object)")
     header.pop("__metadata__", None)
-    entries = {}
-    for name, info in header.items():
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        entry = Entry(SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start, end)
-        numel = 1
-        for dim in entry.shape:
-            numel *= dim
-        if end - start != numel * entry.dtype.itemsize or 8 + length + end > size:
-            raise CheckpointError(f"{path}: tensor {name} has inconsistent offsets (truncated file?)")
-        entries[name] = entry
-    return entries, 8 + length
+    data_size = size - 8 - length
+    return {name: _entry(path, name, info, data_size) for name, info in header.items()}, 8 + length
+
+
+def _entry(path: Path, name: str, info, data_size: int) -> Entry:
+    """One tensor's header entry, checked: a known dtype, sizes >= 0, and offsets that span exactly its bytes,
+    inside the file's data."""
+    tensor = f"{path}: tensor {name}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{tensor}: header entry is a JSON {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{tensor} has unsupported dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    if not _sizes(shape):
+        raise CheckpointError(f"{tensor}: shape {shape!r} is not a list of sizes >= 0")
+    if not _sizes(offsets) or len(offsets) != 2:
+        raise CheckpointError(f"{tensor}: data_offsets {offsets!r} is not [start, end] in bytes")
+    start, end = offsets
+    entry = Entry(SAFETENSORS_DTYPES[dtype], tuple(shape), start, end)
+    nbytes = math.prod(shape) * entry.dtype.itemsize
+    if end - start != nbytes:
+        raise CheckpointError(f"{tensor}: data_offsets [{start}, {end}] span {end - start} bytes, but shape "
+                              f"{shape} of {dtype} needs {nbytes}")
+    if end > data_size:
+        raise CheckpointError(f"{tensor}: data_offsets end at byte {end} of the data, which holds only {data_size} "
+                              f"bytes (truncated file?)")
+    return entry
+
+
+def _sizes(value) -> bool:
+    """A JSON list of integers >= 0 (JSON's true and false are Python ints too: not sizes)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 def _read(handle, data_start: int, entry: Entry, into: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,11 @@
 """HF-format checkpoints: round trips with transformers, shards, release-form configs, FP8, MTP, bad input."""
 
+import functools
 import json
+import re
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,14 +250,22 @@ def test_wrong_shape_names_tensor_expected_and_found(hf_model_dir):
         openseek.load(directory)
 
 
-def test_hub_download_offline_says_so(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+@pytest.mark.parametrize("seen_at_import", [True, False], ids=["set-before-import", "set-after-import"])
+def test_hub_download_offline_says_so(monkeypatch, tmp_path, network_attempts, seen_at_import):
+    """HF_HUB_OFFLINE counts even when set after huggingface_hub read it at import (a notebook, this test)."""
     import huggingface_hub.constants as constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match="offline"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", seen_at_import)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as error:
         openseek.load("openseek-test/definitely-not-cached")
+    assert str(error.value) == (
+        "openseek-test/definitely-not-cached: not a local directory, and not in the local Hugging Face cache; "
+        "HF_HUB_OFFLINE is set (offline), so it was not downloaded: unset HF_HUB_OFFLINE, or run "
+        "`hf download openseek-test/definitely-not-cached` where the network is allowed"
+    )
+    assert network_attempts == []
 
 
 def test_loading_never_holds_two_copies_of_the_weights(tmp_path):
@@ -290,3 +303,188 @@ def test_generation_config_adds_its_eos_ids(hf_model_dir):
     (directory / "config.json").write_text(json.dumps(cfg))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 5]}))
     assert openseek.load(directory).cfg.eos_token_id == [5, 7]
+
+
+# ---- paths and malformed files: nothing outside the model directory is read, nothing is fetched unasked ---------
+
+NETWORK_EVENTS = {"socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname"}
+_watching: list[list[str]] = []  # the network_attempts list of the test now running, while it holds the fixture
+
+
+def _refuse_network(event, args):
+    if _watching and event in NETWORK_EVENTS:
+        _watching[-1].append(f"{event} {args!r}")
+        raise ConnectionRefusedError(f"this test allows no network access ({event})")
+
+
+@functools.cache
+def _install_network_guard():
+    sys.addaudithook(_refuse_network)  # an audit hook cannot be removed: installed once, it acts only while watched
+
+
+@pytest.fixture
+def network_attempts():
+    """Every socket connect or send and every DNS lookup made during the test, each refused on the spot."""
+    _install_network_guard()
+    attempts: list[str] = []
+    _watching.append(attempts)
+    yield attempts
+    _watching.remove(attempts)
+
+
+def test_network_guard_sees_a_lookup(network_attempts):
+    """The control: the guard the tests below rely on does catch a lookup and a connection."""
+    with pytest.raises(ConnectionRefusedError):
+        socket.getaddrinfo("127.0.0.1", 80)
+    with pytest.raises(ConnectionRefusedError), socket.socket() as sock:
+        sock.connect(("127.0.0.1", 9))
+    assert [a.split()[0] for a in network_attempts] == ["socket.getaddrinfo", "socket.connect"]
+
+
+@pytest.mark.parametrize("argument, reason", [
+    ("models/mine", "models/ is a local directory, so this names a path in it and was not looked up on the Hugging "
+                    "Face hub; to use the hub repo models/mine, run `hf download models/mine`"),
+    ("runs/out", "runs/ is a local directory"),
+    ("mine", "not a Hugging Face hub id either, which has the form owner/name"),
+    ("./mine", "not a Hugging Face hub id either"),
+    ("a/b/c", "not a Hugging Face hub id either"),
+    (Path("owner/name"), "given as a path, so not looked up on the Hugging Face hub"),
+])
+def test_missing_local_path_is_named_and_never_looked_up_on_the_hub(tmp_path, monkeypatch, network_attempts,
+                                                                   argument, reason):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        openseek.load(argument)
+    message = str(error.value)
+    assert message.startswith(f"{argument}: no such model directory (looked for {Path.cwd() / argument}; ")
+    assert reason in message
+    assert network_attempts == []
+
+
+def tiny_sharded_model(directory):
+    """A one-layer llama saved as ten shards with their index (every tensor in a file of its own or nearly)."""
+    torch.manual_seed(0)
+    cfg = openseek.ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, eos_token_id=[1])
+    model = openseek.Model(cfg).eval()
+    openseek.save(model, directory, max_shard_bytes=2000)
+    return model
+
+
+def edit_index(directory, change):
+    path = directory / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    change(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "absolute", "sub/../../outside.safetensors", "link"])
+def test_shard_names_outside_the_model_directory_are_refused(tmp_path, shard):
+    directory = tmp_path / "m"
+    tiny_sharded_model(directory)
+    outside = tmp_path / "outside.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 16)}, outside)
+    if shard == "absolute":
+        shard = str(outside)
+    elif shard == "link":  # a symlink in the directory that resolves outside it
+        shard = "linked.safetensors"
+        (directory / shard).symlink_to(outside)
+    edit_index(directory, lambda weights: weights.update({"model.embed_tokens.weight": shard}))
+    entry = f'model.safetensors.index.json: weight_map["model.embed_tokens.weight"] = "{shard}"'
+    with pytest.raises(CheckpointError, match=re.escape(f"{entry} points outside the model directory")):
+        openseek.load(directory)
+
+
+def test_shard_symlinks_inside_the_directory_and_into_the_hub_cache_load(tmp_path, monkeypatch, network_attempts):
+    """A huggingface_hub cache snapshot is symlinks into ../../blobs: loaded offline by hub id, from the cache."""
+    import huggingface_hub.constants as constants
+
+    saved = tmp_path / "saved"
+    model = tiny_sharded_model(saved)
+    repo = tmp_path / "hub" / "models--openseek-test--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for i, file in enumerate(sorted(saved.iterdir())):
+        file.rename(repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    # and a shard reached through a second link that stays inside the snapshot
+    (snapshot / "again.safetensors").symlink_to("model-00001-of-00010.safetensors")
+    edit_index(snapshot, lambda weights: weights.update({"model.embed_tokens.weight": "again.safetensors"}))
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = openseek.load("openseek-test/tiny")
+    assert network_attempts == []
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_malformed_index_entries_are_named(tmp_path):
+    directory = tmp_path / "m"
+    tiny_sharded_model(directory)
+    edit_index(directory, lambda weights: weights.update({"model.norm.weight": "model-00001-of-00010.safetensors"}))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "model.norm.weight: listed in model.safetensors.index.json as in "
+            f"{directory / 'model-00001-of-00010.safetensors'}, which does not hold it")):
+        openseek.load(directory)
+    edit_index(directory, lambda weights: weights.update({"model.norm.weight": None}))
+    with pytest.raises(CheckpointError, match=re.escape('weight_map["model.norm.weight"] = null: not a file name')):
+        openseek.load(directory)
+    (directory / "model.safetensors.index.json").write_text('{"weight_map": {\n  "model.norm.weight": oops}}')
+    with pytest.raises(CheckpointError, match=re.escape("model.safetensors.index.json: line 2: invalid JSON")):
+        openseek.load(directory)
+
+
+def safetensors_bytes(header, data: bytes = b"") -> bytes:
+    """A safetensors file written by hand: 8-byte little-endian header length, the header, then the data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def f32(shape, offsets):
+    return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x10\x00\x00", "not a safetensors file (3 bytes, too short for a header)"),
+    ((100).to_bytes(8, "little") + b'{"w": {"dtype"', "its header of 100 bytes runs past the end of the 22-byte file "
+                                                       "(truncated file, or not a safetensors file)"),
+    (safetensors_bytes(b"\x80not json"), "not a safetensors file (header is not JSON"),
+    (safetensors_bytes([1, 2]), "not a safetensors file (header is a JSON list, not an object)"),
+    (safetensors_bytes({"w": 5}), "tensor w: header entry is a JSON int, not an object"),
+    (safetensors_bytes({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     "tensor w has unsupported dtype 'F33' (known: F64, F32,"),
+    (safetensors_bytes({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+     "tensor w: data_offsets None is not [start, end] in bytes"),
+    (safetensors_bytes({"w": f32([-1, -2], [0, 8])}, bytes(8)), "tensor w: shape [-1, -2] is not a list of sizes >= 0"),
+    (safetensors_bytes({"w": f32([2], [-8, 0])}, bytes(8)), "tensor w: data_offsets [-8, 0] is not [start, end]"),
+    (safetensors_bytes({"w": f32([2], [0, 4])}, bytes(8)),
+     "tensor w: data_offsets [0, 4] span 4 bytes, but shape [2] of F32 needs 8"),
+    (safetensors_bytes({"w": f32([4], [0, 16])}, bytes(8)),
+     "tensor w: data_offsets end at byte 16 of the data, which holds only 8 bytes (truncated file?)"),
+], ids=["short", "truncated-header", "not-json", "not-object", "entry-not-object", "wrong-dtype", "no-offsets",
+        "negative-shape", "negative-offset", "offsets-vs-shape", "offsets-past-end"])
+def test_malformed_safetensors_header_names_file_and_tensor(tmp_path, content, problem):
+    directory = tmp_path / "m"
+    tiny_sharded_model(directory)
+    shard = directory / "model-00003-of-00010.safetensors"
+    shard.write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: {problem}")):
+        openseek.load(directory)
+
+
+def test_truncated_weight_file_names_file_and_tensor(tmp_path):
+    directory = tmp_path / "m"
+    tiny_sharded_model(directory)
+    shard = directory / "model-00008-of-00010.safetensors"  # holds only model.layers.0.mlp.down_proj.weight
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{shard}: tensor model.layers.0.mlp.down_proj.weight: data_offsets end at byte 2048 of the data, "
+            "which holds only 1948 bytes (truncated file?)")):
+        openseek.load(directory)
