@@ -91,6 +91,15 @@ def save_model_dir(directory: Path, context: int = CONTEXT, chat_template: str |
     return directory
 
 
+def metrics(url: str, headers=None) -> dict[str, float]:
+    """/metrics (Prometheus text) as {series: value}."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers_serve import ANSWER, CONTEXT, COIN_PROMPT, LOOP_PROMPT, REASONING, LiveServer, save_model_dir
+from helpers_serve import ANSWER, CONTEXT, COIN_PROMPT, LOOP_PROMPT, REASONING, LiveServer, metrics, save_model_dir
 
 KEY = "test-key-5f1c"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -48,13 +48,6 @@ def server(model_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def metrics(url: str, headers=None) -> dict[str, float]:
-    """/metrics (Prometheus text) as {series: value}."""
-    text = httpx.get(url + "/metrics", headers=headers).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 def prompt_tokens(tokenizer, messages) -> int:

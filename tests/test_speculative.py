@@ -260,7 +260,7 @@ def test_stats_appear_on_metrics_and_serve_takes_the_flags(models):
 
     engine = openseek.Engine(models("deepseek_v3"), speculative="mtp", num_speculative_tokens=2)
     engine.generate(PROMPTS, 6, temperature=0, stop_token_ids=[])
-    text = Metrics(8, lambda: 0, None, engine.stats).render().decode()
+    text = Metrics(8, lambda: 0, lambda: 0, None, engine.stats).render().decode()
     assert f"openseek_spec_decode_draft_tokens_total {float(engine.stats.drafted)}" in text
     assert f"openseek_spec_decode_accepted_tokens_total {float(engine.stats.accepted)}" in text
     assert "openseek_spec_decode_acceptance_rate" in text and "openseek_spec_decode_mean_accepted_length" in text

@@ -34,7 +34,15 @@ A background thread (started on the first submit; `engine.close()` stops it) kee
 `max_batch_size` rows: each step it admits waiting requests into free rows (prefilling them), decodes one token
 for every row, streams the tokens and retires finished or cancelled requests. Rows hold up to `max_seq_len`
 tokens (prompt + new; default min(context, 4096), so a long-context model does not preallocate its whole context).
-A failing step (or a raising `on_token`) fails its requests: finish_reason "error", and awaiting them raises.
+`engine.running` is how many requests hold a row after the last step.
+
+Faults stay with the requests they hit: finish_reason "error", and awaiting them raises the error. A request whose
+admission raises (its prefill, its prefix-cache copy, scoring its prompt; or a raising `on_token`) fails alone: when
+requests admitted together fail, each is admitted again by itself, so only those that fail by themselves get the
+error and the running rows never see it. Any other error in a step fails that step's unfinished requests, and the
+thread goes on with a fresh batch. Should the thread itself stop on an error (one raised outside a step, or one that
+is no `Exception`), `engine.failure` holds it, every waiting or running request fails with it and `submit` raises
+RuntimeError from then on: no request ever waits on a thread that is gone.
 
 Prefix caching (prefix.py, serving thread only): each prompt's cache rows are kept when it is prefilled, and prompt +
 answer when it finishes, up to `prefix_cache_tokens` tokens (least recently used dropped first; 0 turns it off).
@@ -282,6 +290,8 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.running = 0  # requests holding a row of the serving batch, after the last step
+        self.failure: BaseException | None = None  # what stopped the serving thread, if an error did
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -475,6 +485,8 @@ class Engine:
         with self._wake:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            if self.failure is not None:
+                raise self._stopped_error() from self.failure
             self._queue.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="openseek-engine", daemon=True)
@@ -491,72 +503,135 @@ class Engine:
             self._thread.join()
 
     def _serve(self) -> None:
-        """The serving thread: one running batch whose rows are requests (`_Batch.owner`); each step admits waiting
-        requests into free rows, decodes, streams every row's token and frees the rows of finished requests."""
+        """The serving thread: one running batch whose rows are requests (`_Batch.owner`), advanced by one
+        `_serve_step` at a time. A step that raises fails its own requests and the loop goes on with a fresh batch;
+        an error that ends the loop is kept in `failure` and fails every request left (see the module docstring)."""
         batch: _Batch | None = None  # made on first use; dropped when a step fails
-        while True:
-            running = [r for r in batch.owner if r is not None] if batch else []
-            with self._wake:
-                while not self._closed and not self._queue and not running:
-                    self._wake.wait()
-                if self._closed:
-                    for r in [*self._queue, *running]:
-                        r._finish("cancelled")
+        new: list[Request] = []
+        try:
+            while True:
+                running = [r for r in batch.owner if r is not None] if batch else []
+                new = self._take_waiting(running)
+                if new is None:
                     return
-                new = []
-                while self._queue and len(new) < self.max_batch_size - len(running):
-                    request = self._queue.popleft()
-                    if request.cancelled:
-                        request._finish("cancelled")
-                    else:
-                        new.append(request)
-            try:
-                with self._model_lock, torch.inference_mode():
-                    if batch is None:
-                        # a row's last step may write k draft slots past max_seq_len
-                        batch = _Batch(self, self.max_batch_size, self.max_seq_len + self.draft_tokens)
-                    if new:
-                        self._admit(batch, new)
-                    cancelled = [i for i, r in enumerate(batch.owner) if r is not None and r.cancelled]
-                    for i in cancelled:
-                        batch.owner[i]._finish("cancelled")
-                    batch.vacate(cancelled)
-                    if not batch.size:
-                        continue
-                    live = [r for r in batch.owner if r is not None]
-                    want_logprobs = any(r.want_logprobs for r in live)
-                    top = max((r.top_logprobs_k for r in live if r.want_logprobs), default=0)
-                    generators = [None if r is None else r.generator for r in batch.owner]
-                    with self.threads.unit():
-                        out = batch.step(generators, want_logprobs, top)
-                    rows, T = out.tokens.shape
-                    if self.draft_tokens:
-                        live = torch.tensor([r is not None for r in batch.owner], device=out.counts.device)
-                        self.stats.record(out.counts[live], self.draft_tokens)
-                    chosen, counts = out.tokens.tolist(), out.counts.tolist()
-                    logprobs = out.logprobs.tolist() if want_logprobs else [[None] * T] * rows
-                    pairs = _pairs(None if top == 0 else tuple(t.flatten(0, 1) for t in out.top_logprobs), rows * T)
-                    top_logprobs = [pairs[i * T : (i + 1) * T] for i in range(rows)]
-            except Exception as error:  # fail the running requests, keep serving the others
-                for r in [*(batch.owner if batch else []), *new]:
-                    if r is not None and not r.done:
-                        r._finish("error", error)
-                batch = None
-                continue
-            finished = [i for i, r in enumerate(batch.owner) if r is not None and any(
-                self._emit(r, chosen[i][j], logprobs[i][j], top_logprobs[i][j]) for j in range(counts[i]))]
-            for i in finished:
-                request = batch.owner[i]
-                if self.prefix_cache is not None and request.finish_reason in ("stop", "length"):
-                    # the row holds the prompt and every new token but the last (never fed)
-                    self.prefix_cache.save(request.prompt + request.token_ids[:-1], batch.cache, i)
-            batch.vacate(finished)
+                try:
+                    batch = self._serve_step(batch, new)
+                except Exception as error:  # this step's requests fail; the waiting ones get the next steps
+                    for r in [*running, *new]:
+                        if not r.done:
+                            r._finish("error", error)
+                    batch = None
+                self.running = sum(r is not None for r in batch.owner) if batch else 0
+        except BaseException as error:
+            with self._wake:
+                self.failure = error
+                waiting = list(self._queue)
+                self._queue.clear()
+            # an Exception for them, whatever the error was: a SystemExit must not stop the threads awaiting them
+            stopped = self._stopped_error()
+            stopped.__cause__ = error
+            for r in [*waiting, *(batch.owner if batch else []), *new]:
+                if r is not None and not r.done:
+                    r._finish("error", stopped)
+            raise
+        finally:
+            self.running = 0
 
-    def _admit(self, batch: _Batch, new: list[Request]) -> None:
-        """Prefill new requests into free rows (continuing their longest cached prefix), score the prompts that ask
-        for it, keep the prompts in the prefix cache, and finish the requests that want no new token."""
-        prefix = self._current_prefix_cache()
+    def _stopped_error(self) -> RuntimeError:
+        return RuntimeError(f"the engine's serving thread stopped on an error: {self.failure!r}")
+
+    def _take_waiting(self, running: list[Request]) -> list[Request] | None:
+        """Wait until there is work; then the waiting requests that fit into the free rows (cancelled ones finish
+        here instead). None once the engine is closed: every request waiting or `running` has then finished
+        "cancelled"."""
+        with self._wake:
+            while not self._closed and not self._queue and not running:
+                self._wake.wait()
+            if self._closed:
+                for r in [*self._queue, *running]:
+                    r._finish("cancelled")
+                return None
+            new = []
+            while self._queue and len(new) < self.max_batch_size - len(running):
+                request = self._queue.popleft()
+                if request.cancelled:
+                    request._finish("cancelled")
+                else:
+                    new.append(request)
+            return new
+
+    def _serve_step(self, batch: _Batch | None, new: list[Request]) -> _Batch:
+        """Admit `new` into free rows of `batch` (made here on first use), retire the cancelled requests, decode one
+        step for every row, stream its tokens, and keep each finished sequence in the prefix cache and free its row.
+        Returns the batch."""
+        with self._model_lock, torch.inference_mode():
+            if batch is None:
+                # a row's last step may write k draft slots past max_seq_len
+                batch = _Batch(self, self.max_batch_size, self.max_seq_len + self.draft_tokens)
+            if new:
+                self._admit_isolating_faults(batch, new)
+            cancelled = [i for i, r in enumerate(batch.owner) if r is not None and r.cancelled]
+            for i in cancelled:
+                batch.owner[i]._finish("cancelled")
+            batch.vacate(cancelled)
+            if not batch.size:
+                return batch
+            live = [r for r in batch.owner if r is not None]
+            want_logprobs = any(r.want_logprobs for r in live)
+            top = max((r.top_logprobs_k for r in live if r.want_logprobs), default=0)
+            generators = [None if r is None else r.generator for r in batch.owner]
+            with self.threads.unit():
+                out = batch.step(generators, want_logprobs, top)
+            rows, T = out.tokens.shape
+            if self.draft_tokens:
+                live = torch.tensor([r is not None for r in batch.owner], device=out.counts.device)
+                self.stats.record(out.counts[live], self.draft_tokens)
+            chosen, counts = out.tokens.tolist(), out.counts.tolist()
+            logprobs = out.logprobs.tolist() if want_logprobs else [[None] * T] * rows
+            pairs = _pairs(None if top == 0 else tuple(t.flatten(0, 1) for t in out.top_logprobs), rows * T)
+            top_logprobs = [pairs[i * T : (i + 1) * T] for i in range(rows)]
+        finished = [i for i, r in enumerate(batch.owner) if r is not None and any(
+            self._emit(r, chosen[i][j], logprobs[i][j], top_logprobs[i][j]) for j in range(counts[i]))]
+        for i in finished:
+            request = batch.owner[i]
+            if self.prefix_cache is not None and request.finish_reason in ("stop", "length"):
+                # the row holds the prompt and every new token but the last (never fed)
+                self.prefix_cache.save(request.prompt + request.token_ids[:-1], batch.cache, i)
+        batch.vacate(finished)
+        return batch
+
+    def _admit_isolating_faults(self, batch: _Batch, new: list[Request]) -> None:
+        """Admit `new` together; if that raises, admit each by itself, so that only the requests whose own
+        admission raises (a prompt that breaks the prefill, one too large for the memory left) fail, with their
+        error, and the others are served as if the failing ones had never come."""
+        error = self._try_admit(batch, new)
+        if error is None:
+            return
+        if len(new) == 1:
+            new[0]._finish("error", error)
+            return
+        for request in new:
+            if request.done:  # finished within the failed admission (max_new_tokens=0)
+                continue
+            error = self._try_admit(batch, [request])
+            if error is not None:
+                request._finish("error", error)
+
+    def _try_admit(self, batch: _Batch, new: list[Request]) -> Exception | None:
+        """`_admit` into the first free rows; when it raises, those rows are freed again (the running rows were
+        never touched: an admission writes only its own rows) and the error is returned."""
         rows = batch.free_rows(len(new))
+        try:
+            self._admit(batch, new, rows)
+        except Exception as error:
+            batch.vacate([row for row in rows if row < batch.size])  # rows past the end were never added
+            return error
+        return None
+
+    def _admit(self, batch: _Batch, new: list[Request], rows: list[int]) -> None:
+        """Prefill new requests into free `rows` (continuing their longest cached prefix), score the prompts that
+        ask for it, keep the prompts in the prefix cache, and finish the requests that want no new token."""
+        prefix = self._current_prefix_cache()
         starts = [0 if prefix is None or r.prompt_logprobs is not None else prefix.load(r.prompt, batch.cache, row)
                   for r, row in zip(new, rows)]
         if self.draft_tokens:  # the MTP layer's last cached slot saw the token after it, which may differ here

@@ -11,8 +11,8 @@ Besides /v1/chat/completions, /v1/completions and /v1/models it answers vLLM's t
 lm-evaluation-harness uses: POST /tokenize, POST /detokenize and GET /tokenizer_info.
 
 This module is the HTTP face only: routes, the two response kinds (chat and text, each written whole or streamed
-from the same Pieces), exception handlers and the command line. The checks before any route are gate.py's, the
-work is server.py's.
+from the same Pieces; a client that hangs up before either is complete cancels its job, counted on /metrics),
+exception handlers and the command line. The checks before any route are gate.py's, the work is server.py's.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from openseek.serve.server import (
 )
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first: nobody reads it, /metrics counts it
 
 
 # ---- the two response kinds ------------------------------------------------------------------------------------
@@ -157,16 +158,48 @@ CHAT = Kind("chatcmpl", ChatCompletion, ChatCompletionChunk, _chat_choice,
 TEXT = Kind("cmpl", TextCompletion, TextCompletion, _text_choice)
 
 
-async def respond(server: Server, job: Job, request: SamplingParams, kind: Kind):
-    """Start the job; answer with the whole response once it is done, or stream it as server-sent events."""
+async def respond(server: Server, job: Job, request: SamplingParams, kind: Kind, receive):
+    """Start the job; answer with the whole response once it is done, or stream it as server-sent events. Either
+    way a client that hangs up first (`receive`, the request's ASGI channel, says so) cancels the job: its
+    sequences leave the batch at the next step and /metrics counts it."""
     server.start(job)
     base = dict(id=new_id(kind.prefix), created=now(), model=server.config.model_name)
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
-        return JobStream(_events(server, job, kind, base, usage), lambda: server.release(job))
-    async for _ in server.run(job):
-        pass
+        return JobStream(_events(server, job, kind, base, usage), lambda: server.cancel(job))
+    try:
+        hung_up = await _hung_up_first(server.run(job), receive)
+    except Exception as e:  # the engine failed the job (its own error, or that of the step it ran in)
+        raise APIError(500, _generation_failed(e)) from e
+    if hung_up:
+        server.cancel(job)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return kind.response(**base, choices=[kind.choice(c.whole(), False) for c in job.choices], usage=job.usage())
+
+
+async def _hung_up_first(pieces: AsyncIterator[Piece], receive) -> bool:
+    """Run `pieces` to their end, unless the client hangs up first: then they are cancelled and the answer is True.
+    The error of `pieces`, if any, is raised."""
+
+    async def drain():
+        async for _ in pieces:
+            pass
+
+    async def hang_up():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    draining, watching = asyncio.create_task(drain()), asyncio.create_task(hang_up())
+    try:
+        done, _ = await asyncio.wait((draining, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # either way, and when this handler is cancelled itself, neither task outlives it
+        for task in (draining, watching):
+            task.cancel()
+        await asyncio.gather(draining, watching, return_exceptions=True)
+    if draining in done:
+        draining.result()
+        return False
+    return True
 
 
 async def _events(server: Server, job: Job, kind: Kind, base: dict, include_usage: bool) -> AsyncIterator[str]:
@@ -182,8 +215,13 @@ async def _events(server: Server, job: Job, kind: Kind, base: dict, include_usag
         if include_usage:
             yield event([], job.usage())
     except Exception as e:  # headers are sent: report in-band, as OpenAI-compatible servers do
-        yield sse(error_envelope(500, f"generation failed: {e}"))
+        yield sse(error_envelope(500, _generation_failed(e)))
     yield sse("[DONE]")
+
+
+def _generation_failed(error: Exception) -> str:
+    """What the client reads of an error that ended its job: the error's type and its message."""
+    return f"generation failed: {type(error).__name__}: {error}"
 
 
 def sse(payload: dict | str) -> str:
@@ -200,19 +238,27 @@ def _chunk_json(chunk: BaseModel) -> dict:
 
 
 class JobStream(StreamingResponse):
-    """Server-sent events of one job. However the response ends (done, client gone before the first byte,
-    cancelled), `on_close` runs, so the engine stops its sequences and the job's slots come back."""
+    """Server-sent events of one job. However the response ends short of its last event (client gone before the
+    first byte or mid-stream, cancelled), `on_hang_up` runs, so the engine stops its sequences, the job's slots
+    come back and the cancellation is counted; a stream sent whole gave its slots back as its job ended."""
 
-    def __init__(self, events: AsyncIterator[str], on_close):
-        super().__init__(events, media_type="text/event-stream",
+    def __init__(self, events: AsyncIterator[str], on_hang_up):
+        super().__init__(self._all_of(events), media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self.on_close = on_close
+        self.on_hang_up = on_hang_up
+        self.sent_all = False
+
+    async def _all_of(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for event in events:
+            yield event
+        self.sent_all = True  # the last event was sent: the stream asked for the next one
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            if not self.sent_all:
+                self.on_hang_up()
 
 
 # ---- the app -------------------------------------------------------------------------------------------------
@@ -288,8 +334,9 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not server.accepting:
-            raise APIError(503, "the server is shutting down", code="unavailable")
+        reason = server.unavailable()
+        if reason is not None:
+            raise APIError(503, reason, code="unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -310,12 +357,12 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
         return card()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=error_responses)
-    async def chat_completions(request: ChatCompletionRequest):
-        return await respond(server, server.chat_job(request), request, CHAT)
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
+        return await respond(server, server.chat_job(request), request, CHAT, http.receive)
 
     @app.post("/v1/completions", response_model=TextCompletion, responses=error_responses)
-    async def completions(request: CompletionRequest):
-        return await respond(server, server.completion_job(request), request, TEXT)
+    async def completions(request: CompletionRequest, http: Request):
+        return await respond(server, server.completion_job(request), request, TEXT, http.receive)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
     async def tokenize(request: TokenizeRequest):

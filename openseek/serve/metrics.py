@@ -16,7 +16,8 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format generate_latest write
 
 
 class Metrics:
-    def __init__(self, capacity: int, in_flight: Callable[[], int], prefix_cache=None, speculation=None):
+    def __init__(self, capacity: int, in_flight: Callable[[], int], running: Callable[[], int], prefix_cache=None,
+                 speculation=None):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("openseek_requests_total", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=registry)
@@ -24,10 +25,15 @@ class Metrics:
         self.generation_tokens = Counter("openseek_generation_tokens_total", "Tokens generated.", registry=registry)
         self.reasoning_tokens = Counter("openseek_reasoning_tokens_total",
                                         "Generated tokens inside <think>...</think>.", registry=registry)
+        self.requests_cancelled = Counter("openseek_requests_cancelled_total",
+                                          "Requests whose client hung up before the whole answer; their generation "
+                                          "stopped.", registry=registry)
         Gauge("openseek_sequences_in_flight", "Sequences generating or waiting for a batch slot.",
               registry=registry).set_function(in_flight)
         Gauge("openseek_sequences_capacity", "Sequences admitted at most before requests get 429.",
               registry=registry).set(capacity)
+        Gauge("openseek_sequences_running", "Sequences holding a row of the engine's running batch.",
+              registry=registry).set_function(running)
         self.time_to_first_token = Summary("openseek_time_to_first_token_seconds",
                                            "Time from request to first generated token.", registry=registry)
         self.request_seconds = Summary("openseek_request_seconds", "Time from request to last generated token.",

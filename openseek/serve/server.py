@@ -133,6 +133,7 @@ class Job:
     constraint: object = None  # the spec every choice's row follows (engine/constraint.py); None: free
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    finished: bool = False  # every choice ran to its end (a client hanging up after that cancels nothing)
     released: bool = False
 
     def usage(self) -> Usage:
@@ -150,9 +151,17 @@ class Server:
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_token_ids = stop_token_ids(engine.cfg, tokenizer)
         self.in_flight = 0
-        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, engine.prefix_cache,
-                               engine.stats if getattr(engine, "draft_tokens", 0) else None)
+        self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, lambda: engine.running,
+                               engine.prefix_cache, engine.stats if getattr(engine, "draft_tokens", 0) else None)
         self.accepting = True
+
+    def unavailable(self) -> str | None:
+        """Why the server cannot take requests now (they get 503, and so does /health), or None."""
+        if not self.accepting:
+            return "the server is shutting down"
+        if self.engine.failure is not None:
+            return f"the engine stopped on an error: {self.engine.failure!r}"
+        return None
 
     def close(self) -> None:
         """Stop taking requests (503 from now on) and stop the engine; running streams end with an error."""
@@ -359,9 +368,11 @@ class Server:
     # -- running a job --
 
     def start(self, job: Job) -> None:
-        """Admit a job and hand its sequences to the engine, or say why not (429 full, 503 stopping, 400)."""
-        if not self.accepting:
-            raise APIError(503, "the server is shutting down", code="unavailable")
+        """Admit a job and hand its sequences to the engine, or say why not (429 full, 503 stopping or engine
+        stopped, 400)."""
+        reason = self.unavailable()
+        if reason is not None:
+            raise APIError(503, reason, code="unavailable")
         wanted = len(job.choices)
         if self.in_flight + wanted > self.config.max_sequences:
             raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight, limit "
@@ -396,11 +407,19 @@ class Server:
         self.metrics.reasoning_tokens.inc(usage.completion_tokens_details.reasoning_tokens)
         self.metrics.request_seconds.observe(time.perf_counter() - job.started)
 
+    def cancel(self, job: Job) -> None:
+        """The client hung up before it had the whole answer: stop what is left of the job, give back its slots,
+        and count a cancellation unless the job had finished generating already."""
+        if not job.finished:
+            self.metrics.requests_cancelled.inc()
+        self.release(job)
+
     async def run(self, job: Job) -> AsyncIterator[Piece]:
         """All choices of a started job, interleaved as they are generated."""
         try:
             async for piece in _merge([self._run_choice(job, choice) for choice in job.choices]):
                 yield piece
+            job.finished = True
         finally:
             self.release(job)
 
