@@ -97,6 +97,19 @@ def test_thinking_budget_forces_the_close_and_the_answer_goes_on(scripted, budge
     assert completion.token_ids.index(close) == (5 if budget is None else budget)
 
 
+def test_a_row_cannot_stop_inside_the_thinking_when_an_answer_must_follow(random_setup):
+    """With a grammar after the block, the stop tokens are refused while thinking: the answer always gets written."""
+    from openseek.engine.constraint import GrammarCompiler, Thinking
+
+    engine, tokenizer = random_setup
+    eos = tokenizer.eos_token_id
+    grammar = GrammarCompiler(tokenizer).json_schema(SCHEMA)
+    state = Thinking([tokenizer.token_to_id("</think>")], then=grammar, stop_ids=[eos]).start()
+    mask = state.allowed()
+    assert not mask[eos] and int(mask.sum()) == tokenizer.vocab_size - 1
+    assert Thinking([tokenizer.token_to_id("</think>")], stop_ids=[eos]).start().allowed() is None  # free after
+
+
 def test_a_prompt_without_think_lets_the_first_token_open_it(scripted):
     from openseek.engine.constraint import GrammarCompiler, Thinking
 

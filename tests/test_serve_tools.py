@@ -213,6 +213,73 @@ def test_reasoning_is_left_free_and_the_answer_follows_the_schema(reasoning_clie
         jsonschema.validate(json.loads(choice.message.content), schema)
 
 
+# ---- constrained answers after a <think> prefill ----------------------------------------------------------------
+# R1's and R1-Distill's templates end the prompt inside the reasoning block. The random model's thinking is bounded
+# by the default share of max_tokens (80 of 160), so each schema below is bounded in bytes (the grammar may spell
+# the answer one byte-token at a time): a call of `add` is at most 66 bytes, of `city` 62, a CARD 57.
+
+THINKING_TEMPLATE = TOOLS_CHAT_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
+                                                "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+CITY = {"type": "object", "additionalProperties": False, "required": ["city"],
+        "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,4}$"}}}
+SHORT_TOOLS = [{"type": "function", "function": {"name": "add", "parameters": ADD}},
+               {"type": "function", "function": {"name": "city", "parameters": CITY}}]
+SHORT_SCHEMAS = {"add": ADD, "city": CITY}
+CARD = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+        "properties": {"name": {"type": "string", "pattern": "^[A-Za-z]{1,8}$"},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                       "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}
+
+
+@pytest.fixture(scope="module")
+def thinking_client(tmp_path_factory):
+    assert THINKING_TEMPLATE != TOOLS_CHAT_TEMPLATE
+    live = LiveServer(save_random_model_dir(tmp_path_factory.mktemp("think-random") / "random", THINKING_TEMPLATE),
+                      "--max-n", "10")
+    yield openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    live.stop()
+
+
+def gathered(response, stream: bool) -> list[tuple[str, str, list, str]]:
+    """(reasoning, content, tool calls, finish reason) of each choice, from a response or its stream."""
+    if not stream:
+        return [(c.message.reasoning_content or "", c.message.content or "", c.message.tool_calls or [],
+                 c.finish_reason) for c in response.choices]
+    parts = {}
+    for chunk in response:
+        for c in chunk.choices:
+            reasoning, content, calls, finish = parts.setdefault(c.index, ["", "", [], None])
+            parts[c.index] = [reasoning + (getattr(c.delta, "reasoning_content", None) or ""),
+                              content + (c.delta.content or ""), calls + (c.delta.tool_calls or []),
+                              c.finish_reason or finish]
+    return [tuple(parts[i]) for i in sorted(parts)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_json_schema_lands_in_content_after_the_thinking(thinking_client, stream):
+    response = thinking_client.chat.completions.create(
+        model="tiny", messages=ASK, n=10, seed=11, max_tokens=160, stream=stream,
+        response_format={"type": "json_schema", "json_schema": {"name": "card", "schema": CARD}})
+    choices = gathered(response, stream)
+    assert len(choices) == 10
+    for reasoning, content, calls, finish in choices:
+        assert finish == "stop" and calls == [], (reasoning, content)
+        jsonschema.validate(json.loads(content), CARD)
+    assert any(reasoning for reasoning, *_ in choices)  # the model did think, and its thinking stayed there
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_required_tool_call_lands_in_tool_calls_after_the_thinking(thinking_client, stream):
+    response = thinking_client.chat.completions.create(
+        model="tiny", messages=ASK, n=10, seed=12, max_tokens=160, stream=stream, tools=SHORT_TOOLS,
+        tool_choice="required", parallel_tool_calls=False)
+    choices = gathered(response, stream)
+    assert len(choices) == 10
+    for reasoning, content, calls, finish in choices:
+        assert finish == "tool_calls" and not content and len(calls) == 1, (reasoning, content)
+        jsonschema.validate(json.loads(calls[0].function.arguments), SHORT_SCHEMAS[calls[0].function.name])
+
+
 # ---- reasoning budgets ----------------------------------------------------------------------------------------
 
 

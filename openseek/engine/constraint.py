@@ -163,11 +163,13 @@ class Thinking:
     end_ids: the token(s) that close the block (`</think>`); budget: most tokens inside the block before the close
     is forced (None = unbounded); then: the spec that applies after the block (None = free); opened: the prompt
     opened the block (R1's template ends with `<think>`), else `open_id` as the first token opens it (a first token
-    that is anything else skips thinking, and `then` applies from it).
+    that is anything else skips thinking, and `then` applies from it). stop_ids: the tokens that end a row; when
+    `then` is a grammar they are refused inside the block, since a row that stopped while thinking would never
+    write the answer the grammar promises (a model about to stop has to close the block first).
     """
 
     def __init__(self, end_ids: list[int], budget: int | None = None, then=None, opened: bool = True,
-                 open_id: int | None = None):
+                 open_id: int | None = None, stop_ids: list[int] = ()):
         if not end_ids:
             raise ValueError("Thinking needs the token id(s) that close the reasoning block (end_ids)")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
@@ -175,6 +177,10 @@ class Thinking:
         if not opened and open_id is None:
             raise ValueError("a prompt that does not open the reasoning block needs open_id (the `<think>` token)")
         self.end_ids, self.budget, self.then, self.opened, self.open_id = list(end_ids), budget, then, opened, open_id
+        self.thinking_mask = None  # None: any token may come while thinking
+        if stop_ids and isinstance(then, Grammar):
+            self.thinking_mask = torch.ones(then.vocab_size, dtype=torch.bool)
+            self.thinking_mask[[t for t in stop_ids if t < then.vocab_size]] = False
 
     def start(self) -> ThinkingState:
         return ThinkingState(self)
@@ -204,7 +210,7 @@ class ThinkingState:
             return answer
         budget = self.spec.budget
         if budget is None or self.thought < budget:
-            return None
+            return self.spec.thinking_mask
         only = torch.zeros(max(self.spec.end_ids) + 1, dtype=torch.bool)
         only[self.spec.end_ids[self.closed_by]] = True
         return only

@@ -46,6 +46,11 @@ from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_m
 from openseek.tokenizer import Tokenizer
 
 
+# With a constrained answer (response_format, a required tool call) on a reasoning template and no budget named
+# (request or --reasoning-budget), the thinking may use this share of max_tokens before </think> is forced.
+CONSTRAINED_THINKING_SHARE = 0.5
+
+
 @dataclass
 class ServeConfig:
     """What the server is called and what it allows; the limits are the CLI's flags."""
@@ -196,9 +201,10 @@ class Server:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         opens = prompt_opens_reasoning(prompt)
+        room = max_tokens or self.config.max_model_len - len(ids)
         return self._job([(prompt, ids)], request, max_tokens, param, "messages", reasoning=opens,
                          logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-                         constraint=self._constraint(request, offered, opens),
+                         constraint=self._constraint(request, offered, opens, room),
                          tool_names={t["function"]["name"] for t in offered or []})
 
     def _tools(self, request: ChatCompletionRequest) -> list[dict] | None:
@@ -227,8 +233,12 @@ class Server:
         except ConstraintError as e:
             raise APIError(400, f"{param} is not a valid JSON Schema: {e}", param=param) from None
 
-    def _constraint(self, request: ChatCompletionRequest, tools: list[dict] | None, opens_reasoning: bool):
-        """What every choice's answer must be (see the module docstring), or None when it is free."""
+    def _constraint(self, request: ChatCompletionRequest, tools: list[dict] | None, opens_reasoning: bool,
+                    max_tokens: int):
+        """What every choice's answer must be (see the module docstring), or None when it is free. On a reasoning
+        template a constrained answer comes after the thinking, so the thinking is bounded even when nothing names
+        a budget (CONSTRAINED_THINKING_SHARE of `max_tokens`) and may not stop the row: the answer always gets
+        its turn."""
         answer, cause = self._answer_grammar(request, tools)
         budget, budget_param = self._thinking_budget(request)
         close, open_ = self.tokenizer.token_to_id(THINK_CLOSE), self.tokenizer.token_to_id(THINK_OPEN)
@@ -238,8 +248,11 @@ class Server:
             raise APIError(400, f"{budget_param}: this model does not reason (its chat template has no "
                                 f"{THINK_OPEN}…{THINK_CLOSE} block)", param=budget_param)
         constraint = answer
+        if reasons and answer is not None and budget is None:
+            budget = int(max_tokens * CONSTRAINED_THINKING_SHARE)
         if reasons and (answer is not None or budget is not None):
-            constraint = Thinking([close], budget, then=answer, opened=opens_reasoning, open_id=open_)
+            constraint = Thinking([close], budget, then=answer, opened=opens_reasoning, open_id=open_,
+                                  stop_ids=self.stop_token_ids)
             cause = cause or budget_param
         if constraint is not None and self.engine.draft_tokens:
             raise APIError(400, "constrained decoding (response_format, a required tool call, a thinking budget) "
