@@ -131,6 +131,7 @@ class LiveServer:
     def __init__(self, model_dir: Path, *flags: str, env: dict | None = None, audit_network: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.model_dir = model_dir
         command = [sys.executable, "-m", "openseek.cli", "serve", "--model", str(model_dir),
                    "--port", str(self.port), "--served-model-name", "tiny", *flags]
         self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")

@@ -367,13 +367,18 @@ BAD = [
     ({"frequency_penalty": -1}, 422, "frequency_penalty"),
     ({"logit_bias": {"5": 10}}, 422, "logit_bias"),
     ({"best_of": 3}, 422, "best_of"),
-    # vLLM's extensions that would change the answer, refused until honoured (README: request fields)
-    ({"ignore_eos": True}, 422, "ignore_eos"),
-    ({"stop_token_ids": [5]}, 422, "stop_token_ids"),
-    ({"include_stop_str_in_output": True}, 422, "include_stop_str_in_output"),
-    ({"skip_special_tokens": False}, 422, "skip_special_tokens"),
-    ({"chat_template_kwargs": {"enable_thinking": False}}, 422, "chat_template_kwargs"),
+    # vLLM's extensions that would change the answer and are not honoured (README: request fields)
     ({"use_beam_search": True}, 422, "use_beam_search"),
+    ({"bad_words": ["four"]}, 422, "bad_words"),
+    # ... and those honoured, given bad values
+    ({"ignore_eos": "sometimes"}, 422, "ignore_eos"),
+    ({"stop_token_ids": [-1]}, 422, "stop_token_ids.0"),
+    ({"stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ({"stop_token_ids": list(range(257))}, 422, "stop_token_ids"),
+    ({"skip_special_tokens": [True]}, 422, "skip_special_tokens"),
+    ({"chat_template_kwargs": "enable_thinking"}, 422, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs.add_generation_prompt"),
+    ({"ignore_eos": True, "response_format": {"type": "json_object"}}, 400, "ignore_eos"),
     ({"messages": ASK + [{"role": "tool", "content": "3"}]}, 400, "messages[1].tool_call_id"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "add", "arguments": "{not json"}}]}]}, 422, "messages.1.tool_calls.0.function.arguments"),
@@ -400,3 +405,103 @@ def test_neutral_values_of_unsupported_fields_are_accepted(reasoning_client):
         model="tiny", messages=ASK, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="someone",
         extra_body={"ignore_eos": False, "skip_special_tokens": True, "chat_template_kwargs": {}, "metadata": {}})
     assert response.choices[0].message.content == ANSWER
+
+
+# ---- vLLM's sampling extensions, honoured ----------------------------------------------------------------------
+# The scripted model answers REASONING</think>ANSWER, then EOS; after EOS it writes EOS forever.
+
+
+def chat(server, **fields) -> dict:
+    response = httpx.post(server.url + "/v1/chat/completions",
+                          json={"model": "tiny", "messages": ASK, "temperature": 0} | fields, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_ignore_eos_runs_to_max_tokens_and_skip_special_tokens_shows_the_eos(reasoning_server):
+    from openseek.tokenizer import Tokenizer
+
+    eos = Tokenizer.from_dir(reasoning_server.model_dir).eos_token
+    plain = chat(reasoning_server, max_tokens=40)
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 20
+    answered = plain["usage"]["completion_tokens"]  # the reply with its EOS
+    kept_going = chat(reasoning_server, max_tokens=answered + 3, ignore_eos=True)
+    assert kept_going["choices"][0]["finish_reason"] == "length"
+    assert kept_going["usage"]["completion_tokens"] == answered + 3
+    assert kept_going["choices"][0]["message"]["content"] == ANSWER  # the EOS tokens are not text...
+    shown = chat(reasoning_server, max_tokens=answered + 3, ignore_eos=True, skip_special_tokens=False)
+    assert shown["choices"][0]["message"]["content"] == ANSWER + eos * 4  # ...unless asked: the reply's and 3 more
+
+
+def test_stop_token_ids_end_the_answer_and_include_stop_keeps_the_token(reasoning_server):
+    from openseek.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(reasoning_server.model_dir)
+    answer = tokenizer.encode(ANSWER, add_special_tokens=False)
+    stop = answer[2]
+    cut = chat(reasoning_server, stop_token_ids=[stop])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["message"]["content"] == tokenizer.decode(answer[:2])
+    kept = chat(reasoning_server, stop_token_ids=[stop], include_stop_str_in_output=True)["choices"][0]
+    assert kept["finish_reason"] == "stop" and kept["message"]["content"] == tokenizer.decode(answer[:3])
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(reasoning_server):
+    for stream in (False, True):
+        body = {"model": "tiny", "messages": ASK, "temperature": 0, "stop": ["zzz", "answer is"], "stream": stream}
+        for include, content in ((False, "The "), (True, "The answer is")):
+            response = httpx.post(reasoning_server.url + "/v1/chat/completions",
+                                  json=body | {"include_stop_str_in_output": include}, timeout=30)
+            if stream:
+                chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                          if line.startswith("data: {")]
+                got = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            else:
+                got = response.json()["choices"][0]["message"]["content"]
+            assert got == content, (stream, include)
+
+
+def test_text_completions_honour_ignore_eos_and_stop_token_ids(reasoning_server):
+    from helpers_serve import COIN_PROMPT
+    from openseek.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(reasoning_server.model_dir)
+    heads, tails = tokenizer.encode(" heads", add_special_tokens=False) + tokenizer.encode(" tails",
+                                                                                          add_special_tokens=False)
+
+    def complete(**fields):
+        response = httpx.post(reasoning_server.url + "/v1/completions", json={
+            "model": "tiny", "prompt": COIN_PROMPT, "max_tokens": 6, "seed": 0} | fields, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert complete()["usage"]["completion_tokens"] == 2  # a side, then EOS
+    assert complete(ignore_eos=True)["usage"]["completion_tokens"] == 6
+    stopped = complete(stop_token_ids=[heads, tails])
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["text"] == ""
+    refused = httpx.post(reasoning_server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": COIN_PROMPT, "chat_template_kwargs": {"enable_thinking": True}}, timeout=30)
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    """A Qwen3-style switch: `enable_thinking: false` leaves `<think>` out of the prompt, so the model writes it
+    itself (two prompt tokens fewer; the same reasoning and answer)."""
+    from starlette.testclient import TestClient
+
+    from openseek.tokenizer import R1_CHAT_TEMPLATE
+    from test_serve import in_process_app
+
+    opening = "{{- '<｜Assistant｜><think>\\n' -}}"
+    assert opening in R1_CHAT_TEMPLATE
+    switch = R1_CHAT_TEMPLATE.replace(opening, "{{- '<｜Assistant｜>' -}}{%- if enable_thinking is not defined or "
+                                               "enable_thinking -%}{{- '<think>\\n' -}}{%- endif -%}")
+    app = in_process_app(save_model_dir(tmp_path / "switch", chat_template=switch))
+    http = TestClient(app.state.asgi, base_url="http://127.0.0.1")
+    body = {"model": "tiny", "messages": ASK, "temperature": 0}
+    thinking = http.post("/v1/chat/completions", json=body).json()
+    plain = http.post("/v1/chat/completions", json=body | {"chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert plain["usage"]["prompt_tokens"] == thinking["usage"]["prompt_tokens"] - 2
+    for response in (thinking, plain):
+        message = response["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (REASONING, ANSWER)
+    app.state.server.close()

@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # most alternatives per position (OpenAI's and vLLM's limit)
 
@@ -44,13 +45,9 @@ UNHONOURED = {
     "guided_choice": (None,),
     "guided_grammar": (None,),
     "structured_outputs": (None,),
-    # vLLM's sampling extensions; each is refused until the server honours it
-    "ignore_eos": (None, False),
-    "stop_token_ids": (None, []),
-    "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True),
+    # vLLM's sampling extensions the server does not honour (it does honour ignore_eos, stop_token_ids,
+    # include_stop_str_in_output, skip_special_tokens and, for chat, chat_template_kwargs)
     "spaces_between_special_tokens": (None, True),
-    "chat_template_kwargs": (None, {}),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
     "bad_words": (None, []),
@@ -171,6 +168,12 @@ class SamplingParams(Body):
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extensions: EOS does not end the answer; more tokens that do; the stop string or token kept at the
+    # end of the text; special tokens (EOS, role markers) written into the text
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     best_of: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
@@ -186,12 +189,7 @@ class SamplingParams(Body):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    ignore_eos: Any = None
-    stop_token_ids: Any = None
-    include_stop_str_in_output: Any = None
-    skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
-    chat_template_kwargs: Any = None
     use_beam_search: Any = None
     length_penalty: Any = None
     bad_words: Any = None
@@ -270,6 +268,7 @@ class ChatCompletionRequest(SamplingParams):
     response_format: ResponseFormat | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     thinking_budget_tokens: int | None = Field(None, ge=0)  # most tokens of reasoning; then </think> is forced
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (enable_thinking, ...)
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -283,6 +282,14 @@ class CompletionRequest(SamplingParams):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for the legacy endpoint; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per position, besides the chosen token
     echo: bool = False
+    chat_template_kwargs: Any = None  # a chat field: refused here unless empty
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _chat_only(cls, value):
+        if value in (None, {}):
+            return value
+        raise ValueError("chat_template_kwargs applies to /v1/chat/completions; a text completion has no template")
 
     @field_validator("prompt", mode="before")
     @classmethod

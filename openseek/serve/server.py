@@ -46,6 +46,9 @@ from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_m
 from openseek.tokenizer import Tokenizer
 
 
+# What the server itself hands the chat template; chat_template_kwargs cannot override them.
+TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt", "tokenize"}
+
 # With a constrained answer (response_format, a required tool call) on a reasoning template and no budget named
 # (request or --reasoning-budget), the thinking may use this share of max_tokens before </think> is forced.
 CONSTRAINED_THINKING_SHARE = 0.5
@@ -132,10 +135,13 @@ class Job:
     top_p: float
     top_k: int
     stops: list[str]
+    stop_token_ids: list[int]  # tokens that end a choice: the model's EOS (unless ignore_eos) and the request's
     choices: list[Choice]
     logprobs: int | None = None  # most likely tokens per position besides the chosen one; None: no log-probs
     echo: bool = False
     constraint: object = None  # the spec every choice's row follows (engine/constraint.py); None: free
+    include_stop: bool = False  # the stop string or token that ended a choice stays at the end of its text
+    skip_special_tokens: bool = True  # special tokens are left out of the text
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False  # every choice ran to its end (a client hanging up after that cancels nothing)
@@ -190,11 +196,18 @@ class Server:
         takes_tools = self.tokenizer.template_takes_tools
         messages = template_messages([_template_message(m, i) for i, m in enumerate(request.messages)], offered,
                                      takes_tools)
+        kwargs = request.chat_template_kwargs or {}
+        reserved = sorted(kwargs.keys() & TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs cannot set {reserved[0]!r}: the server passes it (from the "
+                                f"request's own fields)", param=f"chat_template_kwargs.{reserved[0]}")
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                        tools=offered if takes_tools else None)
+                                                        tools=offered if takes_tools else None, **kwargs)
         except Exception as e:  # the model's own template rejected the conversation (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+            param = "chat_template_kwargs" if kwargs else "messages"
+            raise APIError(400, f"the chat template rejected these {param.replace('_', ' ')}: {e}",
+                           param=param) from None
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -202,9 +215,10 @@ class Server:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         opens = prompt_opens_reasoning(prompt)
         room = max_tokens or self.config.max_model_len - len(ids)
-        return self._job([(prompt, ids)], request, max_tokens, param, "messages", reasoning=opens,
+        stops = self._stop_ids(request)
+        return self._job([(prompt, ids)], request, max_tokens, param, "messages", reasoning=opens, stop_ids=stops,
                          logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-                         constraint=self._constraint(request, offered, opens, room),
+                         constraint=self._constraint(request, offered, opens, room, stops),
                          tool_names={t["function"]["name"] for t in offered or []})
 
     def _tools(self, request: ChatCompletionRequest) -> list[dict] | None:
@@ -234,7 +248,7 @@ class Server:
             raise APIError(400, f"{param} is not a valid JSON Schema: {e}", param=param) from None
 
     def _constraint(self, request: ChatCompletionRequest, tools: list[dict] | None, opens_reasoning: bool,
-                    max_tokens: int):
+                    max_tokens: int, stop_ids: list[int]):
         """What every choice's answer must be (see the module docstring), or None when it is free. On a reasoning
         template a constrained answer comes after the thinking, so the thinking is bounded even when nothing names
         a budget (CONSTRAINED_THINKING_SHARE of `max_tokens`) and may not stop the row: the answer always gets
@@ -252,8 +266,11 @@ class Server:
             budget = int(max_tokens * CONSTRAINED_THINKING_SHARE)
         if reasons and (answer is not None or budget is not None):
             constraint = Thinking([close], budget, then=answer, opened=opens_reasoning, open_id=open_,
-                                  stop_ids=self.stop_token_ids)
+                                  stop_ids=stop_ids)
             cause = cause or budget_param
+        if answer is not None and request.ignore_eos:
+            raise APIError(400, "ignore_eos cannot apply to a constrained answer (response_format, a required tool "
+                                "call): its grammar ends the answer with EOS", param="ignore_eos")
         if constraint is not None and self.engine.draft_tokens:
             raise APIError(400, "constrained decoding (response_format, a required tool call, a thinking budget) "
                                 "does not run with speculative decoding (--speculative)", param=cause)
@@ -310,7 +327,17 @@ class Server:
                                param="prompt")
             prompts.append((self.tokenizer.decode(prompt), list(prompt)))
         return self._job(prompts, request, request.max_tokens, "max_tokens", "prompt", reasoning=None,
-                         logprobs=request.logprobs, echo=request.echo)
+                         stop_ids=self._stop_ids(request), logprobs=request.logprobs, echo=request.echo)
+
+    def _stop_ids(self, request: SamplingParams) -> list[int]:
+        """The tokens that end this request's choices: the model's EOS unless `ignore_eos`, and `stop_token_ids`."""
+        vocab = self.engine.cfg.vocab_size
+        extra = request.stop_token_ids or []
+        bad = next((t for t in extra if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"stop_token_ids has {bad}, outside the vocabulary [0, {vocab})",
+                           param="stop_token_ids")
+        return sorted(set(extra) | (set() if request.ignore_eos else set(self.stop_token_ids)))
 
     def _check_common(self, request: SamplingParams) -> None:
         if request.model != self.config.model_name:
@@ -320,10 +347,10 @@ class Server:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
     def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingParams, max_tokens: int | None,
-             param: str, prompt_param: str, reasoning, logprobs: int | None = None, echo: bool = False,
-             constraint=None, tool_names: set[str] | None = None) -> Job:
-        """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt. tool_names: the tools a
-        chat answer may call (their calls are parsed out of it)."""
+             param: str, prompt_param: str, reasoning, stop_ids: list[int], logprobs: int | None = None,
+             echo: bool = False, constraint=None, tool_names: set[str] | None = None) -> Job:
+        """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt. stop_ids: the tokens
+        that end a choice. tool_names: the tools a chat answer may call (their calls are parsed out of it)."""
         limit = self.config.max_model_len
         wanted = len(prompts) * request.n
         if wanted > self.config.max_sequences:
@@ -351,7 +378,9 @@ class Server:
         return Job(prompts=[ids for _, ids in prompts], prompt_texts=[text for text, _ in prompts],
                    temperature=1.0 if request.temperature is None else request.temperature,
                    top_p=1.0 if request.top_p is None else request.top_p, top_k=max(request.top_k or 0, 0),
-                   stops=request.stop_list(), choices=choices, logprobs=logprobs, echo=echo, constraint=constraint)
+                   stops=request.stop_list(), stop_token_ids=stop_ids, choices=choices, logprobs=logprobs, echo=echo,
+                   constraint=constraint, include_stop=request.include_stop_str_in_output,
+                   skip_special_tokens=request.skip_special_tokens)
 
     # -- the tokenizer endpoints --
 
@@ -395,7 +424,7 @@ class Server:
             for choice in job.choices:
                 choice.handle = self.engine.submit(
                     job.prompts[choice.prompt], max_new_tokens=choice.max_tokens, temperature=job.temperature,
-                    top_p=job.top_p, top_k=job.top_k, seed=choice.seed, stop_token_ids=self.stop_token_ids,
+                    top_p=job.top_p, top_k=job.top_k, seed=choice.seed, stop_token_ids=job.stop_token_ids,
                     logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0,
                     prompt_logprobs=job.echo and job.logprobs is not None, constraint=job.constraint)
         except ValueError as e:  # the engine names what it cannot take (e.g. a token outside the model's vocabulary)
@@ -437,8 +466,8 @@ class Server:
             self.release(job)
 
     async def _run_choice(self, job: Job, choice: Choice) -> AsyncIterator[Piece]:
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopMatcher(job.stops)
+        decoder = IncrementalDecoder(self.tokenizer, job.skip_special_tokens)
+        stops = StopMatcher(job.stops, job.include_stop)
         finish = None
         handle = choice.handle
         echo = job.echo  # the prompt comes first, once the engine has scored it (by its first token or its end)
@@ -453,14 +482,15 @@ class Server:
             k = choice.completion_tokens - 1
             scored = (self._scored(choice, token, handle.logprobs[k], handle.top_logprobs[k]) if choice.logprobs
                       else None)
-            if token in self.stop_token_ids:
+            stop_token = token in job.stop_token_ids
+            if stop_token and not job.include_stop:
                 finish = "stop"
                 self._file(choice, scored, choice.splitter is not None and choice.splitter.in_reasoning)
                 break
             piece = self._token_piece(choice, stops.feed(decoder.add(token)), scored)
             if piece is not None:
                 yield piece
-            if stops.stopped:
+            if stops.stopped or stop_token:
                 finish = "stop"
                 break
         else:
