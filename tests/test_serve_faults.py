@@ -249,3 +249,22 @@ def test_a_client_hanging_up_frees_its_slot_at_the_next_step(long_model_dir, mon
         after = httpx.post(url + "/v1/chat/completions", json=HELLO, timeout=30)
         assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == ANSWER
         assert metrics(url)["openseek_requests_cancelled_total"] == 1  # an answer sent whole is no cancellation
+
+
+def test_a_short_load_of_mixed_valid_and_hostile_requests_gets_no_5xx_and_no_hang():
+    """benchmarks/serve_load.py as a user runs it, shortened (the 64 clients x 60 s figures are in the notes): every
+    request answered, valid ones 2xx or 429, invalid ones 4xx, none 5xx, the server healthy afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+    run = subprocess.run([sys.executable, str(script), "--clients", "12", "--seconds", "6", "--warmup", "2",
+                          "--request-timeout", "30"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["server_errors"], summary["hung"], summary["transport_errors"], summary["unexpected"]) == \
+        (0, 0, 0, 0), summary["examples"]
+    assert summary["health_after"] == 200
+    assert summary["requests"] > 100 and summary["hangups"] > 0
+    assert {s for s in summary["status"] if s.startswith("4")} >= {"400", "404", "413", "422"}
