@@ -199,7 +199,7 @@ TopLogprobs = list[tuple[int, float]]  # (token id, log-prob) of the most likely
 class Completion:
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str  # "stop" | "length" ("cancelled" for a cancelled streaming request)
+    finish_reason: str  # "stop" | "length"; "cancelled" for a cancelled request, "error" for one a fault ended
     top_logprobs: list[TopLogprobs] | None = None  # per new token (streaming requests with logprobs)
     prompt_logprobs: list[float | None] | None = None  # per prompt token, None first (with prompt_logprobs)
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
