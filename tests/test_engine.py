@@ -156,7 +156,7 @@ def test_sampled_logprobs_are_the_temperature_scaled_full_vocab_logprobs(models)
 
 
 def test_seeded_samples_do_not_depend_on_the_thread_count(models):
-    """Decode's attention is written out (attention.attend_grouped): SDPA's CPU kernel split the keys among threads
+    """Decode's attention is written out (ops.attend_grouped): SDPA's CPU kernel split the keys among threads
     for one query, so under --threads auto the same seed gave other log-probs from run to run."""
     ours, _ = models("qwen2")
     kwargs = dict(temperature=1.5, n=4, stop_token_ids=[], logprobs=True, seed=7)
