@@ -111,7 +111,8 @@ def current_level() -> str:
 @contextlib.contextmanager
 def use_level(level: str):
     """Run the enclosed code on `level`'s kernels (or PYTORCH's path), one this CPU runs (ValueError otherwise):
-    for tests, which run each kernel at every level the machine executes, in one process."""
+    for tests, which run each kernel at every level the machine executes, in one process. Code that torch.compile
+    traced keeps the level it was traced at."""
     global _forced
     if level != PYTORCH:
         choose_level(level)  # the same check, and the same message, as OPENSEEK_KERNELS=level
@@ -126,7 +127,7 @@ def use_level(level: str):
 def _extension(level: str, family: str):
     """The compiled extension of `family` at `level`, or None (one line on stderr says why, once)."""
     if level == PYTORCH:
-        print(f"{family} kernels: level 0 ({kernels.KERNELS_ENV}=0); using PyTorch's", file=sys.stderr)
+        print(f"{family} kernels: {kernels.KERNELS_ENV}=0; using PyTorch's", file=sys.stderr)
         return None
     name = getattr(LEVELS[level], family)
     if name not in kernels.EXTENSIONS or not hasattr(kernels, name):
