@@ -105,7 +105,7 @@ def test_a_level_this_cpu_cannot_run_is_refused_naming_what_it_lacks(value, mess
 
 def test_the_level_a_process_runs_at_is_the_one_its_environment_names():
     """OPENSEEK_KERNELS as a user sets it, in a fresh process (which sees the real CPU, whatever this one is told):
-    each level the CPU runs is taken as named, and one it cannot run is an error before any work is done."""
+    each level the CPU runs is taken as named, and one it cannot run is an error naming what the CPU lacks."""
     def level_of(value):
         code = "from openseek.kernels import ops; print(','.join(ops.executable_levels())); print(ops.current_level())"
         return subprocess.run([sys.executable, "-c", code], env=os.environ | {"OPENSEEK_KERNELS": value},
