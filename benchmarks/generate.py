@@ -20,7 +20,7 @@ import time
 import torch
 
 import openseek
-from openseek.model.linear import linear
+from openseek.kernels.ops import linear
 
 BATCH, PROMPT, NEW = 8, 64, 128
 FLOORS = {"qwen2": 3.0, "deepseek_v3": 5.0}  # with int8 weights (the Engine issue); the exact float32 engine: 1.5

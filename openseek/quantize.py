@@ -4,10 +4,11 @@
 device, swaps the chosen `nn.Linear`s for `Int8Linear` / `Int4Linear`, then reads each checkpoint tensor and
 quantises it on the way in, one tensor at a time: a quantised model never holds a full-precision copy of itself.
 
-- int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); our AVX-512 VNNI kernel
-  (openseek/kernels: activations quantised per row inside it) where the CPU has one, else `aten._weight_int8pack_mm`.
-- int4: per group of `group_size` input columns, asymmetric (w ≈ q·scale + low, q in [0, 15]); our AVX-512 VNNI
-  kernel (activations quantised per row and group inside it) where the CPU has one, else
+- int8: per output channel, symmetric absmax (w ≈ q·scale, q in [-127, 127]); our int8 kernel
+  (ops.int8_matmul: activations quantised per row inside it) where the kernel level has one, else
+  `aten._weight_int8pack_mm`.
+- int4: per group of `group_size` input columns, asymmetric (w ≈ q·scale + low, q in [0, 15]); our int4 kernel
+  (activations quantised per row and group inside it) where the kernel level has one, else
   `aten._weight_int4pack_mm_for_cpu` (CPU only: the CUDA op wants another packing, not implemented here).
 - MoE's routed experts (3-D stacks): int8 per output channel with either option (`GroupedInt8`: all experts of a
   layer in one kernel call; there is no grouped int4 kernel), where our int8 kernel runs.
@@ -19,7 +20,7 @@ either. Every result goes back to the model's dtype. What stays in `dtype`, and 
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
 - the router gate: routing decisions stay float32, as in DeepSeek's code;
-- routed experts where our int8 kernel cannot run (no AVX-512 VNNI, or sizes not multiples of 16);
+- routed experts where our int8 kernel cannot run (none at this kernel level, or sizes not multiples of 16);
 - a layer whose shape a kernel cannot take (int4: out_features % 16, in_features % group_size).
 `quantize_modules` returns one line per such tensor group, which `load` prints.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openseek.kernels import quantized_vnni
+from openseek.kernels import ops
 from openseek.model.moe import Experts
 
 QUANTIZE = ("none", "int8", "int4")
@@ -53,7 +54,7 @@ def check_options(quantize: str | None, group_size: int, device) -> str:
 class Int8Linear(nn.Module):
     """y = x·(q·scale)ᵀ + b with q int8 [out, in] and one scale per output channel.
 
-    With the VNNI kernel (openseek/kernels) the weight is stored packed for it, [out/16, in/4, 16, 4], with float32
+    With our int8 kernel (`packed`: the level has one) the weight is stored for it, [out/16, in/4, 16, 4], with float32
     scales and the row sums the kernel needs, and activations are quantised per row to int8 inside the kernel (as
     llama.cpp's Q8_0 dot products do). Otherwise it stays [out, in] for PyTorch's kernel, which multiplies bf16
     activations by the dequantised weight and takes its scales in bf16: a copy of `scales` (float32 on both paths,
@@ -62,8 +63,8 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = quantized_vnni() if out_features % 16 == 0 and in_features % 4 == 0 else None
-        if self.kernel is not None:
+        self.packed = ops.has("quantized") and out_features % 16 == 0 and in_features % 4 == 0
+        if self.packed:
             shape = (out_features // 16, in_features // 4, 16, 4)
             self.register_buffer("rowsum", torch.empty(out_features, dtype=torch.int32))
         else:
@@ -76,13 +77,13 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def load_weight(self, w: torch.Tensor) -> None:
         w = w.float().contiguous()
-        if self.kernel is not None and self.in_features % 16 == 0:  # the same arithmetic, in one pass, packed
-            self.kernel.int8_pack(w, self.weight, self.scales, self.rowsum)
+        if self.packed and self.in_features % 16 == 0:  # the same arithmetic, in one pass, packed
+            ops.int8_pack(w, self.weight, self.scales, self.rowsum)
             return
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.scales.copy_(scales)
-        if self.kernel is None:
+        if not self.packed:
             self.weight.copy_(q)
             self.bf16_scales.copy_(scales)
             return
@@ -92,7 +93,7 @@ class Int8Linear(nn.Module):
 
     def quantized(self) -> torch.Tensor:
         """q as [out, in] int8, whichever layout holds it."""
-        if self.kernel is None:
+        if not self.packed:
             return self.weight
         return self.weight.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
@@ -101,18 +102,16 @@ class Int8Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the dequantised weight ([*ids.shape, in] in `dtype`): a tied embedding's lookup."""
-        if self.kernel is None:
+        if not self.packed:
             q = self.weight[ids]
         else:
             q = self.weight[ids // 16, :, ids % 16, :].reshape(*ids.shape, self.in_features)
         return q.to(dtype) * self.scales[ids, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold; it takes
+        if self.packed:
             # x [..., in] as it is (a reshape costs as much as a small projection's matmul here)
-            kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
-            y = kernel.int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum)
+            y = ops.int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum)
         else:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.bf16_scales).view(*x.shape[:-1], -1)
@@ -141,17 +140,17 @@ class Int4Linear(nn.Module):
     """y = x·Wᵀ + b with W stored as 4-bit values in groups of `group_size` input columns, W ≈ q·scale + low with
     q in [0, 15] and a bf16 scale and low per group and output row.
 
-    With the VNNI kernel (openseek/kernels) the weight is one uint8 buffer of records, [out/16, in/group, group·8 +
-    64]: a group's 4-bit values for 16 output rows, then their scales and lows (the kernel's comment has the byte
-    layout), and activations are quantised per row and group to int8 inside the kernel (as llama.cpp's Q4_0 dot
-    products do). Otherwise the weight is in the layout of `aten._weight_int4pack_mm_for_cpu`, which multiplies bf16
+    With our int4 kernel (`packed`: the level has one) the weight is one uint8 buffer of records, [out/16,
+    in/group, group·8 + 64]: a group's 4-bit values for 16 output rows, then their scales and lows (the kernel's
+    comment has the byte layout), and activations are quantised per row and group to int8 inside the kernel (as
+    llama.cpp's Q4_0 dot products do). Otherwise the weight is in the layout of `aten._weight_int4pack_mm_for_cpu`, which multiplies bf16
     activations by the dequantised weight, with `scales_and_zeros` [in/group, out, 2] beside it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.kernel = quantized_vnni()
-        if self.kernel is not None:
+        self.packed = ops.has("quantized")
+        if self.packed:
             shape = (out_features // 16, in_features // group_size, group_size * 8 + 64)
             self.register_buffer("weight", torch.empty(shape, dtype=torch.uint8))
         else:
@@ -173,7 +172,7 @@ class Int4Linear(nn.Module):
         scales = ((high - low) / 15).clamp(min=1e-8).bfloat16()
         low = low.bfloat16()
         q = torch.round((groups - low.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
-        if self.kernel is None:
+        if not self.packed:
             self.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).int(), 1))
             # PyTorch's kernel computes (q − 8)·scale + zero: zero = low + 8·scale
             zeros = low.float() + 8 * scales.float()
@@ -190,7 +189,7 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float32 weight the kernel multiplies by, q·scale + low (for tests)."""
         N, K, G = self.out_features, self.in_features, self.group_size
-        if self.kernel is None:  # PyTorch's packing is its own: q is read back through its kernel on the identity
+        if not self.packed:  # PyTorch's packing is its own: q is read back through its kernel on the identity
             eye = torch.eye(K, dtype=torch.bfloat16, device=self.weight.device)
             rounded = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, G,
                                                                  self.scales_and_zeros).float().T  # [N, K]
@@ -206,9 +205,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.kernel is not None:
-            kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
-            y = kernel.int4_matmul(flat.contiguous(), self.weight)
+        if self.packed:
+            y = ops.int4_matmul(flat.contiguous(), self.weight)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight, self.group_size,
                                                            self.scales_and_zeros)
@@ -218,14 +216,13 @@ class Int4Linear(nn.Module):
 
 class GroupedInt8(nn.Module):
     """A stack of int8 weights, one per routed expert: [E, out, in] as E `Int8Linear` weights side by side (each
-    expert's rows packed for the VNNI kernel, per-output-channel scales), multiplied by `grouped_int8_matmul` in one
+    expert's rows packed for our int8 kernel, per-output-channel scales), multiplied by `grouped_int8_matmul` in one
     call for all experts. It takes the place of an `Experts` weight parameter (`gate_up_proj`, `down_proj`), which
     `moe.grouped_matmul` then hands it to."""
 
     def __init__(self, experts: int, out_features: int, in_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = quantized_vnni()
         self.register_buffer("weight", torch.empty(experts, out_features // 16, in_features // 4, 16, 4,
                                                    dtype=torch.int8))
         self.register_buffer("scales", torch.empty(experts, out_features, dtype=torch.float32))
@@ -235,7 +232,7 @@ class GroupedInt8(nn.Module):
     def fits(in_features: int, out_features: int, rows: int) -> bool:
         """Whether the kernel takes the shape: whole blocks of 16 outputs (also within the checkpoint's row slices:
         gate and up of an expert arrive as two tensors) and of 16 inputs (`int8_pack`)."""
-        return quantized_vnni() is not None and out_features % 16 == 0 and rows % 16 == 0 and in_features % 16 == 0
+        return ops.has("quantized") and out_features % 16 == 0 and rows % 16 == 0 and in_features % 16 == 0
 
     @torch.no_grad()
     def load_weight(self, w: torch.Tensor) -> None:
@@ -247,8 +244,8 @@ class GroupedInt8(nn.Module):
     def load_expert(self, expert: int, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
         """Expert `expert`'s output rows `rows` (all when None) from w [rows, in], quantised and packed in place."""
         start, end = rows or (0, self.out_features)
-        self.kernel.int8_pack(w.float().contiguous(), self.weight[expert, start // 16 : end // 16],
-                              self.scales[expert, start:end], self.rowsum[expert, start:end])
+        ops.int8_pack(w.float().contiguous(), self.weight[expert, start // 16 : end // 16],
+                      self.scales[expert, start:end], self.rowsum[expert, start:end])
 
     def dequantized(self) -> torch.Tensor:
         """[E, out, in] float32, q·scale (for tests)."""
@@ -260,14 +257,12 @@ class GroupedInt8(nn.Module):
                 down: GroupedInt8) -> torch.Tensor:
         """The experts' weighted SwiGLU sum [N, H] over x [N, H], this stack being their gate/up and `down` their
         down projection, for `Router.dispatch`'s pairs: one kernel call (inference on the CPU)."""
-        kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
-        return kernel.int8_experts(x.contiguous(), token, ends, weights, self.weight, self.scales, self.rowsum,
-                                   down.weight, down.scales, down.rowsum)
+        return ops.int8_experts(x.contiguous(), token, ends, weights, self.weight, self.scales, self.rowsum,
+                                down.weight, down.scales, down.rowsum)
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """x [M, in] sorted by expert, ends [E] cumulative row counts -> [M, out] in x's dtype."""
-        kernel = torch.ops.openseek if torch.compiler.is_compiling() else self.kernel
-        return kernel.grouped_int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum, ends).to(x.dtype)
+        return ops.grouped_int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum, ends).to(x.dtype)
 
 
 def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> tuple[dict[str, nn.Module], list[str]]:
@@ -315,7 +310,7 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
         E, two_i, H = module.gate_up_proj.shape
         if not (GroupedInt8.fits(H, two_i, two_i // 2) and GroupedInt8.fits(two_i // 2, H, H)):
             kept.append(f"{name} [{E}, {two_i}, {H}] stays in {module.gate_up_proj.dtype}: the grouped int8 kernel "
-                        f"needs the AVX-512 VNNI kernel and sizes that are multiples of 16")
+                        f"needs our int8 kernel (ops.has('quantized')) and sizes that are multiples of 16")
             continue
         for leaf in ("gate_up_proj", "down_proj"):
             E, N, K = getattr(module, leaf).shape
@@ -376,7 +371,7 @@ def fuse_projections(model: nn.Module) -> None:
         for fused, parts in FUSED.items():
             linears = [getattr(module, part, None) for part in parts]
             if getattr(module, fused, False) is not None or not all(
-                    isinstance(linear, Int8Linear) and linear.kernel is not None for linear in linears):
+                    isinstance(linear, Int8Linear) and linear.packed for linear in linears):
                 continue
             bias = linears[0].bias
             with torch.device("meta"):
@@ -403,8 +398,8 @@ def fold_shared_experts(model: nn.Module) -> None:
         if shared is None or not isinstance(experts.gate_up_proj, GroupedInt8):
             continue
         gate_up, down = shared.gate_up_proj, shared.down_proj
-        if not (isinstance(gate_up, Int8Linear) and isinstance(down, Int8Linear) and gate_up.kernel is not None
-                and down.kernel is not None and gate_up.bias is None and down.bias is None
+        if not (isinstance(gate_up, Int8Linear) and isinstance(down, Int8Linear) and gate_up.packed
+                and down.packed and gate_up.bias is None and down.bias is None
                 and gate_up.out_features == experts.gate_up_proj.out_features
                 and down.out_features == experts.down_proj.out_features):
             continue

@@ -9,13 +9,41 @@ import torch
 
 import openseek.device
 import openseek.kernels
+from openseek.kernels import ops
 
 if os.environ.get("OPENSEEK_TEST_AS_AVX2") == "1":
     # This process sees the CPU as an AVX2-only one (AMD Zen 2/3, Intel Core without AVX-512): no AVX-512 or AMX
-    # flags, so no kernel of ours and no native bf16, as `make test` finds there. Tests that start another Python
-    # process see the real CPU.
+    # flags, so only the avx2 level's kernels and no native bf16, as `make test` finds there. Tests that start
+    # another Python process see the real CPU.
     AVX2_VIEW = frozenset(f for f in openseek.device.cpu_flags() if not f.startswith(("avx512", "amx")))
     openseek.device.cpu_flags = openseek.kernels.cpu_flags = lambda: AVX2_VIEW
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels(*families): the kernel families ('dense', 'quantized') that a test "
+                                       "taking the `level` fixture calls")
+
+
+@pytest.fixture(params=ops.executable_levels())
+def level(request):
+    """Runs the test once per kernel level this CPU executes (the id names it: `test_x[avx2]`), inside
+    `ops.use_level`, so that one machine tests every level's kernels. Skipped, with the reason, where
+    OPENSEEK_KERNELS rules the level out (`0`, or another level's name: the run then stands for a machine of that
+    level) or where the level lacks a family the test's `kernels` mark names (its extension is not in this build or
+    did not build)."""
+    name = request.param
+    setting = os.environ.get("OPENSEEK_KERNELS", "auto").strip().lower()
+    if setting in ops.OFF:
+        pytest.skip("OPENSEEK_KERNELS=0: PyTorch's kernels only")
+    if setting not in ops.AUTO and setting != name:
+        pytest.skip(f"OPENSEEK_KERNELS={setting}: the {setting} level only")
+    marker = request.node.get_closest_marker("kernels")
+    with ops.use_level(name):
+        for family in marker.args if marker else ():
+            if not ops.has(family):
+                pytest.skip(f"{name}: no {family} kernels here ({getattr(ops.LEVELS[name], family)} is not part of "
+                            f"this build or did not build)")
+        yield name
+
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 

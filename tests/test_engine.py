@@ -156,7 +156,7 @@ def test_sampled_logprobs_are_the_temperature_scaled_full_vocab_logprobs(models)
 
 
 def test_seeded_samples_do_not_depend_on_the_thread_count(models):
-    """Decode's attention is written out (attention.attend_grouped): SDPA's CPU kernel split the keys among threads
+    """Decode's attention is written out (ops.attend_grouped): SDPA's CPU kernel split the keys among threads
     for one query, so under --threads auto the same seed gave other log-probs from run to run."""
     ours, _ = models("qwen2")
     kwargs = dict(temperature=1.5, n=4, stop_token_ids=[], logprobs=True, seed=7)
@@ -519,9 +519,9 @@ def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(model
     # one thread count: dynamo guards on it, and the adaptive choice would compile each graph once per count
     compiled_engine = openseek.Engine(model, compile=True, threads=torch.get_num_threads())
     compiled = compiled_engine.generate(PROMPTS, 10, **kwargs)
-    from openseek.kernels import dense_avx512, quantized_vnni
+    from openseek.kernels import ops
 
-    on_our_kernels = dense_avx512() is not None and (quantize == "none" or quantized_vnni() is not None)
+    on_our_kernels = ops.has("dense") and (quantize == "none" or ops.has("quantized"))
     if dtype == "float32" or on_our_kernels:
         assert [[s.token_ids for s in c] for c in compiled] == [[s.token_ids for s in e] for e in eager]
         for a, b in zip(compiled, eager):
@@ -540,14 +540,12 @@ def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, dtype):
+@pytest.mark.kernels("dense")
+def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, dtype, level):
     """MLA decode on our kernel (the cache's `store_projected`: the new tokens' latent normalised and rope key
     rotated straight into the cache) gives the tokens and log-probs of the written-out path, bit for bit."""
     from openseek.engine.cache import _LatentLayer
-    from openseek.kernels import dense_avx512
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 decode kernels on this CPU")
     models("deepseek_v3_wide")[1].save_pretrained(tmp_path)
     model = openseek.load(tmp_path, dtype=dtype)
     kwargs = dict(temperature=1.0, n=2, stop_token_ids=[], logprobs=True, seed=3)

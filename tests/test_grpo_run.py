@@ -320,12 +320,12 @@ def test_an_int8_view_of_a_moe_policy_follows_it():
     the policy changes, `refresh_view` re-quantises both, and the view's logits stay those of the policy within int8's
     rounding."""
     from openseek.config import ModelConfig
-    from openseek.kernels import quantized_vnni
+    from openseek.kernels import ops
     from openseek.model import Model
     from openseek.quantize import GroupedInt8, refresh_view, rollout_view
 
-    if quantized_vnni() is None:
-        pytest.skip("no VNNI kernel on this CPU: the view keeps its experts in bf16")
+    if not ops.has("quantized"):
+        pytest.skip("no int8 kernel at this kernel level: the view keeps its experts in bf16")
     torch.manual_seed(0)
     policy = Model(ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
@@ -357,11 +357,11 @@ def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(mo
     per row either way, so the logits equal the unfused view's bit for bit, before and after a refresh."""
     import openseek.quantize as quantize
     from openseek.config import ModelConfig
-    from openseek.kernels import quantized_vnni
+    from openseek.kernels import ops
     from openseek.model import Model
 
-    if quantized_vnni() is None:
-        pytest.skip("no VNNI kernel on this CPU: the view stays unfused")
+    if not ops.has("quantized"):
+        pytest.skip("no int8 kernel at this kernel level: the view stays unfused")
     torch.manual_seed(0)
     policy = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
@@ -386,7 +386,7 @@ def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(mo
 def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the_kernel(precision, tmp_path):
     from openseek.config import ModelConfig
     from openseek.device import native_bf16
-    from openseek.kernels import quantized_vnni
+    from openseek.kernels import ops
     from openseek.model import Model
     from openseek.quantize import Int8Linear
     from openseek.train.grpo import rollout_policy
@@ -405,7 +405,7 @@ def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the
         assert view is trainer.model  # the trained weights themselves: nothing to quantise
         return
     int8 = [n for n, m in view.named_modules() if isinstance(m, Int8Linear)]
-    if quantized_vnni() is None:  # no VNNI: PyTorch's int8 matmul would be no faster than bf16
+    if not ops.has("quantized"):  # no int8 kernel: PyTorch's int8 matmul would be no faster than bf16
         assert int8 == []
     else:
         assert {"layers.0.self_attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj"} <= set(int8)

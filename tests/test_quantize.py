@@ -10,8 +10,9 @@ import torch
 
 import openseek
 from openseek import data, quantize
-from openseek.kernels import dense_avx512, quantized_vnni
-from openseek.model.linear import KERNEL_ROWS, Linear
+from openseek.kernels import ops, quantized_vnni
+from openseek.kernels.ops import KERNEL_ROWS
+from openseek.model.linear import Linear
 from openseek.model.moe import grouped_matmul
 from openseek.quantize import GroupedInt8, Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
@@ -23,20 +24,30 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-@pytest.mark.parametrize("kind", ["int8", "int8_pytorch", "int4", "int4_pytorch"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5, 8, 33])
-def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch):
-    if kind.endswith("_pytorch"):  # the path taken where the VNNI kernel cannot be built
-        monkeypatch.setattr(quantize, "quantized_vnni", lambda: None)
+@pytest.mark.kernels("quantized")
+def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, level):
+    check_against_dequantised_reference(kind, rows)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 8, 33])
+def test_pytorchs_path_equals_its_dequantised_reference_matmul(kind, rows):
+    with ops.use_level(ops.PYTORCH):  # the path taken where no kernel of ours runs
+        check_against_dequantised_reference(kind, rows)
+
+
+def check_against_dequantised_reference(kind, rows):
     torch.manual_seed(0)
     N, K, group = 96, 256, 64
     weight, bias, x = torch.randn(N, K), torch.randn(N), torch.randn(rows, K)
-    int4 = kind.startswith("int4")
+    int4 = kind == "int4"
     layer = Int4Linear(K, N, True, torch.float32, group) if int4 else Int8Linear(K, N, True, torch.float32)
     layer.bias.data.copy_(bias)
     layer.load_weight(weight)
     got = layer(x)
-    if layer.kernel is not None:
+    if layer.packed:
         # activations quantised (absmax / 127) per row for int8, per row and group for int4, as the kernels do;
         # integer products summed exactly
         blocks = x.view(rows, -1, group if int4 else K)
@@ -54,21 +65,20 @@ def test_kernel_equals_its_dequantised_reference_matmul(kind, rows, monkeypatch)
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_vnni_kernels_round_bf16_results_as_pytorch_does(kind, rows):
-    """bf16 activations get bf16 results from the VNNI kernels themselves: each equals its float32 result rounded
-    by PyTorch (nearest even)."""
+@pytest.mark.kernels("quantized")
+def test_quantized_kernels_round_bf16_results_as_pytorch_does(kind, rows, level):
+    """bf16 activations get bf16 results from the int8/int4 kernels themselves: each equals its float32 result
+    rounded by PyTorch (nearest even)."""
     layer = Int8Linear(256, 96, False, torch.bfloat16) if kind == "int8" else Int4Linear(256, 96, False,
                                                                                           torch.bfloat16, 32)
-    if layer.kernel is None:
-        pytest.skip("no AVX-512 VNNI kernel on this CPU")
     torch.manual_seed(0)
     layer.load_weight(torch.randn(96, 256))
     x = torch.randn(rows, 256).bfloat16()
     if kind == "int8":
-        got = layer.kernel.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
-        as_float = layer.kernel.int8_matmul(x.float(), layer.weight, layer.scales, layer.rowsum)
+        got = ops.int8_matmul(x, layer.weight, layer.scales, layer.rowsum)
+        as_float = ops.int8_matmul(x.float(), layer.weight, layer.scales, layer.rowsum)
     else:
-        got, as_float = layer.kernel.int4_matmul(x, layer.weight), layer.kernel.int4_matmul(x.float(), layer.weight)
+        got, as_float = ops.int4_matmul(x, layer.weight), ops.int4_matmul(x.float(), layer.weight)
     assert got.dtype == torch.bfloat16 and as_float.dtype == torch.float32
     assert torch.equal(got, as_float.bfloat16())
 
@@ -85,7 +95,7 @@ def test_int8_weights_are_quantised_per_channel_exactly_as_specified(out_feature
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     assert torch.equal(layer.quantized(), q) and torch.equal(layer.scales.float(), scales)
-    if layer.kernel is not None:
+    if layer.packed:
         assert torch.equal(layer.rowsum, q.sum(dim=1, dtype=torch.int32))
 
 
@@ -93,12 +103,12 @@ def test_int8_weights_are_quantised_per_channel_exactly_as_specified(out_feature
 def test_int8_kernel_on_amx_tiles_equals_its_vnni_loop_bit_for_bit(rows):
     """From 16 rows the int8 kernel multiplies on AMX tiles where the CPU has them: the same integer sums and the
     same float epilogue as the VNNI loop, so the same bits (96 outputs: a pass of 4 blocks and one of 2)."""
+    kernel = quantized_vnni()  # AMX tiles are the avx512 level's alone
     layer = Int8Linear(512, 96, False, torch.bfloat16)
-    if layer.kernel is None or not layer.kernel.use_amx(True):
+    if kernel is None or not layer.packed or not kernel.use_amx(True):
         pytest.skip("no AMX on this CPU (or no VNNI kernel)")
     torch.manual_seed(0)
     layer.load_weight(torch.randn(96, 512))
-    kernel = layer.kernel
     try:
         for x in (torch.randn(rows, 512).bfloat16(), 3 * torch.randn(rows, 512)):
             kernel.use_amx(False)
@@ -113,23 +123,23 @@ def test_int8_kernel_on_amx_tiles_equals_its_vnni_loop_bit_for_bit(rows):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one vector
-def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
-    """The model's Linear runs inference at a few rows on our AVX-512 kernel (float32 accumulation, one rounding to
-    the output dtype) — up to KERNEL_ROWS rows, then, or with autograd on, or on a CPU without the kernel, on
-    F.linear."""
+@pytest.mark.kernels("dense")
+def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K, level):
+    """The model's Linear runs inference at a few rows on our kernel (float32 accumulation, one rounding to the
+    output dtype) — up to KERNEL_ROWS rows, then, or with autograd on, on F.linear."""
     torch.manual_seed(0)
     layer = Linear(K, 40, bias=True).to(dtype)  # 40: tiles of 8 and 2 weight rows and a remainder
     x = torch.randn(1, rows, K).to(dtype)
     reference = (x.double() @ layer.weight.double().T).to(dtype) + layer.bias  # one rounding, then the bias
-    kernel = dense_avx512()
+    kernel = ops.extension("dense")
     with torch.no_grad():
         got = layer(x)
-        if kernel is not None and rows <= KERNEL_ROWS[dtype]:  # the kernel itself, not only the layer's result
+        if rows <= KERNEL_ROWS[dtype]:  # the kernel itself, not only the layer's result
             direct = kernel.linear_bf16 if dtype is torch.bfloat16 else kernel.linear_fp32
             assert torch.equal(got[0], direct(x[0].contiguous(), layer.weight) + layer.bias)
     assert got.dtype == dtype and got.shape == (1, rows, 40)
     # float32: exact to its rounding; bf16: one rounding on our kernel, oneDNN's fused bias rounds differently
-    on_our_kernel = kernel is not None and rows <= KERNEL_ROWS[dtype]
+    on_our_kernel = rows <= KERNEL_ROWS[dtype]
     tolerance = 1e-6 if dtype is torch.float32 else 1e-3 if on_our_kernel else 5e-3
     assert relative_error(got, reference) < tolerance
     with torch.enable_grad():  # training: PyTorch's kernel, which the gradient flows through
@@ -137,7 +147,8 @@ def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
+@pytest.mark.kernels("dense")
+def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype, level):
     """MoE decode's experts (moe.grouped_matmul): rows sorted by expert, one call for all experts, empty ones
     skipped — each group's rows equal our per-expert kernel's product with that expert's weight, bit for bit."""
     torch.manual_seed(0)
@@ -147,9 +158,7 @@ def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
     x = torch.randn(int(counts.sum()), 100).to(dtype)
     with torch.no_grad():
         got = grouped_matmul(x, w, ends)
-    kernel = dense_avx512()
-    if kernel is None:
-        pytest.skip("this CPU cannot run the decode kernel")
+    kernel = ops.extension("dense")
     single = kernel.linear_bf16 if dtype is torch.bfloat16 else kernel.linear_fp32
     starts = ends - counts
     expected = torch.cat([single(x[s:e].contiguous(), w[g]) for g, (s, e) in enumerate(zip(starts.tolist(),
@@ -163,14 +172,12 @@ def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype):
+@pytest.mark.kernels("quantized")
+def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype, level):
     """MoE's routed experts in int8 (quantize.GroupedInt8): all experts in one call, idle ones skipped — each
     expert's rows equal the int8 kernel's product with that expert's weight (same packing, same activation
     quantisation per row), bit for bit; packing an expert in two row slices (a checkpoint's gate and up) equals
     packing it whole."""
-    kernel = quantized_vnni()
-    if kernel is None:
-        pytest.skip("this CPU cannot run the int8 kernel")
     torch.manual_seed(0)
     w = torch.randn(4, 48, 64)
     counts = torch.tensor([2, 0, 11, 1])  # an idle expert; 11 rows: more than one pass of 8
@@ -193,17 +200,14 @@ def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype):
             assert torch.equal(got[s:e], single(x[s:e]))
         assert torch.equal(stack.dequantized()[expert], single.dequantized())
     with pytest.raises(RuntimeError, match="ends\\[-1\\] must equal the number of rows"):
-        kernel.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends - 1)
+        ops.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends - 1)
 
 
-def test_the_whole_int8_experts_kernel_equals_its_parts():
+@pytest.mark.kernels("dense", "quantized")
+def test_the_whole_int8_experts_kernel_equals_its_parts(level):
     """MoE decode's experts in one call (GroupedInt8.experts: gather, gate/up, SwiGLU, down, weighted sum) equals
     the same steps as separate calls — the grouped int8 matmuls, our SwiGLU, our weighted sum — bit for bit in
     float32, including an idle expert and an expert with more rows than one pass takes."""
-    from openseek.model.moe import silu_mul
-
-    if quantized_vnni() is None or dense_avx512() is None:
-        pytest.skip("no VNNI kernel on this CPU")
     torch.manual_seed(0)
     E, H, I, N = 5, 64, 32, 11
     gate_up, down = GroupedInt8(E, 2 * I, H), GroupedInt8(E, H, I)
@@ -215,24 +219,23 @@ def test_the_whole_int8_experts_kernel_equals_its_parts():
     with torch.no_grad():
         got = gate_up.experts(x, token, ends, weights, down)
         gate, up = gate_up(x.index_select(0, token), ends).chunk(2, dim=-1)
-        out = down(silu_mul(gate.contiguous(), up.contiguous()), ends)
-    assert torch.equal(got, dense_avx512().combine_experts(out, token, weights, N))
+        out = down(ops.swiglu(gate.contiguous(), up.contiguous()), ends)
+    assert torch.equal(got, ops.combine_experts(out, token, weights, N))
     assert gate_up.experts(x.bfloat16(), token, ends, weights, down).dtype is torch.bfloat16
     with pytest.raises(RuntimeError, match="token 11 out of range for 11"):
         gate_up.experts(x, token + 1, ends, weights, down)
 
 
 @pytest.mark.parametrize("n_group, topk_group, normalise", [(1, 1, True), (4, 2, True), (4, 2, False)])
-def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise):
+@pytest.mark.kernels("dense")
+def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise, level):
     """MoE decode's routing (Router.dispatch, our kernel): the router's choice and weights, sorted by expert with
     tokens in order, and the weighted sum (combine_experts) equal the PyTorch path's (Router.forward, then
     Experts' stable sort and index_add)."""
     from openseek.config import ModelConfig
     from openseek.model.moe import Router
 
-    kernel = dense_avx512()
-    if kernel is None:
-        pytest.skip("this CPU cannot run the decode kernel")
+    kernel = ops.extension("dense")
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16,
@@ -268,8 +271,8 @@ def test_an_int8_model_fuses_its_projections_bitwise_and_folds_its_shared_expert
     sums are rounded; the stacked model's kernel path (inference) and PyTorch path (autograd on) agree."""
     import openseek.checkpoint as checkpoint
 
-    if quantized_vnni() is None or dense_avx512() is None:
-        pytest.skip("no VNNI kernel on this CPU: nothing is fused")
+    if not (ops.has("quantized") and ops.has("dense")):
+        pytest.skip("no int8 kernel at this kernel level: nothing is fused")
     directory, _ = hf_model_dir("deepseek_v3_wide")
     folded = openseek.load(directory, dtype=torch.float32, quantize="int8")
     monkeypatch.setattr(checkpoint, "fold_shared_experts", lambda model: None)
@@ -309,7 +312,7 @@ def test_every_family_generates_quantised(hf_model_dir, family, quantize, capsys
     if family == "deepseek_v3":  # read as a matrix by the absorbed decode: must stay a plain weight
         assert all(type(layer.self_attn.kv_b_proj) is Linear for layer in model.layers)
     err = capsys.readouterr().err
-    if family == "deepseek_v3" and quantized_vnni() is not None:
+    if family == "deepseek_v3" and ops.has("quantized"):
         stacks = [m for m in model.modules() if isinstance(m, GroupedInt8)]
         moe_layers = model.cfg.num_hidden_layers - model.cfg.first_k_dense_replace
         assert len(stacks) == 2 * moe_layers  # every MoE layer's experts, int8 even with int4
@@ -403,12 +406,11 @@ def test_quality_on_a_model_that_learned(learned, dtype, quantize, ppl_limit):
         assert same >= 0.95 * 4 * 64, same
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_tied_embedding_rows_are_the_heads_dequantised_rows(vnni, monkeypatch):
-    if not vnni:
-        monkeypatch.setattr(quantize, "quantized_vnni", lambda: None)
+@pytest.mark.parametrize("packed", [True, False])
+def test_tied_embedding_rows_are_the_heads_dequantised_rows(packed):
+    with ops.use_level(ops.current_level() if packed else ops.PYTORCH):  # our kernels' layout, or PyTorch's
+        head = Int8Linear(64, 96, False, torch.float32)
     torch.manual_seed(0)
-    head = Int8Linear(64, 96, False, torch.float32)
     head.load_weight(torch.randn(96, 64))
     ids = torch.tensor([[0, 17, 95], [3, 3, 50]])
     rows = Int8Embedding(head, torch.float32)(ids)

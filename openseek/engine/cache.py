@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 
 from openseek.config import ModelConfig
-from openseek.kernels import dense_avx512
-from openseek.model.linear import has_kernel
+from openseek.kernels import ops
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp_layers: int = 0) -> int:
@@ -154,13 +153,8 @@ class _LatentLayer:
         latent and rope key straight from kv_a [B, T, r + rope] into the cache, in one call of our kernel, with the
         results `store` would get; False (nothing stored) where the kernel does not apply."""
         c = self.cache
-        if not (c.decoding and kv_a.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and has_kernel()
-                and kv_a.dtype is norm.weight.dtype is self.kv.dtype and kv_a.dtype in (torch.float32, torch.bfloat16)
-                and cos.dtype in (torch.float32, torch.bfloat16) and cos.stride(-1) == 1):
-            return False
-        dense_avx512().store_latent(kv_a, norm.weight, norm.eps, cos, sin, interleaved, self.kv, c.batch_rows, c.slots)
-        return True
+        return c.decoding and ops.store_latent(kv_a, norm.weight, norm.eps, cos, sin, interleaved, self.kv,
+                                               c.batch_rows, c.slots)
 
     def read(self):
         """[latent | k_pe] as one shared key [B, 1, length, r + rope] and the mask [B, 1, T, length]."""

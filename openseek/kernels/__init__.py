@@ -10,11 +10,14 @@ converts every weight to bf16 first.
 - `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
   grouped-query attention over the cache in one pass; and, forward and backward, attention's masked softmax, the
   head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
-  PyTorch makes several (the model's modules call them through `autograd.Function`s).
+  PyTorch makes several (`ops.py` calls them through `autograd.Function`s in training).
 
-Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
-`torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind functions, whose call costs
-less.
+Each kernel is also an operator (`torch.ops.openseek.*` at the avx512 level, with a shape-only "fake" version
+below) so that a `torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind
+functions, whose call costs less. Which extension runs, and which of the two calls, is chosen in one place,
+`ops.py`, per instruction-set level (`ops.LEVELS`: each names its `dense` and `quantized` extension, whose loader
+here is the function of the same name), with PyTorch's arithmetic wherever no kernel of ours applies; the model,
+engine and trainer call `ops.*` only.
 
 Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
 (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
@@ -23,10 +26,11 @@ not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel 
 Inside a run, where an extension cannot be built or run (missing instructions, no compiler), its function returns
 None after saying why in one line, and callers use PyTorch's kernel.
 
-`OPENSEEK_KERNELS=0` turns every kernel off, so that everything runs on PyTorch alone: the path of a CPU without
-AVX-512, testable on one with it. The build directory is named after the CPU's flags as well as the extension:
-`-march=native` makes a binary for this CPU only, and a cache shared between machines (a home directory on NFS, a
-copied ~/.cache) must never hand it to another CPU, where it would die of SIGILL.
+`OPENSEEK_KERNELS` picks the level (`auto`, the best this CPU runs; a level's name; `0`, every kernel off, so that
+everything runs on PyTorch alone: the path of a CPU with no level of ours, testable on one with it). The build
+directory is named after the CPU's flags as well as the extension: `-march=native` makes a binary for this CPU
+only, and a cache shared between machines (a home directory on NFS, a copied ~/.cache) must never hand it to
+another CPU, where it would die of SIGILL.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openseek.config import ModelConfig
-from openseek.kernels import dense_avx512
-from openseek.model.linear import KERNEL_ROWS, Linear, has_kernel, linear
+from openseek.kernels import ops
+from openseek.model.linear import Linear
 
 
 class SwiGLU(nn.Module):
@@ -26,32 +26,8 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(silu_mul(gate, up))
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up. On the CPU (float32 or bf16, one dtype, eager) our kernel (kernels/dense_avx512.cpp) does
-    it in one pass, forward and backward, with PyTorch's rounding of silu's result; written out, the two ops and
-    their backwards were three passes each."""
-    if (gate.device.type == "cpu" and gate.dtype is up.dtype and gate.dtype in (torch.float32, torch.bfloat16)
-            and not torch.compiler.is_compiling() and has_kernel()):
-        if torch.is_grad_enabled():
-            return _SiluMul.apply(gate.contiguous(), up.contiguous())
-        return dense_avx512().swiglu(gate.contiguous(), up.contiguous())  # no autograd bookkeeping in decode
-    return F.silu(gate) * up
-
-
-class _SiluMul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return dense_avx512().swiglu(gate, up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return tuple(dense_avx512().swiglu_backward(grad.contiguous(), gate, up))
+            return self.down_proj(ops.swiglu(gate, up))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -84,40 +60,23 @@ class Router(nn.Module):
     def dispatch(self, x: torch.Tensor, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> the chosen (token, expert) pairs sorted by expert: token [N·(k + always_on)], ends [E +
         always_on] (cumulative counts), weight float32. `forward`'s scores, choice and weights, then `Experts`'s
-        sort, in one call of our kernel (kernels/dense_avx512.cpp: written out they were some twenty small ops a
+        sort, in one call of our kernel (ops.route_experts: written out they were some twenty small ops a
         layer); CPU inference with the router in float32 (as `load` keeps it). `always_on` experts after the routed
         ones take every token with weight 1."""
-        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
-        return ops.route_experts(x.contiguous(), self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
+        return ops.route_experts(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
                                  self.topk_group, self.normalise, self.scaling, always_on)
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """x [N, in] sorted by group, w [G, out, in] (each group's weight in nn.Linear's layout), ends [G] cumulative row
-    counts -> [N, out].
-
-    One grouped GEMM when the layout allows it (16-byte aligned rows). Decode's few rows go to our kernel instead
-    (openseek/kernels: one call for all groups, skipping empty ones), or where it cannot run, group by group through
-    `linear`: CPU's grouped GEMM multiplies every group, empty or not, with a small-M sgemm (16 of 20 ms of a
-    deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used expert's weight once.
-    `w` may also be an int8 stack (quantize.GroupedInt8, a module), which multiplies by itself."""
+    counts -> [N, out]: ops.grouped_linear (one grouped GEMM, or decode's few rows on our kernel, skipping empty
+    groups). `w` may also be an int8 stack (quantize.GroupedInt8, a module), which multiplies by itself."""
     if isinstance(w, nn.Module):
         return w(x, ends)
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[1], w.shape[1]))
-    few_rows = x.shape[0] <= w.shape[0] * KERNEL_ROWS.get(w.dtype, 0)  # per group, on average
-    decoding = few_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-    if aligned and x.dtype == w.dtype and not decoding:
-        return F.grouped_mm(x, w.transpose(1, 2), offs=ends.to(torch.int32))
-    if decoding and x.dtype == w.dtype and w.is_contiguous() and has_kernel():
-        # under torch.compile, the operator (kernels/__init__.py), which the compiled graph can hold
-        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
-        grouped = ops.grouped_linear_bf16 if w.dtype is torch.bfloat16 else ops.grouped_linear_fp32
-        return grouped(x.contiguous(), w, ends)
-    starts = torch.cat((ends.new_zeros(1), ends[:-1])).tolist()
-    return torch.cat([linear(x[s:e], w[g]) for g, (s, e) in enumerate(zip(starts, ends.tolist())) if e > s])
+    return ops.grouped_linear(x, w, ends)
 
 
 class Experts(nn.Module):
@@ -137,13 +96,12 @@ class Experts(nn.Module):
         if isinstance(self.gate_up_proj, nn.Module):  # int8 stacks (quantize.GroupedInt8): one call for it all
             return self.gate_up_proj.experts(x, token, ends, weights, self.down_proj)
         gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
-        out = grouped_matmul(silu_mul(gate, up), self.down_proj, ends)
-        ops = torch.ops.openseek if torch.compiler.is_compiling() else dense_avx512()
-        return ops.combine_experts(out.contiguous(), token, weights, x.shape[0]).to(x.dtype)
+        out = grouped_matmul(ops.swiglu(gate, up), self.down_proj, ends)
+        return ops.combine_experts(out, token, weights, x.shape[0]).to(x.dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         decoding_on_cpu = not torch.is_grad_enabled() and x.device.type == "cpu"
-        if torch.compiler.is_compiling() and decoding_on_cpu and not has_kernel():
+        if torch.compiler.is_compiling() and decoding_on_cpu and not ops.has("dense"):
             # a compiled decode step (Engine(compile=True)) without our kernel runs the experts eagerly: how many
             # rows each expert gets is data, which `grouped_matmul` then reads on the host to skip idle experts
             return self._eager_forward(x, ids, weights)
@@ -163,7 +121,7 @@ class Experts(nn.Module):
         # index_select, not x[token]: its backward is index_add_, where indexing's (index_put_ accumulating) took
         # a twentieth of the demo's pretraining step
         gate, up = grouped_matmul(x.index_select(0, token), self.gate_up_proj, ends).chunk(2, dim=-1)
-        out = grouped_matmul(silu_mul(gate, up), self.down_proj, ends)
+        out = grouped_matmul(ops.swiglu(gate, up), self.down_proj, ends)
         out = out * weights.flatten().index_select(0, order)[:, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
@@ -184,7 +142,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         # inference on the CPU: routing, sort and weighted sum on our kernels, unless a hook watches the router
         # (train/routing.py's RoutingLog reads its forward's output)
-        if (x.device.type == "cpu" and not torch.is_grad_enabled() and has_kernel() and not self.gate._forward_hooks
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and ops.has("dense") and not self.gate._forward_hooks
                 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 16 == 0
                 and self.gate.weight.dtype is self.gate.e_score_correction_bias.dtype is torch.float32):
             y = self.experts.decode(flat, *self.gate.dispatch(flat, self.experts.always_on)).view(shape)

@@ -2,7 +2,7 @@
 
 Qwen2/Llama checkpoints rotate the two halves of a head against each other; DeepSeek's rotate adjacent pairs
 (2i, 2i+1) of the decoupled rope dims. The dot product q·k is the same either way as long as q and k use the
-same layout, so we rotate in place without permuting weights.
+same layout, so we rotate in place without permuting weights (the rotation itself: ops.rope).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from openseek.config import ModelConfig
-from openseek.kernels import dense_avx512
-from openseek.model.linear import has_kernel
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -87,37 +85,3 @@ class RotaryEmbedding(nn.Module):
         """cos, sin of shape [B, 1, T, rope_dim/2], cast to the activation dtype (as transformers does)."""
         freqs = positions[:, None, :, None].float() * self.inv_freq.float()
         return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, H, T, D]. Interleaved input pairs (2i, 2i+1) come out as [evens | odds].
-
-    On the CPU in float32/bf16, eager, this runs on our kernel (kernels/dense_avx512.cpp), forward and backward, either
-    layout: one pass with PyTorch's roundings instead of six ops, strided slices and a cat."""
-    if (x.device.type == "cpu" and {x.dtype, cos.dtype, sin.dtype} <= FLOAT_TYPES and cos.dtype is sin.dtype
-            and x.stride(-1) == 1 and not torch.compiler.is_compiling() and has_kernel()):
-        if torch.is_grad_enabled():
-            return _Rope.apply(x, cos, sin, interleaved)
-        # decode: no autograd
-        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False, interleaved)
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-FLOAT_TYPES = {torch.float32, torch.bfloat16}
-
-
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, interleaved):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype, ctx.interleaved = x.dtype, interleaved
-        return dense_avx512().rope(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False, interleaved)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return dense_avx512().rope(grad.contiguous(), cos, sin, ctx.x_dtype, True, ctx.interleaved), None, None, None

@@ -64,7 +64,7 @@ import torch
 
 import openseek
 from openseek.engine import Completion, Engine, stop_token_ids
-from openseek.kernels import quantized_vnni
+from openseek.kernels import ops
 from openseek.quantize import QUANTIZE, refresh_view, rollout_view
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
@@ -80,7 +80,6 @@ from openseek.rewards import (
 )
 from openseek.tasks import TEMPLATES, format_prompt, get_task
 from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
-from openseek.train.logprobs import target_logprobs
 from openseek.train.pretrain import load_tokenizer
 from openseek.train.trainer import (
     MeanOf,
@@ -307,8 +306,8 @@ def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatur
 
 def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
     """One chunk: (log-prob of each target, entropy of each distribution, detached, or None without `entropy`,
-    which the reference pass does not need), on our kernel where it runs (train/logprobs.py)."""
-    return target_logprobs(head(h), targets, temperature, entropy)
+    which the reference pass does not need), on our kernel where it runs (ops.token_logprobs)."""
+    return ops.token_logprobs(head(h), targets, temperature, entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -704,13 +703,13 @@ def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
 
 
 def int8_rollouts_pay(trainer: Trainer, view_dtype: torch.dtype) -> bool:
-    """`--rollout-quantize auto`: int8 weights for a bf16 rollout view on a CPU that runs our VNNI kernel. A decode
+    """`--rollout-quantize auto`: int8 weights for a bf16 rollout view where our int8 kernel runs (ops.has). A decode
     step at 16 rows reads every weight, and bf16 matmuls at those rows ran at 6–7 GB/s against the int8 kernel's
     (half the bytes) — GRPO's rollout 1.6–1.8 s against 2.1–3.0 s on the 31M benchmark model, with learning parity
     over 3 seeds (benchmarks/RESULTS.md). Never on GPUs (bf16 there is the fast path) nor with a full-precision view."""
     if view_dtype != torch.bfloat16 or trainer.device.type != "cpu":
         return False
-    return quantized_vnni() is not None
+    return ops.has("quantized")
 
 
 # Shown on the progress bar next to the loss: {short name: metric key}.

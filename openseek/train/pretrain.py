@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import openseek
 from openseek import data
 from openseek.config import ModelConfig
+from openseek.kernels import ops
 from openseek.model import Model
 from openseek.report import flops_per_token
 from openseek.tokenizer import Tokenizer, TokenizerError
-from openseek.train.logprobs import on_kernel, target_logprobs
 from openseek.train.routing import RoutingLog, sequence_balance_loss
 from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
 
@@ -90,11 +90,11 @@ class NextTokenLoss:
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token loss in float32 over labelled tokens ([B, T, V] logits, [B, T] labels), on our log-prob
-    kernel where it runs (train/logprobs.py)."""
+    kernel where it runs (ops.token_logprobs)."""
     logits, labels = logits.flatten(0, 1), labels.flatten()
-    if on_kernel(logits):
+    if ops.token_logprobs_on_kernel(logits):
         ignored = labels == data.IGNORE
-        logp, _ = target_logprobs(logits, labels.masked_fill(ignored, 0))
+        logp, _ = ops.token_logprobs(logits, labels.masked_fill(ignored, 0))
         return -logp.masked_fill(ignored, 0.0).sum()
     return F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE, reduction="sum")
 
