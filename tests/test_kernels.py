@@ -32,7 +32,7 @@ def broken_sources(tmp_path):
 
 
 def test_a_kernel_that_fails_to_build_stops_the_build_command_with_the_compilers_message(tmp_path):
-    supported = [name for name, (_, needs, _) in kernels.EXTENSIONS.items() if needs <= kernels.cpu_flags()]
+    supported = [name for name, extension in kernels.EXTENSIONS.items() if extension.needs <= kernels.cpu_flags()]
     if not supported or not kernels.kernels_enabled():
         pytest.skip("this CPU runs none of our kernels (or OPENSEEK_KERNELS=0): nothing it supports can fail")
     result = build_command(broken_sources(tmp_path), tmp_path / "build")
@@ -90,11 +90,12 @@ def int8_layer_tensors(N=32, K=64):
     return layer
 
 
-@pytest.fixture
-def quantized():
-    if kernels.quantized_vnni() is None:
-        pytest.skip("no AVX-512 VNNI kernel on this CPU (or OPENSEEK_KERNELS=0): nothing to call")
-    return torch.ops.openseek
+@pytest.fixture(params=["quantized_vnni", "quantized_avx2"])
+def quantized(request):
+    """Each int8/int4 extension's operators (AVX-512 VNNI, AVX2): the same checks and messages."""
+    if getattr(kernels, request.param)() is None:
+        pytest.skip(f"{request.param} cannot run on this CPU (or OPENSEEK_KERNELS=0): nothing to call")
+    return torch.ops.openseek if request.param == "quantized_vnni" else torch.ops.openseek_avx2
 
 
 @pytest.mark.parametrize("bad, message", [
