@@ -136,17 +136,19 @@ void block_kernel(const int8_t* xq, const float* sx, const int8_t* w, const floa
     }
 }
 
-constexpr int64_t kRows = 3;  // rows per pass with 2 blocks: 12 accumulators
+constexpr int64_t kRows = 2;  // rows per pass with 2 blocks: 8 accumulators
 
 template <typename Out>
 using Kernel = void (*)(const int8_t*, const float*, const int8_t*, const float*, const int32_t*, Out*, int64_t,
                         int64_t, int64_t);
 template <int B, typename Out>
-constexpr Kernel<Out> kKernels[kRows] = {block_kernel<1, B, Out>, block_kernel<2, B, Out>, block_kernel<3, B, Out>};
+constexpr Kernel<Out> kKernels[kRows] = {block_kernel<1, B, Out>, block_kernel<2, B, Out>};
 
 // Rows [start, start + rows) against output blocks [begin, end) of one packed weight: at one row 4 blocks a pass
-// (8 accumulator chains, 4 weight streams in flight), with more 2 blocks by up to 3 rows (the next pass over the
-// same 2 blocks finds them in cache).
+// (8 accumulator chains, 4 weight streams in flight), with more 2 blocks by 2 rows (the next pass over the same 2
+// blocks finds them in cache). Measured at 896 × 4864 on one thread (Zen 5, under load): at one row 4 blocks read
+// ~10% faster than 2; at 8 rows 2 blocks by 2 rows beat 1 block by 3 rows (~7-9 GB/s against ~6.5), though GCC
+// spills two of its 8 accumulators where it spills none of 1 × 3's 6: two weight streams matter more.
 template <typename Out>
 void band(const int8_t* xq, const float* sx, const int8_t* w, const float* sw, const int32_t* rowsum, Out* y,
           int64_t K, int64_t N, int64_t start, int64_t rows, int64_t begin, int64_t end) {
@@ -200,87 +202,78 @@ void quantise_groups(const T* x, int64_t M, int64_t K, int64_t G, int8_t* xq, fl
     }
 }
 
-// Rows [0, R) against blocks [nb, nb + B): per block and group, 2·R integer sums (int16 over 32 columns, then int32),
-// folded into 2·B·R float32 results with the VNNI kernel's two fmadds.
-template <int R, int B, typename Out>
+// Rows [0, R) against output block nb: per group, 2·R integer sums (int16 over 32 columns, then int32), folded into
+// 2·R float32 results with the VNNI kernel's two fmadds.
+template <int R, typename Out>
 void int4_block_kernel(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, Out* y, int64_t K,
                        int64_t N, int64_t G, int64_t nb) {
   const int64_t groups = K / G, record = G * 8 + 64;
-  const uint8_t* base = w + nb * groups * record;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 out[B][2][R];
-  for (int b = 0; b < B; ++b)
+  __m256 out[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < R; ++r) out[h][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* at = w + (nb * groups + g) * record;
+    __m256i acc[2][R];
     for (int h = 0; h < 2; ++h)
-      for (int r = 0; r < R; ++r) out[b][h][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g)
-    for (int b = 0; b < B; ++b) {
-      const uint8_t* at = base + (b * groups + g) * record;
-      __m256i acc[2][R];
+      for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_si256();
+    for (int64_t c0 = 0; c0 < G / 8; c0 += 4) {  // up to 4 chunks, 32 columns: at most 30480 in an int16
+      __m256i sum16[2][R];
       for (int h = 0; h < 2; ++h)
-        for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_si256();
-      for (int64_t c0 = 0; c0 < G / 8; c0 += 4) {  // up to 4 chunks, 32 columns: at most 30480 in an int16
-        __m256i sum16[2][R];
-        for (int h = 0; h < 2; ++h)
-          for (int r = 0; r < R; ++r) sum16[h][r] = _mm256_setzero_si256();
-        for (int64_t c = c0; c < std::min(c0 + 4, G / 8); ++c) {
-          const int64_t k = g * G + c * 8;
-          __m256i low_x[R], high_x[R];
-          for (int r = 0; r < R; ++r) {
-            int32_t four[2];
-            std::memcpy(four, xq + r * K + k, 8);
-            low_x[r] = _mm256_set1_epi32(four[0]);
-            high_x[r] = _mm256_set1_epi32(four[1]);
-          }
-          _mm_prefetch(reinterpret_cast<const char*>(at + c * 64 + PREFETCH), _MM_HINT_T0);
-          for (int h = 0; h < 2; ++h) {
-            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c * 64 + h * 32));
-            const __m256i low = _mm256_and_si256(packed, nibble);
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-            for (int r = 0; r < R; ++r)
-              sum16[h][r] = _mm256_add_epi16(sum16[h][r], _mm256_add_epi16(_mm256_maddubs_epi16(low, low_x[r]),
-                                                                           _mm256_maddubs_epi16(high, high_x[r])));
-          }
-        }
-        for (int h = 0; h < 2; ++h)
-          for (int r = 0; r < R; ++r) acc[h][r] = _mm256_add_epi32(acc[h][r], _mm256_madd_epi16(sum16[h][r], ones));
-      }
-      const at::BFloat16* params = reinterpret_cast<const at::BFloat16*>(at + G * 8);
-      for (int h = 0; h < 2; ++h) {
-        const __m256 scales = load8(params + h * 8), lows = load8(params + 16 + h * 8);
+        for (int r = 0; r < R; ++r) sum16[h][r] = _mm256_setzero_si256();
+      for (int64_t c = c0; c < std::min(c0 + 4, G / 8); ++c) {
+        const int64_t k = g * G + c * 8;
+        __m256i low_x[R], high_x[R];
         for (int r = 0; r < R; ++r) {
-          const __m256 scaled = _mm256_mul_ps(scales, _mm256_set1_ps(sx[r * groups + g]));
-          out[b][h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][r]), scaled, out[b][h][r]);
-          out[b][h][r] = _mm256_fmadd_ps(lows, _mm256_set1_ps(xsum[r * groups + g]), out[b][h][r]);
+          int32_t four[2];
+          std::memcpy(four, xq + r * K + k, 8);
+          low_x[r] = _mm256_set1_epi32(four[0]);
+          high_x[r] = _mm256_set1_epi32(four[1]);
         }
+        _mm_prefetch(reinterpret_cast<const char*>(at + c * 64 + PREFETCH), _MM_HINT_T0);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c * 64 + h * 32));
+          const __m256i low = _mm256_and_si256(packed, nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+          for (int r = 0; r < R; ++r)
+            sum16[h][r] = _mm256_add_epi16(sum16[h][r], _mm256_add_epi16(_mm256_maddubs_epi16(low, low_x[r]),
+                                                                         _mm256_maddubs_epi16(high, high_x[r])));
+        }
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int r = 0; r < R; ++r) acc[h][r] = _mm256_add_epi32(acc[h][r], _mm256_madd_epi16(sum16[h][r], ones));
+    }
+    const at::BFloat16* params = reinterpret_cast<const at::BFloat16*>(at + G * 8);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scales = load8(params + h * 8), lows = load8(params + 16 + h * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 scaled = _mm256_mul_ps(scales, _mm256_set1_ps(sx[r * groups + g]));
+        out[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][r]), scaled, out[h][r]);
+        out[h][r] = _mm256_fmadd_ps(lows, _mm256_set1_ps(xsum[r * groups + g]), out[h][r]);
       }
     }
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < 2; ++h)
-      for (int r = 0; r < R; ++r) store8(y + r * N + (nb + b) * 16 + h * 8, out[b][h][r]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < R; ++r) store8(y + r * N + nb * 16 + h * 8, out[h][r]);
 }
 
-constexpr int64_t kInt4Rows = 2;  // rows per pass: 4 results, 4 int32 and 4 int16 sums, 4 broadcasts in registers
+constexpr int64_t kInt4Rows = 2;  // rows per pass: 4 results, 4 int32 and 4 int16 sums, 4 broadcasts
 
 template <typename Out>
 using Int4Kernel = void (*)(const int8_t*, const float*, const float*, const uint8_t*, Out*, int64_t, int64_t,
                             int64_t, int64_t);
 template <typename Out>
-constexpr Int4Kernel<Out> kInt4ByRows[kInt4Rows] = {int4_block_kernel<1, 1, Out>, int4_block_kernel<2, 1, Out>};
-template <typename Out>
-constexpr Int4Kernel<Out> kInt4ByBlocks[4] = {int4_block_kernel<1, 1, Out>, int4_block_kernel<1, 2, Out>,
-                                              int4_block_kernel<1, 3, Out>, int4_block_kernel<1, 4, Out>};
+constexpr Int4Kernel<Out> kInt4ByRows[kInt4Rows] = {int4_block_kernel<1, Out>, int4_block_kernel<2, Out>};
 
+// One block a pass, by up to 2 rows. Unlike the VNNI kernel's (up to 8 blocks at one row), more blocks per pass
+// measured slower here at one row (4 blocks ~20 GB/s against ~27 for one, 896 × 4864 on one thread under load): a
+// group's sums already keep 2 chains per row in flight, and the prefetch runs ahead of the one stream.
 template <typename Out>
 void run_int4(const int8_t* xq, const float* sx, const float* xsum, const uint8_t* w, Out* y, int64_t M, int64_t K,
               int64_t N, int64_t G) {
   const int64_t groups = K / G;
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
-    if (M == 1) {  // up to 4 blocks per pass: 4 weight streams in flight
-      for (int64_t nb = begin; nb < end; nb += 4)
-        kInt4ByBlocks<Out>[std::min<int64_t>(4, end - nb) - 1](xq, sx, xsum, w, y, K, N, G, nb);
-      return;
-    }
-    for (int64_t nb = begin; nb < end; ++nb)  // with more rows the rows give the chains
+    for (int64_t nb = begin; nb < end; ++nb)
       for (int64_t m0 = 0; m0 < M; m0 += kInt4Rows)
         kInt4ByRows<Out>[std::min(kInt4Rows, M - m0) - 1](xq + m0 * K, sx + m0 * groups, xsum + m0 * groups, w,
                                                           y + m0 * N, K, N, G, nb);
