@@ -266,7 +266,8 @@ def test_the_operators_have_shapes_for_torch_compile(name):
     ops = getattr(torch.ops, EXTENSIONS[name])
     with FakeTensorMode():
         x = torch.empty(2, 3, 64, dtype=torch.bfloat16)
-        y = ops.int8_matmul(x, torch.empty(2, 16, 16, 4, dtype=torch.int8), torch.empty(32), torch.empty(32, dtype=torch.int32))
+        y = ops.int8_matmul(x, torch.empty(2, 16, 16, 4, dtype=torch.int8), torch.empty(32),
+                            torch.empty(32, dtype=torch.int32))
         assert y.shape == (2, 3, 32) and y.dtype is torch.bfloat16
         y = ops.int4_matmul(torch.empty(3, 64), torch.empty(2, 2, 32 * 8 + 64, dtype=torch.uint8))
         assert y.shape == (3, 32) and y.dtype is torch.float32

@@ -15,17 +15,17 @@ converts every weight to bf16 first.
   head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
   PyTorch makes several (the model's modules call them through `autograd.Function`s).
 
-Each kernel is also an operator (`torch.ops.openseek.*`, with a shape-only "fake" version below) so that a
-`torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind functions, whose call costs
-less.
+Each kernel is also an operator (`torch.ops.openseek.*`, the AVX2 level's `torch.ops.openseek_avx2.*`, with a
+shape-only "fake" version below) so that a `torch.compile`d decode step keeps its matmuls in the graph; eager code
+calls the pybind functions, whose call costs less.
 
 Each extension is compiled with its entry's flags in EXTENSIONS (the AVX-512 ones for this machine, the AVX2 ones
-for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by `torch.utils.cpp_extension` the first time it is needed
-(about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
-`python -m openseek.kernels`, which `make` runs at install, builds all of them side by side, so that the first run does
-not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel this CPU supports does not build.
-Inside a run, where an extension cannot be built or run (missing instructions, no compiler), its function returns
-None after saying why in one line, and callers use PyTorch's kernel.
+for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by `torch.utils.cpp_extension`
+the first time it is needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as
+torch's own builder does). `python -m openseek.kernels`, which `make` runs at install, builds all of them side by
+side, so that the first run does not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel
+this CPU supports does not build. Inside a run, where an extension cannot be built or run (missing instructions, no
+compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
 
 `OPENSEEK_KERNELS=0` turns every kernel off, so that everything runs on PyTorch alone: the path of a CPU without
 AVX-512, testable on one with it. The build directory is named after the CPU's flags as well as the extension:

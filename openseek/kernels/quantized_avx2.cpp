@@ -285,7 +285,9 @@ void run_int4(const int8_t* xq, const float* sx, const float* xsum, const uint8_
 // e^x for x ≤ 0: 2^n · e^r, n = round(x / ln 2), e^r by its Taylor series to r^7; x below -104 gives e^-104's
 // rounding. vscalef multiplies by 2^n with one rounding; here n ∈ [-150, 0] is split in two halves whose powers are
 // normal floats: p · 2^(n >> 1) is exact (p ≈ 1, so it stays normal) and the second multiply is the one rounding.
-inline __m256 pow2(__m256i n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23)); }
+inline __m256 pow2(__m256i n) {  // 2^n for a normal float's exponent n, from its bits
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+}
 inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-104.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -293,7 +295,8 @@ inline __m256 exp8(__m256 x) {
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
   const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(whole, half)));
 }
@@ -505,7 +508,8 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& token, c
         const __m256 w = _mm256_set1_ps(wp[m]);
         float* row = yp + tp[m] * H;
         for (int64_t c = begin * 16; c < end * 16; c += 8)
-          _mm256_storeu_ps(row + c, _mm256_fmadd_ps(_mm256_loadu_ps(out.data() + m * H + c), w, _mm256_loadu_ps(row + c)));
+          _mm256_storeu_ps(row + c,
+                           _mm256_fmadd_ps(_mm256_loadu_ps(out.data() + m * H + c), w, _mm256_loadu_ps(row + c)));
       }
     }
   });
