@@ -33,7 +33,7 @@ def broken_sources(tmp_path):
 
 
 def test_a_kernel_that_fails_to_build_stops_the_build_command_with_the_compilers_message(tmp_path):
-    supported = [name for name, (_, needs, _) in kernels.EXTENSIONS.items() if needs <= kernels.cpu_flags()]
+    supported = [name for name, extension in kernels.EXTENSIONS.items() if extension.needs <= kernels.cpu_flags()]
     if not supported or not kernels.kernels_enabled():
         pytest.skip("this CPU runs none of our kernels (or OPENSEEK_KERNELS=0): nothing it supports can fail")
     result = build_command(broken_sources(tmp_path), tmp_path / "build")

@@ -7,24 +7,28 @@ third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight
 converts every weight to bf16 first.
 - `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
   byte once; int8 from 16 rows on AMX tiles where the CPU has them (same results, bit for bit).
+- `quantized_avx2.cpp`: the same functions for CPUs with AVX2, FMA and F16C but no AVX-512 (most laptops, AMD
+  Zen 2/3), reading the same packed weights and giving the same results bit for bit; vpmaddubsw with the weight's
+  sign moved onto the activation stands in for vpdpbusd (its comment proves no int16 saturates).
 - `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
   grouped-query attention over the cache in one pass; and, forward and backward, attention's masked softmax, the
   head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
   PyTorch makes several (`ops.py` calls them through `autograd.Function`s in training).
 
-Each kernel is also an operator (`torch.ops.openseek.*` at the avx512 level, with a shape-only "fake" version
-below) so that a `torch.compile`d decode step keeps its matmuls in the graph; eager code calls the pybind
-functions, whose call costs less. Which extension runs, and which of the two calls, is chosen in one place,
-`ops.py`, per instruction-set level (`ops.LEVELS`: each names its `dense` and `quantized` extension, whose loader
-here is the function of the same name), with PyTorch's arithmetic wherever no kernel of ours applies; the model,
-engine and trainer call `ops.*` only.
+Each kernel is also an operator (`torch.ops.openseek.*` at the avx512 level, `torch.ops.openseek_avx2.*` at the
+avx2 level, with a shape-only "fake" version below) so that a `torch.compile`d decode step keeps its matmuls in the
+graph; eager code calls the pybind functions, whose call costs less. Which extension runs, and which of the two
+calls, is chosen in one place, `ops.py`, per instruction-set level (`ops.LEVELS`: each names its `dense` and
+`quantized` extension, whose loader here is the function of the same name), with PyTorch's arithmetic wherever no
+kernel of ours applies; the model, engine and trainer call `ops.*` only.
 
-Each extension is compiled with the machine's own flags by `torch.utils.cpp_extension` the first time it is needed
-(about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
-`python -m openseek.kernels`, which `make` runs at install, builds both side by side, so that the first run does
-not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel this CPU supports does not build.
-Inside a run, where an extension cannot be built or run (missing instructions, no compiler), its function returns
-None after saying why in one line, and callers use PyTorch's kernel.
+Each extension is compiled with its entry's flags in EXTENSIONS (the AVX-512 ones for this machine, the AVX2 ones
+for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by `torch.utils.cpp_extension`
+the first time it is needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as
+torch's own builder does). `python -m openseek.kernels`, which `make` runs at install, builds all of them side by
+side, so that the first run does not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel
+this CPU supports does not build. Inside a run, where an extension cannot be built or run (missing instructions, no
+compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
 
 `OPENSEEK_KERNELS` picks the level (`auto`, the best this CPU runs; a level's name; `0`, every kernel off, so that
 everything runs on PyTorch alone: the path of a CPU with no level of ours, testable on one with it). The build
@@ -41,6 +45,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +65,19 @@ def quantized_vnni():
         torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
         torch.library.register_fake("openseek::grouped_int8_matmul")(_grouped_int8_matmul_shape)
         torch.library.register_fake("openseek::int8_experts")(_int8_experts_shape)
+    return module
+
+
+@functools.cache
+def quantized_avx2():
+    """`quantized_vnni()`'s functions at the AVX2 level (the same arguments, packed weights and results; `use_amx`
+    always False), as operators under torch.ops.openseek_avx2, or None with a line on stderr saying why."""
+    module = build("quantized_avx2")
+    if module is not None:
+        torch.library.register_fake("openseek_avx2::int8_matmul")(_int8_matmul_shape)
+        torch.library.register_fake("openseek_avx2::int4_matmul")(_int4_matmul_shape)
+        torch.library.register_fake("openseek_avx2::grouped_int8_matmul")(_grouped_int8_matmul_shape)
+        torch.library.register_fake("openseek_avx2::int8_experts")(_int8_experts_shape)
     return module
 
 
@@ -168,10 +186,29 @@ def _default_build_root() -> str:
     return get_default_build_root()
 
 
-# each extension: what it is for, the CPU flags it needs, what runs without it
+class Extension(NamedTuple):
+    """One compiled extension: what it is for, the CPU flags it needs, what runs without it, and the compiler's
+    target flags."""
+
+    what: str
+    needs: frozenset[str]
+    fallback: str
+    flags: tuple[str, ...]
+
+
+# The AVX-512 kernels are built for this very CPU. An AVX2 kernel is built for the x86-64-v3 level (AVX2, FMA, F16C,
+# BMI2) and never with -march=native, which on an AVX-512 machine would let the compiler emit AVX-512 and the "AVX2"
+# kernel tested there would not be one; -mtune=native only schedules. -ffp-contract=off: the quantised kernels'
+# float32 steps are written to round where the VNNI kernel rounds, and a fused multiply-add would round once less.
+NATIVE = ("-march=native",)
+X86_64_V3 = ("-march=x86-64-v3", "-mtune=native")
 EXTENSIONS = {
-    "dense_avx512": ("decode matmul", {"avx512f", "avx512bw", "avx512_bf16"}, "PyTorch's matmul"),
-    "quantized_vnni": ("int8/int4", {"avx512f", "avx512bw", "avx512_vnni"}, "PyTorch's kernels"),
+    "dense_avx512": Extension("decode matmul", frozenset({"avx512f", "avx512bw", "avx512_bf16"}), "PyTorch's matmul",
+                              NATIVE),
+    "quantized_vnni": Extension("int8/int4", frozenset({"avx512f", "avx512bw", "avx512_vnni"}), "PyTorch's kernels",
+                                NATIVE),
+    "quantized_avx2": Extension("int8/int4 (AVX2)", frozenset({"avx2", "fma", "f16c"}), "PyTorch's kernels",
+                                X86_64_V3 + ("-ffp-contract=off",)),
 }
 
 
@@ -183,7 +220,7 @@ def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
     """The compiled extension `name` (of EXTENSIONS) from `source_dir`, or None after one line on stderr saying why
     (kernels turned off, the CPU lacks what it needs, the build failed). With `strict`, a failed build raises
     KernelBuildError with the compiler's message instead."""
-    what, needs, fallback = EXTENSIONS[name]
+    what, needs, fallback, flags = EXTENSIONS[name]
     if not kernels_enabled():
         print(f"{what}: {KERNELS_ENV}=0; using {fallback}", file=sys.stderr)
         return None
@@ -202,7 +239,7 @@ def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
         # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread.
         # -Wfatal-errors: a broken kernel reports its first error in a second, not after parsing all of torch's headers
         return load(f"openseek_{name}", [str(source_dir / f"{name}.cpp")],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-Wfatal-errors"],
+                    extra_cflags=["-O3", *flags, "-fopenmp", "-Wfatal-errors"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
         if strict:
