@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -67,6 +68,27 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
     return model.eval()
+
+
+# The builds of kernels/dense.cpp, one per instruction-set level (kernels.EXTENSIONS); a test that takes the
+# `dense_kernel` fixture runs once per level, the level in its id (test_x[dense_avx2]), skipped where this CPU cannot
+# run it.
+DENSE_KERNELS = ("dense_avx512", "dense_avx2")
+# the modules that call the dense kernels as `dense_avx512()` until kernels/ops.py chooses the level for them
+ON_DENSE_KERNELS = ("openseek.model.attention", "openseek.model.linear", "openseek.model.moe", "openseek.model.rope",
+                    "openseek.engine.cache", "openseek.train.logprobs")
+
+
+@pytest.fixture(params=DENSE_KERNELS)
+def dense_kernel(request, monkeypatch):
+    """The dense kernel extension of this test's level, with the model, cache and log-prob code running on it, so
+    that one parity test covers every level this machine executes (AVX-512 machines run the AVX2 build too)."""
+    module = getattr(openseek.kernels, request.param)()
+    if module is None:
+        pytest.skip(f"this CPU cannot run {request.param} (or OPENSEEK_KERNELS=0)")
+    for name in ON_DENSE_KERNELS:
+        monkeypatch.setattr(importlib.import_module(name), "dense_avx512", lambda: module)
+    return module
 
 
 @pytest.fixture

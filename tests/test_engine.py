@@ -540,14 +540,11 @@ def test_a_compiled_decode_step_gives_the_eager_step_s_tokens_and_logprobs(model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, dtype):
+def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, dtype, dense_kernel):
     """MLA decode on our kernel (the cache's `store_projected`: the new tokens' latent normalised and rope key
     rotated straight into the cache) gives the tokens and log-probs of the written-out path, bit for bit."""
     from openseek.engine.cache import _LatentLayer
-    from openseek.kernels import dense_avx512
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 decode kernels on this CPU")
     models("deepseek_v3_wide")[1].save_pretrained(tmp_path)
     model = openseek.load(tmp_path, dtype=dtype)
     kwargs = dict(temperature=1.0, n=2, stop_token_ids=[], logprobs=True, seed=3)

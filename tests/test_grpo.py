@@ -390,15 +390,12 @@ def test_a_non_positive_correction_cap_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature):
+def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature, dense_kernel):
     """The head's log-probs on our kernel (grpo._chunk): log softmax(logits / T) at each target, the entropy, and
     the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that is not a
     multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by name."""
-    from openseek.kernels import dense_avx512
     from openseek.train.grpo import _chunk
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 kernels on this CPU")
     torch.manual_seed(0)
     N, V, H = 40, 1003, 24
     head = torch.nn.Linear(H, V, bias=False).to(dtype)

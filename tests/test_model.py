@@ -103,16 +103,13 @@ def test_mtp_logits_shape_and_dependence_on_next_token():
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("x_dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16)])
-def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype, interleaved):
+def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype, interleaved, dense_kernel):
     """Rotary embedding on our kernel (rope.apply_rope, halves and DeepSeek's interleaved layout) against the
     written-out PyTorch rotation, on a strided view as attention passes it: bitwise where the dtypes round (bf16
     products and sums, as PyTorch rounds them), within float32 rounding otherwise; the gradient is the inverse
     rotation of the incoming one, written back in the input's layout."""
-    from openseek.kernels import dense_avx512
     from openseek.model.rope import apply_rope
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 kernels on this CPU")
     torch.manual_seed(0)
     B, T, H, D = 2, 7, 3, 40
     x = torch.randn(B, T, H, D).to(x_dtype).transpose(1, 2).requires_grad_()  # [B, H, T, D], strided
@@ -139,16 +136,13 @@ def test_rope_kernel_equals_pytorchs_rotation(x_dtype, cos_dtype, interleaved):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [512, 40])
-def test_rmsnorm_and_swiglu_kernels_equal_float64(dtype, D):
+def test_rmsnorm_and_swiglu_kernels_equal_float64(dtype, D, dense_kernel):
     """RMSNorm and SwiGLU's silu(gate)·up on our kernel, forward and backward (input and weight gradients), against
     float64; with bf16 inputs the results are the float64 ones rounded (silu's result, as PyTorch rounds it: the
     SwiGLU output is then bitwise PyTorch's)."""
-    from openseek.kernels import dense_avx512
     from openseek.model.attention import RMSNorm
     from openseek.model.moe import silu_mul
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 kernels on this CPU")
     torch.manual_seed(0)
     tolerance = 1e-6 if dtype is torch.float32 else 4e-3
 
@@ -183,16 +177,13 @@ def test_rmsnorm_and_swiglu_kernels_equal_float64(dtype, D):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, H, T", [(3, 8, 37), (1, 2, 16), (2, 4, 5)])
-def test_masked_softmax_kernel_equals_the_float64_softmax(dtype, B, H, T):
+def test_masked_softmax_kernel_equals_the_float64_softmax(dtype, B, H, T, dense_kernel):
     """Attention's scaled, masked softmax (attention.masked_softmax) on our kernel, forward and backward, under a
     causal mask with left- and right-padded rows (a query row sees itself, as causal_padding_mask builds it): the
     float32 results rounded once to the scores' dtype. A row the mask allows nowhere gives probabilities 0."""
-    from openseek.kernels import dense_avx512
     from openseek.model.attention import masked_softmax
     from openseek.model.transformer import causal_padding_mask
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 kernels on this CPU")
     torch.manual_seed(0)
     padding = torch.ones(B, T, dtype=torch.bool)
     padding[0, : T // 3] = False
@@ -217,15 +208,12 @@ def test_masked_softmax_kernel_equals_the_float64_softmax(dtype, B, H, T):
 @pytest.mark.parametrize("q_dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                   (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("B, H, KV, T, S, D", [(3, 8, 2, 1, 41, 64), (2, 4, 4, 3, 17, 32), (1, 6, 1, 2, 5, 128)])
-def test_decode_attention_kernel_equals_the_float64_attention(q_dtype, cache_dtype, B, H, KV, T, S, D):
+def test_decode_attention_kernel_equals_the_float64_attention(q_dtype, cache_dtype, B, H, KV, T, S, D, dense_kernel):
     """Decode's attention over the cache (attention.attend_cache) on our kernel: keys and values sliced from larger
     cache buffers, as the cache hands them out, each row's tokens masked to the slots up to their own; the result
     is float32 attention rounded once to q's dtype."""
-    from openseek.kernels import dense_avx512
     from openseek.model.attention import attend_cache
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 decode kernels on this CPU")
     torch.manual_seed(0)
     q = torch.randn(B, H, T, D).to(q_dtype)
     k, v = (torch.randn(B + 1, KV, S + 7, D).to(cache_dtype)[:B, :, :S] for _ in range(2))
@@ -244,16 +232,13 @@ def test_decode_attention_kernel_equals_the_float64_attention(q_dtype, cache_dty
 @pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("B, T, S", [(3, 1, 41), (2, 3, 17)])
-def test_absorbed_mla_kernel_equals_its_pytorch_form(dtype, cache_dtype, B, T, S):
+def test_absorbed_mla_kernel_equals_its_pytorch_form(dtype, cache_dtype, B, T, S, dense_kernel):
     """MLA's absorbed decode (MLAttention.attend_absorbed) on our kernel — the query folded through kv_b_proj's key
     half, attention over the cached [latent | rope key] slots sliced from a larger buffer, the output through its
     value half — equals the same arithmetic written out in PyTorch ops (the path taken with autograd on)."""
     from openseek.config import ModelConfig
-    from openseek.kernels import dense_avx512
     from openseek.model.attention import MLAttention
 
-    if dense_avx512() is None:
-        pytest.skip("no AVX-512 decode kernels on this CPU")
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,

@@ -113,7 +113,7 @@ def test_int8_kernel_on_amx_tiles_equals_its_vnni_loop_bit_for_bit(rows):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("K", [256, 100])  # 100: a tail shorter than one vector
-def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
+def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K, dense_kernel):
     """The model's Linear runs inference at a few rows on our AVX-512 kernel (float32 accumulation, one rounding to
     the output dtype) — up to KERNEL_ROWS rows, then, or with autograd on, or on a CPU without the kernel, on
     F.linear."""
@@ -121,7 +121,7 @@ def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
     layer = Linear(K, 40, bias=True).to(dtype)  # 40: tiles of 8 and 2 weight rows and a remainder
     x = torch.randn(1, rows, K).to(dtype)
     reference = (x.double() @ layer.weight.double().T).to(dtype) + layer.bias  # one rounding, then the bias
-    kernel = dense_avx512()
+    kernel = dense_kernel
     with torch.no_grad():
         got = layer(x)
         if kernel is not None and rows <= KERNEL_ROWS[dtype]:  # the kernel itself, not only the layer's result
@@ -137,7 +137,7 @@ def test_decode_kernel_equals_the_float64_product_of_its_inputs(dtype, rows, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
+def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype, dense_kernel):
     """MoE decode's experts (moe.grouped_matmul): rows sorted by expert, one call for all experts, empty ones
     skipped — each group's rows equal our per-expert kernel's product with that expert's weight, bit for bit."""
     torch.manual_seed(0)
@@ -147,9 +147,7 @@ def test_grouped_decode_matmul_equals_each_group_s_own_product(dtype):
     x = torch.randn(int(counts.sum()), 100).to(dtype)
     with torch.no_grad():
         got = grouped_matmul(x, w, ends)
-    kernel = dense_avx512()
-    if kernel is None:
-        pytest.skip("this CPU cannot run the decode kernel")
+    kernel = dense_kernel
     single = kernel.linear_bf16 if dtype is torch.bfloat16 else kernel.linear_fp32
     starts = ends - counts
     expected = torch.cat([single(x[s:e].contiguous(), w[g]) for g, (s, e) in enumerate(zip(starts.tolist(),
@@ -196,13 +194,13 @@ def test_grouped_int8_experts_equal_each_expert_s_own_int8_product(dtype):
         kernel.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends - 1)
 
 
-def test_the_whole_int8_experts_kernel_equals_its_parts():
+def test_the_whole_int8_experts_kernel_equals_its_parts(dense_kernel):
     """MoE decode's experts in one call (GroupedInt8.experts: gather, gate/up, SwiGLU, down, weighted sum) equals
     the same steps as separate calls — the grouped int8 matmuls, our SwiGLU, our weighted sum — bit for bit in
     float32, including an idle expert and an expert with more rows than one pass takes."""
     from openseek.model.moe import silu_mul
 
-    if quantized_vnni() is None or dense_avx512() is None:
+    if quantized_vnni() is None:
         pytest.skip("no VNNI kernel on this CPU")
     torch.manual_seed(0)
     E, H, I, N = 5, 64, 32, 11
@@ -216,23 +214,21 @@ def test_the_whole_int8_experts_kernel_equals_its_parts():
         got = gate_up.experts(x, token, ends, weights, down)
         gate, up = gate_up(x.index_select(0, token), ends).chunk(2, dim=-1)
         out = down(silu_mul(gate.contiguous(), up.contiguous()), ends)
-    assert torch.equal(got, dense_avx512().combine_experts(out, token, weights, N))
+    assert torch.equal(got, dense_kernel.combine_experts(out, token, weights, N))
     assert gate_up.experts(x.bfloat16(), token, ends, weights, down).dtype is torch.bfloat16
     with pytest.raises(RuntimeError, match="token 11 out of range for 11"):
         gate_up.experts(x, token + 1, ends, weights, down)
 
 
 @pytest.mark.parametrize("n_group, topk_group, normalise", [(1, 1, True), (4, 2, True), (4, 2, False)])
-def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise):
+def test_decode_routing_kernel_equals_the_router_and_its_sort(n_group, topk_group, normalise, dense_kernel):
     """MoE decode's routing (Router.dispatch, our kernel): the router's choice and weights, sorted by expert with
     tokens in order, and the weighted sum (combine_experts) equal the PyTorch path's (Router.forward, then
     Experts' stable sort and index_add)."""
     from openseek.config import ModelConfig
     from openseek.model.moe import Router
 
-    kernel = dense_avx512()
-    if kernel is None:
-        pytest.skip("this CPU cannot run the decode kernel")
+    kernel = dense_kernel
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16,
