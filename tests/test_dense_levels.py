@@ -144,6 +144,8 @@ def test_rmsnorm_swiglu_and_rope_agree(levels, dtype, D):
     gate, up = (torch.randn(5, 3 * D + 1) * 3).to(dtype), torch.randn(5, 3 * D + 1).to(dtype)
     same(avx2.swiglu(gate, up), avx512.swiglu(gate, up))
     same(avx2.swiglu_backward(up, gate, up), avx512.swiglu_backward(up, gate, up))
+    wide = torch.linspace(-110, 40, 3 * D + 1).to(dtype)  # σ's e^x from 1 down to below float32's denormals
+    same(avx2.swiglu(wide, up[0]), avx512.swiglu(wide, up[0]))
     if D % 2 == 0:
         q = torch.randn(2, 7, 3, D).to(dtype).transpose(1, 2)  # [B, H, T, D], strided
         angles = torch.randn(2, 1, 7, D // 2)

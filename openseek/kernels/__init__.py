@@ -19,10 +19,11 @@ Each kernel is also an operator (`torch.ops.openseek.*` from the AVX-512 builds,
 AVX2 ones, each with a shape-only "fake" version below) so that a `torch.compile`d decode step keeps its matmuls in the
 graph; eager code calls the pybind functions, whose call costs less.
 
-Each extension is compiled with its level's flags (EXTENSIONS) by `torch.utils.cpp_extension` the first time it is needed
-(about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder does).
-`python -m openseek.kernels`, which `make` runs at install, builds every one this CPU runs side by side, so that the first run does
-not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel this CPU supports does not build.
+Each extension is compiled with its level's flags (EXTENSIONS) by `torch.utils.cpp_extension` the first time it is
+needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as torch's own builder
+does). `python -m openseek.kernels`, which `make` runs at install, builds every one this CPU runs side by side, so
+that the first run does not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel this CPU
+supports does not build.
 Inside a run, where an extension cannot be built or run (missing instructions, no compiler), its function returns
 None after saying why in one line, and callers use PyTorch's kernel.
 
@@ -242,6 +243,7 @@ def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
         if strict:
             raise KernelBuildError(f"{what}: {source} did not build as {name} on this CPU, which supports it:\n"
                                    f"{error}") from error
-        print(f"{what}: could not build {source} as {name} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-              f"using {fallback}", file=sys.stderr)
+        first_line = str(error).splitlines()[0][:200]
+        print(f"{what}: could not build {source} as {name} ({type(error).__name__}: {first_line}); using {fallback}",
+              file=sys.stderr)
         return None

@@ -254,7 +254,8 @@ void score_rows(const float* q, const CT* k, int64_t k_s, int64_t S, int64_t D, 
   }
 }
 
-// out[r, d0 : d0 + L·J] = Σ_s p[r, s] · v[s, d0 : d0 + L·J] for R rows: each value vector is read once for all rows.
+// out[r, d0 : d0 + L·J] = Σ_s p[r, s] · v[s, d0 : d0 + L·J] for R rows: each value vector is read once for
+// all rows.
 template <int R, int J, typename CT>
 void weigh_rows(const float* p, const CT* v, int64_t v_s, int64_t S, int64_t d0, float* out, int64_t D) {
   Vec acc[R][J];

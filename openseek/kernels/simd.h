@@ -171,11 +171,14 @@ inline void store(bf16* p, Vec v, Tail t) {
 }
 
 inline Vec round_nearest(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-// p · 2^n for integral n in [-254, 254] and p in [0.5, 2], as scalef rounds it: 2^n as two normal halves, so the
-// first product is exact and only the second (where the result falls below the normal range) rounds
+// p · 2^n for integral n in [-252, 254] (exp passes n ≥ -150) and p in [0.5, 2], rounded as scalef rounds it: 2^n
+// as two normal halves, so that the first product is exact and only the second (where the result falls below the
+// normal range) rounds
 inline Vec times_pow2(Vec p, Vec n) {
   const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
-  const auto pow2 = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  const auto pow2 = [](__m256i e) {  // 2^e for e in [-126, 127]: the biased exponent in place
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(ni, half)));
 }
 inline Vec abs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
