@@ -39,8 +39,9 @@ def test_a_kernel_that_fails_to_build_stops_the_build_command_with_the_compilers
     result = build_command(broken_sources(tmp_path), tmp_path / "build")
     assert result.returncode == 1, result.stderr
     for name in supported:
-        assert f"{name}.cpp did not build on this CPU, which supports it" in result.stderr
-        assert f"{name}.cpp:1:" in result.stderr and "error" in result.stderr  # the compiler's own line
+        source = kernels.EXTENSIONS[name].source
+        assert f"{source} did not build as {name} on this CPU, which supports it" in result.stderr
+        assert f"{source}:1:" in result.stderr and "error" in result.stderr  # the compiler's own line
         assert f"{name} FAILED to build" in result.stderr
 
 
@@ -56,12 +57,30 @@ def test_a_cpu_without_the_instructions_gets_one_line_and_no_build(tmp_path, mon
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx", "avx2", "fma", "f16c"}))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("OPENSEEK_KERNELS", raising=False)  # CI runs this file with it set too
-    assert kernels.build("dense_avx512", source_dir=broken_sources(tmp_path), strict=True) is None
+    broken = broken_sources(tmp_path)
+    assert kernels.build("dense_avx512", source_dir=broken, strict=True) is None
     assert kernels.build("quantized_vnni", strict=True) is None
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx", "fma"}))  # an AVX-only CPU
+    assert kernels.build("dense_avx2", source_dir=broken, strict=True) is None
     assert capsys.readouterr().err.splitlines() == [
         "decode matmul: this CPU lacks avx512_bf16, avx512bw, avx512f; using PyTorch's matmul",
         "int8/int4: this CPU lacks avx512_vnni, avx512bw, avx512f; using PyTorch's kernels",
+        "decode matmul (AVX2): this CPU lacks avx2, f16c; using PyTorch's matmul",
     ]
+
+
+def test_the_avx2_builds_are_compiled_for_avx2_not_for_this_cpu():
+    """An AVX2 build tested on an AVX-512 machine must be the one an AVX2 CPU runs: compiled for x86-64-v3 (AVX2,
+    FMA, F16C), never -march=native, which would let the compiler use AVX-512 in it."""
+    avx2 = [extension for name, extension in kernels.EXTENSIONS.items() if name.endswith("avx2")]
+    assert avx2 and all(e.needs >= {"avx2", "fma", "f16c"} and "-march=x86-64-v3" in e.flags
+                        and not any(flag.startswith("-march=native") for flag in e.flags) for e in avx2)
+    module = kernels.dense_avx2()
+    if module is None:
+        pytest.skip("this CPU cannot run the AVX2 kernels (or OPENSEEK_KERNELS=0)")
+    assert module.__doc__ == "AVX2"  # simd.h's level, from the compiler's own macros: no __AVX512F__ there
+    if kernels.dense_avx512() is not None:
+        assert kernels.dense_avx512().__doc__ == "AVX-512"
 
 
 @pytest.mark.parametrize("value, enabled", [("auto", True), ("", True), ("1", True), ("0", False), ("off", False)])

@@ -10,10 +10,13 @@ converts every weight to bf16 first.
 - `quantized_avx2.cpp`: the same functions for CPUs with AVX2, FMA and F16C but no AVX-512 (most laptops, AMD
   Zen 2/3), reading the same packed weights and giving the same results bit for bit; vpmaddubsw with the weight's
   sign moved onto the activation stands in for vpdpbusd (its comment proves no int16 saturates).
-- `dense_avx512.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
+- `dense.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
   grouped-query attention over the cache in one pass; and, forward and backward, attention's masked softmax, the
   head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
-  PyTorch makes several (`ops.py` calls them through `autograd.Function`s in training).
+  PyTorch makes several (the model's modules call them through `autograd.Function`s). One source, written in
+  `simd.h`'s vector operations, built once per instruction-set level as ATen builds one source per CPU_CAPABILITY:
+  `dense_avx512` (16 lanes, AVX512-BF16 dot products) and `dense_avx2` (8 lanes, AVX2 + FMA; bf16 widened to
+  float32), with the same functions, arguments and results (docs/kernels.md says why and how close the numbers are).
 
 Each kernel is also an operator (`torch.ops.openseek.*` at the avx512 level, `torch.ops.openseek_avx2.*` at the
 avx2 level, with a shape-only "fake" version below) so that a `torch.compile`d decode step keeps its matmuls in the
@@ -22,9 +25,9 @@ calls, is chosen in one place, `ops.py`, per instruction-set level (`ops.LEVELS`
 `quantized` extension, whose loader here is the function of the same name), with PyTorch's arithmetic wherever no
 kernel of ours applies; the model, engine and trainer call `ops.*` only.
 
-Each extension is compiled with its entry's flags in EXTENSIONS (the AVX-512 ones for this machine, the AVX2 ones
-for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by `torch.utils.cpp_extension`
-the first time it is needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as
+Each extension is compiled from its source with its entry's flags in EXTENSIONS (the AVX-512 ones for this machine,
+the AVX2 ones for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by
+`torch.utils.cpp_extension` the first time it is needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as
 torch's own builder does). `python -m openseek.kernels`, which `make` runs at install, builds all of them side by
 side, so that the first run does not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel
 this CPU supports does not build. Inside a run, where an extension cannot be built or run (missing instructions, no
@@ -44,8 +47,8 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -86,18 +89,30 @@ def dense_avx512():
     """The compiled extension (`.linear_bf16(x, w)`, `.linear_fp32(x, w)`: x [M, K] · w [N, K]ᵀ;
     `.grouped_linear_bf16(x, w, ends)`, `.grouped_linear_fp32`: x's rows by group times w [G, N, K];
     `.attend_cache(q, k, v, mask, scale)`: decode's attention over the cache; `.attend_latent`: MLA's absorbed
-    decode; `.route_experts`, `.combine_experts`: MoE's routing and weighted sum in decode; `.masked_softmax`, `.token_logprobs`,
-    `.rms_norm`, `.swiglu`, `.rope` and their backwards), or None with a line on stderr saying why."""
-    module = build("dense_avx512")
+    decode; `.route_experts`, `.combine_experts`: MoE's routing and weighted sum in decode; `.store_latent`: MLA's
+    cache write; `.masked_softmax`, `.token_logprobs`, `.rms_norm`, `.swiglu`, `.rope` and their backwards), or None
+    with a line on stderr saying why. Its operators are torch.ops.openseek.*."""
+    return _dense("dense_avx512", "openseek")
+
+
+@functools.cache
+def dense_avx2():
+    """`dense_avx512`'s functions, with the same arguments and results, compiled for AVX2 + FMA + F16C (the CPUs
+    without AVX-512: Intel Core, AMD Zen 2/3), or None with a line on stderr saying why. Runs on AVX-512 CPUs too,
+    which is how their tests cover it. Its operators are torch.ops.openseek_avx2.*."""
+    return _dense("dense_avx2", "openseek_avx2")
+
+
+def _dense(name: str, namespace: str):
+    """Build dense extension `name` and give its operators in `namespace` their shape-only versions."""
+    module = build(name)
     if module is not None:
-        torch.library.register_fake("openseek::linear_bf16")(_linear_shape)
-        torch.library.register_fake("openseek::linear_fp32")(_linear_shape)
-        torch.library.register_fake("openseek::grouped_linear_bf16")(_grouped_linear_shape)
-        torch.library.register_fake("openseek::grouped_linear_fp32")(_grouped_linear_shape)
-        torch.library.register_fake("openseek::attend_cache")(_attend_cache_shape)
-        torch.library.register_fake("openseek::attend_latent")(_attend_latent_shape)
-        torch.library.register_fake("openseek::route_experts")(_route_experts_shape)
-        torch.library.register_fake("openseek::combine_experts")(_combine_experts_shape)
+        for op, shape in (("linear_bf16", _linear_shape), ("linear_fp32", _linear_shape),
+                          ("grouped_linear_bf16", _grouped_linear_shape),
+                          ("grouped_linear_fp32", _grouped_linear_shape), ("attend_cache", _attend_cache_shape),
+                          ("attend_latent", _attend_latent_shape), ("route_experts", _route_experts_shape),
+                          ("combine_experts", _combine_experts_shape)):
+            torch.library.register_fake(f"{namespace}::{op}")(shape)
     return module
 
 
@@ -186,29 +201,34 @@ def _default_build_root() -> str:
     return get_default_build_root()
 
 
-class Extension(NamedTuple):
-    """One compiled extension: what it is for, the CPU flags it needs, what runs without it, and the compiler's
-    target flags."""
+@dataclass(frozen=True)
+class Extension:
+    """One compiled extension: what it is for (the first words of its messages), the CPU flags it needs, what runs
+    without it, its source in kernels/, and the compiler flags that choose its instruction-set level."""
 
     what: str
     needs: frozenset[str]
     fallback: str
+    source: str
     flags: tuple[str, ...]
 
 
-# The AVX-512 kernels are built for this very CPU. An AVX2 kernel is built for the x86-64-v3 level (AVX2, FMA, F16C,
-# BMI2) and never with -march=native, which on an AVX-512 machine would let the compiler emit AVX-512 and the "AVX2"
-# kernel tested there would not be one; -mtune=native only schedules. -ffp-contract=off: the quantised kernels'
-# float32 steps are written to round where the VNNI kernel rounds, and a fused multiply-add would round once less.
+# -march=native: the best this CPU has (the AVX-512 sources need it for their level). The AVX2 builds name their
+# level instead, x86-64-v3 (AVX2, FMA, F16C, BMI2), never native: on an AVX-512 CPU native would let the compiler
+# emit AVX-512 there, and the AVX2 build tested on it would not be the one an AVX2 CPU runs.
+# -ffp-contract=off for quantized_avx2: the quantised kernels' float32 steps are written to round where the VNNI
+# kernel rounds, and a fused multiply-add would round once less.
 NATIVE = ("-march=native",)
 X86_64_V3 = ("-march=x86-64-v3", "-mtune=native")
 EXTENSIONS = {
     "dense_avx512": Extension("decode matmul", frozenset({"avx512f", "avx512bw", "avx512_bf16"}), "PyTorch's matmul",
-                              NATIVE),
+                              "dense.cpp", NATIVE),
+    "dense_avx2": Extension("decode matmul (AVX2)", frozenset({"avx2", "fma", "f16c"}), "PyTorch's matmul",
+                            "dense.cpp", X86_64_V3),
     "quantized_vnni": Extension("int8/int4", frozenset({"avx512f", "avx512bw", "avx512_vnni"}), "PyTorch's kernels",
-                                NATIVE),
+                                "quantized_vnni.cpp", NATIVE),
     "quantized_avx2": Extension("int8/int4 (AVX2)", frozenset({"avx2", "fma", "f16c"}), "PyTorch's kernels",
-                                X86_64_V3 + ("-ffp-contract=off",)),
+                                "quantized_avx2.cpp", X86_64_V3 + ("-ffp-contract=off",)),
 }
 
 
@@ -220,31 +240,34 @@ def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
     """The compiled extension `name` (of EXTENSIONS) from `source_dir`, or None after one line on stderr saying why
     (kernels turned off, the CPU lacks what it needs, the build failed). With `strict`, a failed build raises
     KernelBuildError with the compiler's message instead."""
-    what, needs, fallback, flags = EXTENSIONS[name]
+    extension = EXTENSIONS[name]
+    what, fallback, source = extension.what, extension.fallback, extension.source
     if not kernels_enabled():
         print(f"{what}: {KERNELS_ENV}=0; using {fallback}", file=sys.stderr)
         return None
-    missing = needs - cpu_flags()
+    missing = extension.needs - cpu_flags()
     if missing:
         print(f"{what}: this CPU lacks {', '.join(sorted(missing))}; using {fallback}", file=sys.stderr)
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        print(f"{what}: loading the kernel {name}.cpp (compiled for this machine on first use, then cached)",
+        print(f"{what}: loading the kernel {name} ({source}, compiled for this machine on first use, then cached)",
               file=sys.stderr)
         build = build_directory(name)
         build.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(build, what)
         # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers; without it the kernel runs on one thread.
         # -Wfatal-errors: a broken kernel reports its first error in a second, not after parsing all of torch's headers
-        return load(f"openseek_{name}", [str(source_dir / f"{name}.cpp")],
-                    extra_cflags=["-O3", *flags, "-fopenmp", "-Wfatal-errors"],
+        # The module is named after the extension, not the source: one source builds several extensions.
+        return load(f"openseek_{name}", [str(source_dir / source)],
+                    extra_cflags=["-O3", *extension.flags, "-fopenmp", "-Wfatal-errors"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
         if strict:
-            raise KernelBuildError(f"{what}: {name}.cpp did not build on this CPU, which supports it:\n{error}") \
-                from error
-        print(f"{what}: could not build {name}.cpp ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-              f"using {fallback}", file=sys.stderr)
+            raise KernelBuildError(f"{what}: {source} did not build as {name} on this CPU, which supports it:\n"
+                                   f"{error}") from error
+        first_line = str(error).splitlines()[0][:200]
+        print(f"{what}: could not build {source} as {name} ({type(error).__name__}: {first_line}); using {fallback}",
+              file=sys.stderr)
         return None

@@ -280,7 +280,7 @@ void run_int4(const int8_t* xq, const float* sx, const float* xsum, const uint8_
   });
 }
 
-// ---- the experts' SwiGLU: the VNNI kernel's e^x and σ(x) (avx512_math.h), 8 lanes, the same roundings ----
+// ---- the experts' SwiGLU: the VNNI kernel's e^x and σ(x) (simd.h), 8 lanes, the same roundings ----
 
 // e^x for x ≤ 0: 2^n · e^r, n = round(x / ln 2), e^r by its Taylor series to r^7; x below -104 gives e^-104's
 // rounding. vscalef multiplies by 2^n with one rounding; here n ∈ [-150, 0] is split in two halves whose powers are

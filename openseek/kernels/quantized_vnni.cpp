@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "avx512_math.h"
+#include "simd.h"
 #ifdef __AMX_INT8__
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -560,7 +560,7 @@ torch::Tensor int8_experts(const torch::Tensor& x, const torch::Tensor& token, c
         for (int64_t c = begin * 16; c < end * 16; c += 16) {
           const __m512 gate = _mm512_loadu_ps(projected.data() + m * I2 + c);
           const __m512 up = _mm512_loadu_ps(projected.data() + m * I2 + I + c);
-          _mm512_storeu_ps(act.data() + m * I + c, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid16(gate)), up));
+          _mm512_storeu_ps(act.data() + m * I + c, _mm512_mul_ps(_mm512_mul_ps(gate, simd::sigmoid(gate)), up));
         }
     }
   });

@@ -1,71 +1,114 @@
-// AVX-512 kernels in float32 arithmetic, one section each: decode's matmul, decode's attention over the cache, and the
+// Kernels in float32 arithmetic, one section each: decode's matmul, decode's attention over the cache, and the
 // training pass's softmaxes, RMSNorm, SwiGLU and rotary embedding (forward and backward).
 //
+// One source for every instruction-set level: written in simd.h's vector operations, it is compiled once per level
+// (kernels/__init__.py's EXTENSIONS): `dense_avx512` with -march=native (16 float lanes; its operators are
+// torch.ops.openseek.*) and `dense_avx2` with -march=x86-64-v3 (AVX2 + FMA + F16C, 8 lanes; torch.ops.openseek_avx2.*),
+// with the same functions, arguments and results. Where the best code differs by level (bf16 dot products, how many
+// accumulators fit in the registers) a small per-level choice sits next to the code it parameterises.
+//
 // Decode's matmul: y = x · wᵀ for a few rows x [M, K] and a weight w [N, K] in nn.Linear's own layout (no
-// packed copy, so the weights are read as they are), in float32 or in bfloat16 (AVX512-BF16).
+// packed copy, so the weights are read as they are), in float32 or in bfloat16.
 //
 // At decode's few rows the matmul is bound by how fast the weight streams in; MKL's float32 sgemm and oneDNN's bf16
 // matmul reach a fraction of the bandwidth at those shapes here (benchmarks/RESULTS.md). This kernel reads each
 // weight row once: a tile of NB weight rows is multiplied against R activation rows with R·NB accumulators held in
-// registers (16 float lanes each), summed horizontally once at the end. In bf16, `vdpbf16ps` multiplies 32 bf16 pairs
-// and accumulates in float32 (as oneDNN's bf16 matmul does) and each result is rounded to bf16 once; in float32 it is
+// registers (one vector of float lanes each), summed horizontally once at the end. In bf16 on AVX-512, `vdpbf16ps`
+// multiplies 32 bf16 pairs and accumulates in float32 (as oneDNN's bf16 matmul does); on AVX2, which has no bf16
+// dot product, the bf16 values are widened to float32 (a shift by 16 bits: exact) and fused-multiply-added, still
+// bound by the weights' bandwidth at decode's rows. Either way each result is rounded to bf16 once; in float32 it is
 // fused multiply-adds. At more rows the activations are re-read per weight vector and compute wins over bandwidth:
 // callers keep PyTorch's kernels there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "avx512_math.h"
 #include "kernel_checks.h"
+#include "simd.h"
+
+#if defined(OPENSEEK_SIMD_AVX512) && !defined(__AVX512BF16__)
+#error "the AVX-512 level of dense.cpp needs AVX512-BF16 (vdpbf16ps); CPUs without it build the AVX2 level"
+#endif
 
 namespace {
 
+using simd::Vec;
+using simd::bf16;
+constexpr int64_t L = simd::kLanes;
+
 constexpr int64_t kMaxRows = 8;  // activation rows per pass over a weight tile
 
-struct Bf16 {
-  using T = at::BFloat16;
+#if defined(OPENSEEK_SIMD_AVX512)
+struct Bf16 {  // 32 bf16 pairs per vdpbf16ps
+  using T = bf16;  // the weights and the result
+  using X = bf16;  // the activations as the tiles read them
+  static torch::Tensor activations(const torch::Tensor& x) { return x; }
   static constexpr int64_t kStep = 32;
-  static __m512 mac(__m512 acc, const at::BFloat16* x, const at::BFloat16* w, __mmask32 mask) {
+  using Tail = __mmask32;
+  static Vec mac(Vec acc, const bf16* x, const bf16* w) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x)),
+                            reinterpret_cast<__m512bh>(_mm512_loadu_si512(w)));
+  }
+  static Vec mac(Vec acc, const bf16* x, const bf16* w, Tail mask) {
     const __m512i xv = _mm512_maskz_loadu_epi16(mask, x), wv = _mm512_maskz_loadu_epi16(mask, w);
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(xv), reinterpret_cast<__m512bh>(wv));
   }
-  static __mmask32 tail(int64_t left) { return static_cast<__mmask32>((1ull << left) - 1); }
-  static void store(at::BFloat16* y, float v) { *y = at::BFloat16(v); }  // round to nearest even
+  static Tail tail(int64_t left) { return static_cast<Tail>((1ull << left) - 1); }
+  static void store(bf16* y, float v) { *y = bf16(v); }  // round to nearest even
 };
+#else
+// The weights widened to float32 (exact) and multiply-added, 8 at a time; the activations widened once per call
+// (x is a few rows), not once per weight row they meet: at 8 rows that alone took 5 times as long as the matmul.
+struct Bf16 {
+  using T = bf16;
+  using X = float;
+  static torch::Tensor activations(const torch::Tensor& x) { return x.to(torch::kFloat); }
+  static constexpr int64_t kStep = L;
+  using Tail = simd::Tail;
+  static Vec mac(Vec acc, const float* x, const bf16* w) { return simd::fmadd(simd::load(x), simd::load(w), acc); }
+  static Vec mac(Vec acc, const float* x, const bf16* w, Tail t) {
+    return simd::fmadd(simd::load(x, t), simd::load(w, t), acc);
+  }
+  static Tail tail(int64_t left) { return simd::tail(left); }
+  static void store(bf16* y, float v) { *y = bf16(v); }
+};
+#endif
 
 struct Fp32 {
   using T = float;
-  static constexpr int64_t kStep = 16;
-  static __m512 mac(__m512 acc, const float* x, const float* w, __mmask16 mask) {
-    return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x), _mm512_maskz_loadu_ps(mask, w), acc);
+  using X = float;
+  static torch::Tensor activations(const torch::Tensor& x) { return x; }
+  static constexpr int64_t kStep = L;
+  using Tail = simd::Tail;
+  static Vec mac(Vec acc, const float* x, const float* w) { return simd::fmadd(simd::load(x), simd::load(w), acc); }
+  static Vec mac(Vec acc, const float* x, const float* w, Tail t) {
+    return simd::fmadd(simd::load(x, t), simd::load(w, t), acc);
   }
-  static __mmask16 tail(int64_t left) { return static_cast<__mmask16>((1u << left) - 1); }
+  static Tail tail(int64_t left) { return simd::tail(left); }
   static void store(float* y, float v) { *y = v; }
 };
 
 // y[r, j] = Σ_k x[r, k] · w[j, k] for r < R, j < NB.
 template <typename Kind, int R, int NB>
-void tile(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t K, int64_t N) {
+void tile(const typename Kind::X* x, const typename Kind::T* w, typename Kind::T* y, int64_t K, int64_t N) {
   constexpr int64_t S = Kind::kStep;
   // every loop over r and j unrolled, so that each accumulator is a register (with them left rolled, GCC kept the
   // array in memory and stored every accumulator after each multiply-add: 8 rows ran at 2/3 of the speed)
-  __m512 acc[R][NB];
+  Vec acc[R][NB];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
-  const auto full = Kind::tail(S);
+    for (int j = 0; j < NB; ++j) acc[r][j] = simd::zero();
   int64_t k = 0;
   for (; k + S <= K; k += S)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k, full);
+      for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k);
   if (k < K) {
     const auto mask = Kind::tail(K - k);
 #pragma GCC unroll 8
@@ -76,15 +119,18 @@ void tile(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) Kind::store(y + r * N + j, _mm512_reduce_add_ps(acc[r][j]));
+    for (int j = 0; j < NB; ++j) Kind::store(y + r * N + j, simd::hsum(acc[r][j]));
 }
 
-// Output rows per tile, chosen so that R·NB accumulators + NB weight vectors fit in the 32 vector registers.
-constexpr int tile_width(int64_t R) { return R <= 2 ? 8 : R <= 4 ? 4 : 2; }
+// Output rows per tile, chosen so that the R·NB accumulators and the vectors they are fed from fit in the vector
+// registers: 32 on AVX-512, 16 on AVX2.
+constexpr int tile_width(int64_t R) {
+  return L == 16 ? (R <= 2 ? 8 : R <= 4 ? 4 : 2) : (R <= 2 ? 4 : R <= 4 ? 2 : 1);
+}
 
 // Rows [0, R) of x against weight rows [0, NB) of w, for R known only at run time.
 template <typename Kind, int NB>
-void tile_rows(int64_t R, const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t K,
+void tile_rows(int64_t R, const typename Kind::X* x, const typename Kind::T* w, typename Kind::T* y, int64_t K,
                int64_t N) {
   switch (R) {
     case 1: return tile<Kind, 1, NB>(x, w, y, K, N);
@@ -101,7 +147,7 @@ void tile_rows(int64_t R, const typename Kind::T* x, const typename Kind::T* w, 
 // Weight rows [begin, end) against every activation row: each tile of NB weight rows is read from memory once and
 // multiplied by the activation rows kMaxRows at a time (a second pass finds the tile in cache).
 template <typename Kind, int NB>
-void band(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T* y, int64_t M, int64_t K, int64_t N,
+void band(const typename Kind::X* x, const typename Kind::T* w, typename Kind::T* y, int64_t M, int64_t K, int64_t N,
           int64_t begin, int64_t end) {
   int64_t n = begin;
   for (; n + NB <= end; n += NB)
@@ -112,23 +158,41 @@ void band(const typename Kind::T* x, const typename Kind::T* w, typename Kind::T
       tile_rows<Kind, 1>(std::min(kMaxRows, M - m0), x + m0 * K, w + n * K, y + m0 * N + n, K, N);
 }
 
+// band with the tile width for M rows
+template <typename Kind>
+void band_for(const typename Kind::X* x, const typename Kind::T* w, typename Kind::T* y, int64_t M, int64_t K,
+              int64_t N, int64_t begin, int64_t end) {
+  switch (tile_width(std::min(kMaxRows, M))) {
+    case 8: return band<Kind, 8>(x, w, y, M, K, N, begin, end);
+    case 4: return band<Kind, 4>(x, w, y, M, K, N, begin, end);
+    case 2: return band<Kind, 2>(x, w, y, M, K, N, begin, end);
+    default: return band<Kind, 1>(x, w, y, M, K, N, begin, end);
+  }
+}
+
+// x and w both of the kernel's dtype (the AVX2 level widens bf16 activations first, and must not widen others)
+template <typename T>
+void check_dtypes(const torch::Tensor& x, const torch::Tensor& w) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, "x and w must both be ", c10::toString(dtype),
+              ", got ", x.scalar_type(), " and ", w.scalar_type());
+}
+
 template <typename Kind>
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w) {
   using T = typename Kind::T;
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] expected");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "x and w must be contiguous");
+  check_dtypes<T>(x, w);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  const T* xp = x.data_ptr<T>();
+  const auto xs = Kind::activations(x);
+  const typename Kind::X* xp = xs.template data_ptr<typename Kind::X>();
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  const int width = tile_width(std::min(kMaxRows, M));
   // each thread takes a contiguous band of weight rows (multiples of 16)
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t first, int64_t last) {
-    const int64_t begin = first * 16, end = std::min(N, last * 16);
-    if (width == 8) band<Kind, 8>(xp, wp, yp, M, K, N, begin, end);
-    else if (width == 4) band<Kind, 4>(xp, wp, yp, M, K, N, begin, end);
-    else band<Kind, 2>(xp, wp, yp, M, K, N, begin, end);
+    band_for<Kind>(xp, wp, yp, M, K, N, first * 16, std::min(N, last * 16));
   });
   return y;
 }
@@ -141,6 +205,7 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
   using T = typename Kind::T;
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2), "x [M, K] and w [G, N, K] expected");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "x and w must be contiguous");
+  check_dtypes<T>(x, w);
   TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w.size(0) && ends.scalar_type() == torch::kLong,
               "ends must be [G] int64 (cumulative row counts)");
   const int64_t M = x.size(0), K = x.size(1), G = w.size(0), N = w.size(1);
@@ -148,7 +213,8 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
   const int64_t* ep = ends_c.data_ptr<int64_t>();
   check_group_ends(ep, G, M, "rows of x");
   auto y = torch::empty({M, N}, x.options());
-  const T* xp = x.data_ptr<T>();
+  const auto xs = Kind::activations(x);
+  const typename Kind::X* xp = xs.template data_ptr<typename Kind::X>();
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t first, int64_t last) {
@@ -156,13 +222,7 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
     for (int64_t g = 0, start = 0; g < G; start = ep[g], ++g) {
       const int64_t rows = ep[g] - start;
       if (rows <= 0) continue;
-      const T* xg = xp + start * K;
-      const T* wg = wp + g * N * K;
-      T* yg = yp + start * N;
-      const int width = tile_width(std::min(kMaxRows, rows));
-      if (width == 8) band<Kind, 8>(xg, wg, yg, rows, K, N, begin, end);
-      else if (width == 4) band<Kind, 4>(xg, wg, yg, rows, K, N, begin, end);
-      else band<Kind, 2>(xg, wg, yg, rows, K, N, begin, end);
+      band_for<Kind>(xp + start * K, wp + g * N * K, yp + start * N, rows, K, N, begin, end);
     }
   });
   return y;
@@ -176,71 +236,66 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
 // a mask, and the conversion of the whole bf16 cache to float32 in every layer); here each (row, key head) is one
 // task that reads its keys and values once for all the query heads sharing them, in float32 arithmetic whatever q and
 // the cache hold. Tasks are split among threads whole, so a result does not depend on the thread count.
-inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_f32(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store_f32(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// v rounded to bf16 (nearest even, as PyTorch converts): the bf16 bits in the low half of each 32-bit lane
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-}
-inline void store_f32(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
-
+using simd::load;
+using simd::store;
 
 // scores[r, s] = scale · q[r] · k[s] for R query rows (float32, [R, D]) against keys s < S: each key is read and
 // converted once for all R rows.
 template <int R, typename CT>
 void score_rows(const float* q, const CT* k, int64_t k_s, int64_t S, int64_t D, float scale, float* scores) {
   for (int64_t s = 0; s < S; ++s) {
-    __m512 dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 key = load_f32(k + s * k_s + d);
-      for (int r = 0; r < R; ++r) dot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + d), key, dot[r]);
+    Vec dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = simd::zero();
+    for (int64_t d = 0; d < D; d += L) {
+      const Vec key = load(k + s * k_s + d);
+      for (int r = 0; r < R; ++r) dot[r] = simd::fmadd(load(q + r * D + d), key, dot[r]);
     }
-    for (int r = 0; r < R; ++r) scores[r * S + s] = _mm512_reduce_add_ps(dot[r]) * scale;
+    for (int r = 0; r < R; ++r) scores[r * S + s] = simd::hsum(dot[r]) * scale;
   }
 }
 
-// out[r, d0 : d0 + 16·J] = Σ_s p[r, s] · v[s, d0 : d0 + 16·J] for R rows: each value vector is read once for all rows.
+// out[r, d0 : d0 + L·J] = Σ_s p[r, s] · v[s, d0 : d0 + L·J] for R rows: each value vector is read once for
+// all rows.
 template <int R, int J, typename CT>
 void weigh_rows(const float* p, const CT* v, int64_t v_s, int64_t S, int64_t d0, float* out, int64_t D) {
-  __m512 acc[R][J];
+  Vec acc[R][J];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < J; ++j) acc[r][j] = simd::zero();
   for (int64_t s = 0; s < S; ++s) {
-    __m512 value[J];
-    for (int j = 0; j < J; ++j) value[j] = load_f32(v + s * v_s + d0 + 16 * j);
+    Vec value[J];
+    for (int j = 0; j < J; ++j) value[j] = load(v + s * v_s + d0 + L * j);
     for (int r = 0; r < R; ++r) {
-      const __m512 weight = _mm512_set1_ps(p[r * S + s]);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(weight, value[j], acc[r][j]);
+      const Vec weight = simd::set1(p[r * S + s]);
+      for (int j = 0; j < J; ++j) acc[r][j] = simd::fmadd(weight, value[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) _mm512_storeu_ps(out + r * D + d0 + 16 * j, acc[r][j]);
+    for (int j = 0; j < J; ++j) store(out + r * D + d0 + L * j, acc[r][j]);
+}
+
+// value vectors per weigh_rows pass: kQueryRows·J accumulators and J values in the registers (32 on AVX-512, 16 on
+// AVX2)
+constexpr int kWeighVectors = L == 16 ? 4 : 2;
+
+// the last columns, fewer than kWeighVectors vectors: J of them or fewer
+template <int R, int J, typename CT>
+void weigh_rest(const float* p, const CT* v, int64_t v_s, int64_t S, int64_t d0, float* out, int64_t D) {
+  if constexpr (J > 0) {
+    if ((D - d0) / L == J) return weigh_rows<R, J>(p, v, v_s, S, d0, out, D);
+    weigh_rest<R, J - 1>(p, v, v_s, S, d0, out, D);
+  }
 }
 
 template <int R, typename CT>
 void weigh_all(const float* p, const CT* v, int64_t v_s, int64_t S, float* out, int64_t D) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) weigh_rows<R, 4>(p, v, v_s, S, d0, out, D);
-  switch ((D - d0) / 16) {
-    case 3: return weigh_rows<R, 3>(p, v, v_s, S, d0, out, D);
-    case 2: return weigh_rows<R, 2>(p, v, v_s, S, d0, out, D);
-    case 1: return weigh_rows<R, 1>(p, v, v_s, S, d0, out, D);
-    default: return;
-  }
+  for (; d0 + kWeighVectors * L <= D; d0 += kWeighVectors * L) weigh_rows<R, kWeighVectors>(p, v, v_s, S, d0, out, D);
+  weigh_rest<R, kWeighVectors - 1>(p, v, v_s, S, d0, out, D);
 }
 
 // softmax of each row's scores over the slots its mask allows, in place (0 where it does not)
 inline void softmax_rows(float* scores, const bool* const* allowed, int R, int64_t S) {
-  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  const Vec minus_inf = simd::set1(-INFINITY);
   for (int r = 0; r < R; ++r) {
     float* row = scores + r * S;
     float top = -INFINITY;
@@ -248,19 +303,19 @@ inline void softmax_rows(float* scores, const bool* const* allowed, int R, int64
       if (!allowed[r][s]) row[s] = -INFINITY;
       top = std::max(top, row[s]);
     }
-    __m512 total = _mm512_setzero_ps();
-    const __m512 shift = _mm512_set1_ps(top);
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
-      const __m512 x = _mm512_mask_loadu_ps(minus_inf, lanes, row + s);
-      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, shift)));
-      _mm512_mask_storeu_ps(row + s, lanes, e);
-      total = _mm512_add_ps(total, e);
+    Vec total = simd::zero();
+    const Vec shift = simd::set1(top);
+    for (int64_t s = 0; s < S; s += L) {
+      const auto lanes = simd::tail(S - s);
+      const Vec x = simd::select(simd::mask_of(lanes), load(row + s, lanes), minus_inf);
+      const Vec e = simd::zero_unless(simd::not_equal(x, minus_inf), simd::exp(simd::sub(x, shift)));
+      store(row + s, e, lanes);
+      total = simd::add(total, e);
     }
-    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 lanes = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
-      _mm512_mask_storeu_ps(row + s, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + s), inverse));
+    const Vec inverse = simd::set1(1.f / simd::hsum(total));
+    for (int64_t s = 0; s < S; s += L) {
+      const auto lanes = simd::tail(S - s);
+      store(row + s, simd::mul(load(row + s, lanes), inverse), lanes);
     }
   }
 }
@@ -279,7 +334,7 @@ void attend_task(const QT* q, const CT* k, const CT* v, const bool* mask, QT* ou
     const bool* allowed[kQueryRows];
     for (int r = 0; r < R; ++r) {
       const int64_t h = (first + r) / T, t = (first + r) % T;
-      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(q_rows.data() + r * D + d, load_f32(q + h * q_head + t * q_t + d));
+      for (int64_t d = 0; d < D; d += L) store(q_rows.data() + r * D + d, load(q + h * q_head + t * q_t + d));
       allowed[r] = mask + t * mask_t;
     }
     switch (R) {
@@ -297,7 +352,7 @@ void attend_task(const QT* q, const CT* k, const CT* v, const bool* mask, QT* ou
     }
     for (int r = 0; r < R; ++r) {
       const int64_t h = (first + r) / T, t = (first + r) % T;
-      for (int64_t d = 0; d < D; d += 16) store_f32(out + t * out_t + h * D + d, _mm512_loadu_ps(results.data() + r * D + d));
+      for (int64_t d = 0; d < D; d += L) store(out + t * out_t + h * D + d, load(results.data() + r * D + d));
     }
   }
 }
@@ -370,14 +425,13 @@ void attend_latent_row(const QT* q_nope, const float* q_pe, const CT* kv, const 
     for (int i = 0; i < R; ++i) {
       const int64_t h = (first + i) / T, t = (first + i) % T;
       float* row = q_rows.data() + i * D;
-      for (int64_t c = 0; c < r; c += 16) _mm512_storeu_ps(row + c, _mm512_setzero_ps());
+      for (int64_t c = 0; c < r; c += L) store(row + c, simd::zero());
       for (int64_t n = 0; n < nope; ++n) {  // row[:r] = Σ_n q_nope[n] · W_UK[n, :]
-        const __m512 qn = _mm512_set1_ps(static_cast<float>(q_nope[h * qn_h + t * qn_t + n]));
+        const Vec qn = simd::set1(static_cast<float>(q_nope[h * qn_h + t * qn_t + n]));
         const QT* wn = w + h * w_h + n * r;
-        for (int64_t c = 0; c < r; c += 16)
-          _mm512_storeu_ps(row + c, _mm512_fmadd_ps(qn, load_f32(wn + c), _mm512_loadu_ps(row + c)));
+        for (int64_t c = 0; c < r; c += L) store(row + c, simd::fmadd(qn, load(wn + c), load(row + c)));
       }
-      for (int64_t d = 0; d < rope; d += 16) _mm512_storeu_ps(row + r + d, load_f32(q_pe + h * qp_h + t * qp_t + d));
+      for (int64_t d = 0; d < rope; d += L) store(row + r + d, load(q_pe + h * qp_h + t * qp_t + d));
       allowed[i] = mask + t * mask_t;
     }
     switch (R) {
@@ -398,9 +452,9 @@ void attend_latent_row(const QT* q_nope, const float* q_pe, const CT* kv, const 
       const float* latent = results.data() + i * r;
       for (int64_t j = 0; j < v_dim; ++j) {
         const QT* wj = w + h * w_h + (nope + j) * r;
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t c = 0; c < r; c += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(latent + c), load_f32(wj + c), dot);
-        out[t * H * v_dim + h * v_dim + j] = static_cast<QT>(_mm512_reduce_add_ps(dot));
+        Vec dot = simd::zero();
+        for (int64_t c = 0; c < r; c += L) dot = simd::fmadd(load(latent + c), load(wj + c), dot);
+        out[t * H * v_dim + h * v_dim + j] = static_cast<QT>(simd::hsum(dot));
       }
     }
   }
@@ -469,9 +523,9 @@ template <typename T>
 void router_scores(const T* x, const float* w, float* scores, int64_t N, int64_t E, int64_t H) {
   for (int64_t n = 0; n < N; ++n)
     for (int64_t e = 0; e < E; ++e) {
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t c = 0; c < H; c += 16) dot = _mm512_fmadd_ps(load_f32(x + n * H + c), _mm512_loadu_ps(w + e * H + c), dot);
-      scores[n * E + e] = 1.f / (1.f + std::exp(-_mm512_reduce_add_ps(dot)));
+      Vec dot = simd::zero();
+      for (int64_t c = 0; c < H; c += L) dot = simd::fmadd(load(x + n * H + c), load(w + e * H + c), dot);
+      scores[n * E + e] = 1.f / (1.f + std::exp(-simd::hsum(dot)));
     }
 }
 
@@ -565,10 +619,9 @@ std::vector<torch::Tensor> route_experts(const torch::Tensor& x, const torch::Te
 template <typename T>
 void combine_rows(const T* out, const int64_t* token, const float* weight, float* sums, int64_t M, int64_t H) {
   for (int64_t m = 0; m < M; ++m) {
-    const __m512 w = _mm512_set1_ps(weight[m]);
+    const Vec w = simd::set1(weight[m]);
     float* row = sums + token[m] * H;
-    for (int64_t c = 0; c < H; c += 16)
-      _mm512_storeu_ps(row + c, _mm512_fmadd_ps(load_f32(out + m * H + c), w, _mm512_loadu_ps(row + c)));
+    for (int64_t c = 0; c < H; c += L) store(row + c, simd::fmadd(load(out + m * H + c), w, load(row + c)));
   }
 }
 
@@ -605,44 +658,32 @@ torch::Tensor combine_experts(const torch::Tensor& out, const torch::Tensor& tok
 constexpr int64_t kTaskValues = 1 << 15;
 inline int64_t grain(int64_t values_per_item) { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, values_per_item)); }
 
-inline __mmask16 lanes_left(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
-inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_f32(const at::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store_f32(at::BFloat16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
-// which of 16 slots a bool mask allows (bytes 0 or 1)
-inline __mmask16 allowed16(const bool* m, __mmask16 lanes) {
-  return _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, m), _mm_setzero_si128());
-}
-
 // Scaled, masked softmax of one row: x = scale · score where the mask allows, probabilities p = e^(x - top) / total.
 // Returns (top, total); `exps` gets e^(x - top) (0 where masked).
 template <typename T>
 std::pair<float, float> softmax_row(const T* row, const bool* allowed, int64_t S, float scale, float* exps) {
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t s = 0; s < S; s += 16) {
-    const __mmask16 m = allowed16(allowed + s, lanes_left(S - s));
-    top = _mm512_mask_max_ps(top, m, top, _mm512_mul_ps(load_f32(row + s, m), _mm512_set1_ps(scale)));
+  Vec top = simd::set1(-INFINITY);
+  for (int64_t s = 0; s < S; s += L) {
+    const auto lanes = simd::tail(S - s);
+    const auto m = simd::allowed(allowed + s, lanes);
+    top = simd::max_where(m, top, simd::mul(load(row + s, lanes), simd::set1(scale)));
   }
-  const float top_value = _mm512_reduce_max_ps(top);
+  const float top_value = simd::hmax(top);
   if (top_value == -INFINITY) {  // nothing allowed: the row's probabilities are all 0
     std::fill(exps, exps + S, 0.f);
     return {0.f, 0.f};
   }
-  const __m512 shift = _mm512_set1_ps(top_value);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; s += 16) {
-    const __mmask16 lanes = lanes_left(S - s), m = allowed16(allowed + s, lanes);
-    const __m512 x = _mm512_mul_ps(load_f32(row + s, lanes), _mm512_set1_ps(scale));
-    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(x, shift)));
-    _mm512_mask_storeu_ps(exps + s, lanes, e);
-    total = _mm512_add_ps(total, e);
+  const Vec shift = simd::set1(top_value);
+  Vec total = simd::zero();
+  for (int64_t s = 0; s < S; s += L) {
+    const auto lanes = simd::tail(S - s);
+    const auto m = simd::allowed(allowed + s, lanes);
+    const Vec x = simd::mul(load(row + s, lanes), simd::set1(scale));
+    const Vec e = simd::zero_unless(m, simd::exp(simd::sub(x, shift)));
+    store(exps + s, e, lanes);
+    total = simd::add(total, e);
   }
-  return {top_value, _mm512_reduce_add_ps(total)};
+  return {top_value, simd::hsum(total)};
 }
 
 // scores [B, X, T, S] (contiguous), mask [B or 1, 1, T, S] bool -> (probs [B, X, T, S] in scores' dtype, stats
@@ -663,10 +704,10 @@ void masked_softmax_all(const torch::Tensor& scores, const torch::Tensor& mask, 
       const auto [top, total] = softmax_row(sp + r * S, mp + b * mask_b + t * mask_t, S, scale, exps.data());
       st[2 * r] = top;
       st[2 * r + 1] = total;
-      const __m512 inverse = _mm512_set1_ps(total > 0 ? 1.f / total : 0.f);
-      for (int64_t s = 0; s < S; s += 16) {
-        const __mmask16 lanes = lanes_left(S - s);
-        store_f32(pp + r * S + s, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, exps.data() + s), inverse), lanes);
+      const Vec inverse = simd::set1(total > 0 ? 1.f / total : 0.f);
+      for (int64_t s = 0; s < S; s += L) {
+        const auto lanes = simd::tail(S - s);
+        store(pp + r * S + s, simd::mul(load(exps.data() + s, lanes), inverse), lanes);
       }
     }
   });
@@ -703,28 +744,29 @@ void masked_softmax_backward_all(const torch::Tensor& grad, const torch::Tensor&
   const bool* mp = mask.data_ptr<bool>();
   const float* st = stats.data_ptr<float>();
   T* op = out.data_ptr<T>();
-  const __m512 sc = _mm512_set1_ps(static_cast<float>(scale));
+  const Vec sc = simd::set1(static_cast<float>(scale));
   at::parallel_for(0, B * X * Tq, grain(S), [&](int64_t begin, int64_t end) {
     std::vector<float> probs(S);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (X * Tq), t = r % Tq;
       const bool* allowed = mp + b * mask_b + t * mask_t;
-      const __m512 shift = _mm512_set1_ps(st[2 * r]);
-      const __m512 inverse = _mm512_set1_ps(st[2 * r + 1] > 0 ? 1.f / st[2 * r + 1] : 0.f);
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; s += 16) {
-        const __mmask16 lanes = lanes_left(S - s), m = allowed16(allowed + s, lanes);
-        const __m512 x = _mm512_mul_ps(load_f32(sp + r * S + s, lanes), sc);
-        const __m512 p = _mm512_mul_ps(_mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(x, shift))), inverse);
-        _mm512_mask_storeu_ps(probs.data() + s, lanes, p);
-        dot = _mm512_fmadd_ps(p, load_f32(gp + r * S + s, lanes), dot);
+      const Vec shift = simd::set1(st[2 * r]);
+      const Vec inverse = simd::set1(st[2 * r + 1] > 0 ? 1.f / st[2 * r + 1] : 0.f);
+      Vec dot = simd::zero();
+      for (int64_t s = 0; s < S; s += L) {
+        const auto lanes = simd::tail(S - s);
+        const auto m = simd::allowed(allowed + s, lanes);
+        const Vec x = simd::mul(load(sp + r * S + s, lanes), sc);
+        const Vec p = simd::mul(simd::zero_unless(m, simd::exp(simd::sub(x, shift))), inverse);
+        store(probs.data() + s, p, lanes);
+        dot = simd::fmadd(p, load(gp + r * S + s, lanes), dot);
       }
-      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
-      for (int64_t s = 0; s < S; s += 16) {
-        const __mmask16 lanes = lanes_left(S - s);
-        const __m512 p = _mm512_maskz_loadu_ps(lanes, probs.data() + s);
-        const __m512 d = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(load_f32(gp + r * S + s, lanes), total)), sc);
-        store_f32(op + r * S + s, d, lanes);
+      const Vec total = simd::set1(simd::hsum(dot));
+      for (int64_t s = 0; s < S; s += L) {
+        const auto lanes = simd::tail(S - s);
+        const Vec p = load(probs.data() + s, lanes);
+        const Vec d = simd::mul(simd::mul(p, simd::sub(load(gp + r * S + s, lanes), total)), sc);
+        store(op + r * S + s, d, lanes);
       }
     }
   });
@@ -745,12 +787,12 @@ torch::Tensor masked_softmax_backward(const torch::Tensor& grad, const torch::Te
 
 // logits / temperature, skipped at temperature 1; a division, as PyTorch's `logits / T` rounds
 struct Temperature {
-  explicit Temperature(double t) : value(static_cast<float>(t)), divide(t != 1.0), vec(_mm512_set1_ps(value)) {}
-  __m512 apply(__m512 x) const { return divide ? _mm512_div_ps(x, vec) : x; }
+  explicit Temperature(double t) : value(static_cast<float>(t)), divide(t != 1.0), vec(simd::set1(value)) {}
+  Vec apply(Vec x) const { return divide ? simd::div(x, vec) : x; }
   float apply(float x) const { return divide ? x / value : x; }
   float value;
   bool divide;
-  __m512 vec;
+  Vec vec;
 };
 
 // Log-probs of sampled tokens: for logits [N, V] and targets [N], log softmax(logits / temperature) at each target and
@@ -769,28 +811,28 @@ void token_logprobs_all(const torch::Tensor& logits, const torch::Tensor& target
   at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = lp + n * V;
-      __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int64_t v = 0; v < V; v += 16) {
-        const __mmask16 lanes = lanes_left(V - v);
-        const __m512 x = load_f32(row + v, lanes);
-        top = _mm512_mask_max_ps(top, lanes, top, temp.apply(x));
+      Vec top = simd::set1(-INFINITY);
+      for (int64_t v = 0; v < V; v += L) {
+        const auto lanes = simd::tail(V - v);
+        const Vec x = load(row + v, lanes);
+        top = simd::max_where(simd::mask_of(lanes), top, temp.apply(x));
       }
-      const float top_value = _mm512_reduce_max_ps(top);
-      const __m512 shift = _mm512_set1_ps(top_value);
-      __m512 total = _mm512_setzero_ps(), weighted = _mm512_setzero_ps();
-      for (int64_t v = 0; v < V; v += 16) {
-        const __mmask16 lanes = lanes_left(V - v);
-        const __m512 x = load_f32(row + v, lanes);
-        const __m512 centred = _mm512_sub_ps(temp.apply(x), shift);
-        const __m512 e = _mm512_maskz_mov_ps(lanes, exp16(centred));
-        total = _mm512_add_ps(total, e);
-        if (entropy) weighted = _mm512_fmadd_ps(e, centred, weighted);
+      const float top_value = simd::hmax(top);
+      const Vec shift = simd::set1(top_value);
+      Vec total = simd::zero(), weighted = simd::zero();
+      for (int64_t v = 0; v < V; v += L) {
+        const auto lanes = simd::tail(V - v);
+        const Vec x = load(row + v, lanes);
+        const Vec centred = simd::sub(temp.apply(x), shift);
+        const Vec e = simd::zero_unless(simd::mask_of(lanes), simd::exp(centred));
+        total = simd::add(total, e);
+        if (entropy) weighted = simd::fmadd(e, centred, weighted);
       }
-      const float sum = _mm512_reduce_add_ps(total), log_sum = std::log(sum);
+      const float sum = simd::hsum(total), log_sum = std::log(sum);
       const float target = static_cast<float>(row[tp[n]]);
       out[n] = temp.apply(target) - top_value - log_sum;
       // H = -Σ p log p with p = e / sum, log p = centred - log sum
-      if (entropy) ent[n] = log_sum - _mm512_reduce_add_ps(weighted) / sum;
+      if (entropy) ent[n] = log_sum - simd::hsum(weighted) / sum;
       st[2 * n] = top_value;
       st[2 * n + 1] = sum;
     }
@@ -833,22 +875,22 @@ void token_logprobs_backward_all(const torch::Tensor& grad, const torch::Tensor&
       const T* row = lp + n * V;
       T* drow = op + n * V;
       const float g = gp[n];
-      const __m512 shift = _mm512_set1_ps(st[2 * n]);
+      const Vec shift = simd::set1(st[2 * n]);
       // -grad · p / T for every token; the target then gets grad / T added
-      const __m512 coeff = _mm512_set1_ps(temp.apply(-g / st[2 * n + 1]));
-      for (int64_t v = 0; v < V; v += 16) {
-        const __mmask16 lanes = lanes_left(V - v);
-        const __m512 x = load_f32(row + v, lanes);
-        const __m512 e = exp16(_mm512_sub_ps(temp.apply(x), shift));
-        __m512 d = _mm512_mul_ps(e, coeff);
+      const Vec coeff = simd::set1(temp.apply(-g / st[2 * n + 1]));
+      for (int64_t v = 0; v < V; v += L) {
+        const auto lanes = simd::tail(V - v);
+        const Vec x = load(row + v, lanes);
+        const Vec e = simd::exp(simd::sub(temp.apply(x), shift));
+        Vec d = simd::mul(e, coeff);
         const int64_t target = tp[n] - v;
-        if (target >= 0 && target < 16) {
-          alignas(64) float lane[16];
-          _mm512_store_ps(lane, d);
+        if (target >= 0 && target < L) {
+          float lane[L];
+          store(lane, d);
           lane[target] += temp.apply(g);
-          d = _mm512_load_ps(lane);
+          d = load(lane);
         }
-        store_f32(drow + v, d, lanes);
+        store(drow + v, d, lanes);
       }
     }
   });
@@ -873,10 +915,8 @@ torch::Tensor token_logprobs_backward(const torch::Tensor& grad, const torch::Te
 // product), every one a trip through memory, and as many again backward. Here a row is read and written once, in
 // float32 arithmetic, with results rounded to the inputs' dtype where PyTorch rounds them.
 
-inline __m512 round_to(const float*, __m512 v) { return v; }
-inline __m512 round_to(const at::BFloat16*, __m512 v) {  // v rounded to bf16, back in float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
-}
+inline Vec round_to(const float*, Vec v) { return v; }
+inline Vec round_to(const bf16*, Vec v) { return simd::round_bf16(v); }  // v rounded to bf16, back in float32
 
 // y = w · (x / rms(x)) for x [R, D] (rms over each row, + eps), rounded as RMSNorm rounds: the normalised row to x's
 // dtype, then the product. rstd [R] keeps 1 / rms for the backward.
@@ -885,18 +925,18 @@ void rms_norm_all(const T* x, const T* w, T* y, float* rstd, int64_t R, int64_t 
   at::parallel_for(0, R, grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * D;
-      __m512 squares = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 v = load_f32(row + d, lanes_left(D - d));
-        squares = _mm512_fmadd_ps(v, v, squares);
+      Vec squares = simd::zero();
+      for (int64_t d = 0; d < D; d += L) {
+        const Vec v = load(row + d, simd::tail(D - d));
+        squares = simd::fmadd(v, v, squares);
       }
-      const float inverse = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / D + eps);
+      const float inverse = 1.f / std::sqrt(simd::hsum(squares) / D + eps);
       rstd[r] = inverse;
-      const __m512 scale = _mm512_set1_ps(inverse);
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 lanes = lanes_left(D - d);
-        const __m512 normed = round_to(row, _mm512_mul_ps(load_f32(row + d, lanes), scale));
-        store_f32(y + r * D + d, _mm512_mul_ps(load_f32(w + d, lanes), normed), lanes);
+      const Vec scale = simd::set1(inverse);
+      for (int64_t d = 0; d < D; d += L) {
+        const auto lanes = simd::tail(D - d);
+        const Vec normed = round_to(row, simd::mul(load(row + d, lanes), scale));
+        store(y + r * D + d, simd::mul(load(w + d, lanes), normed), lanes);
       }
     }
   });
@@ -935,33 +975,33 @@ void rms_norm_backward_all(const T* dy, const T* x, const T* w, const float* rst
       for (int64_t r = part * kNormRowsPerPart; r < std::min(R, (part + 1) * kNormRowsPerPart); ++r) {
         const T* g = dy + r * D;
         const T* row = x + r * D;
-        const __m512 inverse = _mm512_set1_ps(rstd[r]);
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 lanes = lanes_left(D - d);
-          const __m512 gv = load_f32(g + d, lanes), xv = load_f32(row + d, lanes);
-          dot = _mm512_fmadd_ps(_mm512_mul_ps(gv, load_f32(w + d, lanes)), xv, dot);
-          const __m512 normed = round_to(row, _mm512_mul_ps(xv, inverse));
-          _mm512_mask_storeu_ps(acc + d, lanes, _mm512_fmadd_ps(gv, normed, _mm512_maskz_loadu_ps(lanes, acc + d)));
+        const Vec inverse = simd::set1(rstd[r]);
+        Vec dot = simd::zero();
+        for (int64_t d = 0; d < D; d += L) {
+          const auto lanes = simd::tail(D - d);
+          const Vec gv = load(g + d, lanes), xv = load(row + d, lanes);
+          dot = simd::fmadd(simd::mul(gv, load(w + d, lanes)), xv, dot);
+          const Vec normed = round_to(row, simd::mul(xv, inverse));
+          store(acc + d, simd::fmadd(gv, normed, load(acc + d, lanes)), lanes);
         }
         const float r3 = rstd[r] * rstd[r] * rstd[r];
-        const __m512 correction = _mm512_set1_ps(r3 * _mm512_reduce_add_ps(dot) / D);
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 lanes = lanes_left(D - d);
-          const __m512 gw = _mm512_mul_ps(load_f32(g + d, lanes), load_f32(w + d, lanes));
-          const __m512 v = _mm512_fnmadd_ps(load_f32(row + d, lanes), correction, _mm512_mul_ps(gw, inverse));
-          store_f32(dx + r * D + d, v, lanes);
+        const Vec correction = simd::set1(r3 * simd::hsum(dot) / D);
+        for (int64_t d = 0; d < D; d += L) {
+          const auto lanes = simd::tail(D - d);
+          const Vec gw = simd::mul(load(g + d, lanes), load(w + d, lanes));
+          const Vec v = simd::fnmadd(load(row + d, lanes), correction, simd::mul(gw, inverse));
+          store(dx + r * D + d, v, lanes);
         }
       }
     }
   });
-  at::parallel_for(0, (D + 15) / 16, grain(16 * parts), [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin * 16; d < std::min(D, end * 16); d += 16) {
-      const __mmask16 lanes = lanes_left(D - d);
-      __m512 total = _mm512_setzero_ps();
+  at::parallel_for(0, (D + L - 1) / L, grain(L * parts), [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin * L; d < std::min(D, end * L); d += L) {
+      const auto lanes = simd::tail(D - d);
+      Vec total = simd::zero();
       for (int64_t part = 0; part < parts; ++part)
-        total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes, partial.data() + part * D + d));
-      _mm512_mask_storeu_ps(dw + d, lanes, total);
+        total = simd::add(total, load(partial.data() + part * D + d, lanes));
+      store(dw + d, total, lanes);
     }
   });
 }
@@ -989,12 +1029,12 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& dy, const torc
 // F.silu(gate) * up rounds)
 template <typename T>
 void swiglu_all(const T* gate, const T* up, T* out, int64_t n) {
-  at::parallel_for(0, (n + 15) / 16, grain(16), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
-      const __mmask16 lanes = lanes_left(n - i);
-      const __m512 g = load_f32(gate + i, lanes);
-      const __m512 silu = round_to(gate, _mm512_mul_ps(g, sigmoid16(g)));
-      store_f32(out + i, _mm512_mul_ps(silu, load_f32(up + i, lanes)), lanes);
+  at::parallel_for(0, (n + L - 1) / L, grain(L), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * L; i < std::min(n, end * L); i += L) {
+      const auto lanes = simd::tail(n - i);
+      const Vec g = load(gate + i, lanes);
+      const Vec silu = round_to(gate, simd::mul(g, simd::sigmoid(g)));
+      store(out + i, simd::mul(silu, load(up + i, lanes)), lanes);
     }
   });
 }
@@ -1002,16 +1042,16 @@ void swiglu_all(const T* gate, const T* up, T* out, int64_t n) {
 // d up = dy · silu(gate), d gate = dy · up · σ(gate) · (1 + gate · (1 - σ(gate)))
 template <typename T>
 void swiglu_backward_all(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  at::parallel_for(0, (n + 15) / 16, grain(16), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
-      const __mmask16 lanes = lanes_left(n - i);
-      const __m512 g = load_f32(gate + i, lanes), grad = load_f32(dy + i, lanes);
-      const __m512 sig = sigmoid16(g);
-      const __m512 silu = round_to(gate, _mm512_mul_ps(g, sig));
-      store_f32(dup + i, _mm512_mul_ps(grad, silu), lanes);
-      const __m512 slope = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
-      store_f32(dgate + i, _mm512_mul_ps(_mm512_mul_ps(grad, load_f32(up + i, lanes)), slope), lanes);
+  const Vec one = simd::set1(1.f);
+  at::parallel_for(0, (n + L - 1) / L, grain(L), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * L; i < std::min(n, end * L); i += L) {
+      const auto lanes = simd::tail(n - i);
+      const Vec g = load(gate + i, lanes), grad = load(dy + i, lanes);
+      const Vec sig = simd::sigmoid(g);
+      const Vec silu = round_to(gate, simd::mul(g, sig));
+      store(dup + i, simd::mul(grad, silu), lanes);
+      const Vec slope = simd::mul(sig, simd::fmadd(g, simd::sub(one, sig), one));
+      store(dgate + i, simd::mul(simd::mul(grad, load(up + i, lanes)), slope), lanes);
     }
   });
 }
@@ -1065,7 +1105,7 @@ void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Ten
   const CT* cp = cos.data_ptr<CT>();
   const CT* sp = sin.data_ptr<CT>();
   OT* op = out.data_ptr<OT>();
-  const __m512 sign = _mm512_set1_ps(inverse ? -1.f : 1.f);
+  const Vec sign = simd::set1(inverse ? -1.f : 1.f);
   at::parallel_for(0, B * H * T, grain(2 * half), [&](int64_t begin, int64_t end) {
     XT split[2 * ROPE_MAX_HALF];  // an interleaved row as [evens | odds]
     OT halves[2 * ROPE_MAX_HALF];  // a result to be written back interleaved
@@ -1079,16 +1119,14 @@ void rope_all(const torch::Tensor& x, const torch::Tensor& cos, const torch::Ten
       const CT* c = cp + b * cos_b + t * cos.stride(2);
       const CT* si = sp + b * cos_b + t * sin.stride(2);
       OT* o = pairs_out ? halves : op + r * 2 * half;
-      for (int64_t i = 0; i < half; i += 16) {
-        const __mmask16 lanes = lanes_left(half - i);
-        const __m512 x1 = load_f32(row + i, lanes), x2 = load_f32(row + half + i, lanes);
-        const __m512 cv = load_f32(c + i, lanes), sv = _mm512_mul_ps(load_f32(si + i, lanes), sign);
-        const __m512 first = _mm512_sub_ps(round_to(rounding, _mm512_mul_ps(x1, cv)),
-                                           round_to(rounding, _mm512_mul_ps(x2, sv)));
-        const __m512 second = _mm512_add_ps(round_to(rounding, _mm512_mul_ps(x2, cv)),
-                                            round_to(rounding, _mm512_mul_ps(x1, sv)));
-        store_f32(o + i, round_to(rounding, first), lanes);
-        store_f32(o + half + i, round_to(rounding, second), lanes);
+      for (int64_t i = 0; i < half; i += L) {
+        const auto lanes = simd::tail(half - i);
+        const Vec x1 = load(row + i, lanes), x2 = load(row + half + i, lanes);
+        const Vec cv = load(c + i, lanes), sv = simd::mul(load(si + i, lanes), sign);
+        const Vec first = simd::sub(round_to(rounding, simd::mul(x1, cv)), round_to(rounding, simd::mul(x2, sv)));
+        const Vec second = simd::add(round_to(rounding, simd::mul(x2, cv)), round_to(rounding, simd::mul(x1, sv)));
+        store(o + i, round_to(rounding, first), lanes);
+        store(o + half + i, round_to(rounding, second), lanes);
       }
       if (pairs_out) {
         OT* dst = op + r * 2 * half;
@@ -1169,23 +1207,24 @@ void store_latent(const torch::Tensor& kv_a, const torch::Tensor& w, double eps,
         T_* dest = bp + (rp[b] * S + sp[b * T + t]) * D;
         rms_norm_all(xp + b * kv_a.stride(0) + t * kv_a.stride(1), wp, dest, &rstd, 1, r, static_cast<float>(eps));
         const K_* rotated = kp + (b * T + t) * (D - r);
-        for (int64_t d = 0; d < D - r; d += 16) {
-          const __mmask16 lanes = lanes_left(D - r - d);
-          store_f32(dest + r + d, load_f32(rotated + d, lanes), lanes);
+        for (int64_t d = 0; d < D - r; d += L) {
+          const auto lanes = simd::tail(D - r - d);
+          store(dest + r + d, load(rotated + d, lanes), lanes);
         }
       }
   };
-  const bool bf16 = kv_a.scalar_type() == torch::kBFloat16, key_bf16 = key.scalar_type() == torch::kBFloat16;
-  if (bf16 && key_bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<at::BFloat16*>(nullptr));
-  else if (bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<float*>(nullptr));
+  const bool is_bf16 = kv_a.scalar_type() == torch::kBFloat16, key_bf16 = key.scalar_type() == torch::kBFloat16;
+  if (is_bf16 && key_bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<at::BFloat16*>(nullptr));
+  else if (is_bf16) write(static_cast<at::BFloat16*>(nullptr), static_cast<float*>(nullptr));
   else write(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear<Bf16>, "x [M, K] · w [N, K]ᵀ in bfloat16 with float32 accumulation (AVX512-BF16)");
-  m.def("linear_fp32", &linear<Fp32>, "x [M, K] · w [N, K]ᵀ in float32 (AVX-512)");
+  m.doc() = simd::kLevel;  // the instruction-set level this build was compiled for
+  m.def("linear_bf16", &linear<Bf16>, "x [M, K] · w [N, K]ᵀ in bfloat16 with float32 accumulation");
+  m.def("linear_fp32", &linear<Fp32>, "x [M, K] · w [N, K]ᵀ in float32");
   m.def("grouped_linear_bf16", &grouped_linear<Bf16>, "rows of x by group g times w[g]ᵀ, bfloat16");
   m.def("grouped_linear_fp32", &grouped_linear<Fp32>, "rows of x by group g times w[g]ᵀ, float32");
   m.def("attend_cache", &attend_cache, "decode's grouped-query attention over the cache, float32 arithmetic");
@@ -1204,9 +1243,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotate x [B, H, T, D] by cos, sin [B or 1, 1, T, D/2] (inverse: the other way; interleaved: pairs (2i, 2i+1))");
 }
 
-// The same functions as operators, torch.ops.openseek.linear_bf16 / linear_fp32, so that torch.compile keeps a
-// decode step that calls them in one graph (a pybind call is opaque to it and splits the graph).
-TORCH_LIBRARY_FRAGMENT(openseek, m) {
+// The same functions as operators, so that torch.compile keeps a decode step that calls them in one graph (a pybind
+// call is opaque to it and splits the graph): torch.ops.openseek.* from the AVX-512 build, torch.ops.openseek_avx2.*
+// from the AVX2 one, so that both can be loaded in one process.
+#if defined(OPENSEEK_SIMD_AVX512)
+#define OPENSEEK_OPERATORS openseek
+#else
+#define OPENSEEK_OPERATORS openseek_avx2
+#endif
+TORCH_LIBRARY_FRAGMENT(OPENSEEK_OPERATORS, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("linear_fp32(Tensor x, Tensor w) -> Tensor");
   m.def("grouped_linear_bf16(Tensor x, Tensor w, Tensor ends) -> Tensor");
@@ -1217,7 +1262,7 @@ TORCH_LIBRARY_FRAGMENT(openseek, m) {
         "float scaling, int always_on) -> Tensor[]");
   m.def("combine_experts(Tensor out, Tensor token, Tensor weight, int N) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(openseek, CPU, m) {
+TORCH_LIBRARY_IMPL(OPENSEEK_OPERATORS, CPU, m) {
   m.impl("linear_bf16", &linear<Bf16>);
   m.impl("linear_fp32", &linear<Fp32>);
   m.impl("grouped_linear_bf16", &grouped_linear<Bf16>);
