@@ -182,8 +182,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     Decode multiplies a few rows of activations by every weight, so it should stream the weights at the memory
     bandwidth. PyTorch's kernels do not at those shapes: over a whole Qwen2.5-0.5B's weights on this project's
     2-core Zen 5 (benchmarks/RESULTS.md, round 4), MKL's float32 sgemm streamed 14–16 GB/s at one row and 7–11 GB/s
-    at 2–8, oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (nn.Linear's layout, float32 accumulation) 44–59 GB/s in
-    float32 and 33–40 GB/s in bf16 at one row. Everything else — training, prefill, GPUs — is F.linear. In float32
+    at 2–8, oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (nn.Linear's layout, float32 accumulation)
+    44–59 GB/s in float32 and 33–40 GB/s in bf16 at one row. Everything else — training, prefill, GPUs — is F.linear. In float32
     its sums run in another order than MKL's (both exact to float32 rounding), so logits differ in the last bits."""
     rows = KERNEL_ROWS.get(w.dtype, 0)
     if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
