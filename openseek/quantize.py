@@ -143,8 +143,9 @@ class Int4Linear(nn.Module):
     With our int4 kernel (`packed`: the level has one) the weight is one uint8 buffer of records, [out/16,
     in/group, group·8 + 64]: a group's 4-bit values for 16 output rows, then their scales and lows (the kernel's
     comment has the byte layout), and activations are quantised per row and group to int8 inside the kernel (as
-    llama.cpp's Q4_0 dot products do). Otherwise the weight is in the layout of `aten._weight_int4pack_mm_for_cpu`, which multiplies bf16
-    activations by the dequantised weight, with `scales_and_zeros` [in/group, out, 2] beside it."""
+    llama.cpp's Q4_0 dot products do). Otherwise the weight is in the layout of `aten._weight_int4pack_mm_for_cpu`,
+    which multiplies bf16 activations by the dequantised weight, with `scales_and_zeros` [in/group, out, 2] beside
+    it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
         super().__init__()

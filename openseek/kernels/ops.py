@@ -52,7 +52,6 @@ LEVELS = {
     "avx2": Level(frozenset({"avx2", "fma", "f16c"}), "dense_avx2", "quantized_avx2", "openseek_avx2"),
 }
 PYTORCH = "0"  # the level of no kernel of ours
-FAMILIES = ("dense", "quantized")
 AUTO = ("", "auto", "1", "on", "true")
 OFF = ("0", "off", "none", "false")
 
@@ -66,9 +65,9 @@ FLOAT_TYPES = {torch.float32, torch.bfloat16}
 
 # --- choosing the level -------------------------------------------------------------------------------------------
 
-def missing_flags(level: str, flags: frozenset[str] | None = None) -> set[str]:
-    """The CPU flags `level` needs that this CPU (or `flags`) lacks."""
-    return set(LEVELS[level].flags - (kernels.cpu_flags() if flags is None else flags))
+def missing_flags(level: str) -> set[str]:
+    """The CPU flags `level` needs that this CPU lacks."""
+    return set(LEVELS[level].flags - kernels.cpu_flags())
 
 
 def executable_levels() -> list[str]:
@@ -110,13 +109,11 @@ def current_level() -> str:
 
 @contextlib.contextmanager
 def use_level(level: str):
-    """Run the enclosed code on `level`'s kernels (or PYTORCH's path), one this CPU runs (ValueError otherwise):
-    for tests, which run each kernel at every level the machine executes, in one process. Code that torch.compile
-    traced keeps the level it was traced at."""
+    """Run the enclosed code at `level` (any value OPENSEEK_KERNELS takes, checked as it is: a level this CPU cannot
+    run is a ValueError): for tests, which run each kernel at every level the machine executes, in one process.
+    Code that torch.compile traced keeps the level it was traced at."""
     global _forced
-    if level != PYTORCH:
-        choose_level(level)  # the same check, and the same message, as OPENSEEK_KERNELS=level
-    before, _forced = _forced, level
+    before, _forced = _forced, choose_level(level)  # the same check, and the same message, as OPENSEEK_KERNELS
     try:
         yield
     finally:
@@ -156,16 +153,14 @@ def _namespace() -> str:
 def _kernel(family: str):
     """`family`'s kernels at the level in force: the extension in eager code, its operators under torch.compile;
     None where the level has none."""
-    if not has(family):
-        return None
     if torch.compiler.is_compiling():
-        return getattr(torch.ops, _namespace())
+        return getattr(torch.ops, _namespace()) if has(family) else None
     return extension(family)
 
 
 def _eager_kernel(family: str):
     """`family`'s kernels in eager code; None under torch.compile, which fuses their arithmetic itself."""
-    return None if torch.compiler.is_compiling() else _kernel(family)
+    return None if torch.compiler.is_compiling() else extension(family)
 
 
 def _required(family: str, op: str):
@@ -187,8 +182,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     Decode multiplies a few rows of activations by every weight, so it should stream the weights at the memory
     bandwidth. PyTorch's kernels do not at those shapes: over a whole Qwen2.5-0.5B's weights on this project's
     2-core Zen 5 (benchmarks/RESULTS.md, round 4), MKL's float32 sgemm streamed 14–16 GB/s at one row and 7–11 GB/s
-    at 2–8, oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (nn.Linear's layout, float32 accumulation) 44–59 GB/s in
-    float32 and 33–40 GB/s in bf16 at one row. Everything else — training, prefill, GPUs — is F.linear. In float32
+    at 2–8, oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (nn.Linear's layout, float32 accumulation)
+    44–59 GB/s in float32 and 33–40 GB/s in bf16 at one row. Everything else — training, prefill, GPUs — is F.linear. In float32
     its sums run in another order than MKL's (both exact to float32 rounding), so logits differ in the last bits."""
     rows = KERNEL_ROWS.get(w.dtype, 0)
     if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
