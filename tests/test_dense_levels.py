@@ -113,15 +113,16 @@ def test_the_training_softmaxes_agree(levels, dtype, S):
     scores, grad = (torch.randn(2, 3, 7, S) * 4).to(dtype), torch.randn(2, 3, 7, S).to(dtype)
     mask = torch.rand(1, 1, 7, S) < 0.6
     mask[0, 0, 0] = False  # a row allowed nowhere
-    (probs, stats), (probs2, stats2) = avx2.masked_softmax(scores, mask, 0.125), avx512.masked_softmax(scores, mask, 0.125)
+    probs, stats = avx2.masked_softmax(scores, mask, 0.125)
+    probs2, stats2 = avx512.masked_softmax(scores, mask, 0.125)
     agree(probs, probs2)
     agree(stats, stats2)
     agree(avx2.masked_softmax_backward(grad, scores, mask, stats2, 0.125),
           avx512.masked_softmax_backward(grad, scores, mask, stats2, 0.125))
     logits, targets = (torch.randn(11, 1003) * 3).to(dtype), torch.randint(0, 1003, (11,))
     for temperature in (1.0, 0.7):
-        got, want = avx2.token_logprobs(logits, targets, temperature, True), avx512.token_logprobs(
-            logits, targets, temperature, True)
+        got = avx2.token_logprobs(logits, targets, temperature, True)
+        want = avx512.token_logprobs(logits, targets, temperature, True)
         for a, b in zip(got, want):
             agree(a, b)
         g = torch.randn(11)
@@ -203,7 +204,7 @@ def bad_calls():
 def test_each_level_refuses_the_same_bad_inputs_by_name(level):
     module = getattr(kernels, level)()
     if module is None:
-        pytest.skip(f"this CPU cannot run {level}")
+        pytest.skip(f"this CPU cannot run {level} (or OPENSEEK_KERNELS=0)")
     for what, call, message in bad_calls():
         with pytest.raises(RuntimeError) as error:
             call(module)
@@ -215,7 +216,7 @@ def test_each_level_s_operators_and_their_shapes(level, namespace):
     """Each level registers its kernels as operators in its own namespace (so both load in one process), with
     shape-only versions for torch.compile: torch.library.opcheck runs the operator, its fake and its schema."""
     if getattr(kernels, level)() is None:
-        pytest.skip(f"this CPU cannot run {level}")
+        pytest.skip(f"this CPU cannot run {level} (or OPENSEEK_KERNELS=0)")
     ops = getattr(torch.ops, namespace)
     torch.manual_seed(0)
     x, w = torch.randn(3, 64), torch.randn(32, 64)
