@@ -149,12 +149,12 @@ def test_int8_pack_is_the_same_on_both_kernels_and_in_pytorch(both):
 
 
 def int4_layer(module, N: int, K: int, G: int, w: torch.Tensor):
-    """An Int4Linear [N, K] whose kernel is `module`, so packed in the kernels' layout, holding w."""
-    from unittest import mock
-
+    """An Int4Linear [N, K] packed in the kernels' layout (the same at every level), holding w."""
     from openseek import quantize
+    from openseek.kernels import ops
 
-    with mock.patch.object(quantize, "quantized_vnni", lambda: module):
+    level = "avx2" if module is kernels.quantized_avx2() else "avx512"
+    with ops.use_level(level):
         layer = quantize.Int4Linear(K, N, False, torch.float32, G)
     layer.load_weight(w)
     return layer
