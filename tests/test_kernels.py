@@ -249,3 +249,13 @@ def test_grouped_kernels_refuse_group_ends_that_are_not_cumulative_counts(quanti
         quantized.grouped_int8_matmul(x, stack.weight, stack.scales, stack.rowsum, ends)
     with pytest.raises(RuntimeError, match=re.escape(message)):
         quantized.grouped_linear_fp32(x, torch.randn(3, 32, 64), ends)
+
+
+def test_a_changed_header_changes_the_build_flags(tmp_path):
+    """torch's builder rebuilds on a changed source or flag only; the headers' hash is passed as a define."""
+    for header in kernels.HERE.glob("*.h"):
+        shutil.copy(header, tmp_path / header.name)
+    before = kernels.headers_hash(tmp_path)
+    assert before == kernels.headers_hash(kernels.HERE)
+    (tmp_path / "simd.h").write_text((tmp_path / "simd.h").read_text() + "\n// changed\n")
+    assert kernels.headers_hash(tmp_path) != before

@@ -188,6 +188,15 @@ def kernels_enabled() -> bool:
     return os.environ.get(KERNELS_ENV, "auto").strip().lower() not in ("0", "off", "none", "false")
 
 
+def headers_hash(source_dir: Path) -> str:
+    """A hash of the headers the kernels include (simd.h, kernel_checks.h). torch's builder rebuilds when a source
+    file or a compiler flag changes, not a header; passing this as a define makes a header's change a flag's."""
+    digest = hashlib.sha256()
+    for header in sorted(source_dir.glob("*.h")):
+        digest.update(header.name.encode() + header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def build_directory(name: str) -> Path:
     """Where extension `name` is built and cached: one folder per extension and CPU (its flags' hash)."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or _default_build_root())
@@ -261,7 +270,8 @@ def build(name: str, *, source_dir: Path = HERE, strict: bool = False):
         # -Wfatal-errors: a broken kernel reports its first error in a second, not after parsing all of torch's headers
         # The module is named after the extension, not the source: one source builds several extensions.
         return load(f"openseek_{name}", [str(source_dir / source)],
-                    extra_cflags=["-O3", *extension.flags, "-fopenmp", "-Wfatal-errors"],
+                    extra_cflags=["-O3", *extension.flags, "-fopenmp", "-Wfatal-errors",
+                                  f"-DOPENSEEK_HEADERS={headers_hash(source_dir)}"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler or headers: the slower kernel still gives the same model
         if strict:
