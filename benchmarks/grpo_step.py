@@ -190,21 +190,6 @@ def trl_child(directory: Path, prompts_file: Path, steps: int, out: Path, overri
     return {"steps": steps_out, "settings": settings}
 
 
-def read_bandwidth() -> float:
-    """GB/s of a 2-thread sum over 256 MiB (best of 3): the machine's phase just before a run."""
-    x = torch.ones(2**26)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def run_trl(directory: Path, prompts_file: Path, steps: int, out: Path, overrides: dict, threads: str) -> dict:
     result = subprocess.run([sys.executable, __file__, "--trl-child", str(directory), str(prompts_file), str(steps),
                              str(out), json.dumps(overrides), "0" if threads == "auto" else threads,
@@ -239,6 +224,8 @@ def main() -> None:
         print(json.dumps(trl_child(Path(directory), Path(prompts_file), int(steps), Path(out), json.loads(overrides),
                                    int(threads))))
         return
+    from machine import state  # here: the module is also imported as the reward file, from elsewhere
+
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step of each run is a warm-up)")
     # (pair, threads) combinations: every pair at every pinned count; `auto` only with the defaults pair
@@ -264,7 +251,7 @@ def main() -> None:
                         continue
                     label, overrides, flags = PAIRS[pair]
                     out = tmp / f"run-{r}-{pair}-{t}-{side}"
-                    machine = f"read bandwidth {read_bandwidth():.1f} GB/s; {uptime()}"
+                    machine = state()
                     try:
                         if side == "TRL":
                             result = run_trl(tmp / "model", prompts_file, args.steps, out, overrides, t)
