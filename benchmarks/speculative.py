@@ -81,7 +81,8 @@ def main() -> int:
     directory = demo_model(args)
     model = openseek.load(directory, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(directory)
-    heldout = demo.Demo(argparse.Namespace(run_dir=args.run_dir, device="cpu", seed=0, heldout=args.prompts))
+    heldout = demo.Demo(argparse.Namespace(run_dir=args.run_dir, device="cpu", seed=0, heldout=args.prompts,
+                                           threads=args.threads))
     prompts = [tokenizer.encode(BOS + row["prompt"]) for row in heldout.problems(args.prompts, seed=0, split="test")]
     print(f"model {directory}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{model.cfg.num_nextn_predict_layers} MTP layer(s); {len(prompts)} prompts, {args.runs} runs, "
