@@ -4,9 +4,12 @@ its exact float32 path; greedy, CPU with 2 threads.
 
 Both run on the same random HF checkpoint (saved by transformers, loaded by openseek) in one process, alternating,
 on the same batch (8 prompts of 64 tokens, 128 new tokens, no early stop). Prints each run, the medians, their
-ratio, and how many generated tokens agree.
+ratio, and how many generated tokens agree. Threads are pinned: `--threads N` runs transformers and openseek's
+Engine on exactly N (`Engine(threads=N)`: `threads=None` would let openseek switch between all cores and one
+mid-run, which transformers cannot); `--threads auto` is a separate, labelled setting, openseek's Engine choosing
+against transformers at torch's default count. `uptime` and the read bandwidth are logged before each model.
 
-    .venv/bin/python benchmarks/generate.py [--runs 5] [--models qwen2 deepseek_v3] [--threads 2]
+    .venv/bin/python benchmarks/generate.py [--runs 5] [--models qwen2 deepseek_v3] [--threads 2|auto]
         [--dtype bfloat16 --quantize int8] [--compile]
 """
 
@@ -20,7 +23,9 @@ import time
 import torch
 
 import openseek
+from machine import state
 from openseek.kernels.ops import linear
+from openseek.threads import parse_threads
 
 BATCH, PROMPT, NEW = 8, 64, 128
 FLOORS = {"qwen2": 3.0, "deepseek_v3": 5.0}  # with int8 weights (the Engine issue); the exact float32 engine: 1.5
@@ -60,7 +65,8 @@ def matmul_floor(model) -> float:
     return time.perf_counter() - start
 
 
-def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none", compile: bool = False) -> float:
+def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none", compile: bool = False,
+          threads: int | None = 2) -> float:
     import transformers
 
     torch.manual_seed(0)
@@ -72,7 +78,7 @@ def bench(kind: str, runs: int, dtype: str = "float32", quantize: str = "none", 
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         ours = openseek.load(directory, dtype=dtype, quantize=quantize)
-    engine = openseek.Engine(ours, compile=compile)
+    engine = openseek.Engine(ours, compile=compile, threads=threads)  # None: auto, the labelled setting
     params = sum(p.numel() for p in hf.parameters()) / 1e6
     prompts = torch.randint(0, 8192, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
 
@@ -129,17 +135,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(FLOORS), choices=list(FLOORS))
-    parser.add_argument("--threads", type=int, default=2, help="the claim is for 2; 1 is less sensitive to a busy CPU")
+    parser.add_argument("--threads", type=parse_threads, default=2, metavar="N|auto",
+                        help="both sides on exactly N (the claim is for 2; 1 is less sensitive to a busy CPU); auto: "
+                             "openseek's Engine chooses, transformers at torch's default")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="openseek's weights")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"], help="openseek's weights")
     parser.add_argument("--compile", action="store_true", help="openseek's decode step compiled (Engine(compile=True))")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH}, prompt {PROMPT}, "
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = (f"{args.threads} threads, both sides" if args.threads is not None else
+               f"threads auto (openseek's Engine chooses; transformers {torch.get_num_threads()})")
+    print(f"torch {torch.__version__}, {threads}; batch {BATCH}, prompt {PROMPT}, "
           f"{NEW} new tokens, greedy; transformers float32, openseek {args.dtype} weights, quantize {args.quantize}"
           f"{', decode step compiled' if args.compile else ''}")
     for kind in args.models:
-        bench(kind, args.runs, args.dtype, args.quantize, args.compile)
+        print(f"{kind}: before: {state()}", flush=True)
+        bench(kind, args.runs, args.dtype, args.quantize, args.compile, args.threads)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def run_openseek(directory: Path, out: Path, args, lora: bool) -> list[float]:
                       loss_type="grpo", template="plain")
     extra = dict(lora_rank=RANK, lora_alpha=ALPHA, lora_targets=",".join(TARGETS)) if lora else {}
     train_cfg = TrainConfig(run_dir=str(out), steps=args.steps, lr=LR, schedule="constant", weight_decay=0.0,
-                            progress=False, device=args.device, **extra)
+                            progress=False, device=args.device, threads=str(args.threads), **extra)  # as TRL's
     model = openseek.load(directory, dtype=torch.float32)
     grpo_train(model, Tokenizer.from_dir(directory), [{"prompt": p} for p in prompts], [reward_digits], grpo,
                train_cfg)

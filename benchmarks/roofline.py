@@ -68,7 +68,7 @@ def decode(directory: str, precision: str, threads: int, prompt: int, new: int, 
     torch.set_num_threads(threads)
     dtype, quantize = PRECISIONS[precision]
     model = openseek.load(directory, dtype=dtype, quantize=quantize)
-    engine = openseek.Engine(model, max_batch_size=1, compile=compile)
+    engine = openseek.Engine(model, max_batch_size=1, compile=compile, threads=threads)  # exactly --threads
     ids = [list(range(10, 10 + prompt))]
 
     def run(n: int) -> float:

@@ -8,7 +8,14 @@ greedily until EOS or `--max-new-tokens`. Plain and speculative decoding (k = 1,
 batch 1 and batch 8; the table gives median tokens/s, the speed-up over plain at the same batch size, the acceptance
 rate, tokens gained per step, and whether every output equals plain decoding's.
 
-    .venv/bin/python benchmarks/speculative.py [--model runs/demo/model] [--runs 5] [--threads 1] [--compile]
+Plain decoding is the baseline at its own best settings: the Engine's defaults, which look for finished rows every
+FINISH_CHECK_EVERY (8) steps — setting that to 1 for plain cut the demo model's plain decoding from 702 to 537
+tok/s (benchmarks/RESULTS.md). Speculation must check every step (its rows gain different numbers of tokens), and
+that cost is counted against it. Every engine decodes once untimed before the timed runs (`demo.compare_speculation`),
+and the order of the engines reverses every run. `--threads N` fixes N threads for every engine, plain and
+speculative; `--threads auto` lets each engine measure and choose (a separate, labelled setting).
+
+    .venv/bin/python benchmarks/speculative.py [--model runs/demo/model] [--runs 5] [--threads 1|auto] [--compile]
     .venv/bin/python benchmarks/speculative.py --size deep --run-dir runs/bench_speculative_deep --pretrain-steps 500
 
 What speculation gains depends on how much the draft costs against the model: the demo's model has 4 layers, so its
@@ -27,6 +34,7 @@ import torch
 import openseek
 from openseek import demo
 from openseek.engine import engine as engine_module
+from openseek.threads import parse_threads
 from openseek.tokenizer import BOS, Tokenizer
 from openseek.train.trainer import list_checkpoints
 
@@ -41,7 +49,7 @@ def demo_model(args) -> Path:
     demo.add_arguments(parser)
     pipeline = demo.Demo(parser.parse_args(["--run-dir", args.run_dir, "--size", args.size,
                                             "--pretrain-steps", str(args.pretrain_steps),
-                                            "--threads", str(args.threads)]))
+                                            "--threads", "auto" if args.threads is None else str(args.threads)]))
     run = pipeline.run
     pipeline.stage("data", (run / "data" / "corpus.jsonl").is_file() and (run / "tokenizer").is_dir(),
                    pipeline.make_data)
@@ -60,23 +68,26 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32, help="held-out problems decoded per run")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the demo's model runs fastest on one)")
+    parser.add_argument("--threads", type=parse_threads, default=1, metavar="N|auto",
+                        help="CPU threads of every engine (the demo's model runs fastest on one); auto: each engine "
+                             "measures and chooses")
     parser.add_argument("--compile", action="store_true",
                         help="every engine, plain and speculative, with its decode step compiled")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    # Plain decoding looks for finished rows every FINISH_CHECK_EVERY steps, speculation every step: left as is, plain
-    # decoding would run up to 7 steps past a batch's last stop token (~10% more steps here) and flatter the ratio.
-    engine_module.FINISH_CHECK_EVERY = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = "auto (each engine measures)" if args.threads is None else f"{args.threads} thread(s), fixed"
 
     directory = demo_model(args)
     model = openseek.load(directory, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(directory)
-    heldout = demo.Demo(argparse.Namespace(run_dir=args.run_dir, device="cpu", seed=0, heldout=args.prompts))
+    heldout = demo.Demo(argparse.Namespace(run_dir=args.run_dir, device="cpu", seed=0, heldout=args.prompts,
+                                           threads=args.threads))
     prompts = [tokenizer.encode(BOS + row["prompt"]) for row in heldout.problems(args.prompts, seed=0, split="test")]
     print(f"model {directory}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{model.cfg.num_nextn_predict_layers} MTP layer(s); {len(prompts)} prompts, {args.runs} runs, "
-          f"{args.threads} thread(s), decode step {'compiled' if args.compile else 'eager'}")
+          f"{threads}, decode step {'compiled' if args.compile else 'eager'}; plain decoding at the Engine's "
+          f"defaults (finished rows checked every {engine_module.FINISH_CHECK_EVERY} steps), speculation every step")
     rows = demo.compare_speculation(model, prompts, ks=[1, 2, 3], batch_sizes=[1, 8], runs=args.runs,
                                     max_new_tokens=args.max_new_tokens, threads=args.threads, compile=args.compile)
     print("| batch | draft tokens k | tokens/s | speed-up | acceptance | tokens per step | output identical |")

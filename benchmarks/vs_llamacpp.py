@@ -25,6 +25,10 @@ int8). The converter refuses BPE tokenizers whose pre-tokenizer hash it does not
 pre-tokenizer never runs). Each measurement runs in its own process; decode time = time(prompt + 128 tokens) −
 time(prompt + 1 token), best of 3. openseek runs twice per precision, eager and with `Engine(compile=True)` (what
 `--compile` gives on the commands; its compilation happens in the warm-up, outside the timing); `--modes` picks.
+Threads are pinned: `--threads N` gives llama.cpp `n_threads = n_threads_batch = N` and openseek
+`Engine(threads=N)` (exactly N; `Engine(threads=None)` would tune between all cores and one), and `--threads auto`
+is a separate, labelled row with both at their own defaults. `uptime` and the read bandwidth are logged before
+each round.
 Figures go to benchmarks/RESULTS.md.
 """
 
@@ -39,6 +43,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from machine import state
 
 PROMPT, NEW = 64, 128
 VERSION = "0.3.36"
@@ -114,9 +120,9 @@ def quantize_q4(llama_python: str, source: Path, out: Path) -> None:
 
 LLAMA_CHILD = """
 import json, sys, time, llama_cpp
-path, threads, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=prompt, n_threads=threads, n_threads_batch=threads,
-                      verbose=False)
+path, threads, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pinned = {} if threads == "auto" else {"n_threads": int(threads), "n_threads_batch": int(threads)}
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=prompt, verbose=False, **pinned)  # auto: its defaults
 tokens = list(range(10, 10 + prompt))
 def run(n):
     llm.reset()
@@ -131,14 +137,18 @@ print(json.dumps({"tokens_per_s": (new - 1) / decode}))
 """
 
 
-def openseek_child(directory: str, dtype: str, quantize: str, threads: int, compile: bool) -> dict:
+def openseek_child(directory: str, dtype: str, quantize: str, threads: str, compile: bool) -> dict:
+    """`threads`: a count, exactly that many threads (the Engine's own tuner would otherwise pick between all cores
+    and one, whatever torch.set_num_threads says), or auto: the Engine measures and chooses."""
     import torch
 
     import openseek
 
-    torch.set_num_threads(threads)
+    fixed = None if threads == "auto" else int(threads)
+    if fixed is not None:
+        torch.set_num_threads(fixed)
     engine = openseek.Engine(openseek.load(directory, dtype=dtype, quantize=quantize), max_batch_size=1,
-                             compile=compile)
+                             compile=compile, threads=fixed)
     tokens = [list(range(10, 10 + PROMPT))]
 
     def run(n):
@@ -154,7 +164,9 @@ def openseek_child(directory: str, dtype: str, quantize: str, threads: int, comp
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-python", default="/work/bench-venv/bin/python")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", nargs="+", default=["1", "2"],
+                        help="each a count (both sides on exactly that many threads) or auto (a separate row: "
+                             "openseek's Engine tunes, llama.cpp at llama-cpp-python's default n_threads)")
     parser.add_argument("--precisions", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "openseek-llamacpp"))
     parser.add_argument("--rounds", type=int, default=1,
@@ -168,7 +180,7 @@ def main() -> None:
         run_converter(*args.convert)
         return
     if args.child:
-        print(json.dumps(openseek_child(*args.child[:3], int(args.child[3]), args.child[4] == "compiled")))
+        print(json.dumps(openseek_child(*args.child[:4], args.child[4] == "compiled")))
         return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -186,7 +198,7 @@ def main() -> None:
         quantize_q4(args.llama_python, files["F32"], files["Q4_0"])
     print(f"batch 1, {PROMPT}-token prompt, {NEW} new tokens, greedy; decode tokens/s (best of 3)")
     for round_, threads in itertools.product(range(1, args.rounds + 1), args.threads):
-        print(f"round {round_}, {time.strftime('%H:%M:%S')}", flush=True)
+        print(f"round {round_}, threads {threads}, {time.strftime('%H:%M:%S')}; {state()}", flush=True)
         for gguf, dtype, quantize in PAIRS:  # alternating: llama.cpp then openseek at each precision
             if gguf not in args.precisions:
                 continue

@@ -373,22 +373,26 @@ class Demo:
 def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_sizes: list[int], runs: int,
                         max_new_tokens: int, threads: int | None, compile: bool = False) -> list[dict]:
     """Greedy decoding of `prompts`, `batch_size` at a time, without speculation and with MTP speculation of each
-    k, runs alternating (so the machine's state is shared). One row per (k, batch size), k = 0 being plain: median
-    tokens/s, speed-up over plain at that batch size, acceptance rate, mean accepted length, and whether every
-    output equals plain decoding's. `compile`: every engine, plain ones too, compiles its decode step (compiled in
-    an untimed warm-up). (`benchmarks/speculative.py` and the demo's report both measure with this.)"""
+    k, runs alternating (so the machine's state is shared; the order reverses every run, so no engine always runs
+    first). One row per (k, batch size), k = 0 being plain: median tokens/s, speed-up over plain at that batch size,
+    acceptance rate, mean accepted length, and whether every output equals plain decoding's. Every engine, plain
+    and speculative alike, first decodes untimed (warm caches, allocator, thread choice; with `compile`, which makes
+    every engine, plain ones too, compile its decode step, every batch size the runs will see). Each side runs at
+    the engine's own settings: plain decoding looks for finished rows every FINISH_CHECK_EVERY steps, speculation
+    every step (rows gain different numbers of tokens), a cost that is speculation's. (`benchmarks/speculative.py`
+    and the demo's report both measure with this.)"""
     configs = [(k, b) for b in batch_sizes for k in [0, *ks]]
     engines = {c: openseek.Engine(model, max_batch_size=c[1], threads=threads, speculative="mtp" if c[0] else None,
                                   num_speculative_tokens=max(c[0], 1), compile=compile) for c in configs}
     seconds = {c: [] for c in configs}
-    if compile:  # every batch size the runs will see (rows leave as they finish), with caches as long as theirs
-        for c in configs:
-            for size in range(1, c[1] + 1):
-                engines[c].generate(prompts[:size], max_new_tokens, temperature=0, stop_token_ids=[])
-            engines[c].stats = type(engines[c].stats)()  # the statistics of the timed runs only
+    for c in configs:  # the warm-up: untimed, for every engine
+        sizes = range(1, c[1] + 1) if compile else [c[1]]  # compiled: every batch size (rows leave as they finish)
+        for size in sizes:
+            engines[c].generate(prompts[:size], max_new_tokens, temperature=0, stop_token_ids=[] if compile else None)
+        engines[c].stats = type(engines[c].stats)()  # the statistics of the timed runs only
     outputs = {}
-    for _ in range(runs):
-        for c in configs:
+    for run in range(runs):
+        for c in configs if run % 2 == 0 else reversed(configs):
             started = time.perf_counter()
             outs = [o.token_ids for i in range(0, len(prompts), c[1])
                     for (o,) in engines[c].generate(prompts[i : i + c[1]], max_new_tokens, temperature=0)]

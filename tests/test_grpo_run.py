@@ -50,11 +50,13 @@ def test_short_run_raises_the_mean_reward(model_dir, tmp_path):
     assert last > first + 0.1, (first, last)
     for key in ("reward", "reward_std", "rewards/digit_share/mean", "rewards/digit_share/std",
                 "completion_length/mean", "completion_length/max", "clip_fraction", "entropy", "loss",
-                "time/step", "time/generation", "time/scoring", "time/update"):
+                "time/step", "time/generation", "time/scoring", "time/update", "time/refresh", "time/wall"):
         assert all(math.isfinite(m[key]) for m in metrics), key
     m = metrics[-1]
     assert m["time/generation"] > 0 and m["time/update"] > 0
-    assert m["time/generation"] + m["time/scoring"] + m["time/update"] == pytest.approx(m["time/step"], rel=1e-6)
+    assert m["time/generation"] + m["time/scoring"] + m["time/update"] + m["time/refresh"] == pytest.approx(
+        m["time/step"], rel=1e-6)
+    assert all(m["time/wall"] >= m["time/step"] for m in metrics)  # the whole step, between one log and the next
     assert all(m["clip_fraction"] == 0.0 for m in metrics)  # μ = 1: the ratio to the rollout is 1
     # Rollouts and loss see the same weights in the same precision: their log-probs agree to float32 rounding.
     assert all(0 <= m["rollout/logprob_abs_diff_mean"] <= m["rollout/logprob_abs_diff_max"] <= 1e-5 for m in metrics)

@@ -44,8 +44,12 @@ Metrics (metrics.jsonl, one row per optimizer step), besides the Trainer's (`los
     kl                                     k3 KL to the reference (β > 0)
     rollout/logprob_abs_diff_mean, _max    |rollout log-prob − trainer log-prob| per completion token, on the
                                            first update of a rollout (0 when both see the same weights alike)
-    time/step = time/generation + time/scoring + time/update   seconds; a rollout's generation and scoring
-                                           (rewards, reference log-probs) count in its first update's row
+    time/step = time/generation + time/scoring + time/update + time/refresh   seconds; a rollout's generation
+                                           and scoring (rewards, reference log-probs) count in its first update's
+                                           row, refreshing the rollout view (`refresh_view`: copying or re-quantising
+                                           the updated weights, 0 without a view) in its last update's row
+    time/wall                              wall clock from the previous row's logging to this row's: the whole step,
+                                           with whatever the loop does between steps (logging, the progress bar)
 """
 
 from __future__ import annotations
@@ -741,13 +745,16 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
     elif grpo.beta != 0:
         ref_model = trainer.model
     policy_view = rollout_policy(trainer, grpo)  # the trained module itself, or a bf16/quantised view of it
-    engine = Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size))
+    # `--threads N` holds for the rollouts too (the Engine's own default would tune the count on its decode steps)
+    engine = Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size),
+                    threads=trainer.threads.fixed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if grpo.rollout_correction == "auto":
         grpo = dataclasses.replace(grpo, rollout_correction="none" if policy_view is trainer.model else "token_tis")
     objective = GRPOObjective(grpo)
 
     with trainer.session():
+        logged = time.perf_counter()  # the end of the previous step (its logging): time/wall runs from here
         while not trainer.done:
             started = time.perf_counter()
             seed = hash_seed(train_cfg.seed, prompts.position["rollouts"])
@@ -772,12 +779,19 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                     metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
                     for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
                         metrics.pop(key)
-                metrics["time/step"] = metrics["time/generation"] + metrics["time/scoring"] + metrics["time/update"]
+                metrics["time/refresh"] = 0.0
+                last = update == grpo.updates_per_rollout - 1 or trainer.done
+                if last and policy_view is not trainer.model:  # the next rollout samples the updated policy
+                    refreshing = time.perf_counter()
+                    refresh_view(policy_view, trainer.model)
+                    metrics["time/refresh"] = time.perf_counter() - refreshing
+                metrics["time/step"] = (metrics["time/generation"] + metrics["time/scoring"] + metrics["time/update"]
+                                        + metrics["time/refresh"])
+                metrics["time/wall"] = time.perf_counter() - logged
                 trainer.log(metrics, progress=PROGRESS)
+                logged = time.perf_counter()
                 if trainer.done:
                     break
-            if policy_view is not trainer.model:
-                refresh_view(policy_view, trainer.model)  # the next rollout samples the updated policy
     if trainer.report is not None:
         plot_rollouts(train_cfg.run_dir)
     return trainer.report
