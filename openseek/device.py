@@ -4,6 +4,7 @@ sample, eval, chat, serve, demo) and for choosing bf16."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -32,13 +33,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[-1].split())
 
 
+# oneDNN (PyTorch's CPU matmuls) levels that multiply bf16 in hardware; `ONEDNN_MAX_CPU_ISA` caps oneDNN below them
+# on purpose (for instance to run as an AVX2-only CPU would: docs/kernels.md), and then bf16 matmuls run emulated.
+ONEDNN_BF16_LEVELS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                      "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"}
+
+
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 matmuls run in hardware: a CUDA GPU that supports bf16, or a CPU with AVX-512 BF16 or AMX
-    (measured here: 1,100 GFLOP/s bf16 against 141 float32 at M = 2176 on one core). Elsewhere bf16 is emulated and
+    whose oneDNN is not capped below them by `ONEDNN_MAX_CPU_ISA`. Elsewhere bf16 is emulated, hundreds of times
     slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "DEFAULT").upper()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cap in ONEDNN_BF16_LEVELS
 
 
 # Below this width a CPU step is mostly per-op overhead, which bf16 autocast's casts add to: the demo's hidden-96

@@ -29,6 +29,7 @@ def test_auto_is_float32_where_bf16_would_be_emulated(cpu_without_bf16):
 
 def test_auto_is_bf16_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("auto", torch.device("cpu"), hidden_size=512) == "bf16"
     assert resolve_precision("auto", torch.device("cpu"), hidden_size=96) == "float32"  # overhead-bound: casts cost
@@ -36,8 +37,20 @@ def test_auto_is_bf16_where_the_cpu_has_it(monkeypatch):
     assert resolve_precision("float32", torch.device("cpu")) == "float32"
 
 
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_BF16", True),
+                                         ("AVX512_CORE_AMX", True)])
+def test_a_onednn_cap_below_bf16_makes_bf16_emulated(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how this project runs as an AVX2-only CPU would) makes PyTorch's bf16 matmuls
+    emulated even on a CPU with AVX-512 BF16, so `auto` must not choose them."""
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert device_module.native_bf16(torch.device("cpu")) is native
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "float32")
+
+
 def test_bf16_pretraining_reaches_the_float32_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))  # run bf16 on any CPU
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     final = {}
     for precision in ("float32", "bf16"):
         model, batches, tokenizer, _ = pretrain_setup(tmp_path / precision, seq_len=32, batch_size=4)
