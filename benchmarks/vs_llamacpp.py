@@ -28,7 +28,7 @@ time(prompt + 1 token), best of 3. openseek runs twice per precision, eager and 
 Threads are pinned: `--threads N` gives llama.cpp `n_threads = n_threads_batch = N` and openseek
 `Engine(threads=N)` (exactly N; `Engine(threads=None)` would tune between all cores and one), and `--threads auto`
 is a separate, labelled row with both at their own defaults. `uptime` and the read bandwidth are logged before
-each round.
+each round; each speed is also a fraction of the memory roofline, that bandwidth over the GGUF file's bytes.
 Figures go to benchmarks/RESULTS.md.
 """
 
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import state
+from machine import read_bandwidth, uptime
 
 PROMPT, NEW = 64, 128
 VERSION = "0.3.36"
@@ -196,9 +196,12 @@ def main() -> None:
     files["Q4_0"] = cache / "model-Q4_0.gguf"
     if not files["Q4_0"].is_file():
         quantize_q4(args.llama_python, files["F32"], files["Q4_0"])
-    print(f"batch 1, {PROMPT}-token prompt, {NEW} new tokens, greedy; decode tokens/s (best of 3)")
+    print(f"batch 1, {PROMPT}-token prompt, {NEW} new tokens, greedy; decode tokens/s (best of 3); roofline = "
+          "the read bandwidth just measured / the GGUF file's bytes (every weight streamed once per token)")
     for round_, threads in itertools.product(range(1, args.rounds + 1), args.threads):
-        print(f"round {round_}, threads {threads}, {time.strftime('%H:%M:%S')}; {state()}", flush=True)
+        bandwidth = read_bandwidth()
+        print(f"round {round_}, threads {threads}, {time.strftime('%H:%M:%S')}; read bandwidth {bandwidth:.1f} GB/s; "
+              f"{uptime()}", flush=True)
         for gguf, dtype, quantize in PAIRS:  # alternating: llama.cpp then openseek at each precision
             if gguf not in args.precisions:
                 continue
@@ -214,8 +217,11 @@ def main() -> None:
                       f"{dtype}/{quantize:4s} " + "   ".join(f"{m} {b:6.1f}" for m, b in ours.items()), flush=True)
                 continue
             a = json.loads(llama.stdout.strip().splitlines()[-1])["tokens_per_s"]
-            print(f"{threads} threads  llama.cpp {gguf:5s} {a:6.1f}   openseek {dtype}/{quantize:4s} "
-                  + "   ".join(f"{m} {b:6.1f} -> {b / a:.2f}x" for m, b in ours.items()), flush=True)
+            roofline = bandwidth * 1e9 / files[gguf].stat().st_size  # tokens/s if decode only streamed weights
+            print(f"{threads} threads  llama.cpp {gguf:5s} {a:6.1f} ({a / roofline:.0%} of roofline "
+                  f"{roofline:.1f})   openseek {dtype}/{quantize:4s} "
+                  + "   ".join(f"{m} {b:6.1f} ({b / roofline:.0%}) -> {b / a:.2f}x" for m, b in ours.items()),
+                  flush=True)
 
 
 if __name__ == "__main__":
