@@ -35,7 +35,7 @@ from openseek.evaluate import evaluate
 from openseek.rewards import format_reward
 from openseek.device import resolve_device
 from openseek.tasks import get_task
-from openseek.threads import parse_threads
+from openseek.flags import add_threads_argument
 from openseek.tokenizer import BOS, Tokenizer, train_bpe
 from openseek.train.trainer import TrainConfig, Trainer, list_checkpoints
 
@@ -425,10 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the verifiable task (3-digit addition with worked column steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N|auto",
-                        help="CPU intra-op threads for every stage; auto (default) measures each count on the work "
-                             "and keeps the fastest (both cores: pretraining 1.45x faster than on one, when quiet); "
-                             "a count gives bitwise-reproducible runs")
+    add_threads_argument(parser, help="CPU intra-op threads for every stage; auto (default) measures each count on "
+                                      "the work and keeps the fastest (both cores: pretraining 1.45x faster than on "
+                                      "one, when quiet); a count gives bitwise-reproducible runs")
     parser.add_argument("--precision", default="float32", choices=["auto", "float32", "bf16"],
                         help="training precision (the demo's measured result is float32's)")
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")

@@ -32,12 +32,6 @@ def parse_threads(value: str) -> int | None:
     return count
 
 
-def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N|auto",
-                        help="intra-op threads; auto (default) measures the work at each count and keeps the fastest, "
-                             "again and again as the machine's load changes")
-
-
 ABANDON_AT = 1.25  # a probed count whose first unit is this much slower than the window before it is not timed on
 
 

@@ -287,3 +287,12 @@ def main(args: argparse.Namespace) -> int:
     directory = tokenizer.save(args.output_dir)
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {directory}")
     return 0
+
+
+def load_tokenizer(tokenizer_dir: str | None, model: str | None) -> Tokenizer:
+    """--tokenizer, else the model directory's own tokenizer."""
+    if tokenizer_dir is None and model is not None and Path(model).is_dir():
+        tokenizer_dir = model
+    if tokenizer_dir is None:
+        raise TokenizerError("no tokenizer: pass --tokenizer DIR (train one with `openseek tokenizer train`)")
+    return Tokenizer.from_dir(tokenizer_dir)

@@ -8,7 +8,8 @@ import torch
 
 from helpers_grpo import tiny_fp64_model
 from openseek import data
-from openseek.train.grpo import GRPOConfig, GRPOObjective, RolloutBatch, completion_logprobs
+from openseek.train.grpo import GRPOConfig, GRPOObjective, RolloutBatch
+from openseek.train.logprobs import completion_logprobs
 from openseek.train.pretrain import NextTokenLoss
 from openseek.train.trainer import TrainConfig, Trainer
 

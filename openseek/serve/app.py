@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openseek.device import resolve_device
-from openseek.quantize import add_precision_arguments
+from openseek.flags import add_engine_arguments
 from openseek.serve.gate import APIError, Gate, check_bind, error_envelope
 from openseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from openseek.serve.protocol import (
@@ -55,7 +55,7 @@ from openseek.serve.protocol import (
     FunctionCallOut,
     ModelCard,
     ModelList,
-    SamplingParams,
+    SamplingFields,
     TextChoice,
     TextCompletion,
     TextLogprobs,
@@ -76,7 +76,6 @@ from openseek.serve.server import (
     Scored,
     Server,
     ServeConfig,
-    add_reasoning_budget_argument,
     load_engine,
 )
 
@@ -158,7 +157,7 @@ CHAT = Kind("chatcmpl", ChatCompletion, ChatCompletionChunk, _chat_choice,
 TEXT = Kind("cmpl", TextCompletion, TextCompletion, _text_choice)
 
 
-async def respond(server: Server, job: Job, request: SamplingParams, kind: Kind, receive):
+async def respond(server: Server, job: Job, request: SamplingFields, kind: Kind, receive):
     """Start the job; answer with the whole response once it is done, or stream it as server-sent events. Either
     way a client that hangs up first (`receive`, the request's ASGI channel, says so) cancels the job: its
     sequences leave the batch at the next step and /metrics counts it."""
@@ -415,12 +414,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt in full (default: reuse the cached start of recent prompts)")
-    parser.add_argument("--speculative", choices=["mtp"],
-                        help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
-    add_reasoning_budget_argument(parser)
-    add_precision_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
+    add_engine_arguments(parser)
 
 
 def main(args) -> int:

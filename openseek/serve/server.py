@@ -35,7 +35,7 @@ from openseek.serve.protocol import (
     CompletionTokensDetails,
     DetokenizeRequest,
     DetokenizeResponse,
-    SamplingParams,
+    SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
@@ -329,7 +329,7 @@ class Server:
         return self._job(prompts, request, request.max_tokens, "max_tokens", "prompt", reasoning=None,
                          stop_ids=self._stop_ids(request), logprobs=request.logprobs, echo=request.echo)
 
-    def _stop_ids(self, request: SamplingParams) -> list[int]:
+    def _stop_ids(self, request: SamplingFields) -> list[int]:
         """The tokens that end this request's choices: the model's EOS unless `ignore_eos`, and `stop_token_ids`."""
         vocab = self.engine.cfg.vocab_size
         extra = request.stop_token_ids or []
@@ -339,14 +339,14 @@ class Server:
                            param="stop_token_ids")
         return sorted(set(extra) | (set() if request.ignore_eos else set(self.stop_token_ids)))
 
-    def _check_common(self, request: SamplingParams) -> None:
+    def _check_common(self, request: SamplingFields) -> None:
         if request.model != self.config.model_name:
             raise APIError(404, f"The model `{request.model}` does not exist; this server serves "
                                 f"`{self.config.model_name}`.", param="model", code="model_not_found")
         if request.n > self.config.max_n:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
-    def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingParams, max_tokens: int | None,
+    def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingFields, max_tokens: int | None,
              param: str, prompt_param: str, reasoning, stop_ids: list[int], logprobs: int | None = None,
              echo: bool = False, constraint=None, tool_names: set[str] | None = None) -> Job:
         """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt. stop_ids: the tokens
@@ -624,21 +624,6 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def add_reasoning_budget_argument(parser) -> None:
-    """--reasoning-budget, for `serve` and `chat`."""
-
-    def budget(text: str) -> int:
-        value = int(text)
-        if value < 0:
-            raise ValueError(text)
-        return value
-
-    budget.__name__ = "token count >= 0"  # what argparse says of a bad value
-    parser.add_argument("--reasoning-budget", type=budget, metavar="N",
-                        help="close the <think> block after N tokens of reasoning unless a request sets its own "
-                             "(thinking_budget_tokens, reasoning_effort); default: unbounded")
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,

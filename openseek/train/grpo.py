@@ -1,55 +1,12 @@
-"""GRPO and its fixes (Dr. GRPO, DAPO), with the RL loop written out in `train()`.
+"""GRPO and its relatives (Dr. GRPO, DAPO, GSPO; std, mean, RLOO and REINFORCE++ advantages): the config, the
+objective, and the RL loop written out in `train()`.
 
-Each step: P prompts, G completions each from the Engine, rewards, group advantages, then μ clipped
-policy-gradient updates through `Trainer.step` against the rollout log-probs. The Engine samples the module the
-trainer updates or, under a bf16 update (`rollout_policy`), a bf16 view of it (int8 on a CPU with VNNI) refreshed
-after every update, with the mismatch corrected per token. To follow one step read `train()` top to bottom; it
-calls `roll_out` (which calls `generate_and_score` → `Engine.generate`), `Trainer.step` (which calls
-`GRPOObjective`) and `Trainer.log`.
-
-The loss modes, named as users know them:
-
-    advantage  std : (r - mean) / (std + 1e-4)       GRPO, DAPO
-               mean: r - mean                        Dr. GRPO (no difficulty bias)
-    loss_type  grpo   : mean over each completion's tokens, then over completions
-               dapo   : mean over all tokens of the step (token-level loss)
-               dr_grpo: token sum / (completions × max_new_tokens) (no length bias)
-
-Each mode's denominator is counted over the whole step, so `--grad-accum k` splits a rollout into k micro-batches
-without changing the gradient. Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollout, KL the k3
-estimator to a frozen reference. Dynamic sampling drops groups whose rewards are all equal and refills; overlong
-shaping is DAPO's soft punishment.
+One step, read top to bottom in `train()`: `roll_out` (prompts → `generate_and_score` in rollout.py →
+rewards, advantages) → μ × `Trainer.step(…, GRPOObjective)` → `Trainer.log`. The loss modes, the rollout view and
+its correction, LoRA, and every metric are described in docs/training.md.
 
     openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
         --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
-
-With `--lora-rank r` only LoRA adapters train (lora.py): the Engine rolls out with them active (the same module),
-the reference policy of β > 0 is that module with its adapters disabled, and checkpoints hold `adapter/` in
-PEFT's format. Rollouts run with the model in eval mode, so LoRA dropout never enters the sampled log-probs.
-
-Rewards see the completion text and the prompt text the model continued (so a template that opened `<think>` is
-visible to the format reward); extra dataset columns arrive as keyword lists.
-
-Metrics (metrics.jsonl, one row per optimizer step), besides the Trainer's (`loss`, `lr`, `grad_norm`, `tokens`,
-`tokens_per_s`, `expert_load_max_mean`, `mfu`):
-    reward, reward_std                     weighted total reward: mean, mean within-group std
-    rewards/<fn>/mean, rewards/<fn>/std    each reward function
-    accuracy                               the mean of the task's checker (when there is one)
-    completion_length/mean, /max           generated tokens per completion
-    completion_length/truncated            share of completions cut at max_new_tokens
-    groups_without_signal                  groups whose rewards are all equal (advantage 0)
-    dynamic_sampling/dropped_groups, /rounds   (with --dynamic-sampling)
-    clip_fraction                          completion tokens whose gradient the clip removed
-    entropy                                mean per-token entropy of the policy
-    kl                                     k3 KL to the reference (β > 0)
-    rollout/logprob_abs_diff_mean, _max    |rollout log-prob − trainer log-prob| per completion token, on the
-                                           first update of a rollout (0 when both see the same weights alike)
-    time/step = time/generation + time/scoring + time/update + time/refresh   seconds; a rollout's generation
-                                           and scoring (rewards, reference log-probs) count in its first update's
-                                           row, refreshing the rollout view (`refresh_view`: copying or re-quantising
-                                           the updated weights, 0 without a view) in its last update's row
-    time/wall                              wall clock from the previous row's logging to this row's: the whole step,
-                                           with whatever the loop does between steps (logging, the progress bar)
 """
 
 from __future__ import annotations
@@ -57,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,37 +22,33 @@ from pathlib import Path
 import torch
 
 import openseek
-from openseek.engine import Completion, Engine, stop_token_ids
-from openseek.kernels import ops
-from openseek.quantize import QUANTIZE, refresh_view, rollout_view
+from openseek.engine import Engine
+from openseek.quantize import QUANTIZE
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
-from openseek.rewards import (
-    REWARDS,
-    RewardError,
-    accuracy_reward,
-    countdown_reward,
-    format_reward,
-    load_reward,
-    reward_name,
-    score,
+from openseek.tasks import TEMPLATES
+from openseek.train.logprobs import completion_logprobs
+from openseek.train.rollout import (
+    PromptStream,
+    Rewards,
+    generate_and_score,
+    hash_seed,
+    load_rows,
+    refresh_view,
+    resolve_rewards,
+    rollout_policy,
 )
-from openseek.tasks import TEMPLATES, format_prompt, get_task
-from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
-from openseek.train.pretrain import load_tokenizer
+from openseek.flags import add_config_arguments, add_stage_arguments, apply_recipe, config_defaults, config_from_args
+from openseek.tokenizer import load_tokenizer
 from openseek.train.trainer import (
     MeanOf,
     Trainer,
     TrainConfig,
-    add_config_arguments,
     add_train_arguments,
-    apply_recipe,
-    config_from_args,
     init_distributed,
     train_config_from_args,
 )
 
-PROMPT_FIELDS = ("prompt", "question", "problem")
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
@@ -253,65 +204,10 @@ def loss_sum(loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Te
     return (loss * mask).sum()
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    """Reduce per-token losses [N, L] over the completion mask [N, L] to a scalar, the way `loss_type` names."""
-    units = loss_units(mask, loss_type, max_new_tokens)
-    return loss_sum(loss, mask, loss_type) / max(units, 1.0)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> MeanOf:
     """The mean of x over the mask's tokens; as a MeanOf, the trainer averages it exactly over the whole step."""
     mask = mask.to(x.dtype)
     return MeanOf(float((x * mask).sum()), float(mask.sum()))
-
-
-LOGPROB_CHUNK = 2**24  # logits per lm_head chunk (64 MiB in float32): tokens per chunk = this / vocabulary
-# Below this many logits in a whole pass (256 MiB in float32, about as much again for the log-softmax the backward
-# keeps) the chunks' logits are kept for the backward pass instead of recomputed: recomputing cost a GRPO update at
-# the benchmark's shape (2,048 tokens × 8,192) a second head matmul, log-softmax and entropy (benchmarks/RESULTS.md).
-LOGPROB_RECOMPUTE_ABOVE = 2**26
-
-
-def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
-                        entropy: bool = True):
-    """Log-probs of the completion tokens (columns prompt_len:) under the model at the sampling temperature, and
-    the per-token entropy (detached; None without `entropy`). Rows are [left-padded prompt | right-padded
-    completion]; a batch without padding takes the plain causal path. The head runs over the final hidden states
-    a chunk of tokens at a time (`token_logprobs`), so no [B, T, V] logits are ever held."""
-    if bool(padding_mask.all()):
-        padding_mask = None
-    hidden = model.hidden_states(input_ids, padding_mask=padding_mask)[:, prompt_len - 1 : -1]
-    return token_logprobs(model.lm_head, hidden, input_ids[:, prompt_len:], temperature, entropy)
-
-
-def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   entropy: bool = True, chunk: int | None = None,
-                   recompute_above: int = LOGPROB_RECOMPUTE_ABOVE):
-    """log softmax(head(hidden) / T) at `targets` ([B, L] from hidden [B, L, H]), and the entropy of each
-    distribution, computed `chunk` tokens at a time (default: LOGPROB_CHUNK logits' worth) in float32 (float64
-    stays). When the pass has more than `recompute_above` logits, each chunk's logits are recomputed in the backward
-    pass instead of being kept (activation checkpointing), so memory holds one chunk's logits at a time."""
-    chunk = chunk or max(16, LOGPROB_CHUNK // head.out_features)
-    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    recompute = torch.is_grad_enabled() and flat.requires_grad and flat.shape[0] * head.out_features > recompute_above
-    logprobs, entropies = [], []
-    for start in range(0, flat.shape[0], chunk):
-        h, t = flat[start : start + chunk], flat_targets[start : start + chunk]
-        if recompute:
-            logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, entropy,
-                                                          use_reentrant=False)
-        else:
-            logp, ent = _chunk(head, h, t, temperature, entropy)
-        logprobs.append(logp)
-        entropies.append(ent)
-    logprobs = torch.cat(logprobs).view(targets.shape)
-    return logprobs, torch.cat(entropies).view(targets.shape) if entropy else None
-
-
-def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
-    """One chunk: (log-prob of each target, entropy of each distribution, detached, or None without `entropy`,
-    which the reference pass does not need), on our kernel where it runs (ops.token_logprobs)."""
-    return ops.token_logprobs(head(h), targets, temperature, entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,122 +360,6 @@ class GRPOObjective:
 # Rollouts: prompts -> completions from the Engine -> rewards -> one batch
 
 
-def load_prompt_file(path) -> list[dict]:
-    """Rows of a JSONL prompt file: the prompt from `prompt`, `question` or `problem`; every other column is kept
-    and passed to the reward functions. Rows with a gold `answer` (or a MATH `solution`) get it normalised the way
-    `openseek eval` reads benchmark files (GSM8K's `#### 42`, a solution's last \\boxed{})."""
-    rows = []
-    for where, line_no, row in jsonl_objects(path):
-        field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
-        if field_name is None:
-            raise DatasetError(
-                f"{where}: no usable prompt column: expected a non-empty string in one of "
-                f"{', '.join(PROMPT_FIELDS)}; the row has columns: {', '.join(row) or 'none'}"
-            )
-        if "answer" in row or "solution" in row:
-            row = parse_row({**row, "prompt": row[field_name]}, where, line_no)
-        rows.append({**row, "prompt": row[field_name]})
-    return rows
-
-
-def encode_prompt(tokenizer, question: str, template: str) -> tuple[str, list[int]]:
-    """The text the model continues and its ids. The chat template writes its own BOS; the others get the
-    tokenizer's usual special tokens."""
-    text = format_prompt(question, template, tokenizer)
-    return text, tokenizer.encode(text, add_special_tokens=template != "chat")
-
-
-class PromptStream:
-    """Prompt rows in a seeded shuffle, epoch after epoch; under torchrun each rank takes its own slice of every
-    draw. Its position is saved in checkpoints (`Trainer.track_data`), so a resumed run continues the order."""
-
-    def __init__(self, rows: list[dict], seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not rows:
-            raise ValueError("GRPO needs at least one prompt row")
-        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
-        self.position = {"epoch": 0, "index": 0, "rollouts": 0}
-
-    def state_dict(self) -> dict:
-        return {"position": dict(self.position)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = dict(state["position"])
-
-    def take(self, n: int) -> list[dict]:
-        """This rank's share of the next n × world_size rows."""
-        out = []
-        while len(out) < n * self.world_size:
-            order = list(range(len(self.rows)))
-            random.Random(f"{self.seed}:{self.position['epoch']}").shuffle(order)
-            take = order[self.position["index"] : self.position["index"] + n * self.world_size - len(out)]
-            out += [self.rows[i] for i in take]
-            self.position["index"] += len(take)
-            if self.position["index"] >= len(self.rows):
-                self.position["epoch"] += 1
-                self.position["index"] = 0
-        return out[self.rank * n : (self.rank + 1) * n]
-
-
-class Rewards:
-    """The reward functions with their weights and metric names; `accuracy_fn` is the one logged as `accuracy`."""
-
-    def __init__(self, fns: list, weights: list[float] | None = None, accuracy_fn=None):
-        if not fns:
-            raise ValueError("GRPO needs at least one reward function")
-        weights = [1.0] * len(fns) if weights is None else list(weights)
-        if len(weights) != len(fns):
-            raise ValueError(f"--reward-weights has {len(weights)} values for {len(fns)} reward functions")
-        self.fns, self.weights, self.accuracy_fn = fns, weights, accuracy_fn
-        self.names = unique_names(fns)
-
-    def total(self, per_fn: torch.Tensor) -> torch.Tensor:
-        """[K, N] per-function rewards -> [N] weighted total."""
-        return (torch.tensor(self.weights, dtype=torch.float32)[:, None] * per_fn).sum(0)
-
-    def metrics(self, per_fn: torch.Tensor) -> dict[str, float]:
-        out = {}
-        for name, fn, values in zip(self.names, self.fns, per_fn):
-            out[f"rewards/{name}/mean"] = values.mean().item()
-            out[f"rewards/{name}/std"] = values.std().item()
-            if fn is self.accuracy_fn:
-                out["accuracy"] = values.mean().item()
-        return out
-
-
-@dataclass
-class Scored:
-    """n completions of each prompt row, decoded and scored by every reward function."""
-
-    prompt_texts: list[str]  # [P] the text each prompt's completions continue
-    prompt_ids: list[list[int]]  # [P]
-    completions: list[list[Completion]]  # [P][n] token ids, log-probs, finish reasons
-    texts: list[str]  # [P * n] decoded completions, prompt-major
-    per_fn: torch.Tensor  # [K, P * n] rewards of each function
-    generation_s: float  # time spent in the Engine
-
-
-def generate_and_score(engine, tokenizer, rows: list[dict], reward_fns: list, *, n: int, template: str,
-                       max_new_tokens: int, temperature: float, top_p: float, seed: int | list[int],
-                       logprobs: bool = False) -> Scored:
-    """Generate → decode → score, shared by GRPO and rejection sampling. Rewards see each completion's text and the
-    prompt text it continued (so a template that opened `<think>` is visible to the format reward); extra row
-    columns arrive as keyword lists. Each function is called through `rewards.score`, which names a function that
-    returns the wrong length, None or a non-number."""
-    texts, ids = zip(*(encode_prompt(tokenizer, row["prompt"], template) for row in rows))
-    started = time.perf_counter()
-    completions = engine.generate(
-        list(ids), max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-        stop_token_ids=stop_token_ids(engine.cfg, tokenizer), seed=seed, logprobs=logprobs,
-    )
-    generation_s = time.perf_counter() - started
-    decoded = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for group in completions for c in group]
-    prompts = [t for t in texts for _ in range(n)]
-    columns = {k: [row.get(k) for row in rows for _ in range(n)]
-               for k in dict.fromkeys(k for row in rows for k in row) if k != "prompt"}
-    per_fn = torch.tensor([score(fn, decoded, prompts, columns) for fn in reward_fns], dtype=torch.float32)
-    return Scored(list(texts), list(ids), completions, decoded, per_fn, generation_s)
-
-
 def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg: GRPOConfig, seed: int,
              pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
     """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
@@ -655,65 +435,8 @@ def collate(groups: list[dict], advantage: str, pad_id: int, device) -> RolloutB
                         logprobs.to(device), advantages.to(device))
 
 
-def hash_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
-
-
-def unique_names(fns) -> list[str]:
-    """Metric names of the reward functions, numbered when two share a name."""
-    names = [getattr(fn, "__name__", None) or reward_name(fn) for fn in fns]
-    return [f"{n}_{names[:i].count(n)}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Python API and `openseek grpo`
-
-
-def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list, object]:
-    """(reward functions, the one whose mean is `accuracy`). Defaults: the task's checker (or math-verify on an
-    `answer` column) plus R1's format reward. `accuracy` names the task's own checker when training on a task."""
-    checker = task.reward if task is not None else (
-        accuracy_reward if rows and all("answer" in r for r in rows) else None)
-    if not specs:
-        if checker is None:
-            raise RewardError("no --reward given and the dataset has no `answer` column to check: pass --reward "
-                              f"NAME (one of {', '.join(sorted(REWARDS))}) or --reward file.py:function")
-        return [checker, format_reward], checker
-    fns = [checker if spec == "accuracy" and checker is not None else load_reward(spec) for spec in specs]
-    return fns, next((f for f in fns if f is checker or f in (accuracy_reward, countdown_reward)), None)
-
-
-def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
-    """What the Engine samples with: the trained module itself, or a view of it in another precision, refreshed
-    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16
-    view when the loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op
-    of every decode step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning
-    parity over 3 seeds in benchmarks/RESULTS.md), else the module itself — with LoRA always the module itself,
-    adapters active, since a view would be a second full copy of the weights LoRA is there to avoid."""
-    if grpo.rollout_dtype == "auto":
-        bf16_view = trainer.precision == "bf16" and trainer.cfg.lora_rank is None
-        dtype = torch.bfloat16 if bf16_view else trainer.model.dtype
-    else:
-        dtype = getattr(torch, grpo.rollout_dtype)
-    quantize = grpo.rollout_quantize
-    if quantize == "auto":
-        quantize = "int8" if int8_rollouts_pay(trainer, dtype) else "none"
-    if dtype == trainer.model.dtype and quantize == "none":
-        return trainer.model
-    if trainer.world_size > 1 and trainer.cfg.parallel == "fsdp":
-        raise ValueError("--rollout-dtype/--rollout-quantize read whole weights; with --parallel fsdp roll out in the "
-                         "trainer's precision (or use --parallel ddp)")
-    return rollout_view(trainer.model, dtype, quantize)
-
-
-def int8_rollouts_pay(trainer: Trainer, view_dtype: torch.dtype) -> bool:
-    """`--rollout-quantize auto`: int8 weights for a bf16 rollout view where our int8 kernel runs (ops.has). A decode
-    step at 16 rows reads every weight, and bf16 matmuls at those rows ran at 6–7 GB/s against the int8 kernel's
-    (half the bytes) — GRPO's rollout 1.6–1.8 s against 2.1–3.0 s on the 31M benchmark model, with learning parity
-    over 3 seeds (benchmarks/RESULTS.md). Never on GPUs (bf16 there is the fast path) nor with a full-precision view."""
-    if view_dtype != torch.bfloat16 or trainer.device.type != "cpu":
-        return False
-    return ops.has("quantized")
 
 
 # Shown on the progress bar next to the loss: {short name: metric key}.
@@ -793,41 +516,8 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                 if trainer.done:
                     break
     if trainer.report is not None:
-        plot_rollouts(train_cfg.run_dir)
+        reporting.plot_rollouts(train_cfg.run_dir)
     return trainer.report
-
-
-PLOTS = (("reward", "reward"), ("accuracy", "accuracy"), ("completion_length/mean", "completion length"))
-
-
-def plot_rollouts(run_dir) -> Path | None:
-    """rollouts.png: reward, accuracy and completion length over steps; linked from report.md."""
-    run_dir = Path(run_dir)
-    metrics = reporting.read_metrics(run_dir / "metrics.jsonl")
-    panels = [(key, label) for key, label in PLOTS if any(key in m for m in metrics)]
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        rows = [m for m in metrics if key in m]
-        ax.plot([m["step"] for m in rows], [m[key] for m in rows], linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / "rollouts.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    report = run_dir / "report.md"
-    if report.exists() and path.name not in report.read_text():
-        with report.open("a") as f:
-            f.write(f"\n![reward, accuracy and completion length]({path.name})\n")
-    return path
 
 
 GRPO_HELP = {
@@ -860,16 +550,14 @@ GRPO_HELP = {
 
 # Defaults of `openseek grpo`: GRPOConfig's, then where they differ from the dataclasses': GRPO's learning rate and
 # schedule, and the two settings whose default follows another flag (resolved in grpo_config_from_args).
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)} | dict(
+DEFAULTS = config_defaults(TrainConfig, GRPOConfig) | dict(
     task_size=5000, run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0, min_lr_ratio=1.0,
     epsilon_high=None, advantage=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
-    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win)")
-    parser.add_argument("--model", help="model directory (HF format, with its tokenizer) to reinforce")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    add_stage_arguments(parser, "model directory (HF format, with its tokenizer) to reinforce")
     parser.add_argument("--dataset", help="JSONL prompts: `prompt`, `question` or `problem`, maybe `answer`; other "
                                           "columns are passed to the reward functions")
     parser.add_argument("--task", help="built-in task instead of a dataset: arithmetic, countdown "
@@ -891,16 +579,6 @@ def grpo_config_from_args(args) -> GRPOConfig:
     if args.advantage is None:
         args.advantage = "mean" if args.loss_type == "dr_grpo" else "std"
     return config_from_args(GRPOConfig, args)
-
-
-def load_rows(args) -> tuple[list[dict], object]:
-    """(prompt rows, task or None) from --dataset or --task."""
-    if bool(args.dataset) == bool(args.task):
-        raise ValueError("pass exactly one of --dataset FILE.jsonl or --task NAME")
-    if args.task:
-        task = get_task(args.task)
-        return task.generate(args.task_size, seed=args.seed), task
-    return load_prompt_file(args.dataset), None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """The Trainer toolkit: what every training stage shares. Pretraining and SFT call `fit`; GRPO writes its own loop
-(`grpo.py`) out of the same pieces.
+(`grpo.py`) out of the same pieces: `session`, `step`, `log`.
 
     trainer = Trainer(model, TrainConfig(...), tokenizer=tok, flops_per_token=None)
     report = trainer.fit(batches, objective)                     # pretrain, SFT
@@ -9,41 +9,8 @@
             metrics = trainer.step([micro_batch, ...], objective)  # one optimizer step
             trainer.log(metrics)                                  # metrics.jsonl, progress bar, checkpoint when due
 
-Objectives
-----------
-An objective is a loss written as a sum of *terms*, each a sum over some units (labelled tokens, sequences, ...)
-divided by how many of those units the whole optimizer step holds:
-
-- `objective.counts(batch) -> {term: units}` — the units of each term in one micro-batch (from its masks only).
-- `objective(model, batch, counts=None) -> (loss, metrics)` — the loss of this micro-batch with each term divided
-  by `counts[term]`; without `counts`, by this batch's own counts (the plain mean, for use on its own).
-
-`step` first adds up the counts of all its micro-batches (and of all processes), then runs each micro-batch with
-those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
-(`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
-the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
-keys ending in `max`; a mean over units (per-token KL, entropy, ...) given as `MeanOf(total, count)` becomes the
-exact mean over the whole step, not a mean of micro-batch means. Under bf16 autocast, compute the loss in float32.
-
-What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it,
-which rollouts must share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
-learning-rate schedule, accumulation with global normalisation, clipping, DeepSeek's auxiliary-loss-free balancing
-(expert loads seen through router hooks, `routing.py`), metrics.jsonl, a progress bar, atomic checkpoints with
-exact resume, stopping on a non-finite loss, and the final report with cost. Data parallelism is the data's job to
-split: `rank, world_size = init_distributed()` gives this process's place, and each rank yields its own slice.
-
-Checkpoints: `run_dir/checkpoints/step_XXXXXXXX/` is an HF model directory (config, safetensors, tokenizer) plus
-`trainer_state.json` (step, data position, Python RNG), `optimizer.pt` and `rng.pt` (torch RNG of every rank), both
-read back with `torch.load(weights_only=True)`. Each is written in a temporary directory and renamed into place,
-so a killed run always leaves complete checkpoints; the last `keep_checkpoints` are kept. The data position is that
-of the source given to `track_data` (anything with `state_dict()` / `load_state_dict(state)`).
-
-Metrics written by the toolkit for every step: `step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`,
-`time/update` (forward, backward and optimizer update), `threads` (the intra-op threads it ran on: `--threads
-auto` measures and picks them step by step, see openseek/threads.py; pass a count for bitwise-reproducible runs),
-`expert_load_max_mean` (MoE models) and `mfu` (GPU);
-`fit` adds `time/data` (reading the batches) and `time/step` (the two together; GRPO's loop splits its own
-`time/step` into generation, scoring and update). The objective's own metrics join them.
+The objective contract (`counts` and a loss over the step's global counts), checkpoints and the metrics it writes
+are described in docs/training.md.
 """
 
 from __future__ import annotations
@@ -69,6 +36,7 @@ import openseek
 from openseek import data
 from openseek import report as reporting
 from openseek.device import resolve_device, resolve_precision
+from openseek.flags import add_config_arguments, config_from_args
 from openseek.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from openseek.model import Model
 from openseek.model.moe import Router
@@ -635,7 +603,6 @@ class Trainer:
             print(f"resumed from {directory} at step {self.global_step}", file=sys.stderr)
 
 
-
 def _command_line() -> str:
     """The command as the user typed it (`openseek pretrain ...`), for the report."""
     program = Path(sys.argv[0]).name
@@ -669,38 +636,7 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-# ---- command-line glue shared by `openseek pretrain` and `openseek sft` ------------------------------------------
-
-
-def add_config_arguments(parser, config_class, title: str, help: dict[str, str] | None = None,
-                         aliases: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a config dataclass (--run-dir, --steps, --lr, ...), typed from its default (from its
-    annotation when the default is None). Every flag is declared without a default (argparse.SUPPRESS): only what
-    the user typed appears in the parsed namespace, and `apply_recipe` settles the rest."""
-    import argparse
-    import typing
-
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(config_class)
-    for f in dataclasses.fields(config_class):
-        if f.name in skip:
-            continue
-        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
-        default = f.default
-        help_ = (help or {}).get(f.name, "")
-        if "default:" not in help_:
-            help_ = f"{help_} (default: {default})".strip()
-        if isinstance(default, bool):
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_)
-        elif isinstance(default, tuple):
-            group.add_argument(*flags, dest=f.name, type=float, nargs=len(default), default=argparse.SUPPRESS,
-                               help=help_)
-        else:
-            typed = type(default) if default is not None else next(
-                (a for a in typing.get_args(hints[f.name]) if a is not type(None)), float)
-            kind = {int: int, float: float, str: str}.get(typed, float)
-            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_)
+# ---- TrainConfig's flags, for every training stage -------------------------------------------------------------
 
 
 TRAIN_HELP = {
@@ -723,51 +659,7 @@ def add_train_arguments(parser) -> None:
     add_config_arguments(parser, TrainConfig, "training", TRAIN_HELP)
 
 
-def config_from_args(config_class, args):
-    """The dataclass from the settled flags (after `apply_recipe`); fields whose flag is None keep its default."""
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
-    return config_class(**values)
-
-
 def train_config_from_args(args) -> TrainConfig:
     return config_from_args(TrainConfig, args)
 
 
-def apply_recipe(args, add_arguments, defaults: dict | None = None) -> dict | None:
-    """Settle every flag, explicitly: typed on the command line > `--recipe file.json` > `defaults` > the config
-    dataclasses' defaults (TrainConfig's here; a stage passes its own in `defaults`). A flag the user typed wins
-    even when it equals its default, because the parser declares no defaults (see `add_config_arguments`): what
-    was not typed is absent from `args`.
-
-    A recipe is a flat JSON object of flag names (underscores or dashes) plus an optional "model" object: the
-    transformers config of a model trained from scratch, which is returned (or None). Every flag still unset at
-    the end is None.
-    """
-    import argparse
-
-    reference = argparse.ArgumentParser()
-    add_arguments(reference)
-    known = {a.dest for a in reference._actions if a.dest != "help"}
-    model = None
-    if getattr(args, "recipe", None):
-        path = Path(args.recipe)
-        try:
-            recipe = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: recipe not found (see recipes/ for examples)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        model = recipe.pop("model", None)
-        recipe.pop("description", None)
-        for key, value in recipe.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"{path}: unknown setting {key!r}")
-            if not hasattr(args, name):
-                setattr(args, name, value)
-    fallback = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (defaults or {})
-    for name in known | set(fallback):
-        if not hasattr(args, name):
-            setattr(args, name, fallback.get(name))
-    return model
