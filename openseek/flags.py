@@ -96,11 +96,13 @@ def add_stage_arguments(parser, model_help: str) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
 
 
-def add_data_arguments(parser, data_help: str) -> None:
-    """--data and how to read it, for pretraining and SFT."""
+def add_data_arguments(parser, data_help: str, batch_help: str) -> None:
+    """--data, how to read it and how much of it a micro-step takes, for pretraining and SFT."""
     parser.add_argument("--data", nargs="+", help=data_help)
+    parser.add_argument("--batch-size", type=int, help=batch_help)
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
-    parser.add_argument("--epochs", type=int, help="passes over the data before stopping (default: cycle until --steps)")
+    parser.add_argument("--epochs", type=int,
+                        help="passes over the data before stopping (default: cycle until --steps)")
 
 
 def add_precision_arguments(parser) -> None:

@@ -13,8 +13,9 @@ quantises it on the way in, one tensor at a time: a quantised model never holds 
 - MoE's routed experts (3-D stacks): int8 per output channel with either option (`GroupedInt8`: all experts of a
   layer in one kernel call; there is no grouped int4 kernel), where our int8 kernel runs.
 
-PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a much slower path), so
-the layers cast their input to bf16 for them; ours take either. Every result goes back to the model's dtype. What stays in `dtype`, and why:
+PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a much slower path), so the
+layers cast their input to bf16 for them; ours take either. Every result goes back to the model's dtype. What stays
+in `dtype`, and why:
 - embeddings (untied): a lookup table, read one row per token, not streamed per step (a tied embedding and head
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
@@ -346,14 +347,14 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Make q/k/v, gate/up and MLA's two down-projections one `Int8Linear` each: the parts' packed rows, scales,
-    row sums and biases stacked (on the meta device for a sampling view, whose `refresh_view` then fills them; on a
-    loaded model, the loaded buffers, with no re-quantisation).
+    """Make q/k/v, gate/up and MLA's two down-projections one `Int8Linear` each: the parts' packed rows, scales, row
+    sums and biases stacked (on the meta device for a sampling view, whose `refresh_view` (train/rollout.py) then fills
+    them; on a loaded model, the loaded buffers, with no re-quantisation).
 
     Each output row has its own scale and the activations are quantised per row whatever the width, so the fused
     matmul's outputs are bitwise the separate ones' (a test checks the logits); a decode step makes one kernel call
-    where it made two or three, each quantising the activations once, over wider weights (a call costs ~20 µs of
-    framework time on this project's CPUs, more than a small projection's matmul)."""
+    where it made two or three, each quantising the activations once, over wider weights (a call's framework time
+    is more than a small projection's matmul)."""
     for module in list(model.modules()):
         for fused, parts in FUSED.items():
             linears = [getattr(module, part, None) for part in parts]

@@ -2,10 +2,11 @@
 
 On a quiet 2-core machine two intra-op threads decode and train faster than one. When another process keeps a core
 busy, every parallel region waits for the thread the OS has descheduled, and each small op costs a scheduler time
-slice: the same decode or training step runs 3–20× slower (benchmarks/contention.py), while one thread barely
-notices. No setting chosen up front is right in both cases, so `--threads auto` (the default of every command)
-times the repeated unit of work (a decode step, an optimizer step) at each candidate count in turn, keeps the
-fastest, and probes again every so often, since the load comes and goes. `--threads N` fixes the count.
+slice: the same decode or training step runs several times slower (benchmarks/contention.py; benchmarks/RESULTS.md,
+"A competing process"), while one thread barely notices. No setting chosen up front is right in both cases, so
+`--threads auto` (the default of every command) times the repeated unit of work (a decode step, an optimizer step)
+at each candidate count in turn, keeps the fastest, and probes again every so often, since the load comes and goes.
+`--threads N` fixes the count.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class AdaptiveThreads:
 
     def _clearly_slower(self, times: list[float]) -> bool:
         """Whether a later candidate's first unit already lost: slower by ABANDON_AT than every unit of the window
-        timed before it. On a quiet 2-core machine one thread took 1.7× as long per GRPO optimizer step; timing it for
-        a whole window cost three more such steps each time it was probed."""
+        timed before it. On a quiet 2-core machine one thread is much slower per GRPO optimizer step, and
+        timing it for a whole window cost several such steps each time it was probed."""
         timed = [t for n, t in self._times.items() if n != self._current]
         return len(times) == 1 and bool(timed) and times[0] > ABANDON_AT * max(max(t) for t in timed)

@@ -12,17 +12,13 @@ from helpers_grpo import tiny_fp64_model as tiny_model
 from openseek.train.grpo import (
     GRPOConfig,
     GRPOObjective,
-    RolloutBatch,
     check_group_size,
-    group_advantages,
-    informative_groups,
     k3_kl,
     loss_sum,
     loss_units,
-    overlong_penalty,
     per_token_loss,
-    refill_size,
 )
+from openseek.train.rollout import RolloutBatch, group_advantages, informative_groups, overlong_penalty, refill_size
 
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
     """Per-token losses [N, L] over the completion mask reduced to a scalar the way `loss_type` names: the objective's

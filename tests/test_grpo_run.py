@@ -20,7 +20,7 @@ from openseek.tokenizer import Tokenizer
 from openseek.train.grpo import GRPOConfig
 from openseek.train.logprobs import completion_logprobs
 from openseek.train.rollout import encode_prompt, load_prompt_file
-from openseek.train.trainer import TrainConfig
+from openseek.train.config import TrainConfig
 from helpers_grpo import REWARD, digit_share, grpo_args, metrics_of, rollout_once, tiny_model_dir
 
 
@@ -390,7 +390,8 @@ def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the
     from openseek.model import Model
     from openseek.quantize import Int8Linear
     from openseek.train.rollout import rollout_policy
-    from openseek.train.trainer import Trainer, TrainConfig
+    from openseek.train.config import TrainConfig
+    from openseek.train.trainer import Trainer
 
     model = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))

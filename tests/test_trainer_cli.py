@@ -41,7 +41,7 @@ def test_every_recipe_is_valid():
         module.add_arguments(parser)
         args = parser.parse_args(["--recipe", str(path)])
         model = openseek.flags.apply_recipe(args, module.add_arguments, module.DEFAULTS)
-        openseek.train.trainer.train_config_from_args(args)
+        openseek.train.config.train_config_from_args(args)
         if model is not None:
             ModelConfig.from_hf(dict(model, vocab_size=512), source=path.name)
         assert recipe["description"]

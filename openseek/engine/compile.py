@@ -22,9 +22,9 @@ def compiled_forwards(model) -> tuple:
 
     Dynamo checks a compiled graph's guards before every call, and on a model it guards every parameter, buffer and
     module attribute, a sizeable share of a small decode step (benchmarks/RESULTS.md, "Round 6 — cheaper guards").
-    The compiled functions skip those guards and take instead a tag of this model object as an argument, which dynamo guards
-    (one string compare), so each model gets its own graphs. Its weights may change in place (GRPO's rollout view);
-    swapping its modules after compiling is not seen."""
+    The compiled functions skip those guards and take instead a tag of this model object as an argument, which
+    dynamo guards (one string compare), so each model gets its own graphs. Its weights may change in place (GRPO's
+    rollout view); swapping its modules after compiling is not seen."""
     tag = _model_tags.get(model)
     if tag is None:  # kept beside the model, not on it: a deep copy of the model is another model
         tag = _model_tags[model] = f"model-{next(_tag_numbers)}"

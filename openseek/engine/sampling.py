@@ -204,8 +204,8 @@ def uniform(shape: tuple[int, int], generator, device) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator) -> torch.Tensor:
     """One token per row from probs [B, V] (rows need not sum to 1) by inverse transform sampling: the first token
     whose cumulative probability reaches u · total, u ~ U(0, 1) — one random number per row. `torch.multinomial`
-    draws an exponential variate per vocabulary entry instead, which at batch 16 cost 4.5 ms per step at vocab 8k
-    and 98 ms at 152k here, more than the model's forward. Tokens of probability 0 are never drawn: one is first to
+    draws an exponential variate per vocabulary entry instead, which at a large vocabulary costs more than the
+    model's forward. Tokens of probability 0 are never drawn: one is first to
     reach u only if its predecessor's cumulative probability, equal to its own, did not (u > 0 is kept above 0,
     and u · total, which may round up to the total, is reached first by the last token of non-zero probability)."""
     cdf = probs.cumsum(dim=-1)

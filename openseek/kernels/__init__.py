@@ -25,31 +25,31 @@ from openseek.device import cpu_flags
 HERE = Path(__file__).parent
 
 
+def _with_quantized_shapes(module, namespace: str):
+    """A quantized extension (or None), its operators under `namespace` given their shape-only versions for
+    torch.compile."""
+    if module is None:
+        return None
+    torch.library.register_fake(f"{namespace}::int8_matmul")(_int8_matmul_shape)
+    torch.library.register_fake(f"{namespace}::int4_matmul")(_int4_matmul_shape)
+    torch.library.register_fake(f"{namespace}::grouped_int8_matmul")(_grouped_int8_matmul_shape)
+    torch.library.register_fake(f"{namespace}::int8_experts")(_int8_experts_shape)
+    return module
+
+
 @functools.cache
 def quantized_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`,
     `.grouped_int8_matmul(x, packed, scales, rowsum, ends)` and `.int8_experts(...)`: MoE's experts), or None with a
     line on stderr saying why."""
-    module = build("quantized_vnni")
-    if module is not None:
-        torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
-        torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
-        torch.library.register_fake("openseek::grouped_int8_matmul")(_grouped_int8_matmul_shape)
-        torch.library.register_fake("openseek::int8_experts")(_int8_experts_shape)
-    return module
+    return _with_quantized_shapes(build("quantized_vnni"), "openseek")
 
 
 @functools.cache
 def quantized_avx2():
     """`quantized_vnni()`'s functions at the AVX2 level (the same arguments, packed weights and results; `use_amx`
     always False), as operators under torch.ops.openseek_avx2, or None with a line on stderr saying why."""
-    module = build("quantized_avx2")
-    if module is not None:
-        torch.library.register_fake("openseek_avx2::int8_matmul")(_int8_matmul_shape)
-        torch.library.register_fake("openseek_avx2::int4_matmul")(_int4_matmul_shape)
-        torch.library.register_fake("openseek_avx2::grouped_int8_matmul")(_grouped_int8_matmul_shape)
-        torch.library.register_fake("openseek_avx2::int8_experts")(_int8_experts_shape)
-    return module
+    return _with_quantized_shapes(build("quantized_avx2"), "openseek_avx2")
 
 
 @functools.cache

@@ -1,9 +1,9 @@
 """GRPO and its relatives (Dr. GRPO, DAPO, GSPO; std, mean, RLOO and REINFORCE++ advantages): the config, the
 objective, and the RL loop written out in `train()`.
 
-One step, read top to bottom in `train()`: `roll_out` (prompts → `generate_and_score` in rollout.py →
-rewards, advantages) → μ × `Trainer.step(…, GRPOObjective)` → `Trainer.log`. The loss modes, the rollout view and
-its correction, LoRA, and every metric are described in docs/training.md.
+One step, read top to bottom in `train()`: `roll_out` (prompts → `generate_and_score` in rollout.py → rewards,
+advantages) → μ × `Trainer.step(…, GRPOObjective)` → `Trainer.log`. The loss modes, the rollout view and its
+correction, LoRA, and every metric are described in docs/training.md.
 
     openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
         --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,12 @@ from openseek import report as reporting
 from openseek.tasks import TEMPLATES
 from openseek.train.logprobs import completion_logprobs
 from openseek.train.rollout import (
+    ADVANTAGE_ALIASES,
+    ADVANTAGES,
+    RolloutBatch,
+    roll_out,
     PromptStream,
     Rewards,
-    generate_and_score,
     hash_seed,
     load_rows,
     refresh_view,
@@ -40,43 +42,15 @@ from openseek.train.rollout import (
 )
 from openseek.flags import add_config_arguments, add_stage_arguments, apply_recipe, config_defaults, config_from_args
 from openseek.tokenizer import load_tokenizer
-from openseek.train.trainer import (
-    MeanOf,
-    Trainer,
-    TrainConfig,
-    add_train_arguments,
-    init_distributed,
-    train_config_from_args,
-)
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import MeanOf, Trainer, init_distributed
 
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
-ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
-ADVANTAGE_ALIASES = {"group_std": "std", "group_mean": "mean"}
 CORRECTIONS = ("auto", "none", "token_tis", "sequence_mask")
-STD_EPS = 1e-4
 
 # ---------------------------------------------------------------------------------------------------------------
 # The objective, as pure functions of tensors (each pinned by a hand-computed test)
-
-
-def group_advantages(rewards: torch.Tensor, advantage: str = "std") -> torch.Tensor:
-    """rewards [P, G] -> advantages [P, G]:
-    std (group_std, GRPO): (r - group mean) / (group std + 1e-4);   mean (group_mean, Dr. GRPO): r - group mean;
-    rloo: r minus the mean of the other G - 1 rewards = G / (G - 1) · (r - group mean);
-    reinforce_pp (REINFORCE++-baseline): (r - group mean) / (std of those over the whole batch + 1e-4)."""
-    advantage = ADVANTAGE_ALIASES.get(advantage, advantage)
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got {advantage!r}")
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if advantage == "mean":
-        return centred
-    if advantage == "rloo":
-        G = rewards.shape[1]
-        return centred * G / (G - 1)
-    if advantage == "reinforce_pp":
-        return centred / (centred.std() + STD_EPS) if centred.numel() > 1 else centred
-    return centred / (rewards.std(dim=1, keepdim=True) + STD_EPS)
 
 
 def check_group_size(group_size: int, advantage: str) -> None:
@@ -93,22 +67,6 @@ def check_group_size(group_size: int, advantage: str) -> None:
         f"--group-size {group_size} gives no learning signal: with one completion per prompt every advantage "
         "r - mean is 0; use --group-size 2 or more"
     )
-
-
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment, added to the reward: 0 up to max - buffer tokens, then a linear ramp down
-    to -factor at max_new_tokens (and -factor beyond). buffer = 0 turns it off."""
-    if buffer <= 0:
-        return torch.zeros_like(lengths, dtype=torch.float32)
-    if buffer > max_new_tokens:
-        raise ValueError(f"overlong buffer {buffer} is longer than max_new_tokens {max_new_tokens}")
-    excess = lengths.float() - (max_new_tokens - buffer)
-    return -factor * (excess / buffer).clamp(min=0.0, max=1.0)
-
-
-def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """[P, G] -> [P] bool: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
-    return (rewards != rewards[:, :1]).any(dim=1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -273,33 +231,6 @@ class GRPOConfig:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
 
 
-@dataclass
-class RolloutBatch:
-    """One rollout batch, laid out for a single forward: rows are [left-padded prompt | right-padded completion]."""
-
-    input_ids: torch.Tensor  # [N, prompt_len + L]
-    padding_mask: torch.Tensor  # [N, prompt_len + L] bool, True = real token
-    prompt_len: int
-    completion_mask: torch.Tensor  # [N, L] bool
-    rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
-    advantages: torch.Tensor  # [N]
-    ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
-    # [N, L] the trained policy's own log-probs at rollout time, for the ratio when a rollout correction is on:
-    # taken from the first update's forward (no extra pass) and reused by the μ - 1 updates after it
-    old_logprobs: torch.Tensor | None = None
-
-    def split(self, parts: int) -> list[RolloutBatch]:
-        """`parts` micro-batches of consecutive rows (gradient accumulation); sizes differ by at most one row."""
-        rows = self.input_ids.shape[0]
-        if parts > rows:
-            raise ValueError(f"grad_accum={parts} is more micro-batches than the {rows} completions of a rollout")
-        pieces = [torch.tensor_split(t, parts) if t is not None else [None] * parts
-                  for t in (self.input_ids, self.padding_mask, self.completion_mask, self.rollout_logprobs,
-                            self.advantages, self.ref_logprobs, self.old_logprobs)]
-        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref, old)
-                for ids, pad, mask, logp, adv, ref, old in zip(*pieces)]
-
-
 class GRPOObjective:
     """The clipped, KL-regularised group policy-gradient loss over one rollout (micro-)batch, in the Trainer's
     objective contract: `counts(batch)` gives the units `loss_type` divides by, and the loss is the batch's
@@ -357,86 +288,35 @@ class GRPOObjective:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts: prompts -> completions from the Engine -> rewards -> one batch
-
-
-def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg: GRPOConfig, seed: int,
-             pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
-    """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
-    overlong shaping, dynamic sampling's refills, group advantages. Returns the batch on the model's device and the
-    rollout's metrics (rewards, lengths, `time/generation`)."""
-    P, G = cfg.prompts_per_step // prompts.world_size, cfg.group_size
-    kept, spare, generation_s, rounds = [], [], 0.0, 0
-    while len(kept) < P:
-        rows = prompts.take(refill_size(P, len(kept), len(kept) + len(spare)))
-        # One seed per prompt from its place in the step's global prompt list: a prompt's samples are the same
-        # whichever process draws them (2 processes reproduce 1).
-        seeds = [hash_seed(seed, rounds, prompts.rank * len(rows) + i) for i in range(len(rows))]
-        scored = generate_and_score(
-            engine, tokenizer, rows, rewards.fns, n=G, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds, logprobs=True)
-        generation_s, rounds = generation_s + scored.generation_s, rounds + 1
-        lengths = torch.tensor([len(c.token_ids) for group in scored.completions for c in group])
-        total = rewards.total(scored.per_fn)
-        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-        for p, group in enumerate(scored.completions):
-            g = dict(prompt_ids=scored.prompt_ids[p], completions=group, rewards=total[p * G : (p + 1) * G],
-                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
-            useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
-            (kept if useful else spare).append(g)
-        if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
-            break
-    dropped = len(spare)
-    kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
-    prompts.position["rollouts"] += 1
-
-    rewards_pg = torch.stack([g["rewards"] for g in kept])
-    lengths = torch.cat([g["lengths"] for g in kept]).float()
-    m = {"reward": rewards_pg.mean().item(), "reward_std": rewards_pg.std(dim=1).mean().item(),
-         **rewards.metrics(torch.cat([g["per_fn"] for g in kept], dim=1)),
-         "completion_length/mean": lengths.mean().item(), "completion_length/max": lengths.max().item(),
-         "completion_length/truncated": sum(c.finish_reason == "length" for g in kept for c in g["completions"])
-         / len(lengths),
-         "groups_without_signal": float((~informative_groups(rewards_pg)).sum())}
-    if cfg.dynamic_sampling:
-        m["dynamic_sampling/dropped_groups"] = float(dropped)
-        m["dynamic_sampling/rounds"] = float(rounds)
-    m["time/generation"] = generation_s
-    return collate(kept, cfg.advantage, pad_id, engine.model.device), m
-
-
-def refill_size(prompts_per_step: int, kept: int, drawn: int) -> int:
-    """How many prompts dynamic sampling's next generation round draws: the whole step's at first; then enough to
-    fill the missing groups at the share of groups kept so far, at most a whole step's. Drawing only the missing
-    count took up to five rounds a step in the demo, each costing about a full round's time (a decode step of a
-    small model costs the same for 24 rows as for 128); surplus informative groups are discarded, as DAPO does."""
-    if drawn == 0 or kept == 0:
-        return prompts_per_step
-    return min(prompts_per_step, math.ceil((prompts_per_step - kept) * drawn / kept))
-
-
-def collate(groups: list[dict], advantage: str, pad_id: int, device) -> RolloutBatch:
-    """[left-padded prompt | right-padded completion] rows, advantages per group."""
-    rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
-    prompt_len = max(len(p) for p, _ in rows)
-    L = max(1, max(len(c.token_ids) for _, c in rows))
-    N = len(rows)
-    input_ids = torch.full((N, prompt_len + L), pad_id, dtype=torch.long)
-    padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
-    logprobs = torch.zeros(N, L)
-    for i, (prompt, c) in enumerate(rows):
-        n = len(c.token_ids)
-        input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
-        input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
-        padding[i, prompt_len - len(prompt) : prompt_len + n] = True
-        logprobs[i, :n] = torch.tensor(c.logprobs)
-    advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), advantage).flatten()
-    return RolloutBatch(input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
-                        logprobs.to(device), advantages.to(device))
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Python API and `openseek grpo`
+
+
+def rollout_engine(policy_view, trainer: Trainer, grpo: GRPOConfig) -> Engine:
+    """The Engine of the rollouts, on the policy or its view. `--threads N` holds for the rollouts too (the
+    Engine's own default would tune the count on its decode steps)."""
+    return Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size),
+                  threads=trainer.threads.fixed)
+
+
+def reference_logprobs(ref_model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """The frozen reference's log-probs of a rollout's completion tokens (β > 0); with LoRA, the trained module with
+    its adapters disabled."""
+    with torch.no_grad(), adapters_disabled(ref_model):
+        logprobs, _ = completion_logprobs(ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len,
+                                          temperature, entropy=False)
+    return logprobs
+
+
+def attribute_rollout(metrics: dict, update: int, rollout_metrics: dict, rollout_s: float) -> None:
+    """A rollout's figures and its share of the time go with its first update's row; later updates generated
+    nothing, and their log-prob gap is the policy's own move, not the rollout's."""
+    if update == 0:
+        metrics.update(rollout_metrics)
+        metrics["time/scoring"] = rollout_s - metrics["time/generation"]
+        return
+    metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
+    for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
+        metrics.pop(key)
 
 
 # Shown on the progress bar next to the loss: {short name: metric key}.
@@ -459,18 +339,13 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
     # The frozen reference is the starting weights, taken before a resumed run loads its checkpoint. With LoRA it
     # is the trained module itself with its adapters disabled: the frozen base, with no second copy of the weights.
     lora = train_cfg.lora() is not None
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 and not lora else None
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 and not lora else None
     trainer = Trainer(model, train_cfg, tokenizer,
                       flops_per_token=reporting.flops_per_token(model.cfg, grpo.max_new_tokens))
     trainer.track_data(prompts)
-    if ref_model is not None:
-        ref_model.to(trainer.device)
-    elif grpo.beta != 0:
-        ref_model = trainer.model
+    ref_model = frozen.to(trainer.device) if frozen is not None else trainer.model if grpo.beta != 0 else None
     policy_view = rollout_policy(trainer, grpo)  # the trained module itself, or a bf16/quantised view of it
-    # `--threads N` holds for the rollouts too (the Engine's own default would tune the count on its decode steps)
-    engine = Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size),
-                    threads=trainer.threads.fixed)
+    engine = rollout_engine(policy_view, trainer, grpo)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if grpo.rollout_correction == "auto":
         grpo = dataclasses.replace(grpo, rollout_correction="none" if policy_view is trainer.model else "token_tis")
@@ -485,23 +360,14 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
             with trainer.autocast():  # rollouts see the weights in the loss's precision
                 batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
                 if ref_model is not None:
-                    with torch.no_grad(), adapters_disabled(ref_model):
-                        batch.ref_logprobs, _ = completion_logprobs(
-                            ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, grpo.temperature,
-                            entropy=False)
+                    batch.ref_logprobs = reference_logprobs(ref_model, batch, grpo.temperature)
             trainer.model.train()
             rollout_s = time.perf_counter() - started
             rollout_metrics = trainer.reduce_metrics(rollout_metrics)  # each process's share -> the whole step
             micro_batches = batch.split(train_cfg.grad_accum)
             for update in range(grpo.updates_per_rollout):
                 metrics = trainer.step(micro_batches, objective)
-                if update == 0:  # the rollout's figures and its share of the time go with its first update
-                    metrics.update(rollout_metrics)
-                    metrics["time/scoring"] = rollout_s - metrics["time/generation"]
-                else:  # later updates: nothing generated, and the log-prob gap is now the policy's own move
-                    metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
-                    for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
-                        metrics.pop(key)
+                attribute_rollout(metrics, update, rollout_metrics, rollout_s)
                 metrics["time/refresh"] = 0.0
                 last = update == grpo.updates_per_rollout - 1 or trainer.done
                 if last and policy_view is not trainer.model:  # the next rollout samples the updated policy

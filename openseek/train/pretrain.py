@@ -26,13 +26,8 @@ from openseek.report import flops_per_token
 from openseek.tokenizer import Tokenizer, load_tokenizer
 from openseek.train.routing import RoutingLog, sequence_balance_loss
 from openseek.flags import add_data_arguments, add_stage_arguments, apply_recipe, config_defaults
-from openseek.train.trainer import (
-    Trainer,
-    TrainConfig,
-    add_train_arguments,
-    init_distributed,
-    train_config_from_args,
-)
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import Trainer, init_distributed
 
 
 @dataclass
@@ -136,10 +131,10 @@ DEFAULTS = config_defaults(TrainConfig) | dict(text_field="text", skip_bad_lines
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
     add_stage_arguments(parser, "model directory to continue from, or a config.json for a fresh model")
-    add_data_arguments(parser, ".txt/.jsonl/.parquet files or directories")
+    add_data_arguments(parser, ".txt/.jsonl/.parquet files or directories",
+                       "sequences per process per micro-step (default: 8)")
     parser.add_argument("--text-field", help="JSONL/Parquet field holding the text (default: text)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 256)")
-    parser.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default: 8)")
     parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
     parser.add_argument("--balance-alpha", type=float, help="α: sequence-wise balance loss weight (default: 0)")
     add_train_arguments(parser)

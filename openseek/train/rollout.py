@@ -1,12 +1,15 @@
 """Rollouts: prompts in, scored completions out, sampled by the Engine from the trained policy or a view of it.
 
-GRPO (`grpo.py`) and rejection sampling (`sample.py`) share this: prompt rows from a dataset or a task, the seeded
-prompt stream, the reward functions, `generate_and_score`, and the choice of what the Engine samples with
-(`rollout_policy`: the trained module itself, or a bf16/int8 `rollout_view` of it refreshed after each update)."""
+GRPO (`grpo.py`) and rejection sampling (`sample.py`) share the first part: prompt rows from a dataset or a task,
+the seeded prompt stream, the reward functions, `generate_and_score`, and the choice of what the Engine samples with
+(`rollout_policy`: the trained module itself, or a bf16/int8 `rollout_view` of it refreshed after each update).
+GRPO's `roll_out` then shapes the rewards (DAPO's overlong punishment, dynamic sampling), takes group advantages
+and lays the rollout out as one `RolloutBatch` for the objective."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from torch import nn
 
 from openseek.engine import Completion, stop_token_ids
 from openseek.kernels import ops
+from openseek.model import allocate, meta_model
 from openseek.quantize import (
     FUSED,
     GroupedInt8,
@@ -39,7 +43,9 @@ from openseek.tasks import format_prompt, get_task
 from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
 from openseek.train.trainer import Trainer
 
-
+ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
+ADVANTAGE_ALIASES = {"group_std": "std", "group_mean": "mean"}
+STD_EPS = 1e-4
 PROMPT_FIELDS = ("prompt", "question", "problem")
 
 
@@ -195,11 +201,12 @@ def hash_seed(*parts) -> int:
 
 def rollout_policy(trainer: Trainer, grpo):
     """What the Engine samples with: the trained module itself, or a view of it in another precision, refreshed
-    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16
-    view when the loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op
-    of every decode step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning
-    parity: benchmarks/RESULTS.md, "GRPO: fast rollouts by default, and their learning parity"), else the module itself — with LoRA always the module itself,
-    adapters active, since a view would be a second full copy of the weights LoRA is there to avoid."""
+    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16 view when the
+    loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op of every decode
+    step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning parity:
+    benchmarks/RESULTS.md, "GRPO: fast rollouts by default, and their learning parity"), else the module itself —
+    with LoRA always the module itself, adapters active, since a view would be a second full copy of the weights
+    LoRA is there to avoid."""
     if grpo.rollout_dtype == "auto":
         bf16_view = trainer.precision == "bf16" and trainer.cfg.lora_rank is None
         dtype = torch.bfloat16 if bf16_view else trainer.model.dtype
@@ -230,22 +237,11 @@ def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", 
     """A copy of `policy` for sampling only, in `dtype` and maybe quantised (GRPO's fast rollouts): built on the
     meta device like `load`, then filled from the policy's weights by `refresh_view`, in place, after each update.
     A LoRA-wrapped policy is read through its merged weights, so the view samples what is being trained."""
-    from openseek.model import Model
-    from openseek.model.moe import Router
-
-    with torch.device("meta"):
-        view = Model(policy.cfg)
-    view.to(dtype)
-    for router in (m for m in view.modules() if isinstance(m, Router)):
-        router.float()
-    view.rotary.float()
+    view = meta_model(policy.cfg, dtype)
     quantize_modules(view, quantize, group_size)
     if quantize == "int8":
         fuse_projections(view)
-    view.to_empty(device=policy.device)
-    view.tie_weights()
-    view.rotary.reset_parameters()
-    refresh_view(view, policy)
+    refresh_view(allocate(view, policy.device), policy)
     return view.eval().requires_grad_(False)
 
 
@@ -281,3 +277,144 @@ def refresh_view(view: nn.Module, policy: nn.Module) -> None:
             if name == "rotary":
                 continue  # computed, not trained
             tensor.copy_(getattr(source, leaf))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One GRPO rollout: prompts -> completions -> rewards (with DAPO's shaping) -> group advantages -> one batch
+
+
+def group_advantages(rewards: torch.Tensor, advantage: str = "std") -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G]:
+    std (group_std, GRPO): (r - group mean) / (group std + 1e-4);   mean (group_mean, Dr. GRPO): r - group mean;
+    rloo: r minus the mean of the other G - 1 rewards = G / (G - 1) · (r - group mean);
+    reinforce_pp (REINFORCE++-baseline): (r - group mean) / (std of those over the whole batch + 1e-4)."""
+    advantage = ADVANTAGE_ALIASES.get(advantage, advantage)
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got {advantage!r}")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if advantage == "mean":
+        return centred
+    if advantage == "rloo":
+        G = rewards.shape[1]
+        return centred * G / (G - 1)
+    if advantage == "reinforce_pp":
+        return centred / (centred.std() + STD_EPS) if centred.numel() > 1 else centred
+    return centred / (rewards.std(dim=1, keepdim=True) + STD_EPS)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max - buffer tokens, then a linear ramp down
+    to -factor at max_new_tokens (and -factor beyond). buffer = 0 turns it off."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    if buffer > max_new_tokens:
+        raise ValueError(f"overlong buffer {buffer} is longer than max_new_tokens {max_new_tokens}")
+    excess = lengths.float() - (max_new_tokens - buffer)
+    return -factor * (excess / buffer).clamp(min=0.0, max=1.0)
+
+
+def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[P, G] -> [P] bool: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
+    return (rewards != rewards[:, :1]).any(dim=1)
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout batch, laid out for a single forward: rows are [left-padded prompt | right-padded completion]."""
+
+    input_ids: torch.Tensor  # [N, prompt_len + L]
+    padding_mask: torch.Tensor  # [N, prompt_len + L] bool, True = real token
+    prompt_len: int
+    completion_mask: torch.Tensor  # [N, L] bool
+    rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
+    advantages: torch.Tensor  # [N]
+    ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
+    # [N, L] the trained policy's own log-probs at rollout time, for the ratio when a rollout correction is on:
+    # taken from the first update's forward (no extra pass) and reused by the μ - 1 updates after it
+    old_logprobs: torch.Tensor | None = None
+
+    def split(self, parts: int) -> list[RolloutBatch]:
+        """`parts` micro-batches of consecutive rows (gradient accumulation); sizes differ by at most one row."""
+        rows = self.input_ids.shape[0]
+        if parts > rows:
+            raise ValueError(f"grad_accum={parts} is more micro-batches than the {rows} completions of a rollout")
+        pieces = [torch.tensor_split(t, parts) if t is not None else [None] * parts
+                  for t in (self.input_ids, self.padding_mask, self.completion_mask, self.rollout_logprobs,
+                            self.advantages, self.ref_logprobs, self.old_logprobs)]
+        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref, old)
+                for ids, pad, mask, logp, adv, ref, old in zip(*pieces)]
+
+
+def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg, seed: int,
+             pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
+    """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
+    overlong shaping, dynamic sampling's refills, group advantages. Returns the batch on the model's device and the
+    rollout's metrics (rewards, lengths, `time/generation`)."""
+    P, G = cfg.prompts_per_step // prompts.world_size, cfg.group_size
+    kept, spare, generation_s, rounds = [], [], 0.0, 0
+    while len(kept) < P:
+        rows = prompts.take(refill_size(P, len(kept), len(kept) + len(spare)))
+        # One seed per prompt from its place in the step's global prompt list: a prompt's samples are the same
+        # whichever process draws them (2 processes reproduce 1).
+        seeds = [hash_seed(seed, rounds, prompts.rank * len(rows) + i) for i in range(len(rows))]
+        scored = generate_and_score(
+            engine, tokenizer, rows, rewards.fns, n=G, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds, logprobs=True)
+        generation_s, rounds = generation_s + scored.generation_s, rounds + 1
+        lengths = torch.tensor([len(c.token_ids) for group in scored.completions for c in group])
+        total = rewards.total(scored.per_fn)
+        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        for p, group in enumerate(scored.completions):
+            g = dict(prompt_ids=scored.prompt_ids[p], completions=group, rewards=total[p * G : (p + 1) * G],
+                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
+            useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
+            (kept if useful else spare).append(g)
+        if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
+            break
+    dropped = len(spare)
+    kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
+    prompts.position["rollouts"] += 1
+
+    rewards_pg = torch.stack([g["rewards"] for g in kept])
+    lengths = torch.cat([g["lengths"] for g in kept]).float()
+    m = {"reward": rewards_pg.mean().item(), "reward_std": rewards_pg.std(dim=1).mean().item(),
+         **rewards.metrics(torch.cat([g["per_fn"] for g in kept], dim=1)),
+         "completion_length/mean": lengths.mean().item(), "completion_length/max": lengths.max().item(),
+         "completion_length/truncated": sum(c.finish_reason == "length" for g in kept for c in g["completions"])
+         / len(lengths),
+         "groups_without_signal": float((~informative_groups(rewards_pg)).sum())}
+    if cfg.dynamic_sampling:
+        m["dynamic_sampling/dropped_groups"] = float(dropped)
+        m["dynamic_sampling/rounds"] = float(rounds)
+    m["time/generation"] = generation_s
+    return collate(kept, cfg.advantage, pad_id, engine.model.device), m
+
+
+def refill_size(prompts_per_step: int, kept: int, drawn: int) -> int:
+    """How many prompts dynamic sampling's next generation round draws: the whole step's at first; then enough to
+    fill the missing groups at the share of groups kept so far, at most a whole step's. Drawing only the missing
+    count took up to five rounds a step in the demo, each costing about a full round's time (a decode step of a
+    small model costs the same for 24 rows as for 128); surplus informative groups are discarded, as DAPO does."""
+    if drawn == 0 or kept == 0:
+        return prompts_per_step
+    return min(prompts_per_step, math.ceil((prompts_per_step - kept) * drawn / kept))
+
+
+def collate(groups: list[dict], advantage: str, pad_id: int, device) -> RolloutBatch:
+    """[left-padded prompt | right-padded completion] rows, advantages per group."""
+    rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
+    prompt_len = max(len(p) for p, _ in rows)
+    L = max(1, max(len(c.token_ids) for _, c in rows))
+    N = len(rows)
+    input_ids = torch.full((N, prompt_len + L), pad_id, dtype=torch.long)
+    padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
+    logprobs = torch.zeros(N, L)
+    for i, (prompt, c) in enumerate(rows):
+        n = len(c.token_ids)
+        input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
+        input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
+        padding[i, prompt_len - len(prompt) : prompt_len + n] = True
+        logprobs[i, :n] = torch.tensor(c.logprobs)
+    advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), advantage).flatten()
+    return RolloutBatch(input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
+                        logprobs.to(device), advantages.to(device))

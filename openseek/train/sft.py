@@ -21,13 +21,8 @@ from openseek.report import flops_per_token
 from openseek.tokenizer import load_tokenizer
 from openseek.train.pretrain import NextTokenLoss, build_model
 from openseek.flags import add_data_arguments, add_stage_arguments, apply_recipe, config_defaults
-from openseek.train.trainer import (
-    Trainer,
-    TrainConfig,
-    add_train_arguments,
-    init_distributed,
-    train_config_from_args,
-)
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import Trainer, init_distributed
 
 
 DEFAULTS = config_defaults(TrainConfig) | dict(skip_bad_lines=False, max_len=1024, batch_size=8, mtp_weight=0.0)
@@ -36,9 +31,9 @@ DEFAULTS = config_defaults(TrainConfig) | dict(skip_bad_lines=False, max_len=102
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
     add_stage_arguments(parser, "model directory to fine-tune")
-    add_data_arguments(parser, "JSONL/Parquet files (or directories) of `messages`")
+    add_data_arguments(parser, "JSONL/Parquet files (or directories) of `messages`",
+                       "conversations per process per micro-step (default: 8)")
     parser.add_argument("--max-len", type=int, help="tokens per conversation; longer ones are cut (default: 1024)")
-    parser.add_argument("--batch-size", type=int, help="conversations per process per micro-step (default: 8)")
     parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
     add_train_arguments(parser)
 
