@@ -395,9 +395,10 @@ def test_a_non_positive_correction_cap_is_refused():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.kernels("dense")
 def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature, level):
-    """The head's log-probs on our kernel (logprobs._chunk_logprobs): log softmax(logits / T) at each target, the entropy, and
-    the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that is not a
-    multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by name."""
+    """The head's log-probs on our kernel (logprobs._chunk_logprobs): log softmax(logits / T) at each target, the
+    entropy, and the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that
+    is not a multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by
+    name."""
     from openseek.train.logprobs import _chunk_logprobs
 
     torch.manual_seed(0)

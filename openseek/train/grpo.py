@@ -40,7 +40,13 @@ from openseek.train.rollout import (
     resolve_rewards,
     rollout_policy,
 )
-from openseek.flags import add_config_arguments, add_stage_arguments, apply_recipe, config_defaults, config_from_args
+from openseek.flags import (
+    add_config_arguments,
+    add_stage_arguments,
+    apply_recipe,
+    config_defaults,
+    config_from_args,
+)
 from openseek.tokenizer import load_tokenizer
 from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
 from openseek.train.trainer import MeanOf, Trainer, init_distributed

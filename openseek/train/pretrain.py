@@ -124,8 +124,8 @@ def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int, dtype:
     return Model(ModelConfig.from_hf(hf, source="model config"))
 
 
-DEFAULTS = config_defaults(TrainConfig) | dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size=8, mtp_weight=0.0,
-                balance_alpha=0.0)
+DEFAULTS = config_defaults(TrainConfig) | dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size=8,
+                                                mtp_weight=0.0, balance_alpha=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

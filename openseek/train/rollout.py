@@ -201,9 +201,9 @@ def hash_seed(*parts) -> int:
 
 def rollout_policy(trainer: Trainer, grpo):
     """What the Engine samples with: the trained module itself, or a view of it in another precision, refreshed
-    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16 view when the
-    loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op of every decode
-    step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning parity:
+    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16
+    view when the loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op of
+    every decode step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning parity:
     benchmarks/RESULTS.md, "GRPO: fast rollouts by default, and their learning parity"), else the module itself —
     with LoRA always the module itself, adapters active, since a view would be a second full copy of the weights
     LoRA is there to avoid."""
