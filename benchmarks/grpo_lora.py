@@ -65,7 +65,7 @@ def run_openseek(directory: Path, out: Path, args, lora: bool) -> list[float]:
     from openseek.tokenizer import Tokenizer
     from openseek.train.grpo import GRPOConfig
     from openseek.train.grpo import train as grpo_train
-    from openseek.train.trainer import TrainConfig
+    from openseek.train.config import TrainConfig
 
     prompts = json.loads((directory / "prompts.json").read_text())
     grpo = GRPOConfig(group_size=G, prompts_per_step=PROMPTS_PER_STEP, max_new_tokens=args.new_tokens, beta=BETA,

@@ -67,7 +67,8 @@ def child(base: Path, config: str, seed: int, steps: int, out: Path) -> None:
     from openseek.rewards import format_reward
     from openseek.tokenizer import Tokenizer
     from openseek.train.grpo import GRPOConfig, train
-    from openseek.train.trainer import TrainConfig, list_checkpoints
+    from openseek.train.config import TrainConfig
+    from openseek.train.trainer import list_checkpoints
 
     a = demo_args(base, seed)
     demo = Demo(a)

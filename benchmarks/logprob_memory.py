@@ -21,7 +21,7 @@ def child(mode: str, rows: int, tokens: int) -> dict:
 
     from openseek.config import ModelConfig
     from openseek.model import Model
-    from openseek.train.grpo import token_logprobs
+    from openseek.train.logprobs import head_logprobs
 
     torch.manual_seed(0)
     model = Model(ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128,
@@ -32,7 +32,7 @@ def child(mode: str, rows: int, tokens: int) -> dict:
     if mode == "full":
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     else:
-        logp, _ = token_logprobs(model.lm_head, hidden, ids[:, 1:], entropy=True)
+        logp, _ = head_logprobs(model.lm_head, hidden, ids[:, 1:], entropy=True)
     logp.mean().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mib": peak / 1024, "step_mib": (peak - baseline) / 1024}

@@ -106,7 +106,8 @@ def mfu(steps: int, batch_size: int, seq_len: int) -> None:
     from openseek.model import Model
     from openseek.report import flops_per_token
     from openseek.train.pretrain import NextTokenLoss
-    from openseek.train.trainer import Trainer, TrainConfig
+    from openseek.train.config import TrainConfig
+    from openseek.train.trainer import Trainer
 
     recipe = json.loads((Path(__file__).parent.parent / "recipes" / "pretrain-moe-gpu.json").read_text())
     for name, hf in MFU_MODELS.items():

@@ -11,10 +11,10 @@ import asyncio
 import sys
 
 from openseek.device import resolve_device
-from openseek.quantize import add_precision_arguments
+from openseek.flags import add_engine_arguments
 from openseek.serve.gate import APIError
 from openseek.serve.protocol import ChatCompletionRequest
-from openseek.serve.server import Server, ServeConfig, add_reasoning_budget_argument, load_engine
+from openseek.serve.server import Server, ServeConfig, load_engine
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -26,12 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, help="per answer (default: whatever fits the context)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--speculative", choices=["mtp"],
-                        help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
-    add_reasoning_budget_argument(parser)
-    add_precision_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
+    add_engine_arguments(parser)
 
 
 def main(args) -> int:

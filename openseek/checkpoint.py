@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from openseek.config import ConfigError, ModelConfig
 from openseek.lora import load_adapter
-from openseek.model import Model
-from openseek.model.moe import Router
+from openseek.model import Model, allocate, meta_model
 from openseek.quantize import check_options, fold_shared_experts, fuse_projections, quantize_modules
 
 WEIGHTS = "model.safetensors"
@@ -275,21 +274,9 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     )
     cfg = cfg.replace(num_nextn_predict_layers=mtp_layers)  # MTP weights are optional
     cfg.eos_token_id = _eos_ids(cfg, directory)
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
-    if dtype in (torch.float16, "float16") and torch.device(device).type == "cpu":
-        raise ValueError("dtype=float16 on the CPU: its matmuls are not supported there at useful speed; use "
-                         "bfloat16 (or float32)")
-    if dtype is None:
-        dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = _load_dtype(dtype, cfg, device)
 
-    with torch.device("meta"):
-        model = Model(cfg)
-    model.to(dtype)
-    for router in (m for m in model.modules() if isinstance(m, Router)):
-        router.float()  # routing decisions stay float32, as in DeepSeek's and transformers' code
-    model.rotary.float()  # bf16 frequencies would turn position 1000 into an angle off by radians
+    model = meta_model(cfg, dtype)
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     expected.pop("rotary.inv_freq")
 
@@ -298,32 +285,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
     quantized, kept = quantize_modules(model, quantize, group_size)  # after the plan: it checks HF shapes
     for line in kept:
         print(f"{quantize}: {line}", file=sys.stderr)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.rotary.reset_parameters()
-    expected = dict(model.named_parameters()) | dict(model.named_buffers())  # to_empty made new tensors
-    with torch.no_grad():
-        for path, entries in _by_file(plan).items():
-            header, data_start = read_header(path)
-            with open(path, "rb", buffering=0) as handle:
-                for name, target in entries:
-                    entry = header[name]
-                    if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
-                        tensor = _read_full(handle, data_start, name, entry, files, block)
-                        if target.expert is None:
-                            quantized[target.param].load_weight(tensor)
-                        else:  # one expert's weight (or its gate or up half) into the int8 stack
-                            quantized[target.param].load_expert(target.expert, target.rows, tensor)
-                        continue
-                    dest = expected[target.param].detach()
-                    if target.expert is not None:
-                        dest = dest[target.expert]
-                        if target.rows is not None:
-                            dest = dest[target.rows[0] : target.rows[1]]
-                    if entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
-                        _read(handle, data_start, entry, into=dest)
-                    else:
-                        dest.copy_(_read_full(handle, data_start, name, entry, files, block))
+    _read_weights(allocate(model, device), plan, quantized, files, block)
     model.cfg.torch_dtype = str(dtype).removeprefix("torch.")
     local = Path(path_or_repo_id).expanduser()
     model.name_or_path = str(local.resolve()) if local.is_dir() else str(path_or_repo_id)
@@ -334,6 +296,46 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
         fold_shared_experts(model)
     model.eval()
     return model
+
+
+def _load_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig, device) -> torch.dtype:
+    """The dtype to load in: `dtype` (a torch dtype or its name), else the config's."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
+    if dtype in (torch.float16, "float16") and torch.device(device).type == "cpu":
+        raise ValueError("dtype=float16 on the CPU: its matmuls are not supported there at useful speed; use "
+                         "bfloat16 (or float32)")
+    if dtype is None:
+        dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+@torch.no_grad()
+def _read_weights(model: Model, plan, quantized: dict, files, block) -> None:
+    """Read every planned tensor into the allocated model, file by file: straight into its parameter where the
+    dtype and layout match, else converted (FP8 dequantised), and quantised on the way in for the swapped layers."""
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())  # to_empty made new tensors
+    for path, entries in _by_file(plan).items():
+        header, data_start = read_header(path)
+        with open(path, "rb", buffering=0) as handle:
+            for name, target in entries:
+                entry = header[name]
+                if target.param in quantized:  # one full-precision tensor at a time, quantised on the way in
+                    tensor = _read_full(handle, data_start, name, entry, files, block)
+                    if target.expert is None:
+                        quantized[target.param].load_weight(tensor)
+                    else:  # one expert's weight (or its gate or up half) into the int8 stack
+                        quantized[target.param].load_expert(target.expert, target.rows, tensor)
+                    continue
+                dest = expected[target.param].detach()
+                if target.expert is not None:
+                    dest = dest[target.expert]
+                    if target.rows is not None:
+                        dest = dest[target.rows[0] : target.rows[1]]
+                if entry.dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu":
+                    _read(handle, data_start, entry, into=dest)
+                else:
+                    dest.copy_(_read_full(handle, data_start, name, entry, files, block))
 
 
 def _read_full(handle, data_start: int, name: str, entry, files, block) -> torch.Tensor:

@@ -35,9 +35,10 @@ from openseek.evaluate import evaluate
 from openseek.rewards import format_reward
 from openseek.device import resolve_device
 from openseek.tasks import get_task
-from openseek.threads import parse_threads
+from openseek.flags import add_threads_argument
 from openseek.tokenizer import BOS, Tokenizer, train_bpe
-from openseek.train.trainer import TrainConfig, Trainer, list_checkpoints
+from openseek.train.config import TrainConfig
+from openseek.train.trainer import Trainer, list_checkpoints
 
 SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shared, first layer dense, one MTP depth
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, moe_intermediate_size=32),
@@ -79,10 +80,10 @@ class DocumentBatches:
     """Pretraining batches of whole documents, each starting at position 0 and right-padded (padding carries no
     loss): every problem is seen exactly as it is asked at evaluation time. Resumable by batch count.
 
-    The corpus is padded into one table of inputs and one of labels up front, so that a batch is two row gathers (built
-    row by row, batches took 2% of the pretraining stage). Given `batches`, the stream ends after that many and only
-    the documents they draw are tokenized: 800 batches of 64 draw 57% of the demo's 60,000, and tokenizing all of them
-    took 5.6 s, 6% of the pretraining stage."""
+    The corpus is padded into one table of inputs and one of labels up front, so that a batch is two row gathers
+    instead of a row-by-row build. Given `batches`, the stream ends after that many and only the documents they draw
+    are tokenized (the demo's batches draw about half of its corpus; benchmarks/RESULTS.md, "Round 11 — Where the
+    demo's time went")."""
 
     def __init__(self, tokenizer: Tokenizer, docs: list[str], batch_size: int, seed: int, batches: int | None = None):
         from openseek.data import IGNORE
@@ -425,10 +426,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the verifiable task (3-digit addition with worked column steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N|auto",
-                        help="CPU intra-op threads for every stage; auto (default) measures each count on the work "
-                             "and keeps the fastest (both cores: pretraining 1.45x faster than on one, when quiet); "
-                             "a count gives bitwise-reproducible runs")
+    add_threads_argument(parser, help="CPU intra-op threads for every stage; auto (default) measures each count on "
+                                      "the work and keeps the fastest (both cores: pretraining 1.45x faster than on "
+                                      "one, when quiet); a count gives bitwise-reproducible runs")
     parser.add_argument("--precision", default="float32", choices=["auto", "float32", "bf16"],
                         help="training precision (the demo's measured result is float32's)")
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")

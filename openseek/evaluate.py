@@ -29,8 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from openseek.quantize import add_precision_arguments
-from openseek.threads import add_threads_argument
+from openseek.flags import add_compile_argument, add_precision_arguments, add_threads_argument
 from openseek.rewards import check_answers, extract_answer
 from openseek.tasks import TEMPLATES, Task, format_prompt, get_task, load_math_file
 from openseek.tasks.math_file import DatasetError, _gold, jsonl_objects
@@ -328,6 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     add_precision_arguments(parser)
+    add_compile_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="rows the engine decodes at once")
     parser.add_argument("--output-dir", required=True)

@@ -13,9 +13,9 @@ quantises it on the way in, one tensor at a time: a quantised model never holds 
 - MoE's routed experts (3-D stacks): int8 per output channel with either option (`GroupedInt8`: all experts of a
   layer in one kernel call; there is no grouped int4 kernel), where our int8 kernel runs.
 
-PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a path 10–100× slower,
-measured in `shared/reference/fast-decoding.md` §2), so the layers cast their input to bf16 for them; ours take
-either. Every result goes back to the model's dtype. What stays in `dtype`, and why:
+PyTorch's kernels (the fallback) are fast only with bf16 activations (fp32 inputs take a much slower path), so the
+layers cast their input to bf16 for them; ours take either. Every result goes back to the model's dtype. What stays
+in `dtype`, and why:
 - embeddings (untied): a lookup table, read one row per token, not streamed per step (a tied embedding and head
   become one int8 copy, the head's, whose rows the embedding dequantises on lookup);
 - MLA's `kv_b_proj`: the absorbed decode folds its halves into the query and the output (it reads `.weight`);
@@ -341,33 +341,20 @@ def _tied(model) -> bool:
     return model.lm_head.weight is model.embed_tokens.weight
 
 
-def add_precision_arguments(parser) -> None:
-    """`--dtype`, `--quantize`, `--group-size` and `--compile`: the same precision and decode choices on serve,
-    chat, eval and sample."""
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="weights and activations dtype (default: the checkpoint's; eval on GPU: bfloat16)")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE,
-                        help="weight-only quantisation of the linear layers: int8 per channel, int4 per group "
-                             "(CPU kernels; best with --dtype bfloat16)")
-    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step (fuses its small ops; compiles for a minute or two first)")
-
-
 # Projections that read the same input, fused: {fused module: its parts, in order}
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
          "q_kv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa")}
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Make q/k/v, gate/up and MLA's two down-projections one `Int8Linear` each: the parts' packed rows, scales,
-    row sums and biases stacked (on the meta device for a sampling view, whose `refresh_view` then fills them; on a
-    loaded model, the loaded buffers, with no re-quantisation).
+    """Make q/k/v, gate/up and MLA's two down-projections one `Int8Linear` each: the parts' packed rows, scales, row
+    sums and biases stacked (on the meta device for a sampling view, whose `refresh_view` (train/rollout.py) then fills
+    them; on a loaded model, the loaded buffers, with no re-quantisation).
 
     Each output row has its own scale and the activations are quantised per row whatever the width, so the fused
     matmul's outputs are bitwise the separate ones' (a test checks the logits); a decode step makes one kernel call
-    where it made two or three, each quantising the activations once, over wider weights (a call costs ~20 µs of
-    framework time on this project's CPUs, more than a small projection's matmul)."""
+    where it made two or three, each quantising the activations once, over wider weights (a call's framework time
+    is more than a small projection's matmul)."""
     for module in list(model.modules()):
         for fused, parts in FUSED.items():
             linears = [getattr(module, part, None) for part in parts]
@@ -411,58 +398,3 @@ def fold_shared_experts(model: nn.Module) -> None:
         moe.shared_experts = None
 
 
-def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", group_size: int = 32) -> nn.Module:
-    """A copy of `policy` for sampling only, in `dtype` and maybe quantised (GRPO's fast rollouts): built on the
-    meta device like `load`, then filled from the policy's weights by `refresh_view`, in place, after each update.
-    A LoRA-wrapped policy is read through its merged weights, so the view samples what is being trained."""
-    from openseek.model import Model
-    from openseek.model.moe import Router
-
-    with torch.device("meta"):
-        view = Model(policy.cfg)
-    view.to(dtype)
-    for router in (m for m in view.modules() if isinstance(m, Router)):
-        router.float()
-    view.rotary.float()
-    quantize_modules(view, quantize, group_size)
-    if quantize == "int8":
-        fuse_projections(view)
-    view.to_empty(device=policy.device)
-    view.tie_weights()
-    view.rotary.reset_parameters()
-    refresh_view(view, policy)
-    return view.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def refresh_view(view: nn.Module, policy: nn.Module) -> None:
-    """Copy (or re-quantise) every weight of `policy` into `view`, module by module, without allocating a model."""
-    for name, module in view.named_modules():
-        if isinstance(module, Int8Embedding):
-            continue  # its rows are the tied head's, refreshed with it
-        if isinstance(module, GroupedInt8):  # the policy's stacked expert parameter (named like a fused projection)
-            module.load_weight(policy.get_parameter(name))
-            continue
-        parent, _, leaf = name.rpartition(".")
-        if leaf in FUSED:  # the parts' weights (and biases) stacked, in order
-            parts = [policy.get_submodule(parent).get_submodule(part) for part in FUSED[leaf]]
-            module.load_weight(torch.cat([part.weight for part in parts]))
-            if module.bias is not None:
-                module.bias.copy_(torch.cat([part.bias for part in parts]))
-            continue
-        source = policy.get_submodule(name) if name else policy
-        if isinstance(module, (Int8Linear, Int4Linear)):
-            tied = name == "lm_head" and isinstance(view.embed_tokens, Int8Embedding)
-            module.load_weight((policy.embed_tokens if tied else source).weight)
-            if module.bias is not None:
-                module.bias.copy_(source.bias)
-            continue
-        if isinstance(module, nn.Linear):
-            module.weight.copy_(source.weight)
-            if module.bias is not None:
-                module.bias.copy_(source.bias)
-            continue
-        for leaf, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if name == "rotary":
-                continue  # computed, not trained
-            tensor.copy_(getattr(source, leaf))

@@ -119,3 +119,36 @@ def write_report(run_dir, summary: dict, price_per_device_hour: float) -> dict:
 
 def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else value
+
+
+PLOTS = (("reward", "reward"), ("accuracy", "accuracy"), ("completion_length/mean", "completion length"))
+
+
+def plot_rollouts(run_dir) -> Path | None:
+    """rollouts.png: reward, accuracy and completion length over steps; linked from report.md."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    panels = [(key, label) for key, label in PLOTS if any(key in m for m in metrics)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        rows = [m for m in metrics if key in m]
+        ax.plot([m["step"] for m in rows], [m[key] for m in rows], linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "rollouts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    report = run_dir / "report.md"
+    if report.exists() and path.name not in report.read_text():
+        with report.open("a") as f:
+            f.write(f"\n![reward, accuracy and completion length]({path.name})\n")
+    return path

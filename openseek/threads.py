@@ -2,10 +2,11 @@
 
 On a quiet 2-core machine two intra-op threads decode and train faster than one. When another process keeps a core
 busy, every parallel region waits for the thread the OS has descheduled, and each small op costs a scheduler time
-slice: the same decode or training step runs 3–20× slower (benchmarks/contention.py), while one thread barely
-notices. No setting chosen up front is right in both cases, so `--threads auto` (the default of every command)
-times the repeated unit of work (a decode step, an optimizer step) at each candidate count in turn, keeps the
-fastest, and probes again every so often, since the load comes and goes. `--threads N` fixes the count.
+slice: the same decode or training step runs several times slower (benchmarks/contention.py; benchmarks/RESULTS.md,
+"A competing process"), while one thread barely notices. No setting chosen up front is right in both cases, so
+`--threads auto` (the default of every command) times the repeated unit of work (a decode step, an optimizer step)
+at each candidate count in turn, keeps the fastest, and probes again every so often, since the load comes and goes.
+`--threads N` fixes the count.
 """
 
 from __future__ import annotations
@@ -30,12 +31,6 @@ def parse_threads(value: str) -> int | None:
     if count < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a positive integer")
     return count
-
-
-def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N|auto",
-                        help="intra-op threads; auto (default) measures the work at each count and keeps the fastest, "
-                             "again and again as the machine's load changes")
 
 
 ABANDON_AT = 1.25  # a probed count whose first unit is this much slower than the window before it is not timed on
@@ -102,7 +97,7 @@ class AdaptiveThreads:
 
     def _clearly_slower(self, times: list[float]) -> bool:
         """Whether a later candidate's first unit already lost: slower by ABANDON_AT than every unit of the window
-        timed before it. On a quiet 2-core machine one thread took 1.7× as long per GRPO optimizer step; timing it for
-        a whole window cost three more such steps each time it was probed."""
+        timed before it. On a quiet 2-core machine one thread is much slower per GRPO optimizer step, and
+        timing it for a whole window cost several such steps each time it was probed."""
         timed = [t for n, t in self._times.items() if n != self._current]
         return len(times) == 1 and bool(timed) and times[0] > ABANDON_AT * max(max(t) for t in timed)

@@ -236,7 +236,7 @@ def train_bpe(texts_or_files: Iterable[str], vocab_size: int, special_tokens: li
     single ids yet survive `decode(skip_special_tokens=True)`. `split_digits` keeps every digit its own token
     (no merges like "12"), which small models need to learn arithmetic column by column; a space before a digit
     stays with it (" 7" may become one token), so a number costs no separate token for its leading space (the
-    demo's documents are 12% shorter than with the space alone, and its model learns the method in 700 steps, not 1000).
+    demo's documents are shorter and its model learns sooner; benchmarks/RESULTS.md, round 12).
     """
     special_tokens = list(special_tokens or [BOS, EOS, USER, ASSISTANT])
     items = list(texts_or_files)
@@ -287,3 +287,12 @@ def main(args: argparse.Namespace) -> int:
     directory = tokenizer.save(args.output_dir)
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {directory}")
     return 0
+
+
+def load_tokenizer(tokenizer_dir: str | None, model: str | None) -> Tokenizer:
+    """--tokenizer, else the model directory's own tokenizer."""
+    if tokenizer_dir is None and model is not None and Path(model).is_dir():
+        tokenizer_dir = model
+    if tokenizer_dir is None:
+        raise TokenizerError("no tokenizer: pass --tokenizer DIR (train one with `openseek tokenizer train`)")
+    return Tokenizer.from_dir(tokenizer_dir)

@@ -42,7 +42,7 @@ def digit_share(completions, prompts, **columns):
 def rollout_once(model, tokenizer, rows, reward_fns, cfg, weights=None, accuracy_fn=None, seed=0):
     """One GRPO rollout on `model` as the training loop makes it: (RolloutBatch, rollout metrics)."""
     from openseek.engine import Engine
-    from openseek.train.grpo import PromptStream, Rewards, roll_out
+    from openseek.train.rollout import PromptStream, Rewards, roll_out
 
     rewards = Rewards(reward_fns, weights, accuracy_fn)
     return roll_out(Engine(model), tokenizer, PromptStream(rows), rewards, cfg, seed, tokenizer.pad_token_id or 0)

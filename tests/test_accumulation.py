@@ -8,9 +8,12 @@ import torch
 
 from helpers_grpo import tiny_fp64_model
 from openseek import data
-from openseek.train.grpo import GRPOConfig, GRPOObjective, RolloutBatch, completion_logprobs
+from openseek.train.grpo import GRPOConfig, GRPOObjective
+from openseek.train.rollout import RolloutBatch
+from openseek.train.logprobs import completion_logprobs
 from openseek.train.pretrain import NextTokenLoss
-from openseek.train.trainer import TrainConfig, Trainer
+from openseek.train.config import TrainConfig
+from openseek.train.trainer import Trainer
 
 
 def gradient(trainer, micro_batches, objective) -> list[torch.Tensor]:

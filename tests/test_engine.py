@@ -492,7 +492,7 @@ def test_compiled_models_of_one_class_keep_their_own_graphs(models, tmp_path):
     """The compiled forward skips dynamo's guards on the model (a tenth of an int4 step) and guards a tag of the
     model object instead: two models of one class, called in turn, each get their own graph and their own output
     (without the tag the second model's graph ran for the first and failed)."""
-    from openseek.engine.engine import compiled_forwards
+    from openseek.engine.compile import compiled_forwards
 
     models("qwen2")[1].save_pretrained(tmp_path)
     exact, quantized = openseek.load(tmp_path), openseek.load(tmp_path, dtype=torch.bfloat16, quantize="int8")

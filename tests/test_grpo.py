@@ -12,16 +12,19 @@ from helpers_grpo import tiny_fp64_model as tiny_model
 from openseek.train.grpo import (
     GRPOConfig,
     GRPOObjective,
-    RolloutBatch,
-    aggregate_loss,
     check_group_size,
-    group_advantages,
-    informative_groups,
     k3_kl,
-    overlong_penalty,
+    loss_sum,
+    loss_units,
     per_token_loss,
-    refill_size,
 )
+from openseek.train.rollout import RolloutBatch, group_advantages, informative_groups, overlong_penalty, refill_size
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """Per-token losses [N, L] over the completion mask reduced to a scalar the way `loss_type` names: the objective's
+    `loss_sum` over one batch's own `loss_units`."""
+    return loss_sum(loss, mask, loss_type) / max(loss_units(mask, loss_type, max_new_tokens), 1.0)
+
 
 # A fixed example: P = 2 prompts, G = 2 completions each, up to L = 3 tokens.
 REWARDS = [[1.0, 0.0], [2.0, 0.5]]
@@ -200,7 +203,7 @@ def tiny_batch(model, lengths=(4, 2, 3, 1), prompt_lens=(3, 3, 2, 2), L=4, P=3, 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_gradient_equals_policy_gradient_formula(loss_type):
-    from openseek.train.grpo import completion_logprobs
+    from openseek.train.logprobs import completion_logprobs
 
     model = tiny_model()
     ids, padding, mask = tiny_batch(model)
@@ -235,7 +238,7 @@ def test_gradient_equals_policy_gradient_formula(loss_type):
 def test_objective_masks_padding_and_reports_metrics():
     model = tiny_model()
     ids, padding, mask = tiny_batch(model)
-    from openseek.train.grpo import completion_logprobs
+    from openseek.train.logprobs import completion_logprobs
 
     with torch.no_grad():
         own, _ = completion_logprobs(model, ids, padding, 3)
@@ -286,7 +289,7 @@ def test_rloo_and_reinforce_pp_advantages_by_hand():
 def test_gspo_loss_and_gradient_by_hand():
     """GSPO: s_i = exp(mean_t log π/π_old), loss = mean_i -min(s_i A_i, clip(s_i) A_i); its gradient is
     -(1/N) Σ_i A_i s_i (1/|y_i|) Σ_t ∇ log π(y_i,t) where unclipped, 0 where clipped."""
-    from openseek.train.grpo import completion_logprobs
+    from openseek.train.logprobs import completion_logprobs
 
     model = tiny_model()
     ids, padding, mask = tiny_batch(model)
@@ -329,7 +332,7 @@ def test_gspo_loss_and_gradient_by_hand():
 
 @pytest.mark.parametrize("mode", ["token_tis", "sequence_mask"])
 def test_a_rollout_policy_equal_to_the_trainers_gives_weight_one_and_the_plain_loss(mode):
-    from openseek.train.grpo import completion_logprobs
+    from openseek.train.logprobs import completion_logprobs
 
     model = tiny_model()
     ids, padding, mask = tiny_batch(model)
@@ -349,7 +352,7 @@ def test_a_rollout_policy_equal_to_the_trainers_gives_weight_one_and_the_plain_l
 def test_a_perturbed_rollout_policy_is_corrected_as_computed_by_hand():
     """At the first update π_old = π (the ratio is 1, its gradient ∇ log π), so the dapo loss is
     -(1/T) Σ_t w_t A_i with w = min(π/π_rollout, cap) for token_tis, and w = 0 or 1 per sequence for sequence_mask."""
-    from openseek.train.grpo import completion_logprobs
+    from openseek.train.logprobs import completion_logprobs
 
     model = tiny_model()
     ids, padding, mask = tiny_batch(model)
@@ -392,10 +395,11 @@ def test_a_non_positive_correction_cap_is_refused():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.kernels("dense")
 def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature, level):
-    """The head's log-probs on our kernel (grpo._chunk): log softmax(logits / T) at each target, the entropy, and
-    the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that is not a
-    multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by name."""
-    from openseek.train.grpo import _chunk
+    """The head's log-probs on our kernel (logprobs._chunk_logprobs): log softmax(logits / T) at each target, the
+    entropy, and the gradient into the logits (rounded once to their dtype) against float64, with a vocabulary that
+    is not a multiple of 16 and targets at its first and last ids. A target outside the vocabulary is refused by
+    name."""
+    from openseek.train.logprobs import _chunk_logprobs
 
     torch.manual_seed(0)
     N, V, H = 40, 1003, 24
@@ -403,7 +407,7 @@ def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature, level
     hidden = torch.randn(N, H).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (N,))
     targets[:3] = torch.tensor([0, V - 1, V - 2])
-    logp, entropy = _chunk(head, hidden, targets, temperature, True)
+    logp, entropy = _chunk_logprobs(head, hidden, targets, temperature, True)
     weights = torch.randn(N)
     (logp * weights).sum().backward()
     logits = head(hidden).detach().double().requires_grad_()
@@ -417,13 +421,13 @@ def test_logprob_kernel_equals_the_float64_log_softmax(dtype, temperature, level
     tolerance = 1e-6 if dtype is torch.float32 else 1e-2  # the hidden gradient is a bf16 matmul of bf16 logit grads
     assert float((hidden.grad.double() - want_hidden_grad).norm() / want_hidden_grad.norm()) < tolerance
     with pytest.raises(RuntimeError, match="outside the vocabulary of 1003"):
-        _chunk(head, hidden, torch.full((N,), V), temperature, False)
+        _chunk_logprobs(head, hidden, torch.full((N,), V), temperature, False)
 
 
 @pytest.mark.parametrize("chunk,recompute_above", [(1, 0), (5, 0), (1000, 0), (5, 10**9)])
 def test_chunked_logprobs_equal_the_full_logits_computation(chunk, recompute_above):
     """Log-probs, entropies and gradients through the head a chunk at a time equal the full [B, T, V] path."""
-    from openseek.train.grpo import token_logprobs
+    from openseek.train.logprobs import head_logprobs
 
     model = tiny_model().float()
     ids, padding, _ = tiny_batch(model)
@@ -436,7 +440,7 @@ def test_chunked_logprobs_equal_the_full_logits_computation(chunk, recompute_abo
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     hidden = model.hidden_states(ids, padding_mask=padding)[:, 2:-1]
-    got, entropy = token_logprobs(model.lm_head, hidden, targets, 0.7, chunk=chunk, recompute_above=recompute_above)
+    got, entropy = head_logprobs(model.lm_head, hidden, targets, 0.7, chunk=chunk, recompute_above=recompute_above)
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-5)

@@ -17,13 +17,10 @@ from openseek.rewards import RewardError
 from openseek.tasks import get_task
 from openseek.tasks.math_file import DatasetError
 from openseek.tokenizer import Tokenizer
-from openseek.train.grpo import (
-    GRPOConfig,
-    completion_logprobs,
-    encode_prompt,
-    load_prompt_file,
-)
-from openseek.train.trainer import TrainConfig
+from openseek.train.grpo import GRPOConfig
+from openseek.train.logprobs import completion_logprobs
+from openseek.train.rollout import encode_prompt, load_prompt_file
+from openseek.train.config import TrainConfig
 from helpers_grpo import REWARD, digit_share, grpo_args, metrics_of, rollout_once, tiny_model_dir
 
 
@@ -238,7 +235,7 @@ def test_math_dataset_defaults_to_accuracy_and_format(model_dir, tmp_path):
     """A GSM8K-style file: the default rewards are math-verify accuracy on `answer` plus R1's format reward, and
     `accuracy` is logged."""
     from openseek.rewards import accuracy_reward, format_reward
-    from openseek.train.grpo import resolve_rewards
+    from openseek.train.rollout import resolve_rewards
 
     path = tmp_path / "gsm.jsonl"
     path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i}\n#### {2 * i}"})
@@ -300,7 +297,7 @@ def test_the_rollout_view_follows_the_policy():
 
     from openseek.config import ModelConfig
     from openseek.model import Model
-    from openseek.quantize import refresh_view, rollout_view
+    from openseek.train.rollout import refresh_view, rollout_view
 
     torch.manual_seed(0)
     policy = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -324,7 +321,8 @@ def test_an_int8_view_of_a_moe_policy_follows_it():
     from openseek.config import ModelConfig
     from openseek.kernels import ops
     from openseek.model import Model
-    from openseek.quantize import GroupedInt8, refresh_view, rollout_view
+    from openseek.quantize import GroupedInt8
+    from openseek.train.rollout import refresh_view, rollout_view
 
     if not ops.has("quantized"):
         pytest.skip("no int8 kernel at this kernel level: the view keeps its experts in bf16")
@@ -357,7 +355,7 @@ def test_an_int8_view_of_a_moe_policy_follows_it():
 def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(monkeypatch):
     """q/k/v and gate/up are one int8 matmul each in an int8 rollout view: per-row scales, activations quantised once
     per row either way, so the logits equal the unfused view's bit for bit, before and after a refresh."""
-    import openseek.quantize as quantize
+    from openseek.train import rollout
     from openseek.config import ModelConfig
     from openseek.kernels import ops
     from openseek.model import Model
@@ -367,9 +365,9 @@ def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(mo
     torch.manual_seed(0)
     policy = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))
-    fused = quantize.rollout_view(policy, torch.bfloat16, "int8")
-    monkeypatch.setattr(quantize, "fuse_projections", lambda model: None)
-    separate = quantize.rollout_view(policy, torch.bfloat16, "int8")
+    fused = rollout.rollout_view(policy, torch.bfloat16, "int8")
+    monkeypatch.setattr(rollout, "fuse_projections", lambda model: None)
+    separate = rollout.rollout_view(policy, torch.bfloat16, "int8")
     assert fused.layers[0].self_attn.qkv_proj.out_features == 128 and not hasattr(fused.layers[0].self_attn, "q_proj")
     assert fused.layers[1].mlp.gate_up_proj.out_features == 256 and separate.layers[1].mlp.gate_up_proj is None
     ids = torch.randint(0, 64, (3, 9))
@@ -378,8 +376,8 @@ def test_an_int8_view_fuses_qkv_and_gate_up_and_gives_bitwise_the_same_logits(mo
     with torch.no_grad():
         for p in policy.parameters():
             p.mul_(1.1)
-    quantize.refresh_view(fused, policy)
-    quantize.refresh_view(separate, policy)
+    rollout.refresh_view(fused, policy)
+    rollout.refresh_view(separate, policy)
     with torch.inference_mode():
         assert torch.equal(fused(ids), separate(ids))
 
@@ -391,8 +389,9 @@ def test_rollout_quantize_auto_is_int8_exactly_for_a_bf16_view_on_a_cpu_with_the
     from openseek.kernels import ops
     from openseek.model import Model
     from openseek.quantize import Int8Linear
-    from openseek.train.grpo import rollout_policy
-    from openseek.train.trainer import Trainer, TrainConfig
+    from openseek.train.rollout import rollout_policy
+    from openseek.train.config import TrainConfig
+    from openseek.train.trainer import Trainer
 
     model = Model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, eos_token_id=[1]))

@@ -13,8 +13,9 @@ from openseek.cli import main as cli
 from openseek.lora import AdapterError
 from openseek.tasks import get_task
 from openseek.tokenizer import Tokenizer
-from openseek.train.grpo import GRPOConfig, completion_logprobs
-from openseek.train.trainer import TrainConfig
+from openseek.train.grpo import GRPOConfig
+from openseek.train.logprobs import completion_logprobs
+from openseek.train.config import TrainConfig
 from helpers_grpo import digit_share, grpo_args, metrics_of, tiny_model_dir
 
 

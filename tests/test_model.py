@@ -143,7 +143,7 @@ def test_rmsnorm_and_swiglu_kernels_equal_float64(dtype, D, level):
     float64; with bf16 inputs the results are the float64 ones rounded (silu's result, as PyTorch rounds it: the
     SwiGLU output is then bitwise PyTorch's)."""
     from openseek.kernels import ops
-    from openseek.model.attention import RMSNorm
+    from openseek.model.norm import RMSNorm
 
     torch.manual_seed(0)
     tolerance = 1e-6 if dtype is torch.float32 else 4e-3

@@ -10,7 +10,8 @@ import openseek
 from openseek import device as device_module
 from openseek.device import resolve_precision
 from openseek.train.pretrain import NextTokenLoss
-from openseek.train.trainer import TrainConfig, Trainer
+from openseek.train.config import TrainConfig
+from openseek.train.trainer import Trainer
 from helpers_train import TINY_DEEPSEEK, pretrain_setup, read_metrics
 
 

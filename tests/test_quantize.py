@@ -16,7 +16,8 @@ from openseek.model.linear import Linear
 from openseek.model.moe import grouped_matmul
 from openseek.quantize import GroupedInt8, Int4Linear, Int8Embedding, Int8Linear
 from openseek.train.pretrain import NextTokenLoss
-from openseek.train.trainer import TrainConfig, Trainer
+from openseek.train.config import TrainConfig
+from openseek.train.trainer import Trainer
 from helpers_train import TINY_QWEN, pretrain_setup, successor_documents, write_corpus
 
 

@@ -13,7 +13,7 @@ from openseek.cli import main as cli
 from openseek.engine import Engine, stop_token_ids
 from openseek.tasks import get_task
 from openseek.tokenizer import Tokenizer
-from openseek.train.grpo import encode_prompt
+from openseek.train.rollout import encode_prompt
 from openseek.train.sample import to_messages
 
 from helpers_grpo import tiny_model_dir

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from helpers_serve import ANSWER, COIN_PROMPT, LOOP_PROMPT, InProcessServer, metrics, save_model_dir
-from openseek.engine.engine import _Batch
+from openseek.engine.batch import Batch
 from openseek.engine.prefix import PrefixCache
 
 HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}]}
@@ -118,7 +118,7 @@ def test_a_prefill_that_raises_fails_only_its_own_request_among_8_streams(model_
     bodies = [{"model": "tiny", "prompt": [marker, *loop] if i == faulty else loop, "max_tokens": 3 + i,
                "temperature": 0} for i in range(8)]
     failed_prefills = []
-    real_admit = _Batch.admit
+    real_admit = Batch.admit
 
     def admit_failing_on_the_marker(batch, prompts, src, *args, **kwargs):
         if any(marker in prompts[i] for i in src):
@@ -128,7 +128,7 @@ def test_a_prefill_that_raises_fails_only_its_own_request_among_8_streams(model_
 
     with serving(model_dir) as (server, url):
         unfaulted = asyncio.run(one_then_seven(server, url, bodies))
-        monkeypatch.setattr(_Batch, "admit", admit_failing_on_the_marker)
+        monkeypatch.setattr(Batch, "admit", admit_failing_on_the_marker)
         faulted = asyncio.run(one_then_seven(server, url, bodies))
         assert httpx.get(url + "/health").json() == {"status": "ok"}
         assert metrics(url)["openseek_sequences_in_flight"] == 0
@@ -190,7 +190,7 @@ def test_when_the_serving_loop_breaks_health_and_new_requests_answer_503_at_once
         raise LoopBreaker("injected: the serving loop breaks")
 
     with serving(model_dir) as (server, url):
-        monkeypatch.setattr(_Batch, "step", step_breaking_the_loop)
+        monkeypatch.setattr(Batch, "step", step_breaking_the_loop)
         running = httpx.post(url + "/v1/chat/completions", json=HELLO, timeout=10)
         assert running.status_code == 500
         assert running.json()["error"]["message"] == ("generation failed: RuntimeError: the engine's serving thread "

@@ -112,7 +112,8 @@ def trained(tmp_path_factory):
     """A tiny DeepSeek-V3 pretrained with an MTP loss on the successor corpus (each word determines the next), and
     prompts of its text."""
     from openseek.train.pretrain import NextTokenLoss
-    from openseek.train.trainer import TrainConfig, Trainer
+    from openseek.train.config import TrainConfig
+    from openseek.train.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("trained")
     model, batches, tokenizer, _ = pretrain_setup(tmp, seq_len=64, batch_size=4)

@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from openseek.threads import AdaptiveThreads, add_threads_argument
+from openseek.flags import add_threads_argument
+from openseek.threads import AdaptiveThreads
 
 
 class FakeWork:

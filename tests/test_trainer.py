@@ -22,13 +22,8 @@ from openseek import data
 from openseek.tokenizer import Tokenizer
 from openseek.train.pretrain import NextTokenLoss, cross_entropy_sum
 from openseek.train.routing import Routing, sequence_balance_loss
-from openseek.train.trainer import (
-    Trainer,
-    TrainConfig,
-    TrainingError,
-    learning_rate,
-    list_checkpoints,
-)
+from openseek.train.config import TrainConfig, learning_rate
+from openseek.train.trainer import Trainer, TrainingError, list_checkpoints
 from openseek.train.muon import orthogonalise
 
 

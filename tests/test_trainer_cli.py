@@ -40,8 +40,8 @@ def test_every_recipe_is_valid():
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         args = parser.parse_args(["--recipe", str(path)])
-        model = openseek.train.trainer.apply_recipe(args, module.add_arguments, module.DEFAULTS)
-        openseek.train.trainer.train_config_from_args(args)
+        model = openseek.flags.apply_recipe(args, module.add_arguments, module.DEFAULTS)
+        openseek.train.config.train_config_from_args(args)
         if model is not None:
             ModelConfig.from_hf(dict(model, vocab_size=512), source=path.name)
         assert recipe["description"]
@@ -69,7 +69,7 @@ def test_a_typed_flag_beats_the_recipe_even_at_its_default(tmp_path, command, ty
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         args = parser.parse_args(["--recipe", str(recipe), *argv])
-        openseek.train.trainer.apply_recipe(args, module.add_arguments, module.DEFAULTS)
+        openseek.flags.apply_recipe(args, module.add_arguments, module.DEFAULTS)
         return getattr(args, name)
 
     assert settle(typed) == value  # typed, equal to the default: wins

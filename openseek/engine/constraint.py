@@ -14,13 +14,14 @@ token, and `advance(token)` with the token chosen. The Sampler sets every other 
 sampling (greedy rows take the best allowed token); log-probs stay those of the model's distribution, as for
 top-k/top-p (sampling.py).
 
-`Grammar` wraps llguidance (Microsoft's Rust Earley parser with a token trie: a schema compiles in ~2 ms; a mask
-and advance took ~0.05 ms at a 330-token vocabulary and ~0.7 ms at 150k here — benchmarks/grammar_masks.py measures
-it against xgrammar and outlines-core). Its token table is built from the tokenizer's own tokenizer.json (the `tokenizers` library), never
-through transformers. JSON is written compactly (", " and ": " between items, no free whitespace), the form
-`json.dumps` and the chat templates' `tojson` give, so a model sees the JSON it was trained on and cannot stall in
-whitespace. After a row's advance its next mask is computed on a worker thread (llguidance releases the GIL), so
-it overlaps the next forward pass instead of stalling the batch; rows without a constraint never wait for it.
+`Grammar` wraps llguidance (Microsoft's Rust Earley parser with a token trie: schemas compile and masks advance in
+well under a decode step; benchmarks/grammar_masks.py measures it against xgrammar and outlines-core, results in
+benchmarks/RESULTS.md, "Grammar libraries for constrained decoding"). Its token table is built from the tokenizer's
+own tokenizer.json (the `tokenizers` library), never through transformers. JSON is written compactly (", " and ": "
+between items, no free whitespace), the form `json.dumps` and the chat templates' `tojson` give, so a model sees the
+JSON it was trained on and cannot stall in whitespace. After a row's advance its next mask is computed on a worker
+thread (llguidance releases the GIL), so it overlaps the next forward pass instead of stalling the batch; rows
+without a constraint never wait for it.
 
 `Thinking` is the reasoning block: free until the model closes it (`</think>`), then `then` (a spec, or nothing)
 applies; with a `budget`, the close is forced once the block holds that many tokens, and the answer goes on. A
@@ -63,7 +64,7 @@ def _workers() -> ThreadPoolExecutor:
 
 def _unpack(words: torch.Tensor, size: int) -> torch.Tensor:
     """llguidance's bitmask (int32 words, bit j of word i = token 32 i + j) as a bool [size] (numpy's unpackbits:
-    ~40 µs at 150k tokens, where torch's shifts take milliseconds)."""
+    much faster at a large vocabulary than torch's shifts)."""
     bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:size]
     return torch.from_numpy(bits.view(np.bool_))
 

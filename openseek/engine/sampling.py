@@ -6,7 +6,7 @@ torch.Generator passed in, so a seed reproduces the same samples.
 The log-prob returned for a chosen token is under the model's temperature-scaled distribution over the whole
 vocabulary — log_softmax(logits / temperature), plain log_softmax at temperature 0 — taken *before* top-k/top-p
 filtering. That is the quantity RL compares with the trainer's recomputed log-probs, and what serve returns as
-`logprobs` (`token_logprobs` scores prompt tokens the same way, so echo and eval agree with generation).
+`logprobs` (`chosen_logprobs` scores prompt tokens the same way, so echo and eval agree with generation).
 
 Speculative decoding (`Sampler.draft`, `Sampler.verify`) keeps the output distribution exactly the model's: a draft
 token x drawn from the draft distribution q is accepted with probability min(1, p(x)/q(x)), and at the first
@@ -79,7 +79,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, generator=None, want_logprobs: bool = False, top: int = 0):
         """logits [B, V] -> tokens [B] (long), their log-probs [B] (float32) or None, and the `top` most likely
-        (log-probs, ids) [B, top] or None (see `token_logprobs`).
+        (log-probs, ids) [B, top] or None (see `chosen_logprobs`).
 
         generator: one torch.Generator for the batch, or a list with one per row (None = the global RNG).
         """
@@ -100,7 +100,7 @@ class Sampler:
                     constraint.advance(token)
         if not want_logprobs:
             return tokens, None, None
-        return tokens, *token_logprobs(scaled, tokens, top)
+        return tokens, *chosen_logprobs(scaled, tokens, top)
 
     def allowed(self, vocab: int) -> torch.Tensor:
         """Bool [B, vocab]: the tokens each row's constraint allows next (all, for a row without one)."""
@@ -168,7 +168,7 @@ class Sampler:
         tokens = torch.cat((drafts, last[:, None]), dim=1).scatter(1, n[:, None], last[:, None])
         if not want_logprobs:
             return tokens, n + 1, None, None
-        chosen, top_logprobs = token_logprobs(scaled.flatten(0, 1), tokens.flatten(), top)
+        chosen, top_logprobs = chosen_logprobs(scaled.flatten(0, 1), tokens.flatten(), top)
         if top_logprobs is not None:
             top_logprobs = tuple(t.view(B, k + 1, top) for t in top_logprobs)
         return tokens, n + 1, chosen.view(B, k + 1), top_logprobs
@@ -182,7 +182,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, mass / total.clamp(min=torch.finfo(mass.dtype).tiny), p)
 
 
-def token_logprobs(scaled: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+def chosen_logprobs(scaled: torch.Tensor, tokens: torch.Tensor, top: int = 0):
     """The one log-prob computation: log_softmax of temperature-scaled logits [N, V] (float32), read at tokens [N],
     and the `top` most likely entries as (log-probs [N, top], ids [N, top]), best first (None when top == 0)."""
     logprobs = scaled.log_softmax(dim=-1)
@@ -204,8 +204,8 @@ def uniform(shape: tuple[int, int], generator, device) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator) -> torch.Tensor:
     """One token per row from probs [B, V] (rows need not sum to 1) by inverse transform sampling: the first token
     whose cumulative probability reaches u · total, u ~ U(0, 1) — one random number per row. `torch.multinomial`
-    draws an exponential variate per vocabulary entry instead, which at batch 16 cost 4.5 ms per step at vocab 8k
-    and 98 ms at 152k here, more than the model's forward. Tokens of probability 0 are never drawn: one is first to
+    draws an exponential variate per vocabulary entry instead, which at a large vocabulary costs more than the
+    model's forward. Tokens of probability 0 are never drawn: one is first to
     reach u only if its predecessor's cumulative probability, equal to its own, did not (u > 0 is kept above 0,
     and u · total, which may round up to the total, is reached first by the last token of non-zero probability)."""
     cdf = probs.cumsum(dim=-1)

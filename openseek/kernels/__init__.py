@@ -1,43 +1,11 @@
 """Small CPU kernels of our own for decode's matmuls and the training pass's elementwise work, built on first use for
-the machine they run on.
+the machine they run on: `quantized_vnni.cpp` and `quantized_avx2.cpp` (int8/int4 weights), `dense.cpp`
+(float32/bf16 weights, decode attention, the training pass's elementwise kernels; one source built per level).
 
-Decode multiplies a few rows of activations by every weight once per step, so its matmuls should stream the weights
-at the memory bandwidth. PyTorch's kernels do not at those shapes here (benchmarks/RESULTS.md): MKL's sgemm reaches a
-third of it at 8–16 rows, oneDNN's bf16 matvec about half, and the int8 weight-only matmul (`aten._weight_int8pack_mm`)
-converts every weight to bf16 first.
-- `quantized_vnni.cpp`: int8 and int4 weights by int8-quantised activations with AVX-512 VNNI, reading each weight
-  byte once; int8 from 16 rows on AMX tiles where the CPU has them (same results, bit for bit).
-- `quantized_avx2.cpp`: the same functions for CPUs with AVX2, FMA and F16C but no AVX-512 (most laptops, AMD
-  Zen 2/3), reading the same packed weights and giving the same results bit for bit; vpmaddubsw with the weight's
-  sign moved onto the activation stands in for vpdpbusd (its comment proves no int16 saturates).
-- `dense.cpp`: float32 and bfloat16 weights in nn.Linear's own layout (no copy), for a few rows; decode's
-  grouped-query attention over the cache in one pass; and, forward and backward, attention's masked softmax, the
-  head's token log-probs and entropy, RMSNorm, SwiGLU and the rotary embedding, each one pass over a row where
-  PyTorch makes several (the model's modules call them through `autograd.Function`s). One source, written in
-  `simd.h`'s vector operations, built once per instruction-set level as ATen builds one source per CPU_CAPABILITY:
-  `dense_avx512` (16 lanes, AVX512-BF16 dot products) and `dense_avx2` (8 lanes, AVX2 + FMA; bf16 widened to
-  float32), with the same functions, arguments and results (docs/kernels.md says why and how close the numbers are).
-
-Each kernel is also an operator (`torch.ops.openseek.*` at the avx512 level, `torch.ops.openseek_avx2.*` at the
-avx2 level, with a shape-only "fake" version below) so that a `torch.compile`d decode step keeps its matmuls in the
-graph; eager code calls the pybind functions, whose call costs less. Which extension runs, and which of the two
-calls, is chosen in one place, `ops.py`, per instruction-set level (`ops.LEVELS`: each names its `dense` and
-`quantized` extension, whose loader here is the function of the same name), with PyTorch's arithmetic wherever no
-kernel of ours applies; the model, engine and trainer call `ops.*` only.
-
-Each extension is compiled from its source with its entry's flags in EXTENSIONS (the AVX-512 ones for this machine,
-the AVX2 ones for the x86-64-v3 level, so that an AVX-512 machine builds and tests true AVX2 code) by
-`torch.utils.cpp_extension` the first time it is needed (about 50 s, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, as
-torch's own builder does). `python -m openseek.kernels`, which `make` runs at install, builds all of them side by
-side, so that the first run does not pay for it, and fails loudly (the compiler's message, exit 1) when a kernel
-this CPU supports does not build. Inside a run, where an extension cannot be built or run (missing instructions, no
-compiler), its function returns None after saying why in one line, and callers use PyTorch's kernel.
-
-`OPENSEEK_KERNELS` picks the level (`auto`, the best this CPU runs; a level's name; `0`, every kernel off, so that
-everything runs on PyTorch alone: the path of a CPU with no level of ours, testable on one with it). The build
-directory is named after the CPU's flags as well as the extension: `-march=native` makes a binary for this CPU
-only, and a cache shared between machines (a home directory on NFS, a copied ~/.cache) must never hand it to
-another CPU, where it would die of SIGILL.
+Each loader here (named after its extension) builds or loads it, or returns None after saying why in one line;
+`ops.py` chooses which level runs and calls them; `OPENSEEK_KERNELS` picks the level (`auto`, a level's name, `0`).
+`python -m openseek.kernels` builds them all at install. Why these kernels, how the build and the cache work, and
+how to add a level: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -57,31 +25,31 @@ from openseek.device import cpu_flags
 HERE = Path(__file__).parent
 
 
+def _with_quantized_shapes(module, namespace: str):
+    """A quantized extension (or None), its operators under `namespace` given their shape-only versions for
+    torch.compile."""
+    if module is None:
+        return None
+    torch.library.register_fake(f"{namespace}::int8_matmul")(_int8_matmul_shape)
+    torch.library.register_fake(f"{namespace}::int4_matmul")(_int4_matmul_shape)
+    torch.library.register_fake(f"{namespace}::grouped_int8_matmul")(_grouped_int8_matmul_shape)
+    torch.library.register_fake(f"{namespace}::int8_experts")(_int8_experts_shape)
+    return module
+
+
 @functools.cache
 def quantized_vnni():
     """The compiled extension (`.int8_matmul(x, packed, scales, rowsum)`, `.int4_matmul(x, packed)`,
     `.grouped_int8_matmul(x, packed, scales, rowsum, ends)` and `.int8_experts(...)`: MoE's experts), or None with a
     line on stderr saying why."""
-    module = build("quantized_vnni")
-    if module is not None:
-        torch.library.register_fake("openseek::int8_matmul")(_int8_matmul_shape)
-        torch.library.register_fake("openseek::int4_matmul")(_int4_matmul_shape)
-        torch.library.register_fake("openseek::grouped_int8_matmul")(_grouped_int8_matmul_shape)
-        torch.library.register_fake("openseek::int8_experts")(_int8_experts_shape)
-    return module
+    return _with_quantized_shapes(build("quantized_vnni"), "openseek")
 
 
 @functools.cache
 def quantized_avx2():
     """`quantized_vnni()`'s functions at the AVX2 level (the same arguments, packed weights and results; `use_amx`
     always False), as operators under torch.ops.openseek_avx2, or None with a line on stderr saying why."""
-    module = build("quantized_avx2")
-    if module is not None:
-        torch.library.register_fake("openseek_avx2::int8_matmul")(_int8_matmul_shape)
-        torch.library.register_fake("openseek_avx2::int4_matmul")(_int4_matmul_shape)
-        torch.library.register_fake("openseek_avx2::grouped_int8_matmul")(_grouped_int8_matmul_shape)
-        torch.library.register_fake("openseek_avx2::int8_experts")(_int8_experts_shape)
-    return module
+    return _with_quantized_shapes(build("quantized_avx2"), "openseek_avx2")
 
 
 @functools.cache

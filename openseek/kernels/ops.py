@@ -180,11 +180,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     activations of one dtype on the CPU, up to KERNEL_ROWS rows.
 
     Decode multiplies a few rows of activations by every weight, so it should stream the weights at the memory
-    bandwidth. PyTorch's kernels do not at those shapes: over a whole Qwen2.5-0.5B's weights on this project's
-    2-core Zen 5 (benchmarks/RESULTS.md, round 4), MKL's float32 sgemm streamed 14–16 GB/s at one row and 7–11 GB/s
-    at 2–8, oneDNN's bf16 matmul 25 GB/s at 1–2 rows; our kernel (nn.Linear's layout, float32 accumulation)
-    44–59 GB/s in float32 and 33–40 GB/s in bf16 at one row. Everything else — training, prefill, GPUs — is F.linear. In float32
-    its sums run in another order than MKL's (both exact to float32 rounding), so logits differ in the last bits."""
+    bandwidth. PyTorch's kernels do not at those shapes; ours (nn.Linear's layout, float32 accumulation) come much
+    closer (benchmarks/RESULTS.md, "Round 4 — Batch-1 decode against the memory roofline"). Everything else —
+    training, prefill, GPUs — is F.linear. In float32 its sums run in another order than MKL's (both exact to float32
+    rounding), so logits differ in the last bits."""
     rows = KERNEL_ROWS.get(w.dtype, 0)
     if (x.dtype is w.dtype and x.numel() <= rows * w.shape[1] and x.device.type == "cpu"
             and not torch.is_grad_enabled() and w.is_contiguous() and (kernel := _kernel("dense")) is not None):
@@ -200,8 +199,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
 
     One grouped GEMM (F.grouped_mm) when the layout allows it (16-byte aligned rows). Decode's few rows go to our
     kernel instead (one call for all groups, skipping empty ones), or where it cannot run, group by group through
-    `linear`: CPU's grouped GEMM multiplies every group, empty or not, with a small-M sgemm (16 of 20 ms of a
-    deepseek_v3 decode step at 8 rows, round 4), while our kernel streams each used expert's weight once."""
+    `linear`: CPU's grouped GEMM multiplies every group, empty or not, with a small-M sgemm (most of a deepseek_v3
+    decode step at 8 rows; benchmarks/RESULTS.md, round 4), while our kernel streams each used expert's weight once."""
     aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[1], w.shape[1]))
     few_rows = x.shape[0] <= w.shape[0] * KERNEL_ROWS.get(w.dtype, 0)  # per group, on average
     decoding = few_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
@@ -220,7 +219,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: normalise in float32, cast back, then scale — the order transformers uses, so bf16 results agree.
     On the CPU (float32 or bf16, x and weight of one dtype, eager) our kernel does it with the same rounding in one
     pass over each row, forward and backward; without autograd it is called directly (autograd.Function's
-    bookkeeping costs ~15 µs, a decode step has 17)."""
+    bookkeeping costs more than the kernel at a decode step's sizes, and a step has one per norm)."""
     if (x.device.type == "cpu" and x.dtype is weight.dtype and x.dtype in FLOAT_TYPES
             and (kernel := _eager_kernel("dense")) is not None):
         if torch.is_grad_enabled():
@@ -346,8 +345,8 @@ def attend_grouped(q, k, v, mask, scale, dtype=torch.float32):
     (`masked_softmax`) in float32; decode's arithmetic is float32 whatever the cache holds (a bf16 cache is read,
     not kept, in float32).
 
-    For a few queries against a cache this beats F.scaled_dot_product_attention here (bf16, 16 rows × 300 slots:
-    0.3 ms against 3.9–5.8 ms), and unlike SDPA's CPU kernel, which splits the keys among threads when there is one
+    For a few queries against a cache this beats F.scaled_dot_product_attention on the CPU (benchmarks/RESULTS.md,
+    round 6), and unlike SDPA's CPU kernel, which splits the keys among threads when there is one
     query, its result does not depend on the thread count: a seed gives the same samples on 1 or 2 threads.
     """
     B, H, T, D = q.shape
@@ -380,10 +379,9 @@ def attend_latent(q_nope, q_pe, kv, mask, weight, scale):
     With the weight viewed per head as [W_UK | W_UV], q_nope·k_nope = (q_nope W_UK)·latent and
     P·v = (P·latent) W_UVᵀ, so all heads share one key [latent | k_pe] and one value (the latent): multi-query
     attention in the latent space. The arithmetic is float32 whatever the weights and cache hold: CPU's bf16 batched
-    matmuls at these shapes are slower (120 µs against 38 µs each for a deepseek_v3 of hidden 512 at 8 rows, round 4)
-    as well as less exact. On the CPU in inference (r and rope multiples of 16), our kernel does all of it in one
-    call, one pass over the cache per row (written out, it was a quarter of a deepseek_v3 decode step at batch 8,
-    round 12)."""
+    matmuls at these shapes are slower as well as less exact (benchmarks/RESULTS.md, round 4). On the CPU in
+    inference (r and rope multiples of 16), our kernel does all of it in one call, one pass over the cache per row
+    (written out, it was a large share of a deepseek_v3 decode step; round 12)."""
     B, H, T, nope = q_nope.shape
     rope_dim = q_pe.shape[-1]
     rank = kv.shape[-1] - rope_dim

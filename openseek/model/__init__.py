@@ -1,3 +1,3 @@
-from openseek.model.transformer import Model, causal_padding_mask
+from openseek.model.transformer import Model, allocate, causal_padding_mask, meta_model
 
-__all__ = ["Model", "causal_padding_mask"]
+__all__ = ["Model", "allocate", "causal_padding_mask", "meta_model"]

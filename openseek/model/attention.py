@@ -18,27 +18,16 @@ from torch import nn
 from openseek.config import ModelConfig
 from openseek.kernels import ops
 from openseek.model.linear import Linear
+from openseek.model.norm import RMSNorm
 from openseek.model.rope import softmax_scale_multiplier
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm in transformers' order of roundings (ops.rms_norm)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def attend(q, k, v, mask, scale, enable_gqa=False):
     """Attention over a whole sequence (training, scoring, prefill): causal, or under `mask` [B, 1, T, T].
 
     On the CPU, training and any masked pass go through `ops.attend_grouped` in the activations' own dtype: SDPA's CPU
-    backward is several times slower (16 rows × 135 tokens, 8 heads: bf16 37.9 ms against 8.4 ms a layer, float32
-    17.8 against 14.8; the demo's model: 25.9 against 4.9 ms in bf16), a seventh of a GRPO update. A masked forward
+    backward is slower, several times so in bf16 (benchmarks/RESULTS.md, "Round 6 — attention written out for
+    training"). A masked forward
     takes that path with or without autograd, so the log-probs GRPO scores equal those its loss recomputes.
     Inference without a mask (a prefill) keeps SDPA, which never holds the [T, T] scores."""
     if q.device.type == "cpu" and (mask is not None or torch.is_grad_enabled()):

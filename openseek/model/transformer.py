@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from openseek.config import ModelConfig
-from openseek.model.attention import GQAttention, MLAttention, RMSNorm
+from openseek.model.attention import GQAttention, MLAttention
 from openseek.model.linear import Linear
 from openseek.model.moe import Experts, MoE, Router, SwiGLU
+from openseek.model.norm import RMSNorm
 from openseek.model.rope import RotaryEmbedding
 
 
@@ -167,6 +168,27 @@ class Model(nn.Module):
     def mtp_head(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from an MTP depth's output: its own norm, then the main model's head."""
         return self.lm_head(self.mtp[depth].shared_head.norm(hidden))
+
+
+def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Model:
+    """A Model on the meta device (no memory), in `dtype` but for the routers and the rotary frequencies, which stay
+    float32 (routing decisions as in DeepSeek's and transformers' code; bf16 frequencies would turn position 1000
+    into an angle off by radians). Swap modules on it (quantisation), then `allocate` it and fill its weights."""
+    with torch.device("meta"):
+        model = Model(cfg)
+    model.to(dtype)
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        router.float()
+    model.rotary.float()
+    return model
+
+
+def allocate(model: Model, device) -> Model:
+    """Give a meta model uninitialised storage on `device`; the tied head and the rotary frequencies are set."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.rotary.reset_parameters()
+    return model
 
 
 def causal_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:

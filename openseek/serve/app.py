@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openseek.device import resolve_device
-from openseek.quantize import add_precision_arguments
+from openseek.flags import add_engine_arguments
 from openseek.serve.gate import APIError, Gate, check_bind, error_envelope
 from openseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from openseek.serve.protocol import (
@@ -55,7 +55,7 @@ from openseek.serve.protocol import (
     FunctionCallOut,
     ModelCard,
     ModelList,
-    SamplingParams,
+    SamplingFields,
     TextChoice,
     TextCompletion,
     TextLogprobs,
@@ -69,16 +69,8 @@ from openseek.serve.protocol import (
     new_id,
     now,
 )
-from openseek.serve.server import (
-    Choice,
-    Job,
-    Piece,
-    Scored,
-    Server,
-    ServeConfig,
-    add_reasoning_budget_argument,
-    load_engine,
-)
+from openseek.serve.job import Choice, Job, Piece, Scored
+from openseek.serve.server import Server, ServeConfig, load_engine
 
 STATIC = Path(__file__).parent / "static"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first: nobody reads it, /metrics counts it
@@ -158,7 +150,7 @@ CHAT = Kind("chatcmpl", ChatCompletion, ChatCompletionChunk, _chat_choice,
 TEXT = Kind("cmpl", TextCompletion, TextCompletion, _text_choice)
 
 
-async def respond(server: Server, job: Job, request: SamplingParams, kind: Kind, receive):
+async def respond(server: Server, job: Job, request: SamplingFields, kind: Kind, receive):
     """Start the job; answer with the whole response once it is done, or stream it as server-sent events. Either
     way a client that hangs up first (`receive`, the request's ASGI channel, says so) cancels the job: its
     sequences leave the batch at the next step and /metrics counts it."""
@@ -310,22 +302,7 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     page, csp = _page()
     error_responses = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        return _error(error, {"retry-after": "1"} if error.status == 429 else None)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        return _error(_validation_error(error))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        message = "not found: " + request.url.path if error.status_code == 404 else str(error.detail)
-        return _error(APIError(error.status_code, message), getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, error: Exception):
-        return _error(APIError(500, f"internal error: {type(error).__name__}"))
+    _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page():
@@ -343,18 +320,7 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     async def metrics():
         return Response(server.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    def card() -> ModelCard:
-        return ModelCard(id=config.model_name, created=now(), max_model_len=config.max_model_len)
-
-    @app.get("/v1/models", response_model=ModelList, responses=error_responses)
-    async def models():
-        return ModelList(data=[card()])
-
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=error_responses)
-    async def model(model: str):
-        if model != config.model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        return card()
+    _add_model_routes(app, config, error_responses)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=error_responses)
     async def chat_completions(request: ChatCompletionRequest, http: Request):
@@ -376,14 +342,55 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     async def tokenizer_info():
         return server.tokenizer_info()
 
+    app.state.asgi = _gated(app, config, server)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error object: ours, validation failures, HTTP errors and crashes."""
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return _error(error, {"retry-after": "1"} if error.status == 429 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return _error(_validation_error(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = "not found: " + request.url.path if error.status_code == 404 else str(error.detail)
+        return _error(APIError(error.status_code, message), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception):
+        return _error(APIError(500, f"internal error: {type(error).__name__}"))
+
+
+def _add_model_routes(app: FastAPI, config: ServeConfig, error_responses: dict) -> None:
+    """/v1/models and /v1/models/{model}: the one model served."""
+    def card() -> ModelCard:
+        return ModelCard(id=config.model_name, created=now(), max_model_len=config.max_model_len)
+
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses)
+    async def models():
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=error_responses)
+    async def model(model: str):
+        if model != config.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return card()
+
+
+def _gated(app: FastAPI, config: ServeConfig, server: Server):
+    """The app behind the gate (API key, body size, request count) and, when origins are allowed, CORS."""
     wrapped = Gate(app, config.api_key, config.max_body_bytes, server.metrics.count_request)
     if config.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
 
         wrapped = CORSMiddleware(wrapped, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
                                  allow_headers=["authorization", "content-type"])
-    app.state.asgi = wrapped
-    return app
+    return wrapped
 
 
 def asgi_app(engine, tokenizer, config: ServeConfig):
@@ -415,12 +422,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt in full (default: reuse the cached start of recent prompts)")
-    parser.add_argument("--speculative", choices=["mtp"],
-                        help="speculative decoding: 'mtp' drafts with the model's own MTP module (same outputs)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="tokens drafted per step (k)")
-    add_reasoning_budget_argument(parser)
-    add_precision_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto (the GPU when available, else cpu) | cpu | cuda[:N]")
+    add_engine_arguments(parser)
 
 
 def main(args) -> int:

@@ -59,7 +59,9 @@ UNHONOURED = {
 UNHONOURED_HINTS = {"functions": "use `tools`", "function_call": "use `tool_choice`"}
 
 
-class Request(BaseModel):
+class RequestPart(BaseModel):
+    """A part of a client's request body: unknown fields are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
@@ -85,7 +87,7 @@ def lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
     return None
 
 
-class Body(Request):
+class Body(RequestPart):
     """A whole request body: its strings are checked before any field is (see the module docstring)."""
 
     @model_validator(mode="before")
@@ -99,12 +101,12 @@ class Body(Request):
                                   {"message": f"{where or 'body'}: {why}", "param": where or None})
 
 
-class TextPart(Request):
+class TextPart(RequestPart):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(Request):
+class FunctionCall(RequestPart):
     name: str
     arguments: str  # a JSON object, as text
 
@@ -125,19 +127,19 @@ class FunctionCall(Request):
         return arguments
 
 
-class ToolCall(Request):
+class ToolCallIn(RequestPart):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestPart):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     # Reasoning sent back from an earlier turn is accepted and dropped from the prompt (DeepSeek's rule).
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_calls: list[ToolCallIn] | None = None  # assistant
     tool_call_id: str | None = None  # tool
 
     def text(self) -> str:
@@ -148,14 +150,14 @@ class ChatMessage(Request):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestPart):
     include_usage: bool = False
 
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-class SamplingParams(Body):
+class SamplingFields(Body):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -214,35 +216,35 @@ class SamplingParams(Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class FunctionDefinition(Request):
+class FunctionDefinition(RequestPart):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema; checked by compiling it
     strict: bool | None = None
 
 
-class Tool(Request):
+class Tool(RequestPart):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(Request):
+class FunctionName(RequestPart):
     name: str
 
 
-class NamedToolChoice(Request):
+class NamedToolChoice(RequestPart):
     type: Literal["function"]
     function: FunctionName
 
 
-class JsonSchemaFormat(Request):
+class JsonSchemaFormat(RequestPart):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(Request):
+class ResponseFormat(RequestPart):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -257,7 +259,7 @@ class ResponseFormat(Request):
 REASONING_EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384}
 
 
-class ChatCompletionRequest(SamplingParams):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -274,7 +276,7 @@ class ChatCompletionRequest(SamplingParams):
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(SamplingParams):
+class CompletionRequest(SamplingFields):
     # a string, strings, token ids or lists of token ids: one prompt or several (each gets its `n` choices)
     prompt: (Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
                                                                    Field(min_length=1)]

@@ -27,19 +27,18 @@ from openseek.engine import Engine, stop_token_ids
 from openseek.engine.constraint import ConstraintError, GrammarCompiler, Thinking
 from openseek.serve.detokenize import IncrementalDecoder, StopMatcher
 from openseek.serve.gate import APIError
+from openseek.serve.job import Choice, Job, Piece, Scored
 from openseek.serve.metrics import Metrics
 from openseek.serve.protocol import (
     REASONING_EFFORT_BUDGETS,
     ChatCompletionRequest,
     CompletionRequest,
-    CompletionTokensDetails,
     DetokenizeRequest,
     DetokenizeResponse,
-    SamplingParams,
+    SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
-    Usage,
 )
 from openseek.serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
 from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages
@@ -67,92 +66,6 @@ class ServeConfig:
     max_n: int = 8
     max_sequences: int = 64  # sequences admitted (generating or waiting for a batch slot); beyond it: 429
     reasoning_budget: int | None = None  # thinking tokens when a request sets no budget (None: unbounded)
-
-
-@dataclass
-class Scored:
-    """One token's log-prob: its text, its log-prob (None for a prompt's first token), the most likely tokens at its
-    position as (text, log-prob), best first (None with the first prompt token), and where its text starts in the
-    choice's text."""
-
-    token: str
-    logprob: float | None
-    top: list[tuple[str, float]] | None
-    offset: int
-
-
-@dataclass
-class Piece:
-    """What one choice adds in one step: reasoning text, answer text, or its end; and, when the request asked for
-    log-probs, those of the tokens behind it (split as the text is; None when not asked)."""
-
-    index: int
-    reasoning: str = ""
-    content: str = ""
-    finish_reason: str | None = None
-    reasoning_logprobs: list[Scored] | None = None
-    content_logprobs: list[Scored] | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-
-
-@dataclass
-class Choice:
-    """One of a job's answers (`n` per prompt): its engine request and all it has produced so far."""
-
-    index: int
-    prompt: int  # index into Job.prompts
-    max_tokens: int
-    seed: int | None
-    splitter: ReasoningSplitter | None  # None: a text completion, no reasoning split
-    logprobs: bool = False  # the request asked for log-probs
-    tools: ToolCallParser | None = None  # the request has tools that may be called
-    handle: object = None  # the engine's request, once started
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    reasoning_logprobs: list[Scored] = field(default_factory=list)
-    content_logprobs: list[Scored] = field(default_factory=list)
-    sent_logprobs: tuple[int, int] = (0, 0)  # (reasoning, content) entries already in a Piece
-    offset: int = 0  # characters of text behind the log-prob entries so far
-
-    def whole(self) -> Piece:
-        """Everything this choice produced, as one Piece."""
-        return Piece(self.index, "".join(self.reasoning), "".join(self.content), self.finish_reason,
-                     self.reasoning_logprobs if self.logprobs else None,
-                     self.content_logprobs if self.logprobs else None,
-                     [] if self.tools is None else list(self.tools.calls))
-
-
-@dataclass
-class Job:
-    """One request, validated and tokenized: its prompts (one for chat) and the choices for them."""
-
-    prompts: list[list[int]]
-    prompt_texts: list[str]
-    temperature: float
-    top_p: float
-    top_k: int
-    stops: list[str]
-    stop_token_ids: list[int]  # tokens that end a choice: the model's EOS (unless ignore_eos) and the request's
-    choices: list[Choice]
-    logprobs: int | None = None  # most likely tokens per position besides the chosen one; None: no log-probs
-    echo: bool = False
-    constraint: object = None  # the spec every choice's row follows (engine/constraint.py); None: free
-    include_stop: bool = False  # the stop string or token that ended a choice stays at the end of its text
-    skip_special_tokens: bool = True  # special tokens are left out of the text
-    started: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    finished: bool = False  # every choice ran to its end (a client hanging up after that cancels nothing)
-    released: bool = False
-
-    def usage(self) -> Usage:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(c.completion_tokens for c in self.choices)
-        reasoning = sum(c.reasoning_tokens for c in self.choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
 
 class Server:
@@ -329,7 +242,7 @@ class Server:
         return self._job(prompts, request, request.max_tokens, "max_tokens", "prompt", reasoning=None,
                          stop_ids=self._stop_ids(request), logprobs=request.logprobs, echo=request.echo)
 
-    def _stop_ids(self, request: SamplingParams) -> list[int]:
+    def _stop_ids(self, request: SamplingFields) -> list[int]:
         """The tokens that end this request's choices: the model's EOS unless `ignore_eos`, and `stop_token_ids`."""
         vocab = self.engine.cfg.vocab_size
         extra = request.stop_token_ids or []
@@ -339,14 +252,14 @@ class Server:
                            param="stop_token_ids")
         return sorted(set(extra) | (set() if request.ignore_eos else set(self.stop_token_ids)))
 
-    def _check_common(self, request: SamplingParams) -> None:
+    def _check_common(self, request: SamplingFields) -> None:
         if request.model != self.config.model_name:
             raise APIError(404, f"The model `{request.model}` does not exist; this server serves "
                                 f"`{self.config.model_name}`.", param="model", code="model_not_found")
         if request.n > self.config.max_n:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
-    def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingParams, max_tokens: int | None,
+    def _job(self, prompts: list[tuple[str, list[int]]], request: SamplingFields, max_tokens: int | None,
              param: str, prompt_param: str, reasoning, stop_ids: list[int], logprobs: int | None = None,
              echo: bool = False, constraint=None, tool_names: set[str] | None = None) -> Job:
         """prompts: (text, ids) each; `n` choices per prompt, numbered prompt by prompt. stop_ids: the tokens
@@ -624,21 +537,6 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def add_reasoning_budget_argument(parser) -> None:
-    """--reasoning-budget, for `serve` and `chat`."""
-
-    def budget(text: str) -> int:
-        value = int(text)
-        if value < 0:
-            raise ValueError(text)
-        return value
-
-    budget.__name__ = "token count >= 0"  # what argparse says of a bad value
-    parser.add_argument("--reasoning-budget", type=budget, metavar="N",
-                        help="close the <think> block after N tokens of reasoning unless a request sets its own "
-                             "(thinking_budget_tokens, reasoning_effort); default: unbounded")
 
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,

@@ -1,55 +1,12 @@
-"""GRPO and its fixes (Dr. GRPO, DAPO), with the RL loop written out in `train()`.
+"""GRPO and its relatives (Dr. GRPO, DAPO, GSPO; std, mean, RLOO and REINFORCE++ advantages): the config, the
+objective, and the RL loop written out in `train()`.
 
-Each step: P prompts, G completions each from the Engine, rewards, group advantages, then μ clipped
-policy-gradient updates through `Trainer.step` against the rollout log-probs. The Engine samples the module the
-trainer updates or, under a bf16 update (`rollout_policy`), a bf16 view of it (int8 on a CPU with VNNI) refreshed
-after every update, with the mismatch corrected per token. To follow one step read `train()` top to bottom; it
-calls `roll_out` (which calls `generate_and_score` → `Engine.generate`), `Trainer.step` (which calls
-`GRPOObjective`) and `Trainer.log`.
-
-The loss modes, named as users know them:
-
-    advantage  std : (r - mean) / (std + 1e-4)       GRPO, DAPO
-               mean: r - mean                        Dr. GRPO (no difficulty bias)
-    loss_type  grpo   : mean over each completion's tokens, then over completions
-               dapo   : mean over all tokens of the step (token-level loss)
-               dr_grpo: token sum / (completions × max_new_tokens) (no length bias)
-
-Each mode's denominator is counted over the whole step, so `--grad-accum k` splits a rollout into k micro-batches
-without changing the gradient. Per token: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL, ρ = π/π_rollout, KL the k3
-estimator to a frozen reference. Dynamic sampling drops groups whose rewards are all equal and refills; overlong
-shaping is DAPO's soft punishment.
+One step, read top to bottom in `train()`: `roll_out` (prompts → `generate_and_score` in rollout.py → rewards,
+advantages) → μ × `Trainer.step(…, GRPOObjective)` → `Trainer.log`. The loss modes, the rollout view and its
+correction, LoRA, and every metric are described in docs/training.md.
 
     openseek grpo --model DIR --task countdown --group-size 8 --prompts-per-step 16 --max-new-tokens 512 \
         --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 128 --output-dir runs/grpo
-
-With `--lora-rank r` only LoRA adapters train (lora.py): the Engine rolls out with them active (the same module),
-the reference policy of β > 0 is that module with its adapters disabled, and checkpoints hold `adapter/` in
-PEFT's format. Rollouts run with the model in eval mode, so LoRA dropout never enters the sampled log-probs.
-
-Rewards see the completion text and the prompt text the model continued (so a template that opened `<think>` is
-visible to the format reward); extra dataset columns arrive as keyword lists.
-
-Metrics (metrics.jsonl, one row per optimizer step), besides the Trainer's (`loss`, `lr`, `grad_norm`, `tokens`,
-`tokens_per_s`, `expert_load_max_mean`, `mfu`):
-    reward, reward_std                     weighted total reward: mean, mean within-group std
-    rewards/<fn>/mean, rewards/<fn>/std    each reward function
-    accuracy                               the mean of the task's checker (when there is one)
-    completion_length/mean, /max           generated tokens per completion
-    completion_length/truncated            share of completions cut at max_new_tokens
-    groups_without_signal                  groups whose rewards are all equal (advantage 0)
-    dynamic_sampling/dropped_groups, /rounds   (with --dynamic-sampling)
-    clip_fraction                          completion tokens whose gradient the clip removed
-    entropy                                mean per-token entropy of the policy
-    kl                                     k3 KL to the reference (β > 0)
-    rollout/logprob_abs_diff_mean, _max    |rollout log-prob − trainer log-prob| per completion token, on the
-                                           first update of a rollout (0 when both see the same weights alike)
-    time/step = time/generation + time/scoring + time/update + time/refresh   seconds; a rollout's generation
-                                           and scoring (rewards, reference log-probs) count in its first update's
-                                           row, refreshing the rollout view (`refresh_view`: copying or re-quantising
-                                           the updated weights, 0 without a view) in its last update's row
-    time/wall                              wall clock from the previous row's logging to this row's: the whole step,
-                                           with whatever the loop does between steps (logging, the progress bar)
 """
 
 from __future__ import annotations
@@ -57,9 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,65 +21,42 @@ from pathlib import Path
 import torch
 
 import openseek
-from openseek.engine import Completion, Engine, stop_token_ids
-from openseek.kernels import ops
-from openseek.quantize import QUANTIZE, refresh_view, rollout_view
+from openseek.engine import Engine
+from openseek.quantize import QUANTIZE
 from openseek.lora import adapters_disabled
 from openseek import report as reporting
-from openseek.rewards import (
-    REWARDS,
-    RewardError,
-    accuracy_reward,
-    countdown_reward,
-    format_reward,
-    load_reward,
-    reward_name,
-    score,
+from openseek.tasks import TEMPLATES
+from openseek.train.logprobs import completion_logprobs
+from openseek.train.rollout import (
+    ADVANTAGE_ALIASES,
+    ADVANTAGES,
+    RolloutBatch,
+    roll_out,
+    PromptStream,
+    Rewards,
+    hash_seed,
+    load_rows,
+    refresh_view,
+    resolve_rewards,
+    rollout_policy,
 )
-from openseek.tasks import TEMPLATES, format_prompt, get_task
-from openseek.tasks.math_file import DatasetError, jsonl_objects, parse_row
-from openseek.train.pretrain import load_tokenizer
-from openseek.train.trainer import (
-    MeanOf,
-    Trainer,
-    TrainConfig,
+from openseek.flags import (
     add_config_arguments,
-    add_train_arguments,
+    add_stage_arguments,
     apply_recipe,
+    config_defaults,
     config_from_args,
-    init_distributed,
-    train_config_from_args,
 )
+from openseek.tokenizer import load_tokenizer
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import MeanOf, Trainer, init_distributed
 
-PROMPT_FIELDS = ("prompt", "question", "problem")
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
-ADVANTAGES = ("std", "mean", "rloo", "reinforce_pp")
-ADVANTAGE_ALIASES = {"group_std": "std", "group_mean": "mean"}
 CORRECTIONS = ("auto", "none", "token_tis", "sequence_mask")
-STD_EPS = 1e-4
 
 # ---------------------------------------------------------------------------------------------------------------
 # The objective, as pure functions of tensors (each pinned by a hand-computed test)
-
-
-def group_advantages(rewards: torch.Tensor, advantage: str = "std") -> torch.Tensor:
-    """rewards [P, G] -> advantages [P, G]:
-    std (group_std, GRPO): (r - group mean) / (group std + 1e-4);   mean (group_mean, Dr. GRPO): r - group mean;
-    rloo: r minus the mean of the other G - 1 rewards = G / (G - 1) · (r - group mean);
-    reinforce_pp (REINFORCE++-baseline): (r - group mean) / (std of those over the whole batch + 1e-4)."""
-    advantage = ADVANTAGE_ALIASES.get(advantage, advantage)
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES + tuple(ADVANTAGE_ALIASES)}, got {advantage!r}")
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if advantage == "mean":
-        return centred
-    if advantage == "rloo":
-        G = rewards.shape[1]
-        return centred * G / (G - 1)
-    if advantage == "reinforce_pp":
-        return centred / (centred.std() + STD_EPS) if centred.numel() > 1 else centred
-    return centred / (rewards.std(dim=1, keepdim=True) + STD_EPS)
 
 
 def check_group_size(group_size: int, advantage: str) -> None:
@@ -142,22 +73,6 @@ def check_group_size(group_size: int, advantage: str) -> None:
         f"--group-size {group_size} gives no learning signal: with one completion per prompt every advantage "
         "r - mean is 0; use --group-size 2 or more"
     )
-
-
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment, added to the reward: 0 up to max - buffer tokens, then a linear ramp down
-    to -factor at max_new_tokens (and -factor beyond). buffer = 0 turns it off."""
-    if buffer <= 0:
-        return torch.zeros_like(lengths, dtype=torch.float32)
-    if buffer > max_new_tokens:
-        raise ValueError(f"overlong buffer {buffer} is longer than max_new_tokens {max_new_tokens}")
-    excess = lengths.float() - (max_new_tokens - buffer)
-    return -factor * (excess / buffer).clamp(min=0.0, max=1.0)
-
-
-def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """[P, G] -> [P] bool: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
-    return (rewards != rewards[:, :1]).any(dim=1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -253,65 +168,10 @@ def loss_sum(loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Te
     return (loss * mask).sum()
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    """Reduce per-token losses [N, L] over the completion mask [N, L] to a scalar, the way `loss_type` names."""
-    units = loss_units(mask, loss_type, max_new_tokens)
-    return loss_sum(loss, mask, loss_type) / max(units, 1.0)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> MeanOf:
     """The mean of x over the mask's tokens; as a MeanOf, the trainer averages it exactly over the whole step."""
     mask = mask.to(x.dtype)
     return MeanOf(float((x * mask).sum()), float(mask.sum()))
-
-
-LOGPROB_CHUNK = 2**24  # logits per lm_head chunk (64 MiB in float32): tokens per chunk = this / vocabulary
-# Below this many logits in a whole pass (256 MiB in float32, about as much again for the log-softmax the backward
-# keeps) the chunks' logits are kept for the backward pass instead of recomputed: recomputing cost a GRPO update at
-# the benchmark's shape (2,048 tokens × 8,192) a second head matmul, log-softmax and entropy (benchmarks/RESULTS.md).
-LOGPROB_RECOMPUTE_ABOVE = 2**26
-
-
-def completion_logprobs(model, input_ids, padding_mask, prompt_len: int, temperature: float = 1.0,
-                        entropy: bool = True):
-    """Log-probs of the completion tokens (columns prompt_len:) under the model at the sampling temperature, and
-    the per-token entropy (detached; None without `entropy`). Rows are [left-padded prompt | right-padded
-    completion]; a batch without padding takes the plain causal path. The head runs over the final hidden states
-    a chunk of tokens at a time (`token_logprobs`), so no [B, T, V] logits are ever held."""
-    if bool(padding_mask.all()):
-        padding_mask = None
-    hidden = model.hidden_states(input_ids, padding_mask=padding_mask)[:, prompt_len - 1 : -1]
-    return token_logprobs(model.lm_head, hidden, input_ids[:, prompt_len:], temperature, entropy)
-
-
-def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   entropy: bool = True, chunk: int | None = None,
-                   recompute_above: int = LOGPROB_RECOMPUTE_ABOVE):
-    """log softmax(head(hidden) / T) at `targets` ([B, L] from hidden [B, L, H]), and the entropy of each
-    distribution, computed `chunk` tokens at a time (default: LOGPROB_CHUNK logits' worth) in float32 (float64
-    stays). When the pass has more than `recompute_above` logits, each chunk's logits are recomputed in the backward
-    pass instead of being kept (activation checkpointing), so memory holds one chunk's logits at a time."""
-    chunk = chunk or max(16, LOGPROB_CHUNK // head.out_features)
-    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    recompute = torch.is_grad_enabled() and flat.requires_grad and flat.shape[0] * head.out_features > recompute_above
-    logprobs, entropies = [], []
-    for start in range(0, flat.shape[0], chunk):
-        h, t = flat[start : start + chunk], flat_targets[start : start + chunk]
-        if recompute:
-            logp, ent = torch.utils.checkpoint.checkpoint(_chunk, head, h, t, temperature, entropy,
-                                                          use_reentrant=False)
-        else:
-            logp, ent = _chunk(head, h, t, temperature, entropy)
-        logprobs.append(logp)
-        entropies.append(ent)
-    logprobs = torch.cat(logprobs).view(targets.shape)
-    return logprobs, torch.cat(entropies).view(targets.shape) if entropy else None
-
-
-def _chunk(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
-    """One chunk: (log-prob of each target, entropy of each distribution, detached, or None without `entropy`,
-    which the reference pass does not need), on our kernel where it runs (ops.token_logprobs)."""
-    return ops.token_logprobs(head(h), targets, temperature, entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,33 +237,6 @@ class GRPOConfig:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
 
 
-@dataclass
-class RolloutBatch:
-    """One rollout batch, laid out for a single forward: rows are [left-padded prompt | right-padded completion]."""
-
-    input_ids: torch.Tensor  # [N, prompt_len + L]
-    padding_mask: torch.Tensor  # [N, prompt_len + L] bool, True = real token
-    prompt_len: int
-    completion_mask: torch.Tensor  # [N, L] bool
-    rollout_logprobs: torch.Tensor  # [N, L] log-probs the Engine sampled with
-    advantages: torch.Tensor  # [N]
-    ref_logprobs: torch.Tensor | None = None  # [N, L] frozen reference (beta > 0)
-    # [N, L] the trained policy's own log-probs at rollout time, for the ratio when a rollout correction is on:
-    # taken from the first update's forward (no extra pass) and reused by the μ - 1 updates after it
-    old_logprobs: torch.Tensor | None = None
-
-    def split(self, parts: int) -> list[RolloutBatch]:
-        """`parts` micro-batches of consecutive rows (gradient accumulation); sizes differ by at most one row."""
-        rows = self.input_ids.shape[0]
-        if parts > rows:
-            raise ValueError(f"grad_accum={parts} is more micro-batches than the {rows} completions of a rollout")
-        pieces = [torch.tensor_split(t, parts) if t is not None else [None] * parts
-                  for t in (self.input_ids, self.padding_mask, self.completion_mask, self.rollout_logprobs,
-                            self.advantages, self.ref_logprobs, self.old_logprobs)]
-        return [RolloutBatch(ids, pad, self.prompt_len, mask, logp, adv, ref, old)
-                for ids, pad, mask, logp, adv, ref, old in zip(*pieces)]
-
-
 class GRPOObjective:
     """The clipped, KL-regularised group policy-gradient loss over one rollout (micro-)batch, in the Trainer's
     objective contract: `counts(batch)` gives the units `loss_type` divides by, and the loss is the batch's
@@ -461,259 +294,35 @@ class GRPOObjective:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts: prompts -> completions from the Engine -> rewards -> one batch
-
-
-def load_prompt_file(path) -> list[dict]:
-    """Rows of a JSONL prompt file: the prompt from `prompt`, `question` or `problem`; every other column is kept
-    and passed to the reward functions. Rows with a gold `answer` (or a MATH `solution`) get it normalised the way
-    `openseek eval` reads benchmark files (GSM8K's `#### 42`, a solution's last \\boxed{})."""
-    rows = []
-    for where, line_no, row in jsonl_objects(path):
-        field_name = next((f for f in PROMPT_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
-        if field_name is None:
-            raise DatasetError(
-                f"{where}: no usable prompt column: expected a non-empty string in one of "
-                f"{', '.join(PROMPT_FIELDS)}; the row has columns: {', '.join(row) or 'none'}"
-            )
-        if "answer" in row or "solution" in row:
-            row = parse_row({**row, "prompt": row[field_name]}, where, line_no)
-        rows.append({**row, "prompt": row[field_name]})
-    return rows
-
-
-def encode_prompt(tokenizer, question: str, template: str) -> tuple[str, list[int]]:
-    """The text the model continues and its ids. The chat template writes its own BOS; the others get the
-    tokenizer's usual special tokens."""
-    text = format_prompt(question, template, tokenizer)
-    return text, tokenizer.encode(text, add_special_tokens=template != "chat")
-
-
-class PromptStream:
-    """Prompt rows in a seeded shuffle, epoch after epoch; under torchrun each rank takes its own slice of every
-    draw. Its position is saved in checkpoints (`Trainer.track_data`), so a resumed run continues the order."""
-
-    def __init__(self, rows: list[dict], seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not rows:
-            raise ValueError("GRPO needs at least one prompt row")
-        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
-        self.position = {"epoch": 0, "index": 0, "rollouts": 0}
-
-    def state_dict(self) -> dict:
-        return {"position": dict(self.position)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = dict(state["position"])
-
-    def take(self, n: int) -> list[dict]:
-        """This rank's share of the next n × world_size rows."""
-        out = []
-        while len(out) < n * self.world_size:
-            order = list(range(len(self.rows)))
-            random.Random(f"{self.seed}:{self.position['epoch']}").shuffle(order)
-            take = order[self.position["index"] : self.position["index"] + n * self.world_size - len(out)]
-            out += [self.rows[i] for i in take]
-            self.position["index"] += len(take)
-            if self.position["index"] >= len(self.rows):
-                self.position["epoch"] += 1
-                self.position["index"] = 0
-        return out[self.rank * n : (self.rank + 1) * n]
-
-
-class Rewards:
-    """The reward functions with their weights and metric names; `accuracy_fn` is the one logged as `accuracy`."""
-
-    def __init__(self, fns: list, weights: list[float] | None = None, accuracy_fn=None):
-        if not fns:
-            raise ValueError("GRPO needs at least one reward function")
-        weights = [1.0] * len(fns) if weights is None else list(weights)
-        if len(weights) != len(fns):
-            raise ValueError(f"--reward-weights has {len(weights)} values for {len(fns)} reward functions")
-        self.fns, self.weights, self.accuracy_fn = fns, weights, accuracy_fn
-        self.names = unique_names(fns)
-
-    def total(self, per_fn: torch.Tensor) -> torch.Tensor:
-        """[K, N] per-function rewards -> [N] weighted total."""
-        return (torch.tensor(self.weights, dtype=torch.float32)[:, None] * per_fn).sum(0)
-
-    def metrics(self, per_fn: torch.Tensor) -> dict[str, float]:
-        out = {}
-        for name, fn, values in zip(self.names, self.fns, per_fn):
-            out[f"rewards/{name}/mean"] = values.mean().item()
-            out[f"rewards/{name}/std"] = values.std().item()
-            if fn is self.accuracy_fn:
-                out["accuracy"] = values.mean().item()
-        return out
-
-
-@dataclass
-class Scored:
-    """n completions of each prompt row, decoded and scored by every reward function."""
-
-    prompt_texts: list[str]  # [P] the text each prompt's completions continue
-    prompt_ids: list[list[int]]  # [P]
-    completions: list[list[Completion]]  # [P][n] token ids, log-probs, finish reasons
-    texts: list[str]  # [P * n] decoded completions, prompt-major
-    per_fn: torch.Tensor  # [K, P * n] rewards of each function
-    generation_s: float  # time spent in the Engine
-
-
-def generate_and_score(engine, tokenizer, rows: list[dict], reward_fns: list, *, n: int, template: str,
-                       max_new_tokens: int, temperature: float, top_p: float, seed: int | list[int],
-                       logprobs: bool = False) -> Scored:
-    """Generate → decode → score, shared by GRPO and rejection sampling. Rewards see each completion's text and the
-    prompt text it continued (so a template that opened `<think>` is visible to the format reward); extra row
-    columns arrive as keyword lists. Each function is called through `rewards.score`, which names a function that
-    returns the wrong length, None or a non-number."""
-    texts, ids = zip(*(encode_prompt(tokenizer, row["prompt"], template) for row in rows))
-    started = time.perf_counter()
-    completions = engine.generate(
-        list(ids), max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-        stop_token_ids=stop_token_ids(engine.cfg, tokenizer), seed=seed, logprobs=logprobs,
-    )
-    generation_s = time.perf_counter() - started
-    decoded = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for group in completions for c in group]
-    prompts = [t for t in texts for _ in range(n)]
-    columns = {k: [row.get(k) for row in rows for _ in range(n)]
-               for k in dict.fromkeys(k for row in rows for k in row) if k != "prompt"}
-    per_fn = torch.tensor([score(fn, decoded, prompts, columns) for fn in reward_fns], dtype=torch.float32)
-    return Scored(list(texts), list(ids), completions, decoded, per_fn, generation_s)
-
-
-def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg: GRPOConfig, seed: int,
-             pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
-    """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
-    overlong shaping, dynamic sampling's refills, group advantages. Returns the batch on the model's device and the
-    rollout's metrics (rewards, lengths, `time/generation`)."""
-    P, G = cfg.prompts_per_step // prompts.world_size, cfg.group_size
-    kept, spare, generation_s, rounds = [], [], 0.0, 0
-    while len(kept) < P:
-        rows = prompts.take(refill_size(P, len(kept), len(kept) + len(spare)))
-        # One seed per prompt from its place in the step's global prompt list: a prompt's samples are the same
-        # whichever process draws them (2 processes reproduce 1).
-        seeds = [hash_seed(seed, rounds, prompts.rank * len(rows) + i) for i in range(len(rows))]
-        scored = generate_and_score(
-            engine, tokenizer, rows, rewards.fns, n=G, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds, logprobs=True)
-        generation_s, rounds = generation_s + scored.generation_s, rounds + 1
-        lengths = torch.tensor([len(c.token_ids) for group in scored.completions for c in group])
-        total = rewards.total(scored.per_fn)
-        total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-        for p, group in enumerate(scored.completions):
-            g = dict(prompt_ids=scored.prompt_ids[p], completions=group, rewards=total[p * G : (p + 1) * G],
-                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
-            useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
-            (kept if useful else spare).append(g)
-        if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
-            break
-    dropped = len(spare)
-    kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
-    prompts.position["rollouts"] += 1
-
-    rewards_pg = torch.stack([g["rewards"] for g in kept])
-    lengths = torch.cat([g["lengths"] for g in kept]).float()
-    m = {"reward": rewards_pg.mean().item(), "reward_std": rewards_pg.std(dim=1).mean().item(),
-         **rewards.metrics(torch.cat([g["per_fn"] for g in kept], dim=1)),
-         "completion_length/mean": lengths.mean().item(), "completion_length/max": lengths.max().item(),
-         "completion_length/truncated": sum(c.finish_reason == "length" for g in kept for c in g["completions"])
-         / len(lengths),
-         "groups_without_signal": float((~informative_groups(rewards_pg)).sum())}
-    if cfg.dynamic_sampling:
-        m["dynamic_sampling/dropped_groups"] = float(dropped)
-        m["dynamic_sampling/rounds"] = float(rounds)
-    m["time/generation"] = generation_s
-    return collate(kept, cfg.advantage, pad_id, engine.model.device), m
-
-
-def refill_size(prompts_per_step: int, kept: int, drawn: int) -> int:
-    """How many prompts dynamic sampling's next generation round draws: the whole step's at first; then enough to
-    fill the missing groups at the share of groups kept so far, at most a whole step's. Drawing only the missing
-    count took up to five rounds a step in the demo, each costing about a full round's time (a decode step of a
-    small model costs the same for 24 rows as for 128); surplus informative groups are discarded, as DAPO does."""
-    if drawn == 0 or kept == 0:
-        return prompts_per_step
-    return min(prompts_per_step, math.ceil((prompts_per_step - kept) * drawn / kept))
-
-
-def collate(groups: list[dict], advantage: str, pad_id: int, device) -> RolloutBatch:
-    """[left-padded prompt | right-padded completion] rows, advantages per group."""
-    rows = [(g["prompt_ids"], c) for g in groups for c in g["completions"]]
-    prompt_len = max(len(p) for p, _ in rows)
-    L = max(1, max(len(c.token_ids) for _, c in rows))
-    N = len(rows)
-    input_ids = torch.full((N, prompt_len + L), pad_id, dtype=torch.long)
-    padding = torch.zeros(N, prompt_len + L, dtype=torch.bool)
-    logprobs = torch.zeros(N, L)
-    for i, (prompt, c) in enumerate(rows):
-        n = len(c.token_ids)
-        input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
-        input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
-        padding[i, prompt_len - len(prompt) : prompt_len + n] = True
-        logprobs[i, :n] = torch.tensor(c.logprobs)
-    advantages = group_advantages(torch.stack([g["rewards"] for g in groups]), advantage).flatten()
-    return RolloutBatch(input_ids.to(device), padding.to(device), prompt_len, padding[:, prompt_len:].to(device),
-                        logprobs.to(device), advantages.to(device))
-
-
-def hash_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
-
-
-def unique_names(fns) -> list[str]:
-    """Metric names of the reward functions, numbered when two share a name."""
-    names = [getattr(fn, "__name__", None) or reward_name(fn) for fn in fns]
-    return [f"{n}_{names[:i].count(n)}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Python API and `openseek grpo`
 
 
-def resolve_rewards(specs: list[str] | None, task=None, rows=None) -> tuple[list, object]:
-    """(reward functions, the one whose mean is `accuracy`). Defaults: the task's checker (or math-verify on an
-    `answer` column) plus R1's format reward. `accuracy` names the task's own checker when training on a task."""
-    checker = task.reward if task is not None else (
-        accuracy_reward if rows and all("answer" in r for r in rows) else None)
-    if not specs:
-        if checker is None:
-            raise RewardError("no --reward given and the dataset has no `answer` column to check: pass --reward "
-                              f"NAME (one of {', '.join(sorted(REWARDS))}) or --reward file.py:function")
-        return [checker, format_reward], checker
-    fns = [checker if spec == "accuracy" and checker is not None else load_reward(spec) for spec in specs]
-    return fns, next((f for f in fns if f is checker or f in (accuracy_reward, countdown_reward)), None)
+def rollout_engine(policy_view, trainer: Trainer, grpo: GRPOConfig) -> Engine:
+    """The Engine of the rollouts, on the policy or its view. `--threads N` holds for the rollouts too (the
+    Engine's own default would tune the count on its decode steps)."""
+    return Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size),
+                  threads=trainer.threads.fixed)
 
 
-def rollout_policy(trainer: Trainer, grpo: GRPOConfig):
-    """What the Engine samples with: the trained module itself, or a view of it in another precision, refreshed
-    after every rollout's updates. `--rollout-dtype auto` samples in the precision the trainer computes in: a bf16
-    view when the loss runs under bf16 autocast (the same rounded weights, read once instead of cast at every op
-    of every decode step — and a bf16 residual stream, whose mismatch the rollout correction absorbs; learning
-    parity over 3 seeds in benchmarks/RESULTS.md), else the module itself — with LoRA always the module itself,
-    adapters active, since a view would be a second full copy of the weights LoRA is there to avoid."""
-    if grpo.rollout_dtype == "auto":
-        bf16_view = trainer.precision == "bf16" and trainer.cfg.lora_rank is None
-        dtype = torch.bfloat16 if bf16_view else trainer.model.dtype
-    else:
-        dtype = getattr(torch, grpo.rollout_dtype)
-    quantize = grpo.rollout_quantize
-    if quantize == "auto":
-        quantize = "int8" if int8_rollouts_pay(trainer, dtype) else "none"
-    if dtype == trainer.model.dtype and quantize == "none":
-        return trainer.model
-    if trainer.world_size > 1 and trainer.cfg.parallel == "fsdp":
-        raise ValueError("--rollout-dtype/--rollout-quantize read whole weights; with --parallel fsdp roll out in the "
-                         "trainer's precision (or use --parallel ddp)")
-    return rollout_view(trainer.model, dtype, quantize)
+def reference_logprobs(ref_model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """The frozen reference's log-probs of a rollout's completion tokens (β > 0); with LoRA, the trained module with
+    its adapters disabled."""
+    with torch.no_grad(), adapters_disabled(ref_model):
+        logprobs, _ = completion_logprobs(ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len,
+                                          temperature, entropy=False)
+    return logprobs
 
 
-def int8_rollouts_pay(trainer: Trainer, view_dtype: torch.dtype) -> bool:
-    """`--rollout-quantize auto`: int8 weights for a bf16 rollout view where our int8 kernel runs (ops.has). A decode
-    step at 16 rows reads every weight, and bf16 matmuls at those rows ran at 6–7 GB/s against the int8 kernel's
-    (half the bytes) — GRPO's rollout 1.6–1.8 s against 2.1–3.0 s on the 31M benchmark model, with learning parity
-    over 3 seeds (benchmarks/RESULTS.md). Never on GPUs (bf16 there is the fast path) nor with a full-precision view."""
-    if view_dtype != torch.bfloat16 or trainer.device.type != "cpu":
-        return False
-    return ops.has("quantized")
+def attribute_rollout(metrics: dict, update: int, rollout_metrics: dict, rollout_s: float) -> None:
+    """A rollout's figures and its share of the time go with its first update's row; later updates generated
+    nothing, and their log-prob gap is the policy's own move, not the rollout's."""
+    if update == 0:
+        metrics.update(rollout_metrics)
+        metrics["time/scoring"] = rollout_s - metrics["time/generation"]
+        return
+    metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
+    for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
+        metrics.pop(key)
 
 
 # Shown on the progress bar next to the loss: {short name: metric key}.
@@ -736,18 +345,13 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
     # The frozen reference is the starting weights, taken before a resumed run loads its checkpoint. With LoRA it
     # is the trained module itself with its adapters disabled: the frozen base, with no second copy of the weights.
     lora = train_cfg.lora() is not None
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 and not lora else None
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if grpo.beta != 0 and not lora else None
     trainer = Trainer(model, train_cfg, tokenizer,
                       flops_per_token=reporting.flops_per_token(model.cfg, grpo.max_new_tokens))
     trainer.track_data(prompts)
-    if ref_model is not None:
-        ref_model.to(trainer.device)
-    elif grpo.beta != 0:
-        ref_model = trainer.model
+    ref_model = frozen.to(trainer.device) if frozen is not None else trainer.model if grpo.beta != 0 else None
     policy_view = rollout_policy(trainer, grpo)  # the trained module itself, or a bf16/quantised view of it
-    # `--threads N` holds for the rollouts too (the Engine's own default would tune the count on its decode steps)
-    engine = Engine(policy_view, max_batch_size=max(64, grpo.prompts_per_step * grpo.group_size),
-                    threads=trainer.threads.fixed)
+    engine = rollout_engine(policy_view, trainer, grpo)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if grpo.rollout_correction == "auto":
         grpo = dataclasses.replace(grpo, rollout_correction="none" if policy_view is trainer.model else "token_tis")
@@ -762,23 +366,14 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
             with trainer.autocast():  # rollouts see the weights in the loss's precision
                 batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
                 if ref_model is not None:
-                    with torch.no_grad(), adapters_disabled(ref_model):
-                        batch.ref_logprobs, _ = completion_logprobs(
-                            ref_model, batch.input_ids, batch.padding_mask, batch.prompt_len, grpo.temperature,
-                            entropy=False)
+                    batch.ref_logprobs = reference_logprobs(ref_model, batch, grpo.temperature)
             trainer.model.train()
             rollout_s = time.perf_counter() - started
             rollout_metrics = trainer.reduce_metrics(rollout_metrics)  # each process's share -> the whole step
             micro_batches = batch.split(train_cfg.grad_accum)
             for update in range(grpo.updates_per_rollout):
                 metrics = trainer.step(micro_batches, objective)
-                if update == 0:  # the rollout's figures and its share of the time go with its first update
-                    metrics.update(rollout_metrics)
-                    metrics["time/scoring"] = rollout_s - metrics["time/generation"]
-                else:  # later updates: nothing generated, and the log-prob gap is now the policy's own move
-                    metrics.update({"time/generation": 0.0, "time/scoring": 0.0})
-                    for key in ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max"):
-                        metrics.pop(key)
+                attribute_rollout(metrics, update, rollout_metrics, rollout_s)
                 metrics["time/refresh"] = 0.0
                 last = update == grpo.updates_per_rollout - 1 or trainer.done
                 if last and policy_view is not trainer.model:  # the next rollout samples the updated policy
@@ -793,41 +388,8 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                 if trainer.done:
                     break
     if trainer.report is not None:
-        plot_rollouts(train_cfg.run_dir)
+        reporting.plot_rollouts(train_cfg.run_dir)
     return trainer.report
-
-
-PLOTS = (("reward", "reward"), ("accuracy", "accuracy"), ("completion_length/mean", "completion length"))
-
-
-def plot_rollouts(run_dir) -> Path | None:
-    """rollouts.png: reward, accuracy and completion length over steps; linked from report.md."""
-    run_dir = Path(run_dir)
-    metrics = reporting.read_metrics(run_dir / "metrics.jsonl")
-    panels = [(key, label) for key, label in PLOTS if any(key in m for m in metrics)]
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        rows = [m for m in metrics if key in m]
-        ax.plot([m["step"] for m in rows], [m[key] for m in rows], linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / "rollouts.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    report = run_dir / "report.md"
-    if report.exists() and path.name not in report.read_text():
-        with report.open("a") as f:
-            f.write(f"\n![reward, accuracy and completion length]({path.name})\n")
-    return path
 
 
 GRPO_HELP = {
@@ -860,16 +422,14 @@ GRPO_HELP = {
 
 # Defaults of `openseek grpo`: GRPOConfig's, then where they differ from the dataclasses': GRPO's learning rate and
 # schedule, and the two settings whose default follows another flag (resolved in grpo_config_from_args).
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)} | dict(
+DEFAULTS = config_defaults(TrainConfig, GRPOConfig) | dict(
     task_size=5000, run_dir="runs/grpo", lr=1e-6, steps=200, schedule="constant", weight_decay=0.0, min_lr_ratio=1.0,
     epsilon_high=None, advantage=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
-    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win)")
-    parser.add_argument("--model", help="model directory (HF format, with its tokenizer) to reinforce")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    add_stage_arguments(parser, "model directory (HF format, with its tokenizer) to reinforce")
     parser.add_argument("--dataset", help="JSONL prompts: `prompt`, `question` or `problem`, maybe `answer`; other "
                                           "columns are passed to the reward functions")
     parser.add_argument("--task", help="built-in task instead of a dataset: arithmetic, countdown "
@@ -891,16 +451,6 @@ def grpo_config_from_args(args) -> GRPOConfig:
     if args.advantage is None:
         args.advantage = "mean" if args.loss_type == "dr_grpo" else "std"
     return config_from_args(GRPOConfig, args)
-
-
-def load_rows(args) -> tuple[list[dict], object]:
-    """(prompt rows, task or None) from --dataset or --task."""
-    if bool(args.dataset) == bool(args.task):
-        raise ValueError("pass exactly one of --dataset FILE.jsonl or --task NAME")
-    if args.task:
-        task = get_task(args.task)
-        return task.generate(args.task_size, seed=args.seed), task
-    return load_prompt_file(args.dataset), None
 
 
 def main(args: argparse.Namespace) -> int:

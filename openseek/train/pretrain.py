@@ -23,9 +23,11 @@ from openseek.config import ModelConfig
 from openseek.kernels import ops
 from openseek.model import Model
 from openseek.report import flops_per_token
-from openseek.tokenizer import Tokenizer, TokenizerError
+from openseek.tokenizer import Tokenizer, load_tokenizer
 from openseek.train.routing import RoutingLog, sequence_balance_loss
-from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
+from openseek.flags import add_data_arguments, add_stage_arguments, apply_recipe, config_defaults
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import Trainer, init_distributed
 
 
 @dataclass
@@ -122,32 +124,17 @@ def build_model(spec: str | dict | None, tokenizer: Tokenizer, seed: int, dtype:
     return Model(ModelConfig.from_hf(hf, source="model config"))
 
 
-def load_tokenizer(tokenizer_dir: str | None, model: str | None) -> Tokenizer:
-    """--tokenizer, else the model directory's own tokenizer."""
-    if tokenizer_dir is None and model is not None and Path(model).is_dir():
-        tokenizer_dir = model
-    if tokenizer_dir is None:
-        raise TokenizerError("no tokenizer: pass --tokenizer DIR (train one with `openseek tokenizer train`)")
-    return Tokenizer.from_dir(tokenizer_dir)
-
-
-DEFAULTS = dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size=8, mtp_weight=0.0,
-                balance_alpha=0.0)
+DEFAULTS = config_defaults(TrainConfig) | dict(text_field="text", skip_bad_lines=False, seq_len=256, batch_size=8,
+                                                mtp_weight=0.0, balance_alpha=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
-    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
-    parser.add_argument("--model", help="model directory to continue from, or a config.json for a fresh model")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--data", nargs="+", help=".txt/.jsonl/.parquet files or directories")
+    add_stage_arguments(parser, "model directory to continue from, or a config.json for a fresh model")
+    add_data_arguments(parser, ".txt/.jsonl/.parquet files or directories",
+                       "sequences per process per micro-step (default: 8)")
     parser.add_argument("--text-field", help="JSONL/Parquet field holding the text (default: text)")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip (and count) malformed JSONL lines")
-    parser.add_argument("--epochs", type=int,
-                        help="passes over the data before stopping (default: cycle until --steps)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 256)")
-    parser.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default: 8)")
     parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
     parser.add_argument("--balance-alpha", type=float, help="α: sequence-wise balance loss weight (default: 0)")
     add_train_arguments(parser)

@@ -26,12 +26,11 @@ import torch
 
 import openseek
 from openseek.device import resolve_device
-from openseek.quantize import add_precision_arguments
-from openseek.threads import add_threads_argument
+from openseek.flags import add_compile_argument, add_precision_arguments, add_threads_argument
 from openseek.tasks import TEMPLATES
 from openseek.tokenizer import THINK, prompt_opens_reasoning
-from openseek.train.grpo import generate_and_score, load_rows, resolve_rewards, unique_names
-from openseek.train.pretrain import load_tokenizer
+from openseek.train.rollout import generate_and_score, load_rows, resolve_rewards, unique_names
+from openseek.tokenizer import load_tokenizer
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
 
@@ -118,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="JSONL file of accepted `messages`")
     parser.add_argument("--seed", type=int, default=0)
     add_precision_arguments(parser)
+    add_compile_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -18,25 +18,22 @@ from pathlib import Path
 
 from openseek import data
 from openseek.report import flops_per_token
-from openseek.train.pretrain import NextTokenLoss, build_model, load_tokenizer
-from openseek.train.trainer import Trainer, add_train_arguments, apply_recipe, init_distributed, train_config_from_args
+from openseek.tokenizer import load_tokenizer
+from openseek.train.pretrain import NextTokenLoss, build_model
+from openseek.flags import add_data_arguments, add_stage_arguments, apply_recipe, config_defaults
+from openseek.train.config import TrainConfig, add_train_arguments, train_config_from_args
+from openseek.train.trainer import Trainer, init_distributed
 
 
-DEFAULTS = dict(skip_bad_lines=False, max_len=1024, batch_size=8, mtp_weight=0.0)
+DEFAULTS = config_defaults(TrainConfig) | dict(skip_bad_lines=False, max_len=1024, batch_size=8, mtp_weight=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.argument_default = argparse.SUPPRESS  # only typed flags parse; apply_recipe settles the rest
-    parser.add_argument("--recipe", help="JSON file of settings for these flags (flags given here win; see recipes/)")
-    parser.add_argument("--model", help="model directory to fine-tune")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--data", nargs="+", help="JSONL/Parquet files (or directories) of `messages`")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip (and count) malformed JSONL lines")
-    parser.add_argument("--epochs", type=int,
-                        help="passes over the data before stopping (default: cycle until --steps)")
+    add_stage_arguments(parser, "model directory to fine-tune")
+    add_data_arguments(parser, "JSONL/Parquet files (or directories) of `messages`",
+                       "conversations per process per micro-step (default: 8)")
     parser.add_argument("--max-len", type=int, help="tokens per conversation; longer ones are cut (default: 1024)")
-    parser.add_argument("--batch-size", type=int, help="conversations per process per micro-step (default: 8)")
     parser.add_argument("--mtp-weight", type=float, help="λ: weight of the MTP loss (default: 0)")
     add_train_arguments(parser)
 

@@ -1,5 +1,5 @@
 """The Trainer toolkit: what every training stage shares. Pretraining and SFT call `fit`; GRPO writes its own loop
-(`grpo.py`) out of the same pieces.
+(`grpo.py`) out of the same pieces: `session`, `step`, `log`.
 
     trainer = Trainer(model, TrainConfig(...), tokenizer=tok, flops_per_token=None)
     report = trainer.fit(batches, objective)                     # pretrain, SFT
@@ -9,46 +9,12 @@
             metrics = trainer.step([micro_batch, ...], objective)  # one optimizer step
             trainer.log(metrics)                                  # metrics.jsonl, progress bar, checkpoint when due
 
-Objectives
-----------
-An objective is a loss written as a sum of *terms*, each a sum over some units (labelled tokens, sequences, ...)
-divided by how many of those units the whole optimizer step holds:
-
-- `objective.counts(batch) -> {term: units}` — the units of each term in one micro-batch (from its masks only).
-- `objective(model, batch, counts=None) -> (loss, metrics)` — the loss of this micro-batch with each term divided
-  by `counts[term]`; without `counts`, by this batch's own counts (the plain mean, for use on its own).
-
-`step` first adds up the counts of all its micro-batches (and of all processes), then runs each micro-batch with
-those global counts, so a step over 4 micro-batches gives the gradient of one big batch whatever tokens each holds
-(`loss / grad_accum` would weigh a short micro-batch's tokens more). `metrics` are floats for the micro-batch:
-the step averages them over micro-batches and processes, sums `tokens` (tokens/s, FLOPs) and takes the largest of
-keys ending in `max`; a mean over units (per-token KL, entropy, ...) given as `MeanOf(total, count)` becomes the
-exact mean over the whole step, not a mean of micro-batch means. Under bf16 autocast, compute the loss in float32.
-
-What the toolkit owns: the device, the precision context (`trainer.autocast()`: bf16 where the hardware has it,
-which rollouts must share with the loss), what `parallelize.py` applies from outside the model (compile, DDP/FSDP2, optimizers), the
-learning-rate schedule, accumulation with global normalisation, clipping, DeepSeek's auxiliary-loss-free balancing
-(expert loads seen through router hooks, `routing.py`), metrics.jsonl, a progress bar, atomic checkpoints with
-exact resume, stopping on a non-finite loss, and the final report with cost. Data parallelism is the data's job to
-split: `rank, world_size = init_distributed()` gives this process's place, and each rank yields its own slice.
-
-Checkpoints: `run_dir/checkpoints/step_XXXXXXXX/` is an HF model directory (config, safetensors, tokenizer) plus
-`trainer_state.json` (step, data position, Python RNG), `optimizer.pt` and `rng.pt` (torch RNG of every rank), both
-read back with `torch.load(weights_only=True)`. Each is written in a temporary directory and renamed into place,
-so a killed run always leaves complete checkpoints; the last `keep_checkpoints` are kept. The data position is that
-of the source given to `track_data` (anything with `state_dict()` / `load_state_dict(state)`).
-
-Metrics written by the toolkit for every step: `step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`,
-`time/update` (forward, backward and optimizer update), `threads` (the intra-op threads it ran on: `--threads
-auto` measures and picks them step by step, see openseek/threads.py; pass a count for bitwise-reproducible runs),
-`expert_load_max_mean` (MoE models) and `mfu` (GPU);
-`fit` adds `time/data` (reading the batches) and `time/step` (the two together; GRPO's loop splits its own
-`time/step` into generation, scoring and update). The objective's own metrics join them.
+The objective contract (`counts` and a loss over the step's global counts), checkpoints and the metrics it writes
+are described in docs/training.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -59,7 +25,6 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,9 +34,10 @@ import openseek
 from openseek import data
 from openseek import report as reporting
 from openseek.device import resolve_device, resolve_precision
-from openseek.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
-from openseek.model import Model
+from openseek.lora import apply_lora, load_adapter, save_adapter
+from openseek.model import Model, allocate, meta_model
 from openseek.model.moe import Router
+from openseek.train.config import TrainConfig, learning_rate
 from openseek.train.parallelize import build_optimizers, compile_blocks, parallelize
 from openseek.threads import AdaptiveThreads, parse_threads
 from openseek.train.routing import RoutingLog
@@ -93,93 +59,6 @@ class MeanOf(float):
         value = super().__new__(cls, total / count if count else 0.0)
         value.total, value.count = float(total), float(count)
         return value
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/train"
-    steps: int = 1000
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final lr = lr × this
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay over decay_fraction) | constant
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on embeddings, head and vectors)
-    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like lr
-    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    balance_gamma: float = 0.0  # auxiliary-loss-free balancing: router bias update per step (0 = off)
-    parallel: str = "ddp"  # ddp | fsdp, when launched with torchrun on more than one process
-    device: str = "auto"  # auto = this rank's GPU when there is one, else cpu
-    precision: str = "auto"  # auto (bf16 where native; CPU: models >= 256 wide) | float32 | bf16 (autocast)
-    compile: bool = False  # torch.compile each block (GPU only)
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 1
-    progress: bool = True
-    price_per_device_hour: float = 2.0
-    peak_flops: float | None = None  # per device, for MFU; None = looked up from the GPU's name
-    threads: str = "auto"  # CPU intra-op threads: auto = measured each step (openseek/threads.py), or a count
-    lora_rank: int | None = None  # train rank-r LoRA adapters on a frozen base; None = train every parameter
-    lora_alpha: float | None = None  # adapter scaling alpha / rank; None = 2 × rank
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"  # comma-separated module names (q_proj,v_proj,...) or all-linear
-    lora_base_dtype: str = "auto"  # auto (bf16 under a bf16 update) | float32 | bfloat16; adapters stay float32
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"schedule={self.schedule!r}: expected cosine, wsd or constant")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer={self.optimizer!r}: expected adamw or muon")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel={self.parallel!r}: expected ddp or fsdp")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive")
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ValueError(f"steps={self.steps} and grad_accum={self.grad_accum} must be at least 1")
-        try:
-            parse_threads(str(self.threads))
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(f"threads={self.threads!r}: {e}") from None
-        if self.lora() is not None:
-            if self.lora_base_dtype not in ("auto", "float32", "bfloat16"):
-                raise ValueError(f"lora_base_dtype={self.lora_base_dtype!r}: expected auto, float32 or bfloat16")
-            if self.balance_gamma:
-                raise ValueError("balance_gamma moves the routers' biases, which belong to the frozen base: LoRA "
-                                 "runs keep it at 0")
-
-    def load_dtype(self) -> torch.dtype:
-        """The dtype to load the model in: float32 to train every parameter, the frozen base's for LoRA (float32
-        for `auto`, which the Trainer settles once it knows the precision)."""
-        auto = self.lora_rank is None or self.lora_base_dtype == "auto"
-        return torch.float32 if auto else getattr(torch, self.lora_base_dtype)
-
-    def lora(self) -> LoRAConfig | None:
-        """The adapters to train (None: every parameter trains); a bad setting raises here, before anything loads."""
-        if self.lora_rank is None:
-            return None
-        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or WSD down to the floor."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = cfg.steps - int(cfg.decay_fraction * cfg.steps)
-    if step < decay_start:
-        return cfg.lr
-    progress = (step - decay_start + 1) / max(1, cfg.steps - decay_start)
-    return cfg.lr + (floor - cfg.lr) * min(progress, 1.0)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -583,10 +462,7 @@ class Trainer:
             if self.lora is not None:  # the base is frozen: the adapter is all a checkpoint needs
                 save_adapter(self.model, tmp / ADAPTER, self._base_model_name_or_path)
             elif model_state is not None:  # FSDP: a plain CPU model holds the gathered weights for saving
-                with torch.device("meta"):
-                    plain = Model(self.model_cfg)
-                plain.to_empty(device="cpu")
-                plain.tie_weights()
+                plain = allocate(meta_model(self.model_cfg), "cpu")
                 plain.load_state_dict(model_state)
                 openseek.save(plain, tmp)
             else:
@@ -635,7 +511,6 @@ class Trainer:
             print(f"resumed from {directory} at step {self.global_step}", file=sys.stderr)
 
 
-
 def _command_line() -> str:
     """The command as the user typed it (`openseek pretrain ...`), for the report."""
     program = Path(sys.argv[0]).name
@@ -667,107 +542,3 @@ def _jsonable(value):
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-# ---- command-line glue shared by `openseek pretrain` and `openseek sft` ------------------------------------------
-
-
-def add_config_arguments(parser, config_class, title: str, help: dict[str, str] | None = None,
-                         aliases: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a config dataclass (--run-dir, --steps, --lr, ...), typed from its default (from its
-    annotation when the default is None). Every flag is declared without a default (argparse.SUPPRESS): only what
-    the user typed appears in the parsed namespace, and `apply_recipe` settles the rest."""
-    import argparse
-    import typing
-
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(config_class)
-    for f in dataclasses.fields(config_class):
-        if f.name in skip:
-            continue
-        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
-        default = f.default
-        help_ = (help or {}).get(f.name, "")
-        if "default:" not in help_:
-            help_ = f"{help_} (default: {default})".strip()
-        if isinstance(default, bool):
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_)
-        elif isinstance(default, tuple):
-            group.add_argument(*flags, dest=f.name, type=float, nargs=len(default), default=argparse.SUPPRESS,
-                               help=help_)
-        else:
-            typed = type(default) if default is not None else next(
-                (a for a in typing.get_args(hints[f.name]) if a is not type(None)), float)
-            kind = {int: int, float: float, str: str}.get(typed, float)
-            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_)
-
-
-TRAIN_HELP = {
-    "threads": "CPU intra-op threads: auto measures each step at every count and keeps the fastest, probing again as "
-               "the machine's load changes; a number fixes it (bitwise-reproducible runs)",
-    "lora_rank": "train rank-r LoRA adapters on the frozen base, saved in PEFT's format (default: every parameter "
-                 "trains)",
-    "lora_alpha": "LoRA scaling alpha / rank (default: 2 × rank)",
-    "lora_dropout": "dropout on the adapters' input",
-    "lora_targets": "comma-separated module names to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; "
-                    "DeepSeek: q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj and the shared experts' "
-                    "gate/up/down_proj), or all-linear: every linear layer of the blocks",
-    "lora_base_dtype": "auto, float32 or bfloat16: precision of the frozen base weights (auto: bfloat16 when the "
-                       "update runs in bf16, else float32)",
-}
-
-
-def add_train_arguments(parser) -> None:
-    """One flag per TrainConfig field."""
-    add_config_arguments(parser, TrainConfig, "training", TRAIN_HELP)
-
-
-def config_from_args(config_class, args):
-    """The dataclass from the settled flags (after `apply_recipe`); fields whose flag is None keep its default."""
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
-    return config_class(**values)
-
-
-def train_config_from_args(args) -> TrainConfig:
-    return config_from_args(TrainConfig, args)
-
-
-def apply_recipe(args, add_arguments, defaults: dict | None = None) -> dict | None:
-    """Settle every flag, explicitly: typed on the command line > `--recipe file.json` > `defaults` > the config
-    dataclasses' defaults (TrainConfig's here; a stage passes its own in `defaults`). A flag the user typed wins
-    even when it equals its default, because the parser declares no defaults (see `add_config_arguments`): what
-    was not typed is absent from `args`.
-
-    A recipe is a flat JSON object of flag names (underscores or dashes) plus an optional "model" object: the
-    transformers config of a model trained from scratch, which is returned (or None). Every flag still unset at
-    the end is None.
-    """
-    import argparse
-
-    reference = argparse.ArgumentParser()
-    add_arguments(reference)
-    known = {a.dest for a in reference._actions if a.dest != "help"}
-    model = None
-    if getattr(args, "recipe", None):
-        path = Path(args.recipe)
-        try:
-            recipe = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: recipe not found (see recipes/ for examples)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        model = recipe.pop("model", None)
-        recipe.pop("description", None)
-        for key, value in recipe.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"{path}: unknown setting {key!r}")
-            if not hasattr(args, name):
-                setattr(args, name, value)
-    fallback = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (defaults or {})
-    for name in known | set(fallback):
-        if not hasattr(args, name):
-            setattr(args, name, fallback.get(name))
-    return model
