@@ -41,8 +41,8 @@ ONEDNN_BF16_LEVELS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AV
 
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 matmuls run in hardware: a CUDA GPU that supports bf16, or a CPU with AVX-512 BF16 or AMX
-    whose oneDNN is not capped below them by `ONEDNN_MAX_CPU_ISA`. Elsewhere bf16 is emulated, hundreds of times
-    slower than float32."""
+    whose oneDNN is not capped below them by `ONEDNN_MAX_CPU_ISA`. Elsewhere bf16 is emulated, far slower than
+    float32 (docs/kernels.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "DEFAULT").upper()
