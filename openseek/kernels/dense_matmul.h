@@ -117,12 +117,21 @@ void tile(const typename Kind::X* x, const typename Kind::T* w, typename Kind::T
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[r][j] = simd::zero();
+  // Prefetch the next tile's weights, which follow this tile's in memory, a slice of lines per step: the tile
+  // reads NB rows side by side, NB short streams (a bf16 row of 896 is 28 lines) that the hardware prefetcher
+  // learns too late to keep the memory busy; one software stream over the next tile does (docs/kernels.md).
+  const char* next = reinterpret_cast<const char*>(w + NB * K);
+  constexpr int64_t kSliceBytes = NB * S * sizeof(typename Kind::T);
   int64_t k = 0;
-  for (; k + S <= K; k += S)
+  for (; k + S <= K; k += S) {
+#pragma GCC unroll 8
+    for (int64_t line = 0; line < kSliceBytes; line += 64)
+      _mm_prefetch(next + k * NB * sizeof(typename Kind::T) + line, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = Kind::mac(acc[r][j], x + r * K + k, w + j * K + k);
+  }
   if (k < K) {
     const auto mask = Kind::tail(K - k);
 #pragma GCC unroll 8
