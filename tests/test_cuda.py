@@ -38,18 +38,14 @@ def greedy_of_transformers(hf, prompt: list[int], new: int) -> list[int]:
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_bf16_logits_match_transformers_on_cuda(saved_hf_models, kind):
-    """bf16 weights on the GPU, ours against transformers' in bf16 there, within bf16 rounding (the CPU test's bound);
-    and each within 0.1 of the float32 logits."""
+    """bf16 weights on the GPU, ours against transformers' in bf16 there, within bf16 rounding (the CPU test's
+    bound)."""
     directory, hf = saved_hf_models(kind)
     ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
-    exact = logits_on_cuda(hf.to("cuda"), ids)
-    hf_bf16 = build_hf_model(kind).to("cuda", torch.bfloat16)
+    hf_bf16 = build_hf_model(kind).to("cuda", torch.bfloat16)  # the same seed: the saved model's weights
     ours = openseek.load(directory, dtype=torch.bfloat16, device="cuda")
     assert ours.dtype == torch.bfloat16 and ours.device.type == "cuda"
-    got, want = logits_on_cuda(ours, ids), logits_on_cuda(hf_bf16, ids)
-    hf.to("cpu")
-    assert float((got - want).abs().max()) <= 0.05
-    assert float((got - exact).abs().max()) <= 0.1
+    assert float((logits_on_cuda(ours, ids) - logits_on_cuda(hf_bf16, ids)).abs().max()) <= 0.05
 
 
 @pytest.mark.parametrize("kind, mode", [(kind, mode) for kind in FAMILIES for mode in ("eager", "cuda_graphs")]
@@ -101,7 +97,7 @@ def test_int8_weights_on_cuda(saved_hf_models, kind):
     with torch.no_grad():
         want = hf(ids).logits
     got = logits_on_cuda(ours, ids)
-    assert float((got - want).norm() / want.norm()) < 0.05
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05  # the CPU test's bound for int8
     prompt = PROMPTS[0]
     seq = list(prompt)
     with torch.no_grad():
