@@ -27,7 +27,8 @@ def test_every_stage_passes_on_the_cpu_at_toy_sizes(tmp_path):
     assert run.returncode == 0 and results["failed"] == []
     tests = stages["tests"]["tests"]  # collected by the `cuda` mark, skipped here with the reason
     names = {t["test"].rsplit("::", 1)[-1] for t in tests}
-    assert {f"test_bf16_logits_match_transformers_on_cuda[{kind}]" for kind in ("qwen2", "llama", "deepseek_v3")} <= names
+    parity = {f"test_bf16_logits_match_transformers_on_cuda[{kind}]" for kind in ("qwen2", "llama", "deepseek_v3")}
+    assert parity <= names
     assert "test_engine_greedy_equals_transformers_generate_on_cuda[qwen2-compile+cuda_graphs]" in names
     assert "test_int8_weights_on_cuda[qwen2]" in names
     assert all(t["outcome"] == "skipped" and "needs a CUDA GPU" in t["detail"] for t in tests)
