@@ -97,40 +97,51 @@ MFU_MODELS = {
 }
 
 
-def mfu(steps: int, batch_size: int, seq_len: int) -> None:
-    """Train each model for `steps` steps with the Trainer on random tokens; report the median MFU of the second half."""
-    import json
-    import statistics
-
+def measure_training(hf: dict, steps: int, batch_size: int, seq_len: int, device: str = "auto",
+                     compile: bool = True) -> dict:
+    """Train a random model of HF config `hf` with the Trainer (`Trainer.step`: autocast at the device's precision,
+    fused AdamW; each block compiled with `compile`) on random tokens for `steps` steps. Returns the medians over the
+    second half: tokens/s, FLOPs per token (6 × active parameters + attention, report.flops_per_token), achieved
+    FLOP/s and the MFU over the device's bf16 dense peak (report.PEAK_FLOPS; None off a GPU or on one it lacks)."""
     from openseek.config import ModelConfig
     from openseek.model import Model
     from openseek.report import flops_per_token
-    from openseek.train.pretrain import NextTokenLoss
     from openseek.train.config import TrainConfig
+    from openseek.train.pretrain import NextTokenLoss
     from openseek.train.trainer import Trainer
+
+    cfg = ModelConfig.from_hf(hf)
+    torch.manual_seed(0)
+    model = Model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    objective = NextTokenLoss(mtp_weight=0.3 if cfg.num_nextn_predict_layers else 0.0,
+                              mtp_depths=cfg.num_nextn_predict_layers)
+    per_token = flops_per_token(cfg, seq_len)
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = TrainConfig(run_dir=run_dir, steps=steps, lr=1e-4, compile=compile, progress=False, device=device)
+        trainer = Trainer(model, config, flops_per_token=per_token)
+        with trainer.session():  # steps only: no checkpoint (a 0.5B one is gigabytes of writes)
+            rows = [trainer.step([batch], objective) for _ in range(steps)]
+    rows = rows[steps // 2:]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in rows)
+    mfu = statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None
+    return {"params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size, "seq_len": seq_len,
+            "steps": steps, "precision": trainer.precision, "compiled": compile, "device": str(trainer.device),
+            "tokens_per_s": tokens_per_s, "flops_per_token": per_token, "flops_per_s": per_token * tokens_per_s,
+            "peak_flops": trainer._peak_flops(), "mfu": mfu, "loss_first": rows[0]["loss"]}
+
+
+def mfu(steps: int, batch_size: int, seq_len: int) -> None:
+    """`measure_training` for each model of MFU_MODELS on this machine's GPU, printed."""
+    import json
 
     recipe = json.loads((Path(__file__).parent.parent / "recipes" / "pretrain-moe-gpu.json").read_text())
     for name, hf in MFU_MODELS.items():
-        hf = hf or dict(recipe["model"], vocab_size=32768)
-        cfg = ModelConfig.from_hf(hf)
-        torch.manual_seed(0)
-        model = Model(cfg)
-        tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
-        batches = iter(lambda: {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, None)
-        with tempfile.TemporaryDirectory() as run_dir:
-            config = TrainConfig(run_dir=run_dir, steps=steps, lr=1e-4, compile=True, progress=False,
-                                 checkpoint_every=10**9, keep_checkpoints=1)
-            trainer = Trainer(model, config, NextTokenLoss(mtp_weight=0.3 if cfg.num_nextn_predict_layers else 0),
-                              batches, flops_per_token=flops_per_token(cfg, seq_len))
-            trainer.save_checkpoint = lambda: None  # timing only: no multi-GB writes
-            trainer.train()
-            rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")][steps // 2:]
-        tokens_per_s = statistics.median(r["tokens_per_s"] for r in rows)
-        value = statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None
-        shown = f"MFU {value:.1%}" if value is not None else "MFU n/a (no GPU)"
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, B={batch_size} "
-              f"T={seq_len}: {tokens_per_s:,.0f} tokens/s, {shown}")
-        del model, trainer
+        r = measure_training(hf or dict(recipe["model"], vocab_size=32768), steps, batch_size, seq_len)
+        shown = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (no GPU peak known)"
+        print(f"{name}: {r['params'] / 1e9:.2f}B params, B={batch_size} T={seq_len}: {r['tokens_per_s']:,.0f} "
+              f"tokens/s, {shown}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

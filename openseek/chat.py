@@ -33,7 +33,7 @@ def main(args) -> int:
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), max_batch_size=1,
                                     quantize=args.quantize, group_size=args.group_size,
                                     speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                                    compile=args.compile)
+                                    compile=args.compile, cuda_graphs=args.cuda_graphs)
     config = ServeConfig(model_name="chat", max_model_len=engine.max_seq_len, reasoning_budget=args.reasoning_budget)
     try:
         return asyncio.run(_session(Server(engine, tokenizer, config), args))

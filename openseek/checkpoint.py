@@ -282,7 +282,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = N
 
     block = _fp8_block(hf)
     plan = _plan(files, cfg, expected, block)
-    quantized, kept = quantize_modules(model, quantize, group_size)  # after the plan: it checks HF shapes
+    quantized, kept = quantize_modules(model, quantize, group_size, device)  # after the plan: it checks HF shapes
     for line in kept:
         print(f"{quantize}: {line}", file=sys.stderr)
     _read_weights(allocate(model, device), plan, quantized, files, block)

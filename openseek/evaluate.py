@@ -379,7 +379,8 @@ def _run(args: argparse.Namespace) -> int:
         model = openseek.load(args.model, dtype=dtype, device=device, quantize=args.quantize,
                               group_size=args.group_size).eval()
         tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
-        engine = openseek.Engine(model, max_batch_size=args.batch_size, threads=args.threads, compile=args.compile)
+        engine = openseek.Engine(model, max_batch_size=args.batch_size, threads=args.threads, compile=args.compile,
+                                 cuda_graphs=args.cuda_graphs)
         result = evaluate(engine, tokenizer, rows, task=task, n=n, ks=ks, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
                           seed=args.seed, greedy=args.greedy)

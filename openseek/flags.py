@@ -116,9 +116,13 @@ def add_precision_arguments(parser) -> None:
 
 
 def add_compile_argument(parser) -> None:
-    """`--compile`: the Engine's decode step through torch.compile (serve, chat, eval, sample)."""
+    """`--compile` and `--cuda-graphs`: the Engine's decode step through torch.compile, and replayed as CUDA graphs
+    (serve, chat, eval, sample)."""
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (fuses its small ops; compiles for a minute or two first)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the decode step as CUDA graphs (--device cuda only; with --compile, of the "
+                             "compiled step)")
 
 
 THREADS_HELP = ("intra-op threads; auto (default) measures the work at each count and keeps the fastest, again and "

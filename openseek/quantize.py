@@ -60,10 +60,11 @@ class Int8Linear(nn.Module):
     activations by the dequantised weight and takes its scales in bf16: a copy of `scales` (float32 on both paths,
     so that a layer quantises the same weight to the same numbers on every CPU) rounded once at load."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, kernels: bool = True):
+        """kernels: whether the layer runs where our int8 kernel can (the CPU; False for a CUDA model)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.packed = ops.has("quantized") and out_features % 16 == 0 and in_features % 4 == 0
+        self.packed = kernels and ops.has("quantized") and out_features % 16 == 0 and in_features % 4 == 0
         if self.packed:
             shape = (out_features // 16, in_features // 4, 16, 4)
             self.register_buffer("rowsum", torch.empty(out_features, dtype=torch.int32))
@@ -266,12 +267,16 @@ class GroupedInt8(nn.Module):
         return ops.grouped_int8_matmul(x.contiguous(), self.weight, self.scales, self.rowsum, ends).to(x.dtype)
 
 
-def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> tuple[dict[str, nn.Module], list[str]]:
-    """Swap the model's eligible `nn.Linear`s (on the meta device, before loading) for quantised ones.
+def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32,
+                     device="cpu") -> tuple[dict[str, nn.Module], list[str]]:
+    """Swap the model's eligible `nn.Linear`s (on the meta device, before loading onto `device`) for quantised ones:
+    laid out for our kernels on the CPU, for PyTorch's (`aten._weight_int8pack_mm`, which has a CUDA kernel) on a
+    GPU.
 
     Returns ({weight name: quantised module}, lines saying what stays in the model's dtype and why)."""
     if quantize == "none":
         return {}, []
+    kernels = torch.device(device).type == "cpu"
     tied = model.lm_head.weight is model.embed_tokens.weight
     swapped, kept = {}, []
     for name, module in list(model.named_modules()):
@@ -287,7 +292,7 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
             continue
         dtype, bias = module.weight.dtype, module.bias is not None
         with torch.device("meta"):
-            new = (Int8Linear(K, N, bias, dtype) if quantize == "int8"
+            new = (Int8Linear(K, N, bias, dtype, kernels) if quantize == "int8"
                    else Int4Linear(K, N, bias, dtype, group_size))
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, leaf, new)
@@ -295,7 +300,7 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
     if tied:  # the head streams every step: one int8 copy serves it and the embedding lookups
         dtype = model.embed_tokens.weight.dtype
         with torch.device("meta"):
-            model.lm_head = Int8Linear(model.cfg.hidden_size, model.cfg.vocab_size, False, dtype)
+            model.lm_head = Int8Linear(model.cfg.hidden_size, model.cfg.vocab_size, False, dtype, kernels)
             model.embed_tokens = Int8Embedding(model.lm_head, dtype)
         swapped["embed_tokens.weight"] = swapped["lm_head.weight"] = model.lm_head
         kept.append("the tied embedding and lm_head are int8 (per row), one copy for both" +
@@ -309,9 +314,9 @@ def quantize_modules(model: nn.Module, quantize: str, group_size: int = 32) -> t
     experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
     for name, module in experts:
         E, two_i, H = module.gate_up_proj.shape
-        if not (GroupedInt8.fits(H, two_i, two_i // 2) and GroupedInt8.fits(two_i // 2, H, H)):
+        if not (kernels and GroupedInt8.fits(H, two_i, two_i // 2) and GroupedInt8.fits(two_i // 2, H, H)):
             kept.append(f"{name} [{E}, {two_i}, {H}] stays in {module.gate_up_proj.dtype}: the grouped int8 kernel "
-                        f"needs our int8 kernel (ops.has('quantized')) and sizes that are multiples of 16")
+                        f"needs our int8 kernel (ops.has('quantized'), CPU only) and sizes that are multiples of 16")
             continue
         for leaf in ("gate_up_proj", "down_proj"):
             E, N, K = getattr(module, leaf).shape

@@ -97,6 +97,22 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def saved_hf_models(tmp_path_factory):
+    """kind -> (directory of a saved random transformers model, that model in float32), built once per module."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            hf = build_hf_model(kind)
+            directory = tmp_path_factory.mktemp(kind)
+            hf.save_pretrained(directory)
+            built[kind] = directory, hf
+        return built[kind]
+
+    return get
+
+
 @pytest.fixture
 def hf_model_dir(tmp_path):
     """Factory: save a random transformers model of a family and return (directory, model)."""

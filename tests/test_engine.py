@@ -14,22 +14,19 @@ import openseek
 from openseek.engine.cache import Cache, make_cache
 from openseek.engine.sampling import Sampler, SamplingParams
 
-from conftest import build_hf_model
 
 KINDS = ["qwen2", "llama", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v3_lite", "deepseek_v3_wide"]
 PROMPTS = [[5, 17, 33, 2, 60, 71, 8], [40, 3], [11], [90, 12, 45, 45, 7, 1, 2, 3, 4, 5, 6, 70]]  # ragged, one of 1
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(saved_hf_models):
     """kind -> (openseek model loaded from the saved checkpoint, the transformers model), built once per module."""
     built = {}
 
     def get(kind):
         if kind not in built:
-            hf = build_hf_model(kind)
-            directory = tmp_path_factory.mktemp(kind)
-            hf.save_pretrained(directory)
+            directory, hf = saved_hf_models(kind)
             built[kind] = openseek.load(directory), hf
         return built[kind]
 
@@ -555,3 +552,73 @@ def test_the_latent_cache_kernel_stores_what_the_layers_would(models, tmp_path, 
         written_out = openseek.Engine(model).generate(PROMPTS, 8, **kwargs)
     assert [[(s.token_ids, s.logprobs) for s in c] for c in fused] == [
         [(s.token_ids, s.logprobs) for s in c] for c in written_out]
+
+
+# ---- CUDA graphs: their bookkeeping on the CPU (the captures themselves run in tests/test_cuda.py) -----------------
+
+
+class _Rerun:
+    """A CPU stand-in for a captured CUDA graph: a replay runs the captured step again on the same static buffers
+    and writes its logits where the graph's output lives, which is what replaying the graph's kernels does."""
+
+    def __init__(self, step):
+        self.step, self.out = step, step()
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+    def pool(self):
+        return None
+
+
+def test_cuda_graph_bookkeeping_gives_the_eager_engine_s_tokens(models, monkeypatch):
+    """`Engine(cuda_graphs=True)` with each capture replaced by `_Rerun`: the static token and slot buffers each
+    call copies into, attention over a bucket of slots (8 here, so steps cross buckets and attend over masked
+    slots), one graph per (rows, bucket) made once and replayed after, `generate`'s cache kept between calls (its
+    stale slots masked) and the serving batch's own graphs give the eager engine's tokens and log-probs."""
+    from openseek.engine import compile as engine_compile
+
+    captured = []
+
+    def capture(step, pool):
+        captured.append(step.args[2])
+        graph = _Rerun(step)
+        return graph, graph.out
+
+    monkeypatch.setattr(engine_compile, "capture", capture)
+    monkeypatch.setattr(engine_compile, "GRAPH_LENGTH_STEP", 8)
+    monkeypatch.setattr("openseek.engine.engine.check_cuda_graphs", lambda model, speculative: None)
+    ours, _ = models("qwen2")
+    eager, graphed = openseek.Engine(ours), openseek.Engine(ours, cuda_graphs=True)
+    # sampled, rows leaving at a stop token (the batch shrinks: graphs for fewer rows), then greedy
+    for kwargs in (dict(temperature=1.0, n=2, stop_token_ids=[3], logprobs=True, seed=11),
+                   dict(temperature=0, stop_token_ids=[])):
+        want = eager.generate(PROMPTS, 20, **kwargs)
+        got = graphed.generate(PROMPTS, 20, **kwargs)
+        assert [[(s.token_ids, s.logprobs) for s in c] for c in got] == [
+            [(s.token_ids, s.logprobs) for s in c] for c in want]
+    kept = graphed._generate_graphs
+    assert kept.cache.rows == 8 and kept.cache.max_len == 12 + 20
+    assert sorted(kept.graphs) == sorted(set(kept.graphs)) and (4, 16) in kept.graphs and (4, 32) in kept.graphs
+    assert all(length % 8 == 0 or length == kept.cache.max_len for _, length in kept.graphs)
+    before = len(captured)
+    again = graphed.generate(PROMPTS, 20, temperature=0, stop_token_ids=[])
+    assert len(captured) == before and graphed._generate_graphs is kept  # replayed, not captured again
+    assert [c[0].token_ids for c in again] == [c[0].token_ids for c in want]
+    try:
+        streamed = [r.result(timeout=60).token_ids
+                    for r in [graphed.submit(p, 20, temperature=0, stop_token_ids=[]) for p in PROMPTS]]
+    finally:
+        graphed.close()
+    assert streamed == [c[0].token_ids for c in want]
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_with_speculation(models):
+    from openseek.engine.compile import check_cuda_graphs
+
+    ours, _ = models("qwen2")
+    with pytest.raises(ValueError, match=r"cuda_graphs=True \(--cuda-graphs\): the model is on cpu"):
+        openseek.Engine(ours, cuda_graphs=True)
+    on_cuda = type("OnCuda", (), {"device": torch.device("cuda", 0)})()
+    with pytest.raises(ValueError, match="captures the plain decode step only; with speculative='mtp'"):
+        check_cuda_graphs(on_cuda, "mtp")

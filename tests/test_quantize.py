@@ -436,3 +436,29 @@ def test_a_lock_left_by_a_killed_kernel_build_is_removed_and_a_fresh_one_kept(tm
     assert not lock.exists()
     assert f"removing {lock}, left 11 minutes ago by a build that did not finish" in capsys.readouterr().err
     clear_stale_lock(tmp_path, "decode matmul")  # nothing left: nothing to do
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_int8_for_a_gpu_takes_pytorchs_layout(hf_model_dir, family, monkeypatch):
+    """Quantised for a CUDA model, the layers take the layout PyTorch's kernel reads (`aten._weight_int8pack_mm`,
+    which has a CUDA kernel; ours are CPU code) and routed experts stay in the model's dtype, whatever this CPU's
+    kernels: module for module and buffer for buffer what a CPU without our kernels gets."""
+    from openseek.model import meta_model
+
+    cfg = openseek.load(hf_model_dir(family)[0]).cfg
+
+    def layout(**device):
+        model = meta_model(cfg, torch.bfloat16)
+        _, kept = quantize.quantize_modules(model, "int8", **device)
+        return [(name, type(m).__name__, getattr(m, "packed", None),
+                 [(b, tuple(t.shape), t.dtype) for b, t in m.named_buffers(recurse=False)])
+                for name, m in model.named_modules()], kept
+
+    for_gpu, kept = layout(device="cuda")
+    assert any(packed is False for _, kind, packed, _ in for_gpu if kind == "Int8Linear")
+    assert not any(packed for _, _, packed, _ in for_gpu)
+    assert not any(kind == "GroupedInt8" for _, kind, _, _ in for_gpu)
+    if family == "deepseek_v3":
+        assert any("stays in torch.bfloat16: the grouped int8 kernel needs our int8 kernel" in line for line in kept)
+    monkeypatch.setattr(ops, "has", lambda family: False)
+    assert for_gpu == layout()[0]

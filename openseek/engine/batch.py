@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from openseek.engine.cache import make_cache
+from openseek.engine.compile import GraphedDecode
 from openseek.engine.sampling import Sampler, SamplingParams
 
 
@@ -65,14 +66,16 @@ class Batch:
     """
 
     def __init__(self, model, forwards: tuple, draft_tokens: int, capacity: int, max_len: int,
-                 compiled: bool = False):
+                 compiled: bool = False, graphs: GraphedDecode | None = None):
         """forwards: (decode forward, MTP forward with logits), eager or compiled (compile.py); draft_tokens: k
-        drafted per step (0 = no speculation); capacity rows of max_len tokens."""
+        drafted per step (0 = no speculation); capacity rows of max_len tokens. graphs: the plain decode step as CUDA
+        graphs over their own cache, which the batch then uses (its capacity and max_len are the cache's)."""
         self.model, self.device = model, model.device
         self.decode_forward, self.mtp_forward = forwards
         self.draft_tokens = draft_tokens
-        self.cache = make_cache(model.cfg, capacity, max_len, model.dtype, self.device,
-                                mtp_layers=1 if draft_tokens else 0)
+        self.graphs = graphs
+        self.cache = graphs.cache if graphs else make_cache(model.cfg, capacity, max_len, model.dtype, self.device,
+                                                            mtp_layers=1 if draft_tokens else 0)
         self.cache.compiled = compiled
         self.mtp_state = torch.zeros(0, 1, model.cfg.hidden_size, dtype=model.dtype, device=self.device)
         self.owner: list = []
@@ -215,8 +218,12 @@ class Batch:
             self._advance = 1 if all(live) else torch.tensor(live, dtype=torch.long, device=self.device)
         if self.draft_tokens:
             return self._speculate(generator, want_logprobs, top)
-        self.cache.decode(self.slots, length=max(self.positions) + 1)
-        logits = self.decode_forward(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
+        length = max(self.positions) + 1
+        if self.graphs is not None:
+            logits = self.graphs(self.tokens, self.slots, length)
+        else:
+            self.cache.decode(self.slots, length=length)
+            logits = self.decode_forward(self.tokens[:, None], positions=self.slots[:, None], cache=self.cache)[:, -1]
         tokens, logprobs, top_logprobs = self._sampler(logits, generator, want_logprobs, top)
         self.tokens, self.slots = tokens, self.slots + self._advance
         self.positions = [p + (o is not None) for p, o in zip(self.positions, self.owner)]

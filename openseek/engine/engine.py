@@ -8,8 +8,8 @@
 `generate` and the serving thread (continuous batching, started on the first `submit`) run the same rows of one
 preallocated cache (batch.py: prefill, the one decode step, row compaction). The Engine works on the very module
 the trainer updates and never changes its weights. Bad input raises ValueError naming the culprit. What each
-argument means, how faults stay with their requests, prefix caching, `compile=True` and MTP speculation:
-docs/engine.md.
+argument means, how faults stay with their requests, prefix caching, `compile=True`, `cuda_graphs=True` and MTP
+speculation: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from contextlib import contextmanager
 import torch
 
 from openseek.engine.batch import Batch, SpeculationStats
-from openseek.engine.cache import kv_bytes_per_token
-from openseek.engine.compile import compiled_forwards, mtp_with_logits
+from openseek.engine.cache import kv_bytes_per_token, make_cache
+from openseek.engine.compile import GraphedDecode, check_cuda_graphs, compiled_forwards, mtp_with_logits
 from openseek.engine.prefix import PrefixCache
 from openseek.engine.request import Completion, RequestHandle, TopLogprobs, top_pairs
 from openseek.engine.sampling import SamplingParams
@@ -59,12 +59,13 @@ def _callers_threads():
 class Engine:
     def __init__(self, model, max_batch_size: int = 64, max_seq_len: int | None = None,
                  prefix_cache_tokens: int | None = None, threads: int | None = None, speculative: str | None = None,
-                 num_speculative_tokens: int = 1, compile: bool = False):
+                 num_speculative_tokens: int = 1, compile: bool = False, cuda_graphs: bool = False):
         """prefix_cache_tokens: tokens the serving thread's prefix cache holds at most (default 4 × max_seq_len;
         0 = no prefix caching). threads: CPU intra-op threads for decoding; None measures the decode steps at each
         count and keeps the fastest as the machine's load changes (openseek/threads.py). speculative="mtp": draft
         `num_speculative_tokens` tokens per step with the model's MTP module (see docs/engine.md).
-        compile: run the decode step's forwards through torch.compile (see docs/engine.md)."""
+        compile: run the decode step's forwards through torch.compile; cuda_graphs: replay the plain decode step
+        as CUDA graphs (a CUDA model; with compile, of the compiled step) (both: docs/engine.md)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if speculative not in (None, "mtp"):
@@ -75,10 +76,13 @@ class Engine:
         k = num_speculative_tokens
         if speculative and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"num_speculative_tokens must be an integer >= 1 (tokens drafted per step), got {k!r}")
+        if cuda_graphs:
+            check_cuda_graphs(model, speculative)
         self.draft_tokens = k if speculative else 0  # k drafted per step; 0 = no speculation
         self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
-        self.compiles = compile
+        self.compiles, self.cuda_graphs = compile, cuda_graphs
+        self._generate_graphs: GraphedDecode | None = None  # `generate`'s graphs and their cache, kept between calls
         self.decode_forward, self.mtp_forward = (
             compiled_forwards(model) if compile else (model.forward, functools.partial(mtp_with_logits, model)))
         self.max_batch_size = max_batch_size
@@ -95,9 +99,27 @@ class Engine:
         self.running = 0  # requests holding a row of the serving batch, after the last step
         self.failure: BaseException | None = None  # what stopped the serving thread, if an error did
 
-    def _new_batch(self, capacity: int, max_len: int) -> Batch:
+    def _new_batch(self, capacity: int, max_len: int, graphs: GraphedDecode | None = None) -> Batch:
+        """A batch of `capacity` rows of `max_len` slots; with cuda_graphs, over `graphs` (default: new ones)."""
+        if self.cuda_graphs and graphs is None:
+            graphs = GraphedDecode(self.decode_forward, make_cache(self.cfg, capacity, max_len, self.model.dtype,
+                                                                    self.model.device))
         return Batch(self.model, (self.decode_forward, self.mtp_forward), self.draft_tokens, capacity, max_len,
-                     compiled=self.compiles)
+                     compiled=self.compiles, graphs=graphs)
+
+    def _graphs_for_generate(self, rows: int, max_len: int) -> GraphedDecode | None:
+        """With cuda_graphs, `generate`'s graphs: kept between calls with their cache (so a later call replays the
+        graphs an earlier one captured), replaced by a larger cache's when a call needs more rows or slots."""
+        if not self.cuda_graphs:
+            return None
+        kept = self._generate_graphs
+        if kept is None or kept.cache.rows < rows or kept.cache.max_len < max_len:
+            if kept is not None:
+                rows, max_len = max(rows, kept.cache.rows), max(max_len, kept.cache.max_len)
+            self._generate_graphs = None  # its cache's memory goes before the larger one is allocated
+            self._generate_graphs = GraphedDecode(self.decode_forward, make_cache(
+                self.cfg, rows, max_len, self.model.dtype, self.model.device))
+        return self._generate_graphs
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -211,7 +233,8 @@ class Engine:
         device = self.model.device
         R, T = len(src), 1 + self.draft_tokens  # T: tokens a step may give a row
         # a row's last step may write up to T - 1 tokens past its end (cut off below); its cache, as many slots
-        batch = self._new_batch(R, max(len(prompts[i]) for i in src) + max_new_tokens + T - 1)
+        max_len = max(len(prompts[i]) for i in src) + max_new_tokens + T - 1
+        batch = self._new_batch(R, max_len, self._graphs_for_generate(R, max_len))
         batch.admit(prompts, src, list(range(R)), params, list(range(R)))
         stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
         row_of = torch.arange(R, device=device)  # output row of each batch row (rows leave once finished)

@@ -435,7 +435,8 @@ def main(args) -> int:
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
                                     args.max_model_len, args.quantize, args.group_size, args.adapter,
                                     prefix_cache=not args.no_prefix_cache, speculative=args.speculative,
-                                    num_speculative_tokens=args.num_speculative_tokens, compile=args.compile)
+                                    num_speculative_tokens=args.num_speculative_tokens, compile=args.compile,
+                                    cuda_graphs=args.cuda_graphs)
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,

@@ -541,13 +541,15 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
 
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
                 quantize: str = "none", group_size: int = 32, adapter: str | None = None, prefix_cache: bool = True,
-                speculative: str | None = None, num_speculative_tokens: int = 1, compile: bool = False):
+                speculative: str | None = None, num_speculative_tokens: int = 1, compile: bool = False,
+                cuda_graphs: bool = False):
     """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top), its tokenizer
     and an Engine on it (with prefix caching unless `prefix_cache` is False; with MTP speculative decoding when
-    `speculative="mtp"`; its decode step compiled with `compile`): what both `serve` and `chat` run on."""
+    `speculative="mtp"`; its decode step compiled with `compile`, replayed as CUDA graphs with `cuda_graphs`): what
+    both `serve` and `chat` run on."""
     directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
     model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size, adapter=adapter)
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len,
                     prefix_cache_tokens=None if prefix_cache else 0, speculative=speculative,
-                    num_speculative_tokens=num_speculative_tokens, compile=compile)
+                    num_speculative_tokens=num_speculative_tokens, compile=compile, cuda_graphs=cuda_graphs)
     return engine, Tokenizer.from_dir(directory)

@@ -238,7 +238,7 @@ def rollout_view(policy: nn.Module, dtype: torch.dtype, quantize: str = "none", 
     meta device like `load`, then filled from the policy's weights by `refresh_view`, in place, after each update.
     A LoRA-wrapped policy is read through its merged weights, so the view samples what is being trained."""
     view = meta_model(policy.cfg, dtype)
-    quantize_modules(view, quantize, group_size)
+    quantize_modules(view, quantize, group_size, policy.device)
     if quantize == "int8":
         fuse_projections(view)
     refresh_view(allocate(view, policy.device), policy)

@@ -49,10 +49,10 @@ def to_messages(question: str, prompt_text: str, completion: str) -> list[dict]:
 def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int = 4, max_new_tokens: int = 512,
            temperature: float = 0.7, top_p: float = 0.95, template: str = "chat", min_reward: float = 1.0,
            keep_per_prompt: int | None = None, batch_prompts: int = 16, seed: int = 0, progress: bool = True,
-           threads: int | None = None, compile: bool = False) -> dict:
+           threads: int | None = None, compile: bool = False, cuda_graphs: bool = False) -> dict:
     """Generate k completions per row, keep the accepted ones (deduplicated), write them to `output` as messages
-    JSONL (with the decode step compiled when `compile`). Returns counts: prompts, completions, accepted,
-    prompts_with_accepted."""
+    JSONL (with the decode step compiled when `compile`, replayed as CUDA graphs when `cuda_graphs`). Returns
+    counts: prompts, completions, accepted, prompts_with_accepted."""
     from tqdm import tqdm
 
     from openseek.engine import Engine
@@ -63,7 +63,7 @@ def sample(model, tokenizer, rows: list[dict], reward_fns: list, output, k: int 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     engine = Engine(model, max_batch_size=max(64, min(batch_prompts * k, 256)), threads=threads,
-                    compile=compile)
+                    compile=compile, cuda_graphs=cuda_graphs)
     names = unique_names(reward_fns)
     counts = {"prompts": 0, "completions": 0, "accepted": 0, "prompts_with_accepted": 0}
     bar = tqdm(total=len(rows), desc="sample", unit="prompt", disable=not progress)
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
                     temperature=args.temperature, top_p=args.top_p, template=args.template,
                     min_reward=args.min_reward, keep_per_prompt=args.keep_per_prompt,
                     batch_prompts=args.batch_prompts, seed=args.seed, progress=args.progress,
-                    threads=args.threads, compile=args.compile)
+                    threads=args.threads, compile=args.compile, cuda_graphs=args.cuda_graphs)
     rate = counts["accepted"] / max(1, counts["completions"])
     print(f"kept {counts['accepted']} of {counts['completions']} completions ({rate:.1%}); "
           f"{counts['prompts_with_accepted']} of {counts['prompts']} prompts have one -> {args.output}")
