@@ -41,7 +41,7 @@ from openseek.serve.protocol import (
     TokenizerInfo,
 )
 from openseek.serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
-from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages
+from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages, tool_format
 from openseek.tokenizer import Tokenizer
 
 
@@ -74,6 +74,7 @@ class Server:
     def __init__(self, engine, tokenizer, config: ServeConfig):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_token_ids = stop_token_ids(engine.cfg, tokenizer)
+        self.tool_format = tool_format(tokenizer)
         self.in_flight = 0
         self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, lambda: engine.running,
                                engine.prefix_cache, engine.stats if getattr(engine, "draft_tokens", 0) else None)
@@ -108,7 +109,7 @@ class Server:
         offered = tools if request.tool_choice != "none" else None
         takes_tools = self.tokenizer.template_takes_tools
         messages = template_messages([_template_message(m, i) for i, m in enumerate(request.messages)], offered,
-                                     takes_tools)
+                                     takes_tools, self.tool_format)
         kwargs = request.chat_template_kwargs or {}
         reserved = sorted(kwargs.keys() & TEMPLATE_ARGUMENTS)
         if reserved:
@@ -195,7 +196,7 @@ class Server:
         rules, cause = [], None
         if tools and choice not in (None, "auto"):  # "required" or a named function: a call and nothing else
             named = [t for t in tools if choice == "required" or t["function"]["name"] == choice.function.name]
-            rules.append(call_rule(named, request.parallel_tool_calls and choice == "required"))
+            rules.append(call_rule(named, request.parallel_tool_calls and choice == "required", self.tool_format))
             cause = "tool_choice"
         if fmt is not None and fmt.type != "text":
             if rules:
@@ -205,7 +206,7 @@ class Server:
             self._compile_schema(schema, "response_format.json_schema.schema")
             rules.append(GrammarCompiler.lark_json(schema))
             if tools:  # "auto": a call, or the JSON answer
-                rules.append(call_rule(tools, request.parallel_tool_calls))
+                rules.append(call_rule(tools, request.parallel_tool_calls, self.tool_format))
             cause = "response_format"
         if not rules:
             return None, None
@@ -285,7 +286,8 @@ class Server:
                 Choice(index=p * request.n + i, prompt=p, max_tokens=room if max_tokens is None else max_tokens,
                        seed=None if request.seed is None else (request.seed + i) % 2**63,
                        splitter=None if reasoning is None else ReasoningSplitter(in_reasoning=reasoning),
-                       logprobs=logprobs is not None, tools=ToolCallParser(tool_names) if tool_names else None)
+                       logprobs=logprobs is not None,
+                       tools=ToolCallParser(tool_names, self.tool_format) if tool_names else None)
                 for i in range(request.n)
             ]
         return Job(prompts=[ids for _, ids in prompts], prompt_texts=[text for text, _ in prompts],
