@@ -2,7 +2,8 @@
 the one Engine, and the tokens come back as Pieces of reasoning and answer text.
 
 It checks what the model and the server's limits decide (context length, `n`, message count, sequences in flight),
-tokenizes through the model's chat template (with the request's tools: tools.py), stops on the model's stop tokens
+maps the request's `model` to the base or one of the LoRA adapters served beside it (multi_lora.py), tokenizes
+through the model's chat template (with the request's tools, in the template's call format: tools.py), stops on the model's stop tokens
 and the request's stop strings, splits `<think>` reasoning from the answer (and the tokens' log-probs with it),
 parses tool calls out of the answer, echoes the prompt when asked, and answers the tokenizer endpoints.
 
