@@ -34,7 +34,8 @@ BASE = 0  # the adapter index of the base model itself
 
 class AdapterSet:
     """The adapters loaded on one model, by name (adapter i + 1 is names[i]; 0 is the base), and which one each row
-    of the next forward uses (`rows`: a device tensor [rows], or None when every row is the base's)."""
+    of the forwards uses until the next `select` (`rows`: a device tensor [rows], or None when every row is the
+    base's)."""
 
     def __init__(self, names: list[str], device):
         self.names, self.device = list(names), device
@@ -61,8 +62,7 @@ class MultiLoRALinear(nn.Module):
     """A frozen linear layer plus, per row, the low-rank update of that row's adapter (see the module docstring).
     lora_A [adapters + 1, r, in] and lora_B [adapters + 1, out, r] (float32), scaling [adapters + 1]."""
 
-    def __init__(self, base: nn.Module, adapters: AdapterSet, factors: list[tuple[torch.Tensor, torch.Tensor, float]
-                                                                            | None]):
+    def __init__(self, base: nn.Module, adapters: AdapterSet, factors: list):
         """factors: per adapter (in the set's order), (A [r, in], B [out, r], scaling), or None where it leaves
         this layer alone."""
         super().__init__()
