@@ -314,11 +314,10 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Load a PEFT LoRA adapter into `model`: modules without an adapter are wrapped, ones that have one (a run
-    resuming from its checkpoint) get the saved values. Every name and shape is checked against the model before
-    anything changes; a model that already has adapters must find each of them in the file. Afterwards the base is
-    frozen and the adapters trainable, as after `apply_lora`."""
+def read_adapter(model: nn.Module, directory) -> tuple[dict, list]:
+    """A PEFT LoRA adapter checked against `model` (every tensor's name and shape; nothing changes yet): its
+    adapter_config.json and, per adapted module, (transformers name, module, {"A": tensor, "B": tensor}, rank,
+    lora_alpha)."""
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
@@ -353,11 +352,23 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
                     f"{PEFT_PREFIX}{name}.lora_{factor}.weight (in {weights.name}): shape {list(found)}, but "
                     f"{name} is a [{module.out_features}, {module.in_features}] linear layer and r={rank}: "
                     f"expected {list(want)}")
+        plan.append((name, module, factors, rank, alpha))
+    return config, plan
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load a PEFT LoRA adapter into `model`: modules without an adapter are wrapped, ones that have one (a run
+    resuming from its checkpoint) get the saved values. Every name and shape is checked against the model before
+    anything changes; a model that already has adapters must find each of them in the file. Afterwards the base is
+    frozen and the adapters trainable, as after `apply_lora`."""
+    config, plan = read_adapter(model, directory)
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    for name, module, _, rank, alpha in plan:
         if isinstance(module, LoRALinear) and (module.rank, module.alpha) != (rank, alpha):
             raise AdapterError(f"{name}: the adapter has r={rank}, lora_alpha={alpha}; the model's has "
                                f"r={module.rank}, lora_alpha={module.alpha}")
-        plan.append((name, module, factors, rank, alpha))
-    uncovered = [n for n in lora_modules(model) if n not in pairs]
+    covered = {name for name, *_ in plan}
+    uncovered = [n for n in lora_modules(model) if n not in covered]
     if uncovered:
         raise AdapterError(f"{weights}: no tensors for {uncovered[0]}, which has an adapter in the model")
     for name, module, factors, rank, alpha in plan:

@@ -271,13 +271,15 @@ TOOLS_CHAT_TEMPLATE = """{%- if tools %}
 """
 
 
-def save_random_model_dir(directory: Path, chat_template: str | None = TOOLS_CHAT_TEMPLATE, seed: int = 0) -> Path:
+def save_random_model_dir(directory: Path, chat_template: str | None = TOOLS_CHAT_TEMPLATE, seed: int = 0,
+                          added_tokens: list[str] = ()) -> Path:
     """A tiny llama with random weights (it writes nothing sensible: only a constraint makes its output valid) and
-    the scripted model's tokenizer, saved in `directory`."""
+    the scripted model's tokenizer (plus `added_tokens`, kept by decoding), saved in `directory`."""
     import openseek
     from openseek import Model, ModelConfig
 
     tokenizer = build_tokenizer(chat_template)
+    tokenizer.tokenizer.add_tokens(list(added_tokens))
     torch.manual_seed(seed)
     cfg = ModelConfig(model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,

@@ -190,7 +190,8 @@ def test_serve_loads_an_adapter_also_on_a_quantised_base(hf_model_dir, tmp_path)
     peft_model = peft_adapter(hf_model, tmp_path / "adapter", ["q_proj", "v_proj"])
     parser = argparse.ArgumentParser()
     app.add_arguments(parser)
-    assert parser.parse_args(["--model", str(base_dir), "--adapter", "A"]).adapter == "A"
+    assert app.adapter_flags(parser.parse_args(["--model", str(base_dir), "--adapter", "A"]).adapter, "m") == (
+        "A", {})
     engine, _ = load_engine(str(base_dir), adapter=str(tmp_path / "adapter"))
     x = ids(hf_model.config.vocab_size)
     with torch.no_grad():

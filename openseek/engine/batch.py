@@ -10,6 +10,7 @@ import torch
 from openseek.engine.cache import make_cache
 from openseek.engine.compile import GraphedDecode
 from openseek.engine.sampling import Sampler, SamplingParams
+from openseek.multi_lora import BASE, adapter_set
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Batch:
     run on it. `admit` prefills prompts into rows, `step` is the decode step (one new token for every row),
     `keep` compacts the rows (finished ones leave; `generate`), `vacate` frees rows for later admissions (serve).
 
-    Per row: its owner (None = a free row), its sampling parameters, the token it feeds next and that token's
+    Per row: its owner (None = a free row), its sampling parameters, its LoRA adapter (multi_lora.py; 0 = the base
+    model, which is every row's when the model has no adapter set), the token it feeds next and that token's
     position (device tensors `tokens`, `slots`: a step needs no host sync; `positions` is the host copy). A
     token's slot is its position (cache.py). Free rows decode a dummy token at slot 0 and do not advance; free
     rows at the end are dropped, so `size` is 0 when no row is owned. When speculating (k = `draft_tokens` > 0),
@@ -80,6 +82,8 @@ class Batch:
         self.mtp_state = torch.zeros(0, 1, model.cfg.hidden_size, dtype=model.dtype, device=self.device)
         self.owner: list = []
         self.params: list[SamplingParams] = []
+        self.adapters: list[int] = []
+        self.adapter_set = adapter_set(model)  # None: no adapters to choose between
         self.positions: list[int] = []
         self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -100,8 +104,10 @@ class Batch:
         return (free + list(range(self.size, self.cache.rows)))[:count]
 
     def admit(self, prompts: list[list[int]], src: list[int], rows: list[int], params, owners,
-              starts: list[int] | None = None, all_hidden: bool = False) -> list[torch.Tensor] | None:
-        """Row rows[i] starts prompts[src[i]] for owners[i] with params[i]. One prefill per prompt (n samples of a
+              starts: list[int] | None = None, all_hidden: bool = False,
+              adapters: list[int] | None = None) -> list[torch.Tensor] | None:
+        """Row rows[i] starts prompts[src[i]] for owners[i] with params[i] and adapter adapters[i] (default: the
+        base; the rows of one prompt share its adapter, which its prefill used). One prefill per prompt (n samples of a
         prompt are n rows with the same src) stores each prompt but its last token; the first step feeds that.
         starts[i] (default 0): tokens of the prompt already in row rows[i] (a cached prefix); only the rest is
         prefilled. With `all_hidden`, returns per row the prefill's final hidden states [len(prompt) - 1 - starts[i],
@@ -113,22 +119,31 @@ class Batch:
         if grow > 0:
             self.owner += [None] * grow
             self.params += [_FREE] * grow
+            self.adapters += [BASE] * grow
             self.positions += [0] * grow
             zeros = torch.zeros(grow, dtype=torch.long, device=self.device)
             self.tokens, self.slots = torch.cat((self.tokens, zeros)), torch.cat((self.slots, zeros))
             self.mtp_state = torch.cat((self.mtp_state, self.mtp_state.new_zeros(grow, *self.mtp_state.shape[1:])))
         index = torch.tensor(rows, device=self.device)
         starts = starts or [0] * len(rows)
+        adapters = adapters or [BASE] * len(rows)
+        prompt_adapter = {}
+        for i, p in enumerate(src):
+            if prompt_adapter.setdefault(p, adapters[i]) != adapters[i]:
+                raise ValueError(f"prompt {p} is admitted under adapters {prompt_adapter[p]} and {adapters[i]}: "
+                                 "the rows of one prompt share its prefill, so they share its adapter")
         hidden = [None] * len(rows)
         fresh = [i for i, start in enumerate(starts) if start == 0]
         if fresh:
             used = sorted({src[i] for i in fresh})
+            self._use_adapters([prompt_adapter[p] for p in used])
             out = self._prefill([prompts[p] for p in used], torch.tensor([used.index(src[i]) for i in fresh],
                                 device=self.device), index[fresh], all_hidden)
             for i in fresh if all_hidden else ():
                 hidden[i] = out[used.index(src[i]), : len(prompts[src[i]]) - 1]
         continuing = [i for i, start in enumerate(starts) if start > 0]
         if continuing:
+            self._use_adapters([adapters[i] for i in continuing])
             out = self._extend([prompts[src[i]] for i in continuing], [starts[i] for i in continuing],
                                index[continuing], all_hidden)
             for j, i in enumerate(continuing if all_hidden else ()):
@@ -137,11 +152,16 @@ class Batch:
         position = [len(prompts[s]) - 1 for s in src]
         self.tokens = self.tokens.index_copy(0, index, last)
         self.slots = self.slots.index_copy(0, index, torch.tensor(position, device=self.device))
-        for row, owner, p, pos in zip(rows, owners, params, position):
-            self.owner[row], self.params[row], self.positions[row] = owner, p, pos
+        for row, owner, p, pos, adapter in zip(rows, owners, params, position, adapters):
+            self.owner[row], self.params[row], self.positions[row], self.adapters[row] = owner, p, pos, adapter
         self._sampler = None
         self._draft_logits = None
         return hidden if all_hidden else None
+
+    def _use_adapters(self, adapters: list[int]) -> None:
+        """The LoRA adapter of each row of the next forward (nothing to do on a model without an adapter set)."""
+        if self.adapter_set is not None:
+            self.adapter_set.select(adapters)
 
     def _prefill(self, prompts: list[list[int]], src: torch.Tensor, dest: torch.Tensor, all_hidden: bool):
         """Store each prompt but its last token into its cache rows: prompts[src[i]] goes to cache row dest[i].
@@ -216,6 +236,7 @@ class Batch:
             self._sampler = Sampler(self.params, self.device)
             live = [o is not None for o in self.owner]
             self._advance = 1 if all(live) else torch.tensor(live, dtype=torch.long, device=self.device)
+        self._use_adapters(self.adapters)
         if self.draft_tokens:
             return self._speculate(generator, want_logprobs, top)
         length = max(self.positions) + 1
@@ -277,6 +298,7 @@ class Batch:
         order = rows.tolist()
         self.owner = [self.owner[i] for i in order]
         self.params = [self.params[i] for i in order]
+        self.adapters = [self.adapters[i] for i in order]
         self.positions = [self.positions[i] for i in order]
         self._sampler = None
         self._draft_logits = None
@@ -285,9 +307,9 @@ class Batch:
         """Free `rows` for later admissions. Host bookkeeping only (no device work, so no model lock needed): the
         device tensors follow at the next admit or step."""
         for i in rows:
-            self.owner[i], self.params[i], self.positions[i] = None, _FREE, 0
+            self.owner[i], self.params[i], self.positions[i], self.adapters[i] = None, _FREE, 0, BASE
         while self.owner and self.owner[-1] is None:
-            self.owner.pop(), self.params.pop(), self.positions.pop()
+            self.owner.pop(), self.params.pop(), self.positions.pop(), self.adapters.pop()
         self._vacated = self._vacated or bool(rows)
 
     def _update(self) -> None:

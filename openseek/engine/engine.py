@@ -29,6 +29,7 @@ from openseek.engine.compile import GraphedDecode, check_cuda_graphs, compiled_f
 from openseek.engine.prefix import PrefixCache
 from openseek.engine.request import Completion, RequestHandle, TopLogprobs, top_pairs
 from openseek.engine.sampling import SamplingParams
+from openseek.multi_lora import adapter_set
 from openseek.threads import AdaptiveThreads
 
 FINISH_CHECK_EVERY = 8  # decode steps between host checks for finished rows in `generate`
@@ -79,6 +80,12 @@ class Engine:
         if cuda_graphs:
             check_cuda_graphs(model, speculative)
         self.draft_tokens = k if speculative else 0  # k drafted per step; 0 = no speculation
+        self.adapters = adapter_set(model)  # several LoRA adapters chosen per request (multi_lora.py), or None
+        if self.adapters is not None and (compile or speculative or cuda_graphs):
+            refused = "compile" if compile else "speculative" if speculative else "cuda_graphs"
+            raise ValueError(f"{refused}: a model with several LoRA adapters "
+                             "(multi_lora.py) runs without it (its rows' adapters are chosen on the host at each "
+                             "forward)")
         self.stats = SpeculationStats()
         self.model, self.cfg = model, model.cfg
         self.compiles, self.cuda_graphs = compile, cuda_graphs
@@ -298,8 +305,10 @@ class Engine:
         prompt_logprobs: bool = False,
         on_token=None,
         constraint=None,
+        adapter: int = 0,
     ) -> RequestHandle:
-        """Queue one request into the running batch; returns its handle at once (see docs/engine.md)."""
+        """Queue one request into the running batch; returns its handle at once (see docs/engine.md). adapter: the
+        LoRA adapter it runs with, on a model with several (multi_lora.py; 0 = the base model)."""
         if not (prompt_logprobs and max_new_tokens == 0):
             self._check_max_new(max_new_tokens)
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
@@ -308,9 +317,13 @@ class Engine:
             raise ValueError(f"top_logprobs={top_logprobs} is more than the vocabulary ({self.cfg.vocab_size})")
         params = _constrained(SamplingParams(temperature, top_p, top_k), self._constraint_specs(constraint, 1)[0])
         prompt = self._check_prompt(prompt, max_new_tokens, self.max_seq_len)
+        if self.adapters is not None:
+            self.adapters.check(adapter)
+        elif adapter != 0:
+            raise ValueError(f"adapter={adapter!r}: this model has no adapters to choose between (0 = the model)")
         generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
         request = RequestHandle(prompt, max_new_tokens, params, self._stop_ids(stop_token_ids), generator, logprobs,
-                          top_logprobs, prompt_logprobs, on_token)
+                                top_logprobs, prompt_logprobs, on_token, adapter)
         with self._wake:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -412,7 +425,7 @@ class Engine:
             request = batch.owner[i]
             if self.prefix_cache is not None and request.finish_reason in ("stop", "length"):
                 # the row holds the prompt and every new token but the last (never fed)
-                self.prefix_cache.save(request.prompt + request.token_ids[:-1], batch.cache, i)
+                self.prefix_cache.save(request.prompt + request.token_ids[:-1], batch.cache, i, request.adapter)
         batch.vacate(finished)
         return batch
 
@@ -465,16 +478,16 @@ class Engine:
         """Prefill new requests into free `rows` (continuing their longest cached prefix), score the prompts that
         ask for it, keep the prompts in the prefix cache, and finish the requests that want no new token."""
         prefix = self._current_prefix_cache()
-        starts = [0 if prefix is None or r.prompt_logprobs is not None else prefix.load(r.prompt, batch.cache, row)
-                  for r, row in zip(new, rows)]
+        starts = [0 if prefix is None or r.prompt_logprobs is not None
+                  else prefix.load(r.prompt, batch.cache, row, r.adapter) for r, row in zip(new, rows)]
         if self.draft_tokens:  # the MTP layer's last cached slot saw the token after it, which may differ here
             starts = [max(0, start - 1) for start in starts]
         scoring = any(r.prompt_logprobs is not None for r in new)
         hidden = batch.admit([r.prompt for r in new], list(range(len(new))), rows, [r.params for r in new], new,
-                             starts, all_hidden=scoring)
+                             starts, all_hidden=scoring, adapters=[r.adapter for r in new])
         for i, (request, row) in enumerate(zip(new, rows)):
             if prefix is not None:
-                prefix.save(request.prompt[:-1], batch.cache, row)
+                prefix.save(request.prompt[:-1], batch.cache, row, request.adapter)
             if request.prompt_logprobs is not None:
                 request._score_prompt(hidden[i], self.model.lm_head)
         done = [row for request, row in zip(new, rows) if request.max_new_tokens == 0]

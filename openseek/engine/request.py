@@ -41,8 +41,9 @@ class RequestHandle:
     """Handle of one streaming request: iterate (async) over its tokens, await its Completion, or cancel it."""
 
     def __init__(self, prompt, max_new_tokens, params, stop, generator, want_logprobs, top_logprobs,
-                 prompt_logprobs, on_token):
+                 prompt_logprobs, on_token, adapter: int = 0):
         self.prompt, self.max_new_tokens, self.params = prompt, max_new_tokens, params
+        self.adapter = adapter  # the LoRA adapter its rows use (multi_lora.py; 0 = the base model)
         self.stop, self.generator, self.want_logprobs, self.on_token = set(stop), generator, want_logprobs, on_token
         self.top_logprobs_k = top_logprobs
         self.token_ids: list[int] = []

@@ -155,7 +155,7 @@ async def respond(server: Server, job: Job, request: SamplingFields, kind: Kind,
     way a client that hangs up first (`receive`, the request's ASGI channel, says so) cancels the job: its
     sequences leave the batch at the next step and /metrics counts it."""
     server.start(job)
-    base = dict(id=new_id(kind.prefix), created=now(), model=server.config.model_name)
+    base = dict(id=new_id(kind.prefix), created=now(), model=request.model)  # the base's name or an adapter's
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
         return JobStream(_events(server, job, kind, base, usage), lambda: server.cancel(job))
@@ -367,19 +367,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_model_routes(app: FastAPI, config: ServeConfig, error_responses: dict) -> None:
-    """/v1/models and /v1/models/{model}: the one model served."""
-    def card() -> ModelCard:
-        return ModelCard(id=config.model_name, created=now(), max_model_len=config.max_model_len)
+    """/v1/models and /v1/models/{model}: the base model and the LoRA adapters served beside it."""
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=now(), max_model_len=config.max_model_len,
+                         parent=None if name == config.model_name else config.model_name)
 
     @app.get("/v1/models", response_model=ModelList, responses=error_responses)
     async def models():
-        return ModelList(data=[card()])
+        return ModelList(data=[card(name) for name in config.served_models])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=error_responses)
     async def model(model: str):
-        if model != config.model_name:
+        if model not in config.served_models:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        return card()
+        return card(model)
 
 
 def _gated(app: FastAPI, config: ServeConfig, server: Server):
@@ -403,7 +404,10 @@ def asgi_app(engine, tokenizer, config: ServeConfig):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (HF format, with its tokenizer)")
-    parser.add_argument("--adapter", help="a LoRA adapter in PEFT's format to serve on top of --model")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="a LoRA adapter in PEFT's format served beside --model as model NAME (repeatable: "
+                             "requests for different adapters and the base share one batch); a single --adapter "
+                             "DIR with no NAME= serves the model with that adapter on top, under --model's name")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8000)
@@ -430,21 +434,45 @@ def main(args) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    model_name = args.served_model_name or Path(args.model).name
+    try:
+        single, adapters = adapter_flags(args.adapter, model_name)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     import uvicorn
 
     engine, tokenizer = load_engine(args.model, args.dtype, resolve_device(args.device), args.max_batch_size,
-                                    args.max_model_len, args.quantize, args.group_size, args.adapter,
+                                    args.max_model_len, args.quantize, args.group_size, single,
                                     prefix_cache=not args.no_prefix_cache, speculative=args.speculative,
                                     num_speculative_tokens=args.num_speculative_tokens, compile=args.compile,
-                                    cuda_graphs=args.cuda_graphs)
+                                    cuda_graphs=args.cuda_graphs, adapters=adapters)
     config = ServeConfig(
-        model_name=args.served_model_name or Path(args.model).name, max_model_len=engine.max_seq_len,
+        model_name=model_name, max_model_len=engine.max_seq_len,
         api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_n=args.max_n, max_sequences=args.max_sequences,
-        reasoning_budget=args.reasoning_budget,
+        reasoning_budget=args.reasoning_budget, adapters=list(adapters),
     )
     print(f"openseek serve: {config.model_name} on http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1){'' if config.api_key else ', loopback only'}", file=sys.stderr)
     uvicorn.run(asgi_app(engine, tokenizer, config), host=args.host, port=args.port, log_level="warning",
                 server_header=False, timeout_graceful_shutdown=5)
     return 0
+
+
+def adapter_flags(values: list[str], model_name: str) -> tuple[str | None, dict[str, str]]:
+    """--adapter's values as (one adapter on top of the model, {name: directory} of adapters served beside it):
+    one bare DIR is the first, NAME=DIR values the second; anything else is an error that says how to write it."""
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0], {}
+    adapters = {}
+    for value in values:
+        name, _, directory = value.partition("=")
+        if not name or not directory:
+            raise ValueError(f"--adapter {value}: name each adapter, --adapter NAME=DIR (NAME is the `model` "
+                             "requests pass); a single --adapter DIR serves the model with that one adapter on top")
+        if name in adapters or name == model_name:
+            raise ValueError(f"--adapter {value}: the name {name!r} is taken already (by "
+                             f"{'the base model' if name == model_name else 'another adapter'}); names are unique")
+        adapters[name] = directory
+    return None, adapters

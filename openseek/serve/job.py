@@ -84,6 +84,7 @@ class Job:
     constraint: object = None  # the spec every choice's row follows (engine/constraint.py); None: free
     include_stop: bool = False  # the stop string or token that ended a choice stays at the end of its text
     skip_special_tokens: bool = True  # special tokens are left out of the text
+    adapter: int = 0  # the LoRA adapter the request's `model` names (multi_lora.py; 0 = the base model)
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False  # every choice ran to its end (a client hanging up after that cancels nothing)

@@ -463,6 +463,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "openseek"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's: the base model it runs on
 
 
 class ModelList(BaseModel):

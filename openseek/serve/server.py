@@ -2,7 +2,8 @@
 the one Engine, and the tokens come back as Pieces of reasoning and answer text.
 
 It checks what the model and the server's limits decide (context length, `n`, message count, sequences in flight),
-tokenizes through the model's chat template (with the request's tools: tools.py), stops on the model's stop tokens
+maps the request's `model` to the base or one of the LoRA adapters served beside it (multi_lora.py), tokenizes
+through the model's chat template (with the request's tools, in the template's call format: tools.py), stops on the model's stop tokens
 and the request's stop strings, splits `<think>` reasoning from the answer (and the tokens' log-probs with it),
 parses tool calls out of the answer, echoes the prompt when asked, and answers the tokenizer endpoints.
 
@@ -25,6 +26,7 @@ from typing import AsyncIterator
 from openseek.checkpoint import load, resolve
 from openseek.engine import Engine, stop_token_ids
 from openseek.engine.constraint import ConstraintError, GrammarCompiler, Thinking
+from openseek.multi_lora import load_adapters
 from openseek.serve.detokenize import IncrementalDecoder, StopMatcher
 from openseek.serve.gate import APIError
 from openseek.serve.job import Choice, Job, Piece, Scored
@@ -41,7 +43,7 @@ from openseek.serve.protocol import (
     TokenizerInfo,
 )
 from openseek.serve.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter, prompt_opens_reasoning, strip_reasoning
-from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages
+from openseek.serve.tools import ToolCall, ToolCallParser, call_rule, template_messages, tool_format
 from openseek.tokenizer import Tokenizer
 
 
@@ -66,6 +68,12 @@ class ServeConfig:
     max_n: int = 8
     max_sequences: int = 64  # sequences admitted (generating or waiting for a batch slot); beyond it: 429
     reasoning_budget: int | None = None  # thinking tokens when a request sets no budget (None: unbounded)
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside the base, by name (--adapter)
+
+    @property
+    def served_models(self) -> list[str]:
+        """What a request's `model` may name: the base model first, then each adapter (its index is its place)."""
+        return [self.model_name, *self.adapters]
 
 
 class Server:
@@ -74,6 +82,11 @@ class Server:
     def __init__(self, engine, tokenizer, config: ServeConfig):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_token_ids = stop_token_ids(engine.cfg, tokenizer)
+        self.tool_format = tool_format(tokenizer)
+        loaded = getattr(engine, "adapters", None)
+        if config.adapters != ([] if loaded is None else loaded.names):
+            raise ValueError(f"ServeConfig.adapters={config.adapters} but the engine's model carries "
+                             f"{[] if loaded is None else loaded.names}: they must be the same, in the same order")
         self.in_flight = 0
         self.metrics = Metrics(config.max_sequences, lambda: self.in_flight, lambda: engine.running,
                                engine.prefix_cache, engine.stats if getattr(engine, "draft_tokens", 0) else None)
@@ -108,7 +121,7 @@ class Server:
         offered = tools if request.tool_choice != "none" else None
         takes_tools = self.tokenizer.template_takes_tools
         messages = template_messages([_template_message(m, i) for i, m in enumerate(request.messages)], offered,
-                                     takes_tools)
+                                     takes_tools, self.tool_format)
         kwargs = request.chat_template_kwargs or {}
         reserved = sorted(kwargs.keys() & TEMPLATE_ARGUMENTS)
         if reserved:
@@ -195,7 +208,7 @@ class Server:
         rules, cause = [], None
         if tools and choice not in (None, "auto"):  # "required" or a named function: a call and nothing else
             named = [t for t in tools if choice == "required" or t["function"]["name"] == choice.function.name]
-            rules.append(call_rule(named, request.parallel_tool_calls and choice == "required"))
+            rules.append(call_rule(named, request.parallel_tool_calls and choice == "required", self.tool_format))
             cause = "tool_choice"
         if fmt is not None and fmt.type != "text":
             if rules:
@@ -205,7 +218,7 @@ class Server:
             self._compile_schema(schema, "response_format.json_schema.schema")
             rules.append(GrammarCompiler.lark_json(schema))
             if tools:  # "auto": a call, or the JSON answer
-                rules.append(call_rule(tools, request.parallel_tool_calls))
+                rules.append(call_rule(tools, request.parallel_tool_calls, self.tool_format))
             cause = "response_format"
         if not rules:
             return None, None
@@ -253,9 +266,7 @@ class Server:
         return sorted(set(extra) | (set() if request.ignore_eos else set(self.stop_token_ids)))
 
     def _check_common(self, request: SamplingFields) -> None:
-        if request.model != self.config.model_name:
-            raise APIError(404, f"The model `{request.model}` does not exist; this server serves "
-                                f"`{self.config.model_name}`.", param="model", code="model_not_found")
+        self._check_model(request.model)
         if request.n > self.config.max_n:
             raise APIError(400, f"n={request.n} is above this server's limit of {self.config.max_n}", param="n")
 
@@ -285,7 +296,8 @@ class Server:
                 Choice(index=p * request.n + i, prompt=p, max_tokens=room if max_tokens is None else max_tokens,
                        seed=None if request.seed is None else (request.seed + i) % 2**63,
                        splitter=None if reasoning is None else ReasoningSplitter(in_reasoning=reasoning),
-                       logprobs=logprobs is not None, tools=ToolCallParser(tool_names) if tool_names else None)
+                       logprobs=logprobs is not None,
+                       tools=ToolCallParser(tool_names, self.tool_format) if tool_names else None)
                 for i in range(request.n)
             ]
         return Job(prompts=[ids for _, ids in prompts], prompt_texts=[text for text, _ in prompts],
@@ -293,14 +305,17 @@ class Server:
                    top_p=1.0 if request.top_p is None else request.top_p, top_k=max(request.top_k or 0, 0),
                    stops=request.stop_list(), stop_token_ids=stop_ids, choices=choices, logprobs=logprobs, echo=echo,
                    constraint=constraint, include_stop=request.include_stop_str_in_output,
-                   skip_special_tokens=request.skip_special_tokens)
+                   skip_special_tokens=request.skip_special_tokens,
+                   adapter=self.config.served_models.index(request.model))
 
     # -- the tokenizer endpoints --
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.config.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                                f"`{self.config.model_name}`.", param="model", code="model_not_found")
+        served = self.config.served_models
+        if model is not None and model not in served:
+            names = ", ".join(f"`{name}`" for name in served)
+            raise APIError(404, f"The model `{model}` does not exist; this server serves {names}.", param="model",
+                           code="model_not_found")
 
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check_model(request.model)
@@ -339,7 +354,8 @@ class Server:
                     job.prompts[choice.prompt], max_new_tokens=choice.max_tokens, temperature=job.temperature,
                     top_p=job.top_p, top_k=job.top_k, seed=choice.seed, stop_token_ids=job.stop_token_ids,
                     logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0,
-                    prompt_logprobs=job.echo and job.logprobs is not None, constraint=job.constraint)
+                    prompt_logprobs=job.echo and job.logprobs is not None, constraint=job.constraint,
+                    adapter=job.adapter)
         except ValueError as e:  # the engine names what it cannot take (e.g. a token outside the model's vocabulary)
             self.release(job)
             raise APIError(400, str(e)) from None
@@ -542,13 +558,18 @@ async def _merge(generators: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]
 def load_engine(model_dir: str, dtype=None, device="cpu", max_batch_size: int = 32, max_model_len=None,
                 quantize: str = "none", group_size: int = 32, adapter: str | None = None, prefix_cache: bool = True,
                 speculative: str | None = None, num_speculative_tokens: int = 1, compile: bool = False,
-                cuda_graphs: bool = False):
-    """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top), its tokenizer
-    and an Engine on it (with prefix caching unless `prefix_cache` is False; with MTP speculative decoding when
-    `speculative="mtp"`; its decode step compiled with `compile`, replayed as CUDA graphs with `cuda_graphs`): what
-    both `serve` and `chat` run on."""
+                cuda_graphs: bool = False, adapters: dict[str, str] | None = None):
+    """The model (in `dtype`, maybe weight-only quantised, maybe with a PEFT LoRA `adapter` on top, maybe with
+    several `adapters` {name: directory} chosen per request: multi_lora.py), its tokenizer and an Engine on it
+    (with prefix caching unless `prefix_cache` is False; with MTP speculative decoding when `speculative="mtp"`;
+    its decode step compiled with `compile`, replayed as CUDA graphs with `cuda_graphs`): what both `serve` and
+    `chat` run on."""
+    if adapter is not None and adapters:
+        raise ValueError("adapter (one on top of the model) and adapters (several beside it) exclude each other")
     directory = resolve(model_dir)  # a hub id is downloaded here, before serving: the only network access
     model = load(directory, dtype=dtype, device=device, quantize=quantize, group_size=group_size, adapter=adapter)
+    if adapters:
+        load_adapters(model, {name: resolve(path) for name, path in adapters.items()})
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_model_len,
                     prefix_cache_tokens=None if prefix_cache else 0, speculative=speculative,
                     num_speculative_tokens=num_speculative_tokens, compile=compile, cuda_graphs=cuda_graphs)
