@@ -59,6 +59,15 @@ UNHONOURED = {
 UNHONOURED_HINTS = {"functions": "use `tools`", "function_call": "use `tool_choice`"}
 
 
+def neutral_only(name: str, value, neutral: tuple, hints: dict[str, str]):
+    """`value` of a field this server cannot honour, if it leaves the answer unchanged (it equals one of `neutral`);
+    else the ValueError that refuses it (with `hints[name]`, or the neutral value to send)."""
+    if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):  # True is not 1
+        return value
+    hint = hints.get(name, f"send {neutral[-1]!r} or leave it out")
+    raise ValueError(f"{name}={value!r} is not supported by this server ({hint})")
+
+
 class RequestPart(BaseModel):
     """A part of a client's request body: unknown fields are ignored."""
 
@@ -106,25 +115,27 @@ class TextPart(RequestPart):
     text: str
 
 
+def json_object_text(arguments: str) -> str:
+    """`arguments` if it is a JSON object as text (a tool call's arguments), else the ValueError saying why not."""
+    try:
+        value = json.loads(arguments)
+    except RecursionError:
+        raise ValueError("nested deeper than this server reads JSON") from None
+    except ValueError as e:  # not JSON, or an integer too long to convert
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    found = lone_surrogate(value, "arguments")  # an escape in the JSON text can spell one
+    if found is not None:
+        raise ValueError(": ".join(found))
+    return arguments
+
+
 class FunctionCall(RequestPart):
     name: str
     arguments: str  # a JSON object, as text
 
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, arguments: str) -> str:
-        try:
-            value = json.loads(arguments)
-        except RecursionError:
-            raise ValueError("nested deeper than this server reads JSON") from None
-        except ValueError as e:  # not JSON, or an integer too long to convert
-            raise ValueError(f"not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-        found = lone_surrogate(value, "arguments")  # an escape in the JSON text can spell one
-        if found is not None:
-            raise ValueError(": ".join(found))
-        return arguments
+    _json_object = field_validator("arguments")(json_object_text)
 
 
 class ToolCallIn(RequestPart):
@@ -203,12 +214,7 @@ class SamplingFields(Body):
     @field_validator(*UNHONOURED)
     @classmethod
     def _neutral_only(cls, value, info):
-        """A field this server cannot honour is refused unless it leaves the answer unchanged."""
-        neutral = UNHONOURED[info.field_name]
-        if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):  # True is not 1
-            return value
-        hint = UNHONOURED_HINTS.get(info.field_name, f"send {neutral[-1]!r} or leave it out")
-        raise ValueError(f"{info.field_name}={value!r} is not supported by this server ({hint})")
+        return neutral_only(info.field_name, value, UNHONOURED[info.field_name], UNHONOURED_HINTS)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -326,8 +332,9 @@ class CompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """An id of `prefix` (OpenAI's chat ids read chatcmpl-…; Anthropic's and the Responses API's msg_…, resp_…)."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def now() -> int:

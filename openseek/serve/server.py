@@ -425,7 +425,7 @@ class Server:
         tail_piece = self._text_piece(choice, reasoning, content, calls=calls)
         if tail_piece is not None:
             yield tail_piece
-        choice.finish_reason = finish
+        choice.finish_reason, choice.stop_sequence = finish, stops.matched
         yield self._text_piece(choice, "", "", finish)
 
     def _echo(self, job: Job, choice: Choice) -> Piece:
