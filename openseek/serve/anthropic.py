@@ -46,10 +46,11 @@ from openseek.serve.protocol import (
 )
 from openseek.serve.reasoning import THINK_CLOSE
 
-# (the chat field a refusal names, as a regex; the field of this API it came from)
+# (the chat field a refusal names, as a regex; the field of this API it came from, written as Anthropic writes
+# places: messages.0.content.1)
 RENAMES = [
-    (r"tools\[(\d+)\]\.function\.parameters", r"tools[\1].input_schema"),
-    (r"tools\[(\d+)\]\.function\.name", r"tools[\1].name"),
+    (r"tools\[(\d+)\]\.function\.parameters", r"tools.\1.input_schema"),
+    (r"tools\[(\d+)\]\.function\.name", r"tools.\1.name"),
     (r"thinking_budget_tokens", "thinking.budget_tokens"),
     (r"reasoning_effort", "output_config.effort"),
     (r"response_format(\..*)?", "output_config.format"),
@@ -110,10 +111,10 @@ class Message(RequestPart):
 
 
 class ToolDefinition(RequestPart):
+    type: str | None = None  # first: a server tool is refused as that, not for the input_schema it lacks
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any]
-    type: str | None = None
 
     @field_validator("type")
     @classmethod
