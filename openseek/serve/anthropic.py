@@ -140,7 +140,15 @@ class ToolChoice(RequestPart):
 class Thinking(RequestPart):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=1)
-    display: None = None  # summarized or omitted thinking: this server returns the thinking as the model wrote it
+    display: Any = None
+
+    @field_validator("display")
+    @classmethod
+    def _as_written(cls, display):
+        if display is not None:
+            raise ValueError("thinking comes back as the model wrote it (neither summarized nor omitted); leave "
+                             "display out")
+        return display
 
     @model_validator(mode="after")
     def _enabled_has_a_budget(self):

@@ -136,7 +136,14 @@ class TextConfig(RequestPart):
 
 class ReasoningConfig(RequestPart):
     effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    summary: None = None  # no summaries are made: the reasoning item holds the whole thinking
+    summary: Any = None
+
+    @field_validator("summary")
+    @classmethod
+    def _no_summary(cls, summary):
+        if summary is not None:
+            raise ValueError("no summaries are made: the reasoning item holds the whole thinking; leave it out")
+        return summary
 
 
 class ResponsesRequest(Body):
