@@ -14,8 +14,8 @@ import httpx
 import jsonschema
 import pytest
 
-from helpers_serve import ANSWER, REASONING, LiveServer, save_model_dir, save_random_model_dir
-from test_serve_tools import SCHEMAS, TOOLS
+from helpers_serve import ANSWER, REASONING, save_model_dir
+from test_serve_tools import SCHEMAS, TOOLS, random_server, reasoning_server  # noqa: F401 (fixtures)
 
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
@@ -24,23 +24,8 @@ SAMPLES = 50
 
 
 @pytest.fixture(scope="module")
-def reasoning_server(tmp_path_factory):
-    live = LiveServer(save_model_dir(tmp_path_factory.mktemp("messages") / "tiny"))
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
 def client(reasoning_server):
     return anthropic.Anthropic(base_url=reasoning_server.url, api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def random_server(tmp_path_factory):
-    live = LiveServer(save_random_model_dir(tmp_path_factory.mktemp("messages-random") / "random"),
-                      "--max-sequences", "64")
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,54 +14,30 @@ import jsonschema
 import openai
 import pytest
 
-from helpers_serve import ANSWER, REASONING, LiveServer, save_model_dir, save_random_model_dir
+from helpers_serve import ANSWER, REASONING
 from test_serve_tools import PERSON, SCHEMAS, TOOLS
+from test_serve_tools import random_client, random_server, reasoning_client, reasoning_server  # noqa: F401
 
 FUNCTIONS = [{"type": "function", **t["function"]} for t in TOOLS]
 SAMPLES = 50
 
 
-@pytest.fixture(scope="module")
-def reasoning_server(tmp_path_factory):
-    live = LiveServer(save_model_dir(tmp_path_factory.mktemp("responses") / "tiny"))
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
-def client(reasoning_server):
-    return openai.OpenAI(base_url=reasoning_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def random_server(tmp_path_factory):
-    live = LiveServer(save_random_model_dir(tmp_path_factory.mktemp("responses-random") / "random"),
-                      "--max-sequences", "64")
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
-def random_client(random_server):
-    return openai.OpenAI(base_url=random_server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def test_text_comes_as_a_reasoning_item_and_a_message(client):
-    response = client.responses.create(model="tiny", input="Hello", instructions="Be brief.")
+def test_text_comes_as_a_reasoning_item_and_a_message(reasoning_client):
+    response = reasoning_client.responses.create(model="tiny", input="Hello", instructions="Be brief.")
     assert response.status == "completed" and response.id.startswith("resp_")
     reasoning, message = response.output
     assert reasoning.type == "reasoning" and [c.text for c in reasoning.content] == [REASONING]
     assert message.type == "message" and message.role == "assistant" and response.output_text == ANSWER
-    same = client.responses.create(model="tiny", instructions="Be brief.", input=[
+    same = reasoning_client.responses.create(model="tiny", instructions="Be brief.", input=[
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}])
     assert same.usage.input_tokens == response.usage.input_tokens and same.output_text == ANSWER
     assert response.usage.output_tokens_details.reasoning_tokens == 6  # REASONING's 5 tokens and </think>
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 
 
-def test_stream_gives_the_responses_events_and_the_same_response(client):
-    whole = client.responses.create(model="tiny", input="Hello", temperature=0)
-    events = list(client.responses.create(model="tiny", input="Hello", temperature=0, stream=True))
+def test_stream_gives_the_responses_events_and_the_same_response(reasoning_client):
+    whole = reasoning_client.responses.create(model="tiny", input="Hello", temperature=0)
+    events = list(reasoning_client.responses.create(model="tiny", input="Hello", temperature=0, stream=True))
     kinds = [e.type for e in events]
     runs = [kind for i, kind in enumerate(kinds) if i == 0 or kinds[i - 1] != kind]
     assert runs == ["response.created", "response.in_progress",
@@ -72,21 +48,21 @@ def test_stream_gives_the_responses_events_and_the_same_response(client):
                     "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
-    with client.responses.stream(model="tiny", input="Hello", temperature=0) as stream:
+    with reasoning_client.responses.stream(model="tiny", input="Hello", temperature=0) as stream:
         final = stream.get_final_response()
     assert final.output_text == ANSWER and final.usage.output_tokens == whole.usage.output_tokens
     assert [item.type for item in final.output] == [item.type for item in whole.output]
 
 
-def test_max_output_tokens_leaves_the_response_incomplete(client):
-    response = client.responses.create(model="tiny", input="Hello", max_output_tokens=7)
+def test_max_output_tokens_leaves_the_response_incomplete(reasoning_client):
+    response = reasoning_client.responses.create(model="tiny", input="Hello", max_output_tokens=7)
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.output_text == "The"  # 5 thinking tokens, </think>, one answer token
 
 
 @pytest.mark.parametrize("effort, reasoning", [("none", None), ("minimal", REASONING)])
-def test_reasoning_effort_sets_the_thinking_budget(client, effort, reasoning):
-    response = client.responses.create(model="tiny", input="Hello", reasoning={"effort": effort})
+def test_reasoning_effort_sets_the_thinking_budget(reasoning_client, effort, reasoning):
+    response = reasoning_client.responses.create(model="tiny", input="Hello", reasoning={"effort": effort})
     items = [item for item in response.output if item.type == "reasoning"]
     assert [c.text for item in items for c in item.content] == ([reasoning] if reasoning else [])
     assert response.output_text == ANSWER and response.reasoning.effort == effort
@@ -186,8 +162,8 @@ def test_bad_input_names_the_field(reasoning_server, extra, status, param):
     assert httpx.get(reasoning_server.url + "/health").json() == {"status": "ok"}
 
 
-def test_the_client_raises_on_a_refused_field(client):
+def test_the_client_raises_on_a_refused_field(reasoning_client):
     with pytest.raises(openai.UnprocessableEntityError) as refused:
-        client.responses.create(model="tiny", input="Hello", previous_response_id="resp_1")
+        reasoning_client.responses.create(model="tiny", input="Hello", previous_response_id="resp_1")
     assert "nothing is stored" in refused.value.message
-    assert client.responses.create(model="tiny", input="Hello", store=False).output_text == ANSWER
+    assert reasoning_client.responses.create(model="tiny", input="Hello", store=False).output_text == ANSWER
