@@ -41,6 +41,7 @@ from openseek.serve.protocol import (
     ChatCompletionRequest,
     RequestPart,
     Stop,
+    chat_request,
     neutral_only,
     new_id,
 )
@@ -105,7 +106,7 @@ class Block(RequestPart):
 
 class Message(RequestPart):
     role: Literal["user", "assistant"]
-    content: list[Block]
+    content: list[Block] = Field(min_length=1)
 
     _text_content = field_validator("content", mode="before")(_as_text_blocks)
 
@@ -229,7 +230,7 @@ def to_chat(request: CountTokensRequest, chat_template: str) -> ChatCompletionRe
     if isinstance(request, MessagesRequest):
         fields.update(max_tokens=request.max_tokens, stop=request.stop_sequences, temperature=request.temperature,
                       top_p=request.top_p, top_k=request.top_k)
-    return ChatCompletionRequest.model_validate(fields)
+    return chat_request(fields, "messages")
 
 
 def _turn(message: Message, index: int) -> list[dict]:

@@ -19,8 +19,19 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from openseek.serve.gate import APIError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -277,6 +288,18 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     thinking_budget_tokens: int | None = Field(None, ge=0)  # most tokens of reasoning; then </think> is forced
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (enable_thinking, ...)
+
+
+def chat_request(fields: dict, source: str) -> ChatCompletionRequest:
+    """A chat request translated from another API's (anthropic.py, responses.py): what that API's models let through
+    but a chat cannot hold (say, a conversation of nothing but reasoning items) is a 400 naming `source`, the
+    other API's field the conversation came from."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise APIError(400, f"{source}: as a chat, {where}: {first['msg']}", param=source) from None
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]

@@ -34,6 +34,7 @@ from openseek.serve.protocol import (
     Body,
     ChatCompletionRequest,
     RequestPart,
+    chat_request,
     json_object_text,
     neutral_only,
     new_id,
@@ -210,7 +211,7 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
                                                           if fmt.type == "json_schema" else {})
     if request.reasoning is not None and request.reasoning.effort is not None:
         fields["reasoning_effort"] = request.reasoning.effort
-    return ChatCompletionRequest.model_validate(fields)
+    return chat_request(fields, "input")
 
 
 def job(server, request: ResponsesRequest) -> Job:
