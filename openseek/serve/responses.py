@@ -83,7 +83,10 @@ class Item(RequestPart):
         "function_call_output": ("call_id", "output"), "reasoning": ()}
 
     _text_content = field_validator("content", "output", mode="before")(_as_parts)
-    _json_arguments = field_validator("arguments")(json_object_text)
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, arguments: str | None) -> str | None:
+        return None if arguments is None else json_object_text(arguments)
 
     @model_validator(mode="after")
     def _fields_of_its_type(self):
