@@ -4,15 +4,17 @@ Private by default: it listens on 127.0.0.1 and refuses any other address withou
 checked in constant time on every route but /health; it makes no outbound connection (a `--model` given as a
 hub id is downloaded at startup, before serving; a local directory needs no network at all); CORS is off unless
 --allowed-origins is given; body size, message count, `n`, `max_tokens` and the number of sequences in flight
-are capped. Every error is an OpenAI error envelope. All requests share the one Engine (continuous batching, prefix
-caching unless --no-prefix-cache).
+are capped. Every error is an OpenAI error envelope (Anthropic's under /v1/messages). All requests share the one
+Engine (continuous batching, prefix caching unless --no-prefix-cache).
 
-Besides /v1/chat/completions, /v1/completions and /v1/models it answers vLLM's tokenizer routes, which
-lm-evaluation-harness uses: POST /tokenize, POST /detokenize and GET /tokenizer_info.
+Besides /v1/chat/completions, /v1/completions and /v1/models it answers the two agent APIs, each a translation into
+a chat request (anthropic.py: Anthropic's POST /v1/messages and /v1/messages/count_tokens; responses.py: OpenAI's
+POST /v1/responses), and vLLM's tokenizer routes, which lm-evaluation-harness uses: POST /tokenize,
+POST /detokenize and GET /tokenizer_info.
 
 This module is the HTTP face only: routes, the two response kinds (chat and text, each written whole or streamed
-from the same Pieces; a client that hangs up before either is complete cancels its job, counted on /metrics),
-exception handlers and the command line. The checks before any route are gate.py's, the work is server.py's.
+from the same Pieces; a client that hangs up before either is complete cancels its job, counted on /metrics), the
+agent APIs' writers run the same way (`respond_with`), exception handlers and the command line. The checks before any route are gate.py's, the work is server.py's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openseek.device import resolve_device
 from openseek.flags import add_engine_arguments
+from openseek.serve import anthropic, responses
 from openseek.serve.gate import APIError, Gate, check_bind, error_envelope
 from openseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from openseek.serve.protocol import (
@@ -229,6 +232,44 @@ def _chunk_json(chunk: BaseModel) -> dict:
     return data
 
 
+async def respond_with(server: Server, job: Job, writer, stream: bool, receive):
+    """`respond` for the agent APIs, whose `writer` (anthropic.MessageWriter, responses.ResponseWriter) turns the
+    job's Pieces into its API's events and builds its whole answer as it goes: stream the events, or answer with
+    `writer.whole()` once the job is done. A client that hangs up first cancels the job, as in `respond`."""
+    server.start(job)
+    if stream:
+        return JobStream(_written(server, job, writer), lambda: server.cancel(job))
+
+    async def written():
+        async for piece in server.run(job):
+            writer.feed(piece)
+            yield piece
+
+    try:
+        hung_up = await _hung_up_first(written(), receive)
+    except Exception as e:  # the engine failed the job
+        raise APIError(500, _generation_failed(e)) from e
+    if hung_up:
+        server.cancel(job)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    writer.finish()
+    return JSONResponse(writer.whole())
+
+
+async def _written(server: Server, job: Job, writer) -> AsyncIterator[str]:
+    try:
+        for event in writer.start():
+            yield event
+        async for piece in server.run(job):
+            for event in writer.feed(piece):
+                yield event
+        for event in writer.finish():
+            yield event
+    except Exception as e:  # headers are sent: report in-band, in the API's own error event
+        for event in writer.failed(_generation_failed(e)):
+            yield event
+
+
 class JobStream(StreamingResponse):
     """Server-sent events of one job. However the response ends short of its last event (client gone before the
     first byte or mid-stream, cancelled), `on_hang_up` runs, so the engine stops its sequences, the job's slots
@@ -269,8 +310,10 @@ def _page() -> tuple[str, str]:
     return html, csp
 
 
-def _error(error: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def _error(request: Request, error: APIError, headers: dict | None = None) -> JSONResponse:
+    """The error in the envelope of the API the request spoke."""
+    path = request.url.path
+    return JSONResponse(error.body(path), status_code=error.http_status(path), headers=headers)
 
 
 def _validation_error(error: RequestValidationError) -> APIError:
@@ -330,6 +373,22 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     async def completions(request: CompletionRequest, http: Request):
         return await respond(server, server.completion_job(request), request, TEXT, http.receive)
 
+    @app.post("/v1/messages", responses=error_responses)
+    async def messages(request: anthropic.MessagesRequest, http: Request):
+        job = anthropic.job(server, request)
+        writer = anthropic.MessageWriter(job, config.model_name)
+        return await respond_with(server, job, writer, request.stream, http.receive)
+
+    @app.post("/v1/messages/count_tokens", responses=error_responses)
+    async def count_tokens(request: anthropic.CountTokensRequest):
+        return anthropic.count_tokens(server, request)
+
+    @app.post("/v1/responses", responses=error_responses)
+    async def create_response(request: responses.ResponsesRequest, http: Request):
+        job = responses.job(server, request)
+        writer = responses.ResponseWriter(job, config.model_name, request)
+        return await respond_with(server, job, writer, request.stream, http.receive)
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
     async def tokenize(request: TokenizeRequest):
         return server.tokenize(request)
@@ -347,23 +406,24 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every error as an OpenAI error object: ours, validation failures, HTTP errors and crashes."""
+    """Every error as an OpenAI error object (Anthropic's under /v1/messages): ours, validation failures, HTTP errors
+    and crashes."""
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return _error(error, {"retry-after": "1"} if error.status == 429 else None)
+        return _error(request, error, {"retry-after": "1"} if error.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        return _error(_validation_error(error))
+        return _error(request, _validation_error(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         message = "not found: " + request.url.path if error.status_code == 404 else str(error.detail)
-        return _error(APIError(error.status_code, message), getattr(error, "headers", None))
+        return _error(request, APIError(error.status_code, message), getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception):
-        return _error(APIError(500, f"internal error: {type(error).__name__}"))
+        return _error(request, APIError(500, f"internal error: {type(error).__name__}"))
 
 
 def _add_model_routes(app: FastAPI, config: ServeConfig, error_responses: dict) -> None:
@@ -390,7 +450,7 @@ def _gated(app: FastAPI, config: ServeConfig, server: Server):
         from starlette.middleware.cors import CORSMiddleware
 
         wrapped = CORSMiddleware(wrapped, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
-                                 allow_headers=["authorization", "content-type"])
+                                 allow_headers=["authorization", "x-api-key", "content-type"])
     return wrapped
 
 

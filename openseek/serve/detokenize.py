@@ -42,6 +42,7 @@ class StopMatcher:
         self.include_stop = include_stop
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -52,6 +53,7 @@ class StopMatcher:
             self.stopped = True
             self._held = ""
             at, minus_length = min(hits)  # the first stop to start; of those starting there, the longest
+            self.matched = text[at: at - minus_length]
             return text[: at - minus_length if self.include_stop else at]
         keep = max((_overlap(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep:]

@@ -54,6 +54,7 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # the request's stop string that ended the answer (Anthropic reports it)
     reasoning_logprobs: list[Scored] = field(default_factory=list)
     content_logprobs: list[Scored] = field(default_factory=list)
     sent_logprobs: tuple[int, int] = (0, 0)  # (reasoning, content) entries already in a Piece

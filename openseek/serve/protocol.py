@@ -19,8 +19,19 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from openseek.serve.gate import APIError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -57,6 +68,15 @@ UNHONOURED = {
     "logits_processors": (None, []),
 }
 UNHONOURED_HINTS = {"functions": "use `tools`", "function_call": "use `tool_choice`"}
+
+
+def neutral_only(name: str, value, neutral: tuple, hints: dict[str, str]):
+    """`value` of a field this server cannot honour, if it leaves the answer unchanged (it equals one of `neutral`);
+    else the ValueError that refuses it (with `hints[name]`, or the neutral value to send)."""
+    if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):  # True is not 1
+        return value
+    hint = hints.get(name, f"send {neutral[-1]!r} or leave it out")
+    raise ValueError(f"{name}={value!r} is not supported by this server ({hint})")
 
 
 class RequestPart(BaseModel):
@@ -106,25 +126,27 @@ class TextPart(RequestPart):
     text: str
 
 
+def json_object_text(arguments: str) -> str:
+    """`arguments` if it is a JSON object as text (a tool call's arguments), else the ValueError saying why not."""
+    try:
+        value = json.loads(arguments)
+    except RecursionError:
+        raise ValueError("nested deeper than this server reads JSON") from None
+    except ValueError as e:  # not JSON, or an integer too long to convert
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    found = lone_surrogate(value, "arguments")  # an escape in the JSON text can spell one
+    if found is not None:
+        raise ValueError(": ".join(found))
+    return arguments
+
+
 class FunctionCall(RequestPart):
     name: str
     arguments: str  # a JSON object, as text
 
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, arguments: str) -> str:
-        try:
-            value = json.loads(arguments)
-        except RecursionError:
-            raise ValueError("nested deeper than this server reads JSON") from None
-        except ValueError as e:  # not JSON, or an integer too long to convert
-            raise ValueError(f"not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-        found = lone_surrogate(value, "arguments")  # an escape in the JSON text can spell one
-        if found is not None:
-            raise ValueError(": ".join(found))
-        return arguments
+    _json_object = field_validator("arguments")(json_object_text)
 
 
 class ToolCallIn(RequestPart):
@@ -203,12 +225,7 @@ class SamplingFields(Body):
     @field_validator(*UNHONOURED)
     @classmethod
     def _neutral_only(cls, value, info):
-        """A field this server cannot honour is refused unless it leaves the answer unchanged."""
-        neutral = UNHONOURED[info.field_name]
-        if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):  # True is not 1
-            return value
-        hint = UNHONOURED_HINTS.get(info.field_name, f"send {neutral[-1]!r} or leave it out")
-        raise ValueError(f"{info.field_name}={value!r} is not supported by this server ({hint})")
+        return neutral_only(info.field_name, value, UNHONOURED[info.field_name], UNHONOURED_HINTS)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -273,6 +290,18 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (enable_thinking, ...)
 
 
+def chat_request(fields: dict, source: str) -> ChatCompletionRequest:
+    """A chat request translated from another API's (anthropic.py, responses.py): what that API's models let through
+    but a chat cannot hold (say, a conversation of nothing but reasoning items) is a 400 naming `source`, the
+    other API's field the conversation came from."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise APIError(400, f"{source}: as a chat, {where}: {first['msg']}", param=source) from None
+
+
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -326,8 +355,9 @@ class CompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """An id of `prefix` (OpenAI's chat ids read chatcmpl-…; Anthropic's and the Responses API's msg_…, resp_…)."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def now() -> int:

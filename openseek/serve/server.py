@@ -140,7 +140,7 @@ class Server:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         opens = prompt_opens_reasoning(prompt)
-        room = max_tokens or self.config.max_model_len - len(ids)
+        room = max(max_tokens or self.config.max_model_len - len(ids), 0)  # a prompt past the context: _job refuses it
         stops = self._stop_ids(request)
         return self._job([(prompt, ids)], request, max_tokens, param, "messages", reasoning=opens, stop_ids=stops,
                          logprobs=(request.top_logprobs or 0) if request.logprobs else None,
@@ -441,7 +441,7 @@ class Server:
         tail_piece = self._text_piece(choice, reasoning, content, calls=calls)
         if tail_piece is not None:
             yield tail_piece
-        choice.finish_reason = finish
+        choice.finish_reason, choice.stop_sequence = finish, stops.matched
         yield self._text_piece(choice, "", "", finish)
 
     def _echo(self, job: Job, choice: Choice) -> Piece:
