@@ -1,6 +1,7 @@
 """R1's two findings in miniature (issue 38): RL that lengthens reasoning, and distillation that beats RL for a
-smaller student. Every seed runs, on the `reflection` demo task (openseek/demo_tasks.py: additions, GRPO on 2–3
-digits, held out 4 digits, a corpus where answering without working is common and checking the result is rare):
+smaller student. Every seed runs, on the `reflection` demo task (openseek/demo_tasks.py: 3-digit additions, held
+out the harder ones with two carries or more; a corpus where answering without working is common and checking the
+result is rare):
 
 1. the teacher: `openseek demo --task reflection`'s pipeline — pretrain → held-out eval → GRPO with R1's
    rule-based rewards (no length reward) logging every completion → held-out eval. From its completions, per GRPO
@@ -17,7 +18,7 @@ digits, held out 4 digits, a corpus where answering without working is common an
 
 DIR/summary.json: the figures of every seed and their means with standard errors over seeds (length_growth_correct
 and length_growth_incorrect are last-10 / first-10 GRPO-step mean lengths), each stage's seconds, the wall time;
-DIR/reasoning.png: seed 0's curves (length beside accuracy, as R1's Figure 3).
+DIR/reasoning.png: seed 0's curves (length beside accuracy, as R1's Figure 3); DIR/distillation.png: the students.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import openseek  # noqa: E402
 from openseek import demo as demo_module  # noqa: E402
 from openseek.cli import main as openseek_main  # noqa: E402
-from openseek.demo_tasks import growth, plot_reasoning, reasoning_curve, window_mean  # noqa: E402
+from openseek.demo_tasks import growth, has_check, plot_reasoning, reasoning_curve, window_mean  # noqa: E402
 from openseek.rewards import format_reward  # noqa: E402
 from openseek.tokenizer import Tokenizer  # noqa: E402
 from openseek.train.sample import sample  # noqa: E402
@@ -48,11 +49,11 @@ from openseek.train.trainer import list_checkpoints  # noqa: E402
 # the distillation's own settings.
 FULL = dict(
     demo=dict(corpus_size=60_000, heldout=500),
-    teacher="tiny", student="half", sample_k=4, sft_steps=150, sft_batch=32, sft_lr=2e-3,
+    teacher="small", student="half", sample_k=4, sft_steps=150, sft_batch=32, sft_lr=2e-3,
 )
 QUICK = dict(
     demo=dict(corpus_size=3000, pretrain_steps=120, batch_size=32, grpo_steps=20, grpo_rounds=1, prompts_per_step=4,
-              group_size=4, grpo_prompts=60, heldout=16, max_new_tokens=96),
+              group_size=4, grpo_prompts=60, heldout=16, max_new_tokens=80),
     teacher="tiny", student="half", sample_k=2, sft_steps=4, sft_batch=8, sft_lr=1e-3,
 )
 
@@ -91,8 +92,8 @@ def run_seed(root: Path, seed: int, settings: dict, threads: int | None) -> dict
     timed("teacher_grpo", teacher.grpo)
     rl_model = list_checkpoints(run / "grpo")[-1]
     rl = timed("teacher_eval_rl", lambda: heldout_accuracy(teacher, rl_model, run / "eval_rl"))
-    curve = reasoning_curve(run / "grpo" / "completions.jsonl")
-    (root / "reasoning.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+    curve = teacher.chart_reasoning()  # teacher/reasoning.jsonl and .png
+    checked = reasoning_curve(run / "grpo" / "completions.jsonl", keep=has_check)
     heldout_curve = [(0, base)] + [(p["step"], p["greedy_accuracy"])
                                    for p in json.loads((run / "rl_curve.json").read_text())]
 
@@ -148,6 +149,9 @@ def run_seed(root: Path, seed: int, settings: dict, threads: int | None) -> dict
         "length_correct_last10": window_mean(curve, "length_correct", slice(-10, None)),
         "length_incorrect_first10": window_mean(curve, "length_incorrect", slice(0, 10)),
         "length_incorrect_last10": window_mean(curve, "length_incorrect", slice(-10, None)),
+        # the Dr. GRPO check within one habit (completions with a check step), where no change of habit moves it
+        "checked_length_growth_correct": growth(checked, "length_correct"),
+        "checked_length_growth_incorrect": growth(checked, "length_incorrect"),
         "student_base_accuracy": student_base, "student_distilled_accuracy": distilled,
         "student_rl_accuracy": student_rl, "distilled_minus_rl_points": 100 * (distilled - student_rl),
         "distill_traces": counts["accepted"], "distill_seconds": budget, "student_rl_steps": student_rl_steps,
@@ -176,8 +180,30 @@ def with_errors(figures: dict[str, list]) -> dict:
 FIGURES = ("teacher_base_accuracy", "teacher_rl_accuracy", "accuracy_gain_points", "length_growth_correct",
            "length_growth_incorrect", "length_correct_first10", "length_correct_last10", "length_incorrect_first10",
            "length_incorrect_last10", "check_share_first10", "check_share_last10", "correction_share_first10",
-           "correction_share_last10", "student_base_accuracy", "student_distilled_accuracy", "student_rl_accuracy",
+           "correction_share_last10", "checked_length_growth_correct", "checked_length_growth_incorrect",
+           "student_base_accuracy", "student_distilled_accuracy", "student_rl_accuracy",
            "distilled_minus_rl_points", "distill_traces", "distill_seconds", "student_rl_steps")
+
+
+def plot_students(summary: dict, path: Path) -> None:
+    """Held-out accuracy of the three students (mean over seeds, ± one standard error) beside the teacher's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("student\npretrained", "student_base_accuracy"), ("student\n+ GRPO", "student_rl_accuracy"),
+            ("student\ndistilled", "student_distilled_accuracy"), ("teacher\n+ GRPO", "teacher_rl_accuracy")]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar([label for label, _ in bars], [100 * summary[key] for _, key in bars],
+           yerr=[100 * (summary[f"{key}_se"] or 0) for _, key in bars], capsize=4,
+           color=["#999999", "#d62728", "#2ca02c", "#1f77b4"])
+    ax.set(ylabel="held-out greedy accuracy (%)", ylim=(0, 100),
+           title=f"equal wall time for GRPO and distillation ({len(summary['seeds'])} seeds, ± s.e.)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -208,7 +234,8 @@ def main() -> int:
         "per_seed": [{k: v for k, v in s.items() if k not in ("curve", "heldout_curve")} for s in seeds],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out / 'summary.json'} and {out / 'reasoning.png'} in {wall:.0f} s")
+    plot_students(summary, out / "distillation.png")
+    print(f"wrote {out / 'summary.json'}, {out / 'reasoning.png'} and {out / 'distillation.png'} in {wall:.0f} s")
     return 0
 
 

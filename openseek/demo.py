@@ -35,6 +35,7 @@ from openseek.evaluate import evaluate
 from openseek.rewards import format_reward
 from openseek.device import resolve_device
 from openseek.demo_tasks import DEMO_TASKS, careless_solution  # noqa: F401 (careless_solution: the demo's API)
+from openseek.demo_tasks import growth, plot_reasoning, reasoning_curve, window_mean
 from openseek.flags import add_threads_argument
 from openseek.tokenizer import BOS, Tokenizer, train_bpe
 from openseek.train.config import TrainConfig
@@ -42,8 +43,8 @@ from openseek.train.trainer import Trainer, list_checkpoints
 
 SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shared, first layer dense, one MTP depth
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, moe_intermediate_size=32),
-    # the tiny model's student in benchmarks/r1_findings.py: half its width, half its layers (the first one dense)
-    "half": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, moe_intermediate_size=16),
+    # the small model's student in benchmarks/r1_findings.py: half its width, half its layers
+    "half": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, moe_intermediate_size=24),
     "small": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, moe_intermediate_size=48),
     # as deep relative to its one MTP layer as a real model (DeepSeek-V3: 61 layers + 1): what speculation's
     # benchmark measures beside the demo's own model, where the MTP layer is a fifth of the layers
@@ -143,10 +144,12 @@ class Demo:
 
     def problems(self, n: int, seed: int, split: str, role: str) -> list[dict]:
         """n distinct problems of a stage (`role`: corpus, rl or heldout) whose two numbers both have at least the
-        demo task's `min_digits` digits (3 for the default task: digits then sit at fixed positions, which a model
-        this small needs to read them reliably)."""
-        rows = [r for r in self.tasks[role].generate(int(n * 1.4) + 50, seed=seed, split=split)
-                if min(r["a"], r["b"]) >= 10 ** (self.demo_task.min_digits - 1)]
+        demo task's `min_digits` digits (3: digits then sit at fixed positions, which a model this small needs to
+        read them reliably); held out, only those the task's `heldout_keep` takes."""
+        keep = self.demo_task.heldout_keep if role == "heldout" else None
+        draw = int(n * 1.4) + 50 if keep is None else 4 * n + 50
+        rows = [r for r in self.tasks[role].generate(draw, seed=seed, split=split)
+                if min(r["a"], r["b"]) >= 10 ** (self.demo_task.min_digits - 1) and (keep is None or keep(r))]
         if len(rows) < n:
             raise ValueError(f"only {len(rows)} {role} problems ({split} split) drawn, {n} asked for")
         return rows[:n]
@@ -312,10 +315,24 @@ class Demo:
             "mtp_greedy_identical": mtp["identical"],
         }
         report["plots"] = self.plot()
+        reasoning = []
+        if self.demo_task.reasoning:
+            curve = self.chart_reasoning()
+            report["plots"].append("reasoning.png")
+            report.update({f"length_growth_{kind}": growth(curve, f"length_{kind}") for kind in ("correct", "incorrect")})
+            report.update({f"check_share_{name}": window_mean(curve, "check_share", steps)
+                           for name, steps in (("first10", slice(0, 10)), ("last10", slice(-10, None)))})
+            reasoning = [
+                "| GRPO steps | length of right answers | of wrong answers | with a check step |", "|---|---|---|---|",
+                *(f"| {name} 10 | {window_mean(curve, 'length_correct', steps) or 0:.1f} | "
+                  f"{window_mean(curve, 'length_incorrect', steps) or 0:.1f} | "
+                  f"{window_mean(curve, 'check_share', steps):.0%} |"
+                  for name, steps in (("first", slice(0, 10)), ("last", slice(-10, None)))), "",
+                "![reasoning](reasoning.png)", ""]
         (self.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         lines = [
             "# openseek demo: R1-Zero in miniature", "",
-            f"Task: 3-digit addition ({a.heldout} held-out problems, never seen in pretraining or RL). Model: a "
+            f"Task: {self.demo_task.description} ({a.heldout} held-out problems, never seen in pretraining or RL). Model: a "
             f"{report['parameters']:,}-parameter DeepSeek-V3-style model (MLA, MoE 8+1 experts, MTP), pretrained "
             f"for {pre['steps']} steps on a corpus where {a.correct_fraction:.0%} of worked solutions carry "
             f"correctly, then {rl['steps']} GRPO steps with R1's accuracy + format rewards.", "",
@@ -334,7 +351,7 @@ class Demo:
             f"| total training FLOPs | {total_flops:.3g} |",
             f"| device-hours ({self.device}) | {device_hours:.4f} |",
             f"| estimated cost | {report['estimated_cost']:.4f} at {a.price_per_device_hour} per device-hour |", "",
-            "![demo](demo.png)", "",
+            "![demo](demo.png)", "", *reasoning,
             f"The model: `{self.run / 'model'}` — try `openseek chat --model {self.run / 'model'}`, "
             f"`openseek serve --model {self.run / 'model'}` or `openseek eval --model {self.run / 'model'} --task "
             f"arithmetic`.", "",
@@ -367,6 +384,18 @@ class Demo:
         fig.savefig(self.run / "demo.png", dpi=90)
         plt.close(fig)
         return ["demo.png"]
+
+    def chart_reasoning(self) -> list[dict]:
+        """reasoning.jsonl and reasoning.png: per GRPO step, the lengths of right and wrong answers, the shares with a
+        check step and with a correction, accuracy and format reward (from the completions GRPO logged), beside the
+        held-out accuracy between rounds. Returns the per-step rows."""
+        curve = reasoning_curve(self.run / "grpo" / "completions.jsonl")
+        (self.run / "reasoning.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+        base = json.loads((self.run / "eval_base" / "summary.json").read_text())["metrics"]["greedy_accuracy"]
+        heldout = [(0, base)] + [(p["step"], p["greedy_accuracy"])
+                                 for p in json.loads((self.run / "rl_curve.json").read_text())]
+        plot_reasoning(curve, heldout, self.run / "reasoning.png")
+        return curve
 
     def run_all(self) -> dict:
         run = self.run
@@ -436,8 +465,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
                         help="model size preset (tiny learns the task as well as small, in half the time: benchmarks/RESULTS.md)")
     parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="arithmetic",
-                        help="arithmetic: 3-digit addition, GRPO picks the rare careful habit; reflection: additions "
-                             "of 2-3 digits in RL and 4 held out, where RL lengthens the reasoning with a check "
+                        help="arithmetic: 3-digit addition, GRPO picks the rare careful habit; reflection: 3-digit "
+                             "additions held out with two carries or more, where RL lengthens the reasoning with a check "
                              "step (openseek/demo_tasks.py; docs/training.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -449,10 +478,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")
     parser.add_argument("--correct-fraction", type=float,
                         help="share of corpus solutions that carry correctly (the rest forget carries; default: 0.3; "
-                             "reflection: 0.15 checked solutions)")
+                             "reflection: 0.2 checked solutions)")
     parser.add_argument("--pretrain-steps", type=int,
                         help="pretraining steps (default 800: 700 still learns the method, 600 does not, "
-                             "benchmarks/RESULTS.md; reflection: 1000)")
+                             "benchmarks/RESULTS.md; reflection: 800, as arithmetic)")
     parser.add_argument("--mtp-rows", type=int, default=32,
                         help="pretraining documents per batch that also train the MTP module (half the batch: the "
                              "step 11%% faster, the same held-out gain and draft acceptance: benchmarks/RESULTS.md)")
@@ -460,13 +489,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining documents per step")
     parser.add_argument("--grpo-steps", type=int,
                         help="GRPO steps (default 20: most of the held-out gain comes in the first 10, "
-                             "benchmarks/RESULTS.md; reflection: 40)")
-    parser.add_argument("--grpo-rounds", type=int, help="held-out checks during GRPO (default 2, as reflection)")
-    parser.add_argument("--grpo-lr", type=float, default=1e-4)
+                             "benchmarks/RESULTS.md; reflection: 60)")
+    parser.add_argument("--grpo-rounds", type=int, help="held-out checks during GRPO (default 2; reflection: 3)")
+    parser.add_argument("--grpo-lr", type=float, help="GRPO's learning rate (default 1e-4; reflection: 5e-5, so that "
+                                                      "the change is spread over more steps than the first 10)")
     parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--grpo-prompts", type=int, default=4000, help="training problems for GRPO")
-    parser.add_argument("--max-new-tokens", type=int, help="completion length limit (default 48; reflection: 96)")
+    parser.add_argument("--max-new-tokens", type=int, help="completion length limit (default 48; reflection: 80)")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems for evaluation")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem for pass@k")
     parser.add_argument("--price-per-device-hour", type=float, default=0.10,

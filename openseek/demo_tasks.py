@@ -3,8 +3,8 @@
 `arithmetic` (the default, `make demo`): 3-digit additions; most worked solutions forget the carries, a few carry
 correctly, and GRPO turns the rare correct habit into the model's first choice.
 
-`reflection`: R1's first finding in miniature, reasoning that grows longer under RL because longer pays. Additions
-of 2 to 4 digits, three habits in the corpus:
+`reflection`: R1's first finding in miniature, reasoning that grows longer under RL because longer pays. 3-digit
+additions, three habits in the corpus:
 - `direct` (most common): no working at all, the carries forgotten — `<think> </think><answer> 763 </answer>`;
 - `careless` (common): the column steps with every carry forgotten (the default task's careless solution);
 - `checked` (rare, `--correct-fraction`): the column steps, a result, then a check that adds the columns again the
@@ -12,9 +12,12 @@ of 2 to 4 digits, three habits in the corpus:
   Its first pass forgets the carries half of the time, so half of the checked solutions correct themselves:
   `<think> 8+5=13 , 7+9=16 , 4+3=7 so 763 . check 5+8=13 , 9+7+1=17 , 3+4+1=8 so 873 . differs , take 873
   </think><answer> 873 </answer>`.
-GRPO trains on 2–3-digit problems; the held-out problems have 4 digits (more columns, more carries), so what is
-measured is whether the longer habit RL chose carries over to harder problems than it was trained on. The reward is
-the same rule-based accuracy + format as the default task's: nothing rewards length.
+GRPO trains on all 3-digit problems; the held-out ones are the harder ones, with at least two carries (a third of
+the problems), where every habit but the checked one fails: what is measured is whether the longer habit RL chose
+carries over to the problems that need it most. (Held-out problems with more digits than the training ones, 4–5 and
+then 4, were tried first: a model this small misreads numbers whose digits do not sit at fixed positions, and
+reached 1–4% there whatever RL did; benchmarks/RESULTS.md.) The reward is the same rule-based accuracy + format as
+the default task's: nothing rewards length.
 
 `has_check` and `has_correction` are the documented pattern counters of the reflective steps: a completion contains
 a check step when the word `check` appears in it, a correction when `differs` does.
@@ -87,12 +90,22 @@ class DemoTask:
     heldout: str  # evaluation (test split: never in the corpus nor in RL)
     write: Callable[[dict, random.Random, float], str]  # (row, rng, correct_fraction) -> a worked solution
     min_digits: int = 1
+    heldout_keep: Callable[[dict], bool] | None = None  # which held-out problems count (None: all)
     reasoning: bool = False  # log GRPO's completions and chart length, checks and corrections per step
     defaults: dict = field(default_factory=dict)
 
     def tasks(self) -> dict:
         return {role: get_task(spec) for role, spec in (("corpus", self.corpus), ("rl", self.rl),
                                                          ("heldout", self.heldout))}
+
+
+def carries(row: dict) -> int:
+    """How many columns of a + b carry into the next."""
+    count, carry = 0, 0
+    for x, y in zip(str(row["a"]).zfill(9)[::-1], str(row["b"]).zfill(9)[::-1]):
+        carry = (int(x) + int(y) + carry) // 10
+        count += carry
+    return count
 
 
 def _arithmetic_document(row: dict, rng: random.Random, correct_fraction: float) -> str:
@@ -111,28 +124,32 @@ ADDITION = "arithmetic:digits=3,ops=+"
 DEMO_TASKS = {
     "arithmetic": DemoTask(
         "arithmetic", "3-digit addition", ADDITION, ADDITION, ADDITION, _arithmetic_document, min_digits=3,
-        defaults=dict(correct_fraction=0.3, pretrain_steps=800, grpo_steps=20, grpo_rounds=2, max_new_tokens=48)),
+        defaults=dict(correct_fraction=0.3, pretrain_steps=800, grpo_steps=20, grpo_rounds=2, max_new_tokens=48,
+                      grpo_lr=1e-4)),
     "reflection": DemoTask(
-        "reflection", "addition, trained on 2–3 digits and tested on 4, where checking the result pays",
-        "arithmetic:digits=4,ops=+,min_digits=2", "arithmetic:digits=3,ops=+,min_digits=2",
-        "arithmetic:digits=4,ops=+,min_digits=4", _reflection_document, reasoning=True,
-        defaults=dict(correct_fraction=0.15, pretrain_steps=1000, grpo_steps=40, grpo_rounds=2, max_new_tokens=96)),
+        "reflection", "3-digit addition, held out with two carries or more, where checking the result pays",
+        ADDITION, ADDITION, ADDITION, _reflection_document, min_digits=3, heldout_keep=lambda row: carries(row) >= 2,
+        reasoning=True,
+        defaults=dict(correct_fraction=0.2, pretrain_steps=800, grpo_steps=60, grpo_rounds=3, max_new_tokens=80,
+                      grpo_lr=5e-5)),
 }
 
 
 # ---- what RL did to the reasoning, step by step (R1's Figure 3) ----
 
 
-def reasoning_curve(completions_path) -> list[dict]:
+def reasoning_curve(completions_path, keep: Callable[[str], bool] | None = None) -> list[dict]:
     """Per GRPO step, from the completions it trained on (`completions.jsonl`): how many were right, the mean length
     in tokens of the right ones and of the wrong ones separately (the Dr. GRPO check: length inflation shows as wrong
     answers growing), the share with a check step and with a correction, accuracy and format reward. A step without
-    right (or wrong) completions has None for their length."""
+    right (or wrong) completions has None for their length. `keep` takes only the completions whose text it
+    accepts (`has_check`: the same figures within the checked habit, where a change of habit cannot move them)."""
     steps: dict[int, list[dict]] = {}
     with open(completions_path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            steps.setdefault(row["step"], []).append(row)
+            if keep is None or keep(row["completion"]):
+                steps.setdefault(row["step"], []).append(row)
     curve = []
     for step, rows in sorted(steps.items()):
         right = [r["tokens"] for r in rows if r["rewards"]["accuracy_reward"] >= 1.0]
