@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -285,13 +284,11 @@ def test_bf16_autocast_path_runs_moe_in_bf16():
 
 def test_a_wall_time_budget_stops_the_run_at_the_first_step_past_it(tmp_path):
     """`max_seconds`: the first step always ends past a budget of a nanosecond, so the run stops after it, completed
-    and checkpointed; a resumed session with the same budget starts done and trains nothing."""
+    and checkpointed."""
     model, batches, tokenizer, _ = pretrain_setup(tmp_path / "budget", seq_len=16, batch_size=2)
     cfg = _config(tmp_path, "budget", steps=50, max_seconds=1e-9)
     report = Trainer(model, cfg, tokenizer).fit(batches, NextTokenLoss())
     assert report["steps"] == 1 and report["status"] == "completed"
     assert [p.name for p in list_checkpoints(tmp_path / "budget")] == ["step_00000001"]
-    resumed = Trainer(model, dataclasses.replace(cfg, resume=True), tokenizer).fit(batches, NextTokenLoss())
-    assert resumed["steps"] == 1
     with pytest.raises(ValueError, match="max_seconds=-1"):
         _config(tmp_path, max_seconds=-1)
