@@ -324,8 +324,8 @@ class Demo:
                            for name, steps in (("first10", slice(0, 10)), ("last10", slice(-10, None)))})
             reasoning = [
                 "| GRPO steps | length of right answers | of wrong answers | with a check step |", "|---|---|---|---|",
-                *(f"| {name} 10 | {window_mean(curve, 'length_correct', steps) or 0:.1f} | "
-                  f"{window_mean(curve, 'length_incorrect', steps) or 0:.1f} | "
+                *(f"| {name} 10 | {_tokens(window_mean(curve, 'length_correct', steps))} | "
+                  f"{_tokens(window_mean(curve, 'length_incorrect', steps))} | "
                   f"{window_mean(curve, 'check_share', steps):.0%} |"
                   for name, steps in (("first", slice(0, 10)), ("last", slice(-10, None)))), "",
                 "![reasoning](reasoning.png)", ""]
@@ -453,6 +453,10 @@ def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_si
     for engine in engines.values():
         engine.close()
     return rows
+
+
+def _tokens(length: float | None) -> str:
+    return "–" if length is None else f"{length:.1f}"
 
 
 def _completed(run_dir: Path) -> bool:
