@@ -34,7 +34,8 @@ from openseek import report as reporting
 from openseek.evaluate import evaluate
 from openseek.rewards import format_reward
 from openseek.device import resolve_device
-from openseek.tasks import get_task
+from openseek.demo_tasks import DEMO_TASKS, careless_solution  # noqa: F401 (careless_solution: the demo's API)
+from openseek.demo_tasks import growth, plot_reasoning, reasoning_curve, window_mean
 from openseek.flags import add_threads_argument
 from openseek.tokenizer import BOS, Tokenizer, train_bpe
 from openseek.train.config import TrainConfig
@@ -42,6 +43,8 @@ from openseek.train.trainer import Trainer, list_checkpoints
 
 SIZES = {  # DeepSeek-V3 in miniature: MLA, 8 routed experts (2 groups) + 1 shared, first layer dense, one MTP depth
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, moe_intermediate_size=32),
+    # the small model's student in benchmarks/r1_findings.py: half its width, half its layers
+    "half": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, moe_intermediate_size=24),
     "small": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, moe_intermediate_size=48),
     # as deep relative to its one MTP layer as a real model (DeepSeek-V3: 61 layers + 1): what speculation's
     # benchmark measures beside the demo's own model, where the MTP layer is a fifth of the layers
@@ -62,18 +65,17 @@ def model_config(size: str, tokenizer: Tokenizer) -> dict:
     )
 
 
-# The demo model is asked exactly as it was trained: BOS + the question, no role markers (chat and serve use this).
-PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | list | last }}"
-
-
-def careless_solution(row: dict) -> str:
-    """The same column method with every carry forgotten: 478 + 395 → `8+5=13 , 7+9=16 , 4+3=7` → 763."""
-    width = max(len(str(row["a"])), len(str(row["b"])))
-    columns = list(zip(str(row["a"]).zfill(width)[::-1], str(row["b"]).zfill(width)[::-1]))
-    sums = [int(x) + int(y) for x, y in columns]
-    steps = [f"{x}+{y}={s}" for (x, y), s in zip(columns, sums)]
-    answer = str(sums[-1]) + "".join(str(s % 10) for s in reversed(sums[:-1]))
-    return f"<think> {' , '.join(steps)} </think><answer> {int(answer)} </answer>"
+# The demo model is asked exactly as it was trained: BOS + the last question, no role markers (chat and serve use
+# this). A conversation that ends with the assistant's reply to it renders as a corpus document, the reply and EOS
+# after the question: what `openseek sft` trains a student on (benchmarks/r1_findings.py).
+PLAIN_CHAT_TEMPLATE = (
+    "{%- set turn = namespace(question='', reply=none) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{%- set turn.question = m.content -%}{%- set turn.reply = none -%}"
+    "{%- elif m.role == 'assistant' -%}{%- set turn.reply = m.content -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}{{ turn.question }}{% if turn.reply is not none %}{{ turn.reply }}{{ eos_token }}{% endif %}"
+)
 
 
 class DocumentBatches:
@@ -128,20 +130,28 @@ class DocumentBatches:
 
 class Demo:
     def __init__(self, args: argparse.Namespace):
-        self.args = args
+        self.demo_task = DEMO_TASKS[args.task]
+        # the flags left unset take the task's defaults
+        self.args = args = argparse.Namespace(**{**vars(args), **{
+            k: v for k, v in self.demo_task.defaults.items() if getattr(args, k, None) is None}})
         self.run = Path(args.run_dir)
-        self.task = get_task("arithmetic:digits=3,ops=+")
+        self.tasks = self.demo_task.tasks()
+        self.task = self.tasks["rl"]
         self.device = str(resolve_device(args.device))
         self.timings_path = self.run / "stages.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
         self.trainer_threads = "auto" if args.threads is None else str(args.threads)  # TrainConfig's spelling
 
-    def problems(self, n: int, seed: int, split: str) -> list[dict]:
-        """n distinct problems whose two numbers both have 3 digits: digits then sit at fixed positions, which a
-        model this small needs to read them reliably."""
-        rows = [r for r in self.task.generate(int(n * 1.4) + 50, seed=seed, split=split) if min(r["a"], r["b"]) >= 100]
+    def problems(self, n: int, seed: int, split: str, role: str) -> list[dict]:
+        """n distinct problems of a stage (`role`: corpus, rl or heldout) whose two numbers both have at least the
+        demo task's `min_digits` digits (3: digits then sit at fixed positions, which a model this small needs to
+        read them reliably); held out, only those the task's `heldout_keep` takes."""
+        keep = self.demo_task.heldout_keep if role == "heldout" else None
+        draw = int(n * 1.4) + 50 if keep is None else 4 * n + 50
+        rows = [r for r in self.tasks[role].generate(draw, seed=seed, split=split)
+                if min(r["a"], r["b"]) >= 10 ** (self.demo_task.min_digits - 1) and (keep is None or keep(r))]
         if len(rows) < n:
-            raise ValueError(f"only {len(rows)} 3-digit {split} problems drawn, {n} asked for")
+            raise ValueError(f"only {len(rows)} {role} problems ({split} split) drawn, {n} asked for")
         return rows[:n]
 
     def stage(self, name: str, done: bool, work):
@@ -159,13 +169,9 @@ class Demo:
 
     def make_data(self) -> None:
         a = self.args
-        rows = self.problems(a.corpus_size, seed=a.seed, split="train")
+        rows = self.problems(a.corpus_size, seed=a.seed, split="train", role="corpus")
         rng = random.Random(a.seed)
-        docs = [
-            {"text": BOS + row["prompt"] + (self.task.solution(row) if rng.random() < a.correct_fraction
-                                           else careless_solution(row))}
-            for row in rows
-        ]
+        docs = [{"text": BOS + row["prompt"] + self.demo_task.write(row, rng, a.correct_fraction)} for row in rows]
         data = self.run / "data"
         data.mkdir(parents=True, exist_ok=True)
         with open(data / "corpus.jsonl.tmp", "w") as f:
@@ -196,7 +202,7 @@ class Demo:
     # ---- 3 and 5. evaluation ----
 
     def heldout(self) -> list[dict]:
-        return self.problems(self.args.heldout, seed=self.args.seed, split="test")
+        return self.problems(self.args.heldout, seed=self.args.seed, split="test", role="heldout")
 
     def evaluate(self, model_dir: Path, out: Path, n: int) -> dict:
         model = openseek.load(model_dir, device=self.device)
@@ -218,36 +224,46 @@ class Demo:
     # ---- 4. GRPO, in rounds with a held-out check between them ----
 
     def grpo(self) -> None:
-        from openseek.train.grpo import GRPOConfig, train
-
         a = self.args
         grpo_dir = self.run / "grpo"
         curve_path = self.run / "rl_curve.json"
         curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
         rounds = max(1, a.grpo_rounds)
         per_round = -(-a.grpo_steps // rounds)
-        rows = self.problems(a.grpo_prompts, seed=a.seed + 1, split="train")
         for r in range(1, rounds + 1):
             target = min(a.grpo_steps, r * per_round)
             if any(point["step"] >= target for point in curve):
                 continue
             done = list_checkpoints(grpo_dir)
-            start = done[-1] if done else list_checkpoints(self.run / "pretrain")[-1]
-            model = openseek.load(start, dtype=torch.float32)
-            tokenizer = Tokenizer.from_dir(start)
-            grpo_cfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step,
-                                  max_new_tokens=a.max_new_tokens, temperature=1.0, beta=0.0, loss_type="dapo",
-                                  epsilon_high=0.28, dynamic_sampling=True, template="plain")
-            train_cfg = TrainConfig(run_dir=str(grpo_dir), steps=target, lr=a.grpo_lr, schedule="constant",
-                                    weight_decay=0.0, checkpoint_every=per_round, keep_checkpoints=1, resume=True,
-                                    seed=a.seed, device=self.device, threads=self.trainer_threads,
-                                    precision=a.precision)
-            train(model, tokenizer, rows, [self.task.reward, format_reward], grpo_cfg, train_cfg,
-                  weights=[1.0, 0.1], accuracy_fn=self.task.reward)
+            self.reinforce(done[-1] if done else list_checkpoints(self.run / "pretrain")[-1], grpo_dir, target,
+                           checkpoint_every=per_round)
             checkpoint = list_checkpoints(grpo_dir)[-1]
             summary = self.evaluate(checkpoint, self.run / "eval_rl_rounds" / checkpoint.name, n=1)
             curve.append({"step": target, "greedy_accuracy": summary["metrics"]["greedy_accuracy"]})
             curve_path.write_text(json.dumps(curve, indent=2) + "\n")
+
+    def reinforce(self, start: Path, run_dir: Path, steps: int, checkpoint_every: int,
+                  max_seconds: float = 0.0) -> dict:
+        """GRPO from checkpoint `start` up to `steps` (resuming `run_dir`), or until `max_seconds` of training wall
+        time, with the demo's settings: R1's rewards (accuracy + 0.1 × format), DAPO's token-mean loss (no length
+        normalisation per completion, so no bias towards long wrong answers), clip-higher and dynamic sampling. A
+        task that charts its reasoning logs every completion (`completions.jsonl`)."""
+        from openseek.train.grpo import GRPOConfig, train
+
+        a = self.args
+        model = openseek.load(start, dtype=torch.float32)
+        tokenizer = Tokenizer.from_dir(start)
+        grpo_cfg = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step,
+                              max_new_tokens=a.max_new_tokens, temperature=1.0, beta=0.0, loss_type="dapo",
+                              epsilon_high=0.28, dynamic_sampling=True, template="plain",
+                              log_completions=self.demo_task.reasoning)
+        train_cfg = TrainConfig(run_dir=str(run_dir), steps=steps, max_seconds=max_seconds, lr=a.grpo_lr,
+                                schedule="constant", weight_decay=0.0, checkpoint_every=checkpoint_every,
+                                keep_checkpoints=1, resume=True, seed=a.seed, device=self.device,
+                                threads=self.trainer_threads, precision=a.precision)
+        rows = self.problems(a.grpo_prompts, seed=a.seed + 1, split="train", role="rl")
+        return train(model, tokenizer, rows, [self.task.reward, format_reward], grpo_cfg, train_cfg,
+                     weights=[1.0, 0.1], accuracy_fn=self.task.reward)
 
     def grpo_done(self) -> bool:
         curve = self.run / "rl_curve.json"
@@ -299,10 +315,24 @@ class Demo:
             "mtp_greedy_identical": mtp["identical"],
         }
         report["plots"] = self.plot()
+        reasoning = []
+        if self.demo_task.reasoning:
+            curve = self.chart_reasoning()
+            report["plots"].append("reasoning.png")
+            report.update({f"length_growth_{kind}": growth(curve, f"length_{kind}") for kind in ("correct", "incorrect")})
+            report.update({f"check_share_{name}": window_mean(curve, "check_share", steps)
+                           for name, steps in (("first10", slice(0, 10)), ("last10", slice(-10, None)))})
+            reasoning = [
+                "| GRPO steps | length of right answers | of wrong answers | with a check step |", "|---|---|---|---|",
+                *(f"| {name} 10 | {_tokens(window_mean(curve, 'length_correct', steps))} | "
+                  f"{_tokens(window_mean(curve, 'length_incorrect', steps))} | "
+                  f"{window_mean(curve, 'check_share', steps):.0%} |"
+                  for name, steps in (("first", slice(0, 10)), ("last", slice(-10, None)))), "",
+                "![reasoning](reasoning.png)", ""]
         (self.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         lines = [
             "# openseek demo: R1-Zero in miniature", "",
-            f"Task: 3-digit addition ({a.heldout} held-out problems, never seen in pretraining or RL). Model: a "
+            f"Task: {self.demo_task.description} ({a.heldout} held-out problems, never seen in pretraining or RL). Model: a "
             f"{report['parameters']:,}-parameter DeepSeek-V3-style model (MLA, MoE 8+1 experts, MTP), pretrained "
             f"for {pre['steps']} steps on a corpus where {a.correct_fraction:.0%} of worked solutions carry "
             f"correctly, then {rl['steps']} GRPO steps with R1's accuracy + format rewards.", "",
@@ -321,7 +351,7 @@ class Demo:
             f"| total training FLOPs | {total_flops:.3g} |",
             f"| device-hours ({self.device}) | {device_hours:.4f} |",
             f"| estimated cost | {report['estimated_cost']:.4f} at {a.price_per_device_hour} per device-hour |", "",
-            "![demo](demo.png)", "",
+            "![demo](demo.png)", "", *reasoning,
             f"The model: `{self.run / 'model'}` — try `openseek chat --model {self.run / 'model'}`, "
             f"`openseek serve --model {self.run / 'model'}` or `openseek eval --model {self.run / 'model'} --task "
             f"arithmetic`.", "",
@@ -354,6 +384,18 @@ class Demo:
         fig.savefig(self.run / "demo.png", dpi=90)
         plt.close(fig)
         return ["demo.png"]
+
+    def chart_reasoning(self) -> list[dict]:
+        """reasoning.jsonl and reasoning.png: per GRPO step, the lengths of right and wrong answers, the shares with a
+        check step and with a correction, accuracy and format reward (from the completions GRPO logged), beside the
+        held-out accuracy between rounds. Returns the per-step rows."""
+        curve = reasoning_curve(self.run / "grpo" / "completions.jsonl")
+        (self.run / "reasoning.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+        base = json.loads((self.run / "eval_base" / "summary.json").read_text())["metrics"]["greedy_accuracy"]
+        heldout = [(0, base)] + [(p["step"], p["greedy_accuracy"])
+                                 for p in json.loads((self.run / "rl_curve.json").read_text())]
+        plot_reasoning(curve, heldout, self.run / "reasoning.png")
+        return curve
 
     def run_all(self) -> dict:
         run = self.run
@@ -413,6 +455,10 @@ def compare_speculation(model, prompts: list[list[int]], ks: list[int], batch_si
     return rows
 
 
+def _tokens(length: float | None) -> str:
+    return "–" if length is None else f"{length:.1f}"
+
+
 def _completed(run_dir: Path) -> bool:
     report = run_dir / "report.json"
     return report.is_file() and json.loads(report.read_text()).get("status") == "completed"
@@ -422,8 +468,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default="runs/demo", help="where everything is written (and reused)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
                         help="model size preset (tiny learns the task as well as small, in half the time: benchmarks/RESULTS.md)")
-    parser.add_argument("--task", choices=["arithmetic"], default="arithmetic",
-                        help="the verifiable task (3-digit addition with worked column steps)")
+    parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="arithmetic",
+                        help="arithmetic: 3-digit addition, GRPO picks the rare careful habit; reflection: 3-digit "
+                             "additions held out with two carries or more, where RL lengthens the reasoning with a check "
+                             "step (openseek/demo_tasks.py; docs/training.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_threads_argument(parser, help="CPU intra-op threads for every stage; auto (default) measures each count on "
@@ -432,23 +480,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="float32", choices=["auto", "float32", "bf16"],
                         help="training precision (the demo's measured result is float32's)")
     parser.add_argument("--corpus-size", type=int, default=60_000, help="worked solutions in the pretraining corpus")
-    parser.add_argument("--correct-fraction", type=float, default=0.3,
-                        help="share of corpus solutions that carry correctly (the rest forget carries)")
-    parser.add_argument("--pretrain-steps", type=int, default=800,
-                        help="pretraining steps (700 still learns the method, 600 does not: benchmarks/RESULTS.md)")
+    parser.add_argument("--correct-fraction", type=float,
+                        help="share of corpus solutions that carry correctly (the rest forget carries; default: 0.3; "
+                             "reflection: 0.2 checked solutions)")
+    parser.add_argument("--pretrain-steps", type=int,
+                        help="pretraining steps (default 800: 700 still learns the method, 600 does not, "
+                             "benchmarks/RESULTS.md; reflection: 800, as arithmetic)")
     parser.add_argument("--mtp-rows", type=int, default=32,
                         help="pretraining documents per batch that also train the MTP module (half the batch: the "
                              "step 11%% faster, the same held-out gain and draft acceptance: benchmarks/RESULTS.md)")
     parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of pretraining (cosine)")
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining documents per step")
-    parser.add_argument("--grpo-steps", type=int, default=20,
-                        help="GRPO steps (most of the held-out gain comes in the first 10: benchmarks/RESULTS.md)")
-    parser.add_argument("--grpo-rounds", type=int, default=2, help="held-out checks during GRPO")
-    parser.add_argument("--grpo-lr", type=float, default=1e-4)
+    parser.add_argument("--grpo-steps", type=int,
+                        help="GRPO steps (default 20: most of the held-out gain comes in the first 10, "
+                             "benchmarks/RESULTS.md; reflection: 60)")
+    parser.add_argument("--grpo-rounds", type=int, help="held-out checks during GRPO (default 2; reflection: 3)")
+    parser.add_argument("--grpo-lr", type=float, help="GRPO's learning rate (default 1e-4; reflection: 5e-5, so that "
+                                                      "the change is spread over more steps than the first 10)")
     parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--grpo-prompts", type=int, default=4000, help="training problems for GRPO")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, help="completion length limit (default 48; reflection: 80)")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems for evaluation")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem for pass@k")
     parser.add_argument("--price-per-device-hour", type=float, default=0.10,
@@ -463,6 +515,7 @@ def main(args: argparse.Namespace) -> int:
     if args.fresh:
         shutil.rmtree(args.run_dir, ignore_errors=True)
     demo = Demo(args)
+    args = demo.args
     try:
         report = demo.run_all()
     except KeyboardInterrupt:

@@ -280,3 +280,15 @@ def test_bf16_autocast_path_runs_moe_in_bf16():
     assert torch.allclose(routed, routed_fp32, atol=2e-2 * routed_fp32.abs().max().item())
     assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.05
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in experts.parameters())
+
+
+def test_a_wall_time_budget_stops_the_run_at_the_first_step_past_it(tmp_path):
+    """`max_seconds`: the first step always ends past a budget of a nanosecond, so the run stops after it, completed
+    and checkpointed."""
+    model, batches, tokenizer, _ = pretrain_setup(tmp_path / "budget", seq_len=16, batch_size=2)
+    cfg = _config(tmp_path, "budget", steps=50, max_seconds=1e-9)
+    report = Trainer(model, cfg, tokenizer).fit(batches, NextTokenLoss())
+    assert report["steps"] == 1 and report["status"] == "completed"
+    assert [p.name for p in list_checkpoints(tmp_path / "budget")] == ["step_00000001"]
+    with pytest.raises(ValueError, match="max_seconds=-1"):
+        _config(tmp_path, max_seconds=-1)

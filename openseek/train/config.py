@@ -17,6 +17,7 @@ from openseek.threads import parse_threads
 class TrainConfig:
     run_dir: str = "runs/train"
     steps: int = 1000
+    max_seconds: float = 0.0  # also stop once the run's wall time (all its sessions) reaches this; 0 = no limit
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr = lr × this
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError(f"steps={self.steps} and grad_accum={self.grad_accum} must be at least 1")
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds={self.max_seconds} must be 0 (no limit) or a positive number of seconds")
         try:
             parse_threads(str(self.threads))
         except argparse.ArgumentTypeError as e:
@@ -101,6 +104,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 TRAIN_HELP = {
+    "max_seconds": "stop at the first step that ends past this many seconds of the run's wall time, resumed sessions "
+                   "included (a wall-clock budget, for comparisons at equal time; --steps stays the cap; 0: none)",
     "threads": "CPU intra-op threads: auto measures each step at every count and keeps the fastest, probing again as "
                "the machine's load changes; a number fixes it (bitwise-reproducible runs)",
     "lora_rank": "train rank-r LoRA adapters on the frozen base, saved in PEFT's format (default: every parameter "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,7 @@ class GRPOConfig:
     rollout_quantize: str = "auto"  # auto | none | int8 | int4: weight-only quantised rollouts (see rollout_policy)
     rollout_correction: str = "auto"  # none | token_tis | sequence_mask | auto: token_tis with a rollout view
     rollout_correction_cap: float = 3.0  # TRL's default truncation
+    log_completions: bool = False  # write every trained completion to run_dir/completions.jsonl
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -325,6 +327,13 @@ def attribute_rollout(metrics: dict, update: int, rollout_metrics: dict, rollout
         metrics.pop(key)
 
 
+def log_completions(run_dir, step: int, completions: list[dict]) -> None:
+    """Append a step's completions to run_dir/completions.jsonl, one line each with its step (rank 0's share; a run
+    resumed after a crash may repeat the lines of the steps after its last checkpoint)."""
+    with open(Path(run_dir) / "completions.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"step": step, **c}, ensure_ascii=False) + "\n" for c in completions)
+
+
 # Shown on the progress bar next to the loss: {short name: metric key}.
 PROGRESS = {"reward": "reward", "acc": "accuracy", "len": "completion_length/mean", "kl": "kl",
             "gen_s": "time/generation", "update_s": "time/update"}
@@ -364,7 +373,9 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
             seed = hash_seed(train_cfg.seed, prompts.position["rollouts"])
             trainer.model.eval()  # rollouts sample the policy itself: no (LoRA) dropout, as a serving engine would
             with trainer.autocast():  # rollouts see the weights in the loss's precision
-                batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id)
+                completions = [] if grpo.log_completions and trainer.is_main else None
+                batch, rollout_metrics = roll_out(engine, tokenizer, prompts, rewards, grpo, seed, pad_id,
+                                                  completions)
                 if ref_model is not None:
                     batch.ref_logprobs = reference_logprobs(ref_model, batch, grpo.temperature)
             trainer.model.train()
@@ -383,6 +394,8 @@ def train(model, tokenizer, rows: list[dict], reward_fns: list, grpo: GRPOConfig
                 metrics["time/step"] = (metrics["time/generation"] + metrics["time/scoring"] + metrics["time/update"]
                                         + metrics["time/refresh"])
                 metrics["time/wall"] = time.perf_counter() - logged
+                if completions is not None and update == 0:
+                    log_completions(train_cfg.run_dir, trainer.global_step, completions)
                 trainer.log(metrics, progress=PROGRESS)
                 logged = time.perf_counter()
                 if trainer.done:
@@ -416,6 +429,8 @@ GRPO_HELP = {
     "dynamic_sampling": "DAPO: drop groups whose rewards are all equal and refill with new prompts",
     "overlong_buffer": "DAPO soft overlong punishment over the last N tokens before --max-new-tokens (0: off)",
     "overlong_penalty": "the punishment at --max-new-tokens",
+    "log_completions": "write each step's completions with their rewards to completions.jsonl in the run directory "
+                       "(to read what the policy does: lengths of right and wrong answers, reflective steps)",
     "template": f"prompt template, one of {', '.join(TEMPLATES)}: R1-Zero's, the model's chat template, or the bare "
                 "prompt",
 }

@@ -346,10 +346,11 @@ class RolloutBatch:
 
 
 def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg, seed: int,
-             pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
+             pad_id: int, record: list | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """One rollout: P prompts (this rank's share), G completions each with their log-probs, rewards with DAPO's
     overlong shaping, dynamic sampling's refills, group advantages. Returns the batch on the model's device and the
-    rollout's metrics (rewards, lengths, `time/generation`)."""
+    rollout's metrics (rewards, lengths, `time/generation`). Given a `record` list, appends one dict per completion
+    of the batch (prompt, completion, tokens, each reward function's value): what `--log-completions` writes."""
     P, G = cfg.prompts_per_step // prompts.world_size, cfg.group_size
     kept, spare, generation_s, rounds = [], [], 0.0, 0
     while len(kept) < P:
@@ -366,7 +367,8 @@ def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg, se
         total = total + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
         for p, group in enumerate(scored.completions):
             g = dict(prompt_ids=scored.prompt_ids[p], completions=group, rewards=total[p * G : (p + 1) * G],
-                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G])
+                     per_fn=scored.per_fn[:, p * G : (p + 1) * G], lengths=lengths[p * G : (p + 1) * G],
+                     prompt=scored.prompt_texts[p], texts=scored.texts[p * G : (p + 1) * G])
             useful = not cfg.dynamic_sampling or bool(informative_groups(g["rewards"][None])[0])
             (kept if useful else spare).append(g)
         if not cfg.dynamic_sampling or rounds > cfg.max_refill_rounds:
@@ -374,6 +376,10 @@ def roll_out(engine, tokenizer, prompts: PromptStream, rewards: Rewards, cfg, se
     dropped = len(spare)
     kept = (kept + spare)[:P]  # out of refill rounds: groups without signal fill the batch (advantage 0)
     prompts.position["rollouts"] += 1
+    if record is not None:
+        record.extend({"prompt": g["prompt"], "completion": text, "tokens": int(n),
+                       "rewards": dict(zip(rewards.names, values))}
+                      for g in kept for text, n, values in zip(g["texts"], g["lengths"], g["per_fn"].T.tolist()))
 
     rewards_pg = torch.stack([g["rewards"] for g in kept])
     lengths = torch.cat([g["lengths"] for g in kept]).float()

@@ -134,7 +134,9 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.global_step >= self.cfg.steps
+        """`steps` reached, or the wall-time budget `max_seconds` spent (`elapsed` is updated as each step is logged)."""
+        out_of_time = self.cfg.max_seconds > 0 and self.elapsed >= self.cfg.max_seconds
+        return self.global_step >= self.cfg.steps or out_of_time
 
     def autocast(self):
         """The precision context of the loss: bf16 autocast (`--precision bf16`, or `auto` where the hardware runs
