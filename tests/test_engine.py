@@ -595,8 +595,15 @@ def test_cuda_graph_bookkeeping_gives_the_eager_engine_s_tokens(models, monkeypa
                    dict(temperature=0, stop_token_ids=[])):
         want = eager.generate(PROMPTS, 20, **kwargs)
         got = graphed.generate(PROMPTS, 20, **kwargs)
-        assert [[(s.token_ids, s.logprobs) for s in c] for c in got] == [
-            [(s.token_ids, s.logprobs) for s in c] for c in want]
+        assert [[s.token_ids for s in c] for c in got] == [[s.token_ids for s in c] for c in want]
+        # Attention over a bucket of slots sums over more (masked) positions than the eager step, so PyTorch's
+        # kernels may block the reduction differently: the same log-probs to float32 rounding, not bit for bit.
+        for got_choices, want_choices in zip(got, want):
+            for g, w in zip(got_choices, want_choices):
+                assert (g.logprobs is None) == (w.logprobs is None)
+                if w.logprobs is not None:
+                    torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
+                                               rtol=0, atol=1e-5)
     kept = graphed._generate_graphs
     assert kept.cache.rows == 8 and kept.cache.max_len == 12 + 20
     assert sorted(kept.graphs) == sorted(set(kept.graphs)) and (4, 16) in kept.graphs and (4, 32) in kept.graphs
